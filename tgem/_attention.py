@@ -1,0 +1,343 @@
+"""The T-GEM attention: the plain reference formulation, the exact O(genes) path, and the seam.
+
+Every backend computes, for tensors ``q, k, v`` of shape ``(batch, heads, genes)``::
+
+    S_ij = q_i * k_j                     (no scaling)
+    A    = softmax_j(S)                  (over keys j)
+    A_ii = 0                             (after the softmax, no renormalisation)
+    out_i = sum_j A_ij * v_j
+
+``reference_attention`` materialises the (batch, heads, genes, genes) tensors and is the
+test oracle. ``exact_attention`` never stores more than one block of the gene x gene matrix:
+the scores are rank one, so the row maximum has a closed form
+(``m_i = q_i * max_j k_j`` if ``q_i >= 0`` else ``q_i * min_j k_j``), the query gradient is a
+row sum accumulated in the forward pass and the key/value gradients are column sums computed in
+a backward pass that recomputes the exponentials. See ``docs/user_guide/attention.rst``.
+
+Faster implementations (the native CPU kernel, the Triton GPU kernel) plug in through
+:func:`register_backend`; ``"auto"`` picks the preferred available one for the device and dtype
+and falls back to :func:`exact_attention`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
+
+#: Largest number of gene-pair elements (batch x heads x rows x genes) held at once by the
+#: blocked pure-PyTorch path. 2**22 float32 elements are 16 MiB per temporary.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain T-GEM attention that materialises the gene x gene softmax (the test oracle).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor of shape (batch, heads, genes)
+        Per-gene scalar queries, keys and values.
+
+    Returns
+    -------
+    torch.Tensor of shape (batch, heads, genes)
+        ``out_i = sum_{j != i} softmax_j(q_i k_j) v_j``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> q = k = v = torch.ones(1, 1, 3)
+    >>> reference_attention(q, k, v)
+    tensor([[[0.6667, 0.6667, 0.6667]]])
+    """
+    scores = q.unsqueeze(-1) * k.unsqueeze(-2)
+    attn = torch.softmax(scores, dim=-1)
+    eye = torch.eye(q.shape[-1], dtype=torch.bool, device=q.device)
+    attn = attn.masked_fill(eye, 0.0)
+    return torch.matmul(attn, v.unsqueeze(-1)).squeeze(-1)
+
+
+def reference_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The unmasked softmax attention map ``softmax_j(q_i k_j)``, shape (..., genes, genes)."""
+    return torch.softmax(q.unsqueeze(-1) * k.unsqueeze(-2), dim=-1)
+
+
+def row_max(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exact maximum of each score row ``max_j q_i k_j`` in closed form, shape like ``q``.
+
+    Rounding is monotone, so ``q_i * max_j k_j`` (``q_i >= 0``) or ``q_i * min_j k_j``
+    (``q_i < 0``) is the largest *computed* score of the row, not just an approximation.
+    """
+    kmax = k.amax(dim=-1, keepdim=True)
+    kmin = k.amin(dim=-1, keepdim=True)
+    return torch.where(q >= 0, q * kmax, q * kmin)
+
+
+def _block_rows(batch_heads: int, genes: int, block_elements: int | None = None) -> int:
+    budget = BLOCK_ELEMENTS if block_elements is None else block_elements
+    return max(1, min(genes, budget // max(1, batch_heads * genes)))
+
+
+def _exp_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, offset: int,
+               shift_on_rows: bool) -> torch.Tensor:
+    """exp(rows_r * cols_c - shift) for one block, with the gene's own entry set to zero.
+
+    ``rows`` is (N, r) and ``cols`` (N, G); the entry (r, offset + r) is the diagonal of the
+    full matrix. ``shift`` is (N, r) when the shift belongs to the rows (forward: query rows),
+    (N, G) when it belongs to the columns (backward: the rows are keys, columns are queries).
+    """
+    shift = shift.unsqueeze(-1) if shift_on_rows else shift.unsqueeze(-2)
+    e = torch.baddbmm(-shift, rows.unsqueeze(-1), cols.unsqueeze(-2)) if rows.dtype in (
+        torch.float32, torch.float64) and rows.device.type == "cpu" else (
+        rows.unsqueeze(-1) * cols.unsqueeze(-2) - shift)
+    e = e.exp_()
+    e.diagonal(offset=offset, dim1=-2, dim2=-1).zero_()
+    return e
+
+
+def _diag_exp(q, k, m):
+    return torch.exp(q * k - m)
+
+
+def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
+    """Blocked row sums of the exact algorithm on (N, G) tensors.
+
+    Returns ``out, Z, e_diag`` and, when ``need_grad``, ``t`` with ``dq = g * t``.
+    """
+    n, g = q.shape
+    m = row_max(q, k)
+    cols = [torch.ones_like(v), v]
+    if need_grad:
+        cols += [k * v, k]
+    rhs = torch.stack(cols, dim=-1)  # (N, G, c)
+    sums = torch.empty(n, g, rhs.shape[-1], dtype=q.dtype, device=q.device)
+    step = _block_rows(n, g, block_elements)
+    for i0 in range(0, g, step):
+        i1 = min(g, i0 + step)
+        e = _exp_block(q[:, i0:i1], k, m[:, i0:i1], i0, shift_on_rows=True)
+        torch.bmm(e, rhs, out=sums[:, i0:i1])
+    e_diag = _diag_exp(q, k, m)
+    z = sums[..., 0] + e_diag
+    inv_z = z.reciprocal()
+    out = sums[..., 1] * inv_z
+    t = None
+    if need_grad:
+        r1, r2 = sums[..., 2], sums[..., 3] + e_diag * k
+        t = (r1 - out * r2) * inv_z
+    return out, m, inv_z, e_diag, t
+
+
+def exact_backward(q, k, v, m, inv_z, e_diag, out, t, grad, block_elements: int | None = None):
+    """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors."""
+    n, g = q.shape
+    w1 = grad * inv_z
+    w2 = w1 * q
+    w3 = w2 * out
+    rhs = torch.stack([w1, w2, w3], dim=-1)  # (N, G, 3), indexed by query i
+    sums = torch.empty(n, g, 3, dtype=q.dtype, device=q.device)
+    step = _block_rows(n, g, block_elements)
+    for j0 in range(0, g, step):
+        j1 = min(g, j0 + step)
+        # rows are keys j, columns are queries i: entry exp(k_j q_i - m_i)
+        e = _exp_block(k[:, j0:j1], q, m, j0, shift_on_rows=False)
+        torch.bmm(e, rhs, out=sums[:, j0:j1])
+    a_diag_w = e_diag * w3  # diagonal term of sum_i A_ij g_i q_i out_i
+    dq = grad * t
+    dk = v * sums[..., 1] - (sums[..., 2] + a_diag_w)
+    dv = sums[..., 0]
+    return dq, dk, dv
+
+
+class _ExactAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        shape = q.shape
+        g = shape[-1]
+        q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
+        need = any(ctx.needs_input_grad)
+        out, m, inv_z, e_diag, t = exact_forward(q2, k2, v2, need)
+        if need:
+            ctx.save_for_backward(q2, k2, v2, m, inv_z, e_diag, out, t)
+        ctx.shape = shape
+        return out.reshape(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, m, inv_z, e_diag, out, t = ctx.saved_tensors
+        g = grad.reshape(q.shape).contiguous()
+        dq, dk, dv = exact_backward(q, k, v, m, inv_z, e_diag, out, t, g)
+        s = ctx.shape
+        return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact T-GEM attention in O(batch x heads x genes) memory, in pure PyTorch.
+
+    Same result as :func:`reference_attention` (to rounding), never holding more than
+    ``BLOCK_ELEMENTS`` gene-pair values at once. Differentiable once (double backward raises).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor of shape (batch, heads, genes)
+
+    Returns
+    -------
+    torch.Tensor of shape (batch, heads, genes)
+
+    Examples
+    --------
+    >>> import torch
+    >>> q, k, v = torch.randn(3, 2, 1, 5, dtype=torch.float64).unbind(0)
+    >>> torch.allclose(exact_attention(q, k, v), reference_attention(q, k, v))
+    True
+    """
+    return _ExactAttention.apply(q, k, v)
+
+
+# ----------------------------------------------------------------------------- the seam
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation registered with :func:`register_backend`.
+
+    ``fn(q, k, v)`` takes and returns ``(batch, heads, genes)`` tensors and is differentiable.
+    ``unavailable(device, dtype)`` returns ``None`` when the backend can run on that device and
+    dtype, otherwise the reason it cannot (shown by :func:`tgem.show_versions`). ``auto``
+    picks, among the available ``exact`` backends, the one with the highest ``priority``.
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    unavailable: Callable[[torch.device, torch.dtype], str | None]
+    priority: int = 0
+    exact: bool = True
+
+
+_BACKENDS: dict[str, Backend] = {}
+_PLUGINS = ("tgem._native", "tgem._triton_attention")
+_plugin_errors: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) an attention backend under ``backend.name``."""
+    _BACKENDS[backend.name] = backend
+
+
+def _always(device, dtype):
+    return None
+
+
+register_backend(Backend("reference", reference_attention, _always, priority=-1, exact=False))
+register_backend(Backend("exact", exact_attention, _always, priority=0))
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in _PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # a broken optional backend must never break tgem
+            _plugin_errors[mod] = f"{type(exc).__name__}: {exc}"
+            logger.debug("attention plugin %s not loaded: %s", mod, exc)
+
+
+def backend_names() -> list[str]:
+    """Names accepted by ``attention_backend`` (besides ``"auto"``)."""
+    _load_plugins()
+    return sorted(_BACKENDS)
+
+
+def backend_status(device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+    """For each registered backend, ``None`` if usable on ``device``/``dtype``, else why not."""
+    _load_plugins()
+    device = torch.device(device)
+    status = {name: b.unavailable(device, dtype) for name, b in sorted(_BACKENDS.items())}
+    for mod, err in _plugin_errors.items():
+        status[mod] = f"failed to import: {err}"
+    return status
+
+
+def resolve_backend(name: str, device: str | torch.device,
+                    dtype: torch.dtype = torch.float32) -> Backend:
+    """The backend that ``attention_backend=name`` means on ``device`` and ``dtype``.
+
+    ``"auto"`` returns the available exact backend with the highest priority. A named
+    backend that cannot run there raises ``ValueError`` with the reason.
+    """
+    _load_plugins()
+    device = torch.device(device)
+    if name == "auto":
+        usable = [b for b in _BACKENDS.values()
+                  if b.exact and b.unavailable(device, dtype) is None]
+        return max(usable, key=lambda b: b.priority)
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"Unknown attention_backend={name!r}; choose 'auto' or one of {backend_names()}.")
+    backend = _BACKENDS[name]
+    reason = backend.unavailable(device, dtype)
+    if reason is not None:
+        raise ValueError(
+            f"attention_backend={name!r} cannot run on {device} with {dtype}: {reason}. "
+            "Use attention_backend='auto' to pick an available one.")
+    return backend
+
+
+def attention(q, k, v, backend: str = "auto"):
+    """Apply the attention with the named backend (resolved for the tensors' device/dtype)."""
+    return resolve_backend(backend, q.device, q.dtype).fn(q, k, v)
+
+
+# ---------------------------------------------------------------- row statistics (analysis)
+@torch.no_grad()
+def attention_entropy_rows(q: torch.Tensor, k: torch.Tensor,
+                           block_elements: int | None = None) -> torch.Tensor:
+    """Natural-log entropy of each query's softmax row (before the diagonal is zeroed).
+
+    ``H_i = log Z_i - (sum_j e_ij (s_ij - m_i)) / Z_i`` with ``e_ij = exp(s_ij - m_i)``,
+    accumulated block by block: never more than one block of the gene x gene matrix.
+    Input (..., genes); output has the same shape, values in [0, log genes].
+    """
+    shape = q.shape
+    g = shape[-1]
+    q2, k2 = q.reshape(-1, g), k.reshape(-1, g)
+    m = row_max(q2, k2)
+    z = torch.empty_like(q2)
+    weighted = torch.empty_like(q2)
+    step = _block_rows(q2.shape[0], g, block_elements)
+    for i0 in range(0, g, step):
+        i1 = min(g, i0 + step)
+        s = q2[:, i0:i1, None] * k2[:, None, :] - m[:, i0:i1, None]
+        e = torch.exp(s)
+        z[:, i0:i1] = e.sum(-1)
+        weighted[:, i0:i1] = (e * s).sum(-1)
+    ent = torch.log(z) - weighted / z
+    return ent.clamp_(min=0.0).reshape(shape)
+
+
+@torch.no_grad()
+def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: slice,
+                   masked: bool = True) -> torch.Tensor:
+    """Rows ``rows`` of the attention map, shape (..., len(rows), genes).
+
+    With ``masked`` the gene's own entry is zero (what the model uses), otherwise the plain
+    softmax row.
+    """
+    g = q.shape[-1]
+    start, stop, _ = rows.indices(g)
+    m = row_max(q, k)[..., start:stop, None]
+    e = torch.exp(q[..., start:stop, None] * k[..., None, :] - m)
+    a = e / e.sum(-1, keepdim=True)
+    if masked:
+        a.diagonal(offset=start, dim1=-2, dim2=-1).zero_()
+    return a
