@@ -15,7 +15,7 @@ HISTORY = [
     {"epoch": 2, "train_loss": 1.5, "train_accuracy": 0.5, "valid_loss": 1.7,
      "valid_accuracy": 0.4},
     {"epoch": 3, "train_loss": 1.1, "train_accuracy": 0.7, "valid_loss": None,
-     "valid_accuracy": None},
+     "valid_accuracy": float("nan")},
 ]
 
 
@@ -30,6 +30,7 @@ def test_plot_history_draws_train_and_validation_curves():
     assert list(lines["validation"].get_xdata()) == [1, 2]  # the None epoch is left out
     acc = {line.get_label(): line for line in acc_ax.get_lines()}
     assert list(acc["training"].get_ydata()) == [0.3, 0.5, 0.7]
+    assert list(acc["validation"].get_xdata()) == [1, 2]  # NaN left out too
     assert acc_ax.get_xlabel() == "epoch"
     matplotlib.pyplot.close("all")
 

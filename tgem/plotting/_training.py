@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 __all__ = ["plot_history"]
@@ -40,8 +41,8 @@ def plot_history(history, *, metrics="both", ax=None):
     history : TGEMClassifier, list of dict or DataFrame
         A fitted classifier (its ``history_`` is used) or such a history: one entry per
         epoch with ``train_loss`` and ``train_accuracy``, and ``valid_loss`` /
-        ``valid_accuracy`` when a validation split was used (missing or None values are
-        left out of the curves).
+        ``valid_accuracy`` when a validation split was used (missing, None or NaN values
+        are left out of the curves).
     metrics : {"both", "loss", "accuracy"}, default="both"
         Which panel(s) to draw.
     ax : matplotlib Axes or sequence of Axes, optional
@@ -89,8 +90,8 @@ def plot_history(history, *, metrics="both", ax=None):
     for axis, name in zip(axes, names, strict=True):
         for split, style in (("train", "-"), ("valid", "--")):
             key = f"{split}_{name}"
-            points = [(e, r[key]) for e, r in zip(epochs, rows, strict=True)
-                      if r.get(key) is not None]
+            points = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True)
+                      if r.get(key) is not None and math.isfinite(r[key])]
             if points:
                 x, y = zip(*points, strict=True)
                 axis.plot(x, y, style, marker="o" if len(x) < 20 else None, markersize=3,
