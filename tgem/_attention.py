@@ -84,45 +84,51 @@ def _block_rows(batch_heads: int, genes: int, block_elements: int | None = None)
     return max(1, min(genes, budget // max(1, batch_heads * genes)))
 
 
-def _exp_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, offset: int,
-               shift_on_rows: bool) -> torch.Tensor:
-    """exp(rows_r * cols_c - shift) for one block, with the gene's own entry set to zero.
+LOG2E = 1.4426950408889634
+
+
+def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, offset: int,
+                shift_on_rows: bool) -> torch.Tensor:
+    """2 ** (rows_r * cols_c - shift) for one block, with the gene's own entry set to zero.
 
     ``rows`` is (N, r) and ``cols`` (N, G); the entry (r, offset + r) is the diagonal of the
-    full matrix. ``shift`` is (N, r) when the shift belongs to the rows (forward: query rows),
-    (N, G) when it belongs to the columns (backward: the rows are keys, columns are queries).
+    full matrix. ``shift`` is (N, r) when it belongs to the rows (forward: query rows) and
+    (N, G) when it belongs to the columns (backward: rows are keys, columns are queries).
+    Base 2 because ``exp2`` is several times faster than ``exp`` on CPUs; queries arrive
+    pre-scaled by log2(e).
     """
     shift = shift.unsqueeze(-1) if shift_on_rows else shift.unsqueeze(-2)
-    e = torch.baddbmm(-shift, rows.unsqueeze(-1), cols.unsqueeze(-2)) if rows.dtype in (
-        torch.float32, torch.float64) and rows.device.type == "cpu" else (
-        rows.unsqueeze(-1) * cols.unsqueeze(-2) - shift)
-    e = e.exp_()
+    if rows.device.type == "cpu":
+        e = torch.baddbmm(-shift, rows.unsqueeze(-1), cols.unsqueeze(-2))
+    else:
+        e = rows.unsqueeze(-1) * cols.unsqueeze(-2) - shift
+    e = e.exp2_()
     e.diagonal(offset=offset, dim1=-2, dim2=-1).zero_()
     return e
-
-
-def _diag_exp(q, k, m):
-    return torch.exp(q * k - m)
 
 
 def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
     """Blocked row sums of the exact algorithm on (N, G) tensors.
 
-    Returns ``out, Z, e_diag`` and, when ``need_grad``, ``t`` with ``dq = g * t``.
+    Returns ``out, m2, inv_z, e_diag, t``: the output, the base-2 row maxima, 1/Z, the
+    diagonal exponentials and, when ``need_grad``, ``t`` with ``dq = grad * t``.
+    The diagonal is excluded inside the sums (not subtracted afterwards), so a softmax that
+    peaks on the gene itself loses no precision.
     """
     n, g = q.shape
-    m = row_max(q, k)
+    q2 = q * LOG2E
+    m2 = row_max(q2, k)
     cols = [torch.ones_like(v), v]
     if need_grad:
         cols += [k * v, k]
-    rhs = torch.stack(cols, dim=-1)  # (N, G, c)
-    sums = torch.empty(n, g, rhs.shape[-1], dtype=q.dtype, device=q.device)
+    rhs_t = torch.stack(cols, dim=1)  # (N, c, G): the transposed view is what BLAS likes
+    sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
-        e = _exp_block(q[:, i0:i1], k, m[:, i0:i1], i0, shift_on_rows=True)
-        torch.bmm(e, rhs, out=sums[:, i0:i1])
-    e_diag = _diag_exp(q, k, m)
+        e = _exp2_block(q2[:, i0:i1], k, m2[:, i0:i1], i0, shift_on_rows=True)
+        sums[:, i0:i1] = torch.bmm(e, rhs_t.mT)
+    e_diag = torch.exp2(q2 * k - m2)
     z = sums[..., 0] + e_diag
     inv_z = z.reciprocal()
     out = sums[..., 1] * inv_z
@@ -130,26 +136,26 @@ def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
     if need_grad:
         r1, r2 = sums[..., 2], sums[..., 3] + e_diag * k
         t = (r1 - out * r2) * inv_z
-    return out, m, inv_z, e_diag, t
+    return out, m2, inv_z, e_diag, t
 
 
-def exact_backward(q, k, v, m, inv_z, e_diag, out, t, grad, block_elements: int | None = None):
+def exact_backward(q, k, v, m2, inv_z, e_diag, out, t, grad, block_elements: int | None = None):
     """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors."""
     n, g = q.shape
+    q2 = q * LOG2E
     w1 = grad * inv_z
     w2 = w1 * q
     w3 = w2 * out
-    rhs = torch.stack([w1, w2, w3], dim=-1)  # (N, G, 3), indexed by query i
+    rhs_t = torch.stack([w1, w2, w3], dim=1)  # (N, 3, G), indexed by query i
     sums = torch.empty(n, g, 3, dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for j0 in range(0, g, step):
         j1 = min(g, j0 + step)
-        # rows are keys j, columns are queries i: entry exp(k_j q_i - m_i)
-        e = _exp_block(k[:, j0:j1], q, m, j0, shift_on_rows=False)
-        torch.bmm(e, rhs, out=sums[:, j0:j1])
-    a_diag_w = e_diag * w3  # diagonal term of sum_i A_ij g_i q_i out_i
+        # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i)
+        e = _exp2_block(k[:, j0:j1], q2, m2, j0, shift_on_rows=False)
+        sums[:, j0:j1] = torch.bmm(e, rhs_t.mT)
     dq = grad * t
-    dk = v * sums[..., 1] - (sums[..., 2] + a_diag_w)
+    dk = v * sums[..., 1] - (sums[..., 2] + e_diag * w3)
     dv = sums[..., 0]
     return dq, dk, dv
 
@@ -161,18 +167,18 @@ class _ExactAttention(torch.autograd.Function):
         g = shape[-1]
         q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
         need = any(ctx.needs_input_grad)
-        out, m, inv_z, e_diag, t = exact_forward(q2, k2, v2, need)
+        out, m2, inv_z, e_diag, t = exact_forward(q2, k2, v2, need)
         if need:
-            ctx.save_for_backward(q2, k2, v2, m, inv_z, e_diag, out, t)
+            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out, t)
         ctx.shape = shape
         return out.reshape(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, m, inv_z, e_diag, out, t = ctx.saved_tensors
+        q, k, v, m2, inv_z, e_diag, out, t = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = exact_backward(q, k, v, m, inv_z, e_diag, out, t, g)
+        dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, t, g)
         s = ctx.shape
         return dq.reshape(s), dk.reshape(s), dv.reshape(s)
 

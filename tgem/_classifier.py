@@ -1,0 +1,555 @@
+"""TGEMClassifier: the T-GEM network as a scikit-learn classifier."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
+
+from tgem._attention import backend_names
+from tgem._model import TGEMNet
+from tgem._training import TrainState, dense_batch, iter_batches, train
+from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
+
+logger = logging.getLogger(__name__)
+
+_MAX_SEED = 2**31 - 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; explicit CUDA devices are checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} but no CUDA GPU is available to torch "
+                f"(torch {torch.__version__}). Use device='auto' or 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                "exist. Use a valid index or device='cuda'.")
+    return dev
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None):
+    """Set torch's intra-op thread count for the duration of the block, then restore it."""
+    if n_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _valid_device(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in ("auto", "cpu", "cuda"):
+        return True
+    return value.startswith("cuda:") and value[5:].isdigit()
+
+
+class TGEMClassifier(ClassifierMixin, BaseEstimator):
+    """T-GEM: a transformer over scalar gene tokens, as a scikit-learn classifier.
+
+    Each gene is a token holding its expression value. Every layer's heads attend from each
+    gene to all other genes with per-gene scalar query/key/value weights (the gene's own
+    attention weight is zeroed after the softmax), heads are mixed by a learned vector, and a
+    residual LayerNorm block follows. A linear layer on the last block gives the classes.
+    See Zhang et al. (2022) and the user guide.
+
+    Parameters
+    ----------
+    n_layers : int, default=3
+        Number of attention layers.
+    n_heads : int, default=5
+        Attention heads per layer.
+    activation : {"leakyrelu", "relu", "gelu"} or None, default="leakyrelu"
+        Activation after the last layer (leaky ReLU slope 0.1); None for none.
+    dropout : float, default=0.3
+        Dropout rate on each attention output.
+    shared_norm : bool, default=True
+        One LayerNorm shared by all layers, as in the original; False gives one per layer.
+    learning_rate : float, default=1e-4
+        Adam's learning rate.
+    batch_size : int, default=16
+        Training mini-batch size (per process when training is distributed).
+    max_epochs : int, default=50
+        Number of passes over the training data (upper bound with early stopping).
+    weight_decay : float, default=0.0
+        Adam's L2 penalty.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data (stratified), stop after
+        ``n_iter_no_change`` epochs without a lower validation loss and keep the best weights.
+    validation_fraction : float, default=0.1
+        Share of the training data held out when ``early_stopping`` is on (ignored otherwise).
+    n_iter_no_change : int, default=10
+        Patience of early stopping, in epochs.
+    class_weight : {"balanced"} or None, default=None
+        Weight the loss by inverse class frequency (``"balanced"``) or not.
+    attention_backend : str, default="auto"
+        ``"auto"`` uses the fastest available exact implementation for the device;
+        ``"exact"`` the pure-PyTorch O(genes)-memory path; ``"reference"`` the plain
+        formulation that materialises gene x gene matrices (slow; the test oracle). Native
+        and GPU kernels add ``"native"`` and ``"triton"`` when available
+        (see :func:`tgem.show_versions`).
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to train and predict. ``"auto"`` picks CUDA when available; resolved in
+        ``fit`` into ``device_``.
+    n_threads : int or None, default=None
+        Torch CPU threads used during ``fit`` and prediction (restored afterwards); None
+        keeps torch's current setting.
+    importance_n_samples : int, default=256
+        Training samples (stratified, at least 20 per class where available) used to
+        compute ``feature_importances_`` with Integrated Gradients.
+    importance_baseline : {"zeros", "mean"}, default="zeros"
+        Integrated-Gradients baseline for ``feature_importances_``: all zeros (as in the
+        original) or the mean of the training data.
+    warm_start : bool, default=False
+        Continue training the fitted network (same genes and classes) instead of starting
+        anew.
+    distributed : {"auto"} or bool, default="auto"
+        Data-parallel training when ``fit`` runs inside an initialised
+        ``torch.distributed`` process group (``"auto"``), always (True) or never (False).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the weights, the shuffling, dropout and the validation split through local
+        generators; an int makes CPU fits bit-for-bit repeatable.
+    verbose : int, default=0
+        0 is silent; 1 shows a progress bar per fit with the running loss.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels.
+    n_features_in_ : int
+        Number of genes seen in ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Gene names, when ``X`` was a DataFrame with string column names.
+    module_ : TGEMNet
+        The fitted torch network (on ``device_``).
+    device_ : torch.device
+        The device used.
+    attention_backend_ : str
+        The attention implementation ``fit`` used.
+    history_ : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``valid_loss``,
+        ``valid_accuracy`` (NaN without validation) and ``duration_s``.
+    best_epoch_ : int
+        Epoch whose weights the model holds when early stopping is on (else the epoch with
+        the lowest training loss, kept for recovery from a failed fit).
+    n_iter_ : int
+        Epochs run.
+
+    See Also
+    --------
+    tgem.interpret : gene attributions and the ablation study.
+    tgem.attention : attention entropy, maps and gene networks.
+
+    References
+    ----------
+    Zhang, T.-H., Hasib, M. M., Chiu, Y.-C., et al. "Transformer for Gene Expression
+    Modeling (T-GEM): An Interpretable Deep Learning Model for Gene Expression-Based
+    Phenotype Predictions." Cancers 14(19), 4763 (2022).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tgem import TGEMClassifier
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(60, 8)).astype(np.float32)
+    >>> y = np.where(X[:, 0] > 0, "up", "down")
+    >>> clf = TGEMClassifier(n_layers=1, n_heads=2, learning_rate=1e-2, max_epochs=20,
+    ...                      random_state=0).fit(X, y)
+    >>> clf.classes_
+    array(['down', 'up'], dtype='<U4')
+    >>> clf.predict_proba(X[:2]).sum(axis=1)
+    array([1., 1.])
+    >>> clf.score(X, y) > 0.8
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_layers": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_heads": [Interval(numbers.Integral, 1, None, closed="left")],
+        "activation": [StrOptions({"leakyrelu", "relu", "gelu"}), None],
+        "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
+        "shared_norm": ["boolean"],
+        "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+        "class_weight": [StrOptions({"balanced"}), None],
+        "attention_backend": [str],
+        "device": [str],
+        "n_threads": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "importance_n_samples": [Interval(numbers.Integral, 1, None, closed="left")],
+        "importance_baseline": [StrOptions({"zeros", "mean"})],
+        "warm_start": ["boolean"],
+        "distributed": [StrOptions({"auto"}), "boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    #: Rows scored at once by predict / predict_proba (memory is O(rows x heads x genes)).
+    predict_batch_size = 256
+
+    def __init__(self, *, n_layers=3, n_heads=5, activation="leakyrelu", dropout=0.3,
+                 shared_norm=True, learning_rate=1e-4, batch_size=16, max_epochs=50,
+                 weight_decay=0.0, early_stopping=False, validation_fraction=0.1,
+                 n_iter_no_change=10, class_weight=None, attention_backend="auto",
+                 device="auto", n_threads=None, importance_n_samples=256,
+                 importance_baseline="zeros", warm_start=False, distributed="auto",
+                 random_state=None, verbose=0):
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.activation = activation
+        self.dropout = dropout
+        self.shared_norm = shared_norm
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.weight_decay = weight_decay
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.class_weight = class_weight
+        self.attention_backend = attention_backend
+        self.device = device
+        self.n_threads = n_threads
+        self.importance_n_samples = importance_n_samples
+        self.importance_baseline = importance_baseline
+        self.warm_start = warm_start
+        self.distributed = distributed
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ scikit-learn glue
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.classifier_tags.multi_label = False
+        return tags
+
+    def _check_params_extra(self):
+        if not _valid_device(self.device):
+            raise ValueError(
+                f"The 'device' parameter of TGEMClassifier must be 'auto', 'cpu', 'cuda' or "
+                f"'cuda:N'. Got {self.device!r} instead.")
+        names = backend_names()
+        if self.attention_backend != "auto" and self.attention_backend not in names:
+            raise ValueError(
+                f"The 'attention_backend' parameter of TGEMClassifier must be 'auto' or one of "
+                f"{names}. Got {self.attention_backend!r} instead.")
+
+    def _validate_X(self, X, reset: bool):
+        kw = dict(accept_sparse=["csr", "csc"], dtype=[np.float32, np.float64],
+                  ensure_min_samples=1, reset=reset)
+        return validate_data(self, X, **kw)
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None, *, checkpoint=None):
+        """Train the network on gene-expression rows ``X`` and labels ``y``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+            Expression values (log-normalised; see the preprocessing guide). Sparse CSR/CSC
+            input is densified one batch at a time.
+        y : array-like of shape (n_samples,)
+            Class labels (strings, integers, ...).
+        sample_weight : array-like of shape (n_samples,), optional
+            Per-sample weights of the loss.
+        checkpoint : str or path, optional
+            File to which the best model so far is written (safe model format) each time it
+            improves, for long fits. An argument of ``fit``, not a parameter, so that clones
+            in a grid search never share one file.
+
+        Returns
+        -------
+        self : TGEMClassifier
+            The fitted estimator.
+        """
+        self._check_params_extra()
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"],
+                             dtype=[np.float32, np.float64], y_numeric=False,
+                             multi_output=False)
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        classes, y_enc = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"y contains a single class ({classes[0]!r}); a classifier needs at least two "
+                "classes. Pass labels of two or more classes.")
+        weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        if self.class_weight == "balanced":
+            cw = compute_class_weight("balanced", classes=np.arange(len(classes)), y=y_enc)
+            weights = weights * cw[y_enc]
+        if not np.any(weights > 0):
+            raise ValueError("All sample weights are zero; pass at least one positive weight.")
+
+        warm = self.warm_start and hasattr(self, "module_")
+        if warm and (len(classes) != len(self.classes_)
+                     or np.any(classes != self.classes_)):
+            raise ValueError(
+                f"warm_start=True but y has classes {classes.tolist()} while the fitted model "
+                f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False.")
+        self.classes_ = classes
+        rs = check_random_state(self.random_state)
+        seeds = rs.randint(0, _MAX_SEED, size=4)
+        device = resolve_device(self.device)
+        self.device_ = device
+
+        X_train, y_train, w_train, valid = X, y_enc, weights, None
+        if self.early_stopping:
+            X_train, y_train, w_train, valid = self._split_validation(X, y_enc, weights, seeds[0])
+
+        with torch_threads(self.n_threads):
+            if warm:
+                module = self.module_.to(device)
+                module.attention_backend = self.attention_backend
+                state = self._train_state_
+            else:
+                gen = torch.Generator().manual_seed(int(seeds[1]))
+                module = TGEMNet(
+                    n_genes=X.shape[1], n_classes=len(classes), n_layers=self.n_layers,
+                    n_heads=self.n_heads, activation=self.activation, dropout=self.dropout,
+                    shared_norm=self.shared_norm, attention_backend=self.attention_backend,
+                    generator=gen).to(device)
+                state = TrainState()
+            dropout_gen = torch.Generator(device=device).manual_seed(int(seeds[2]))
+            module.dropout.generator = dropout_gen
+            self.module_ = module
+            self.attention_backend_ = module.backend(
+                torch.empty(0, device=device)).name
+            on_improvement = None
+            if checkpoint is not None:
+                on_improvement = self._checkpoint_writer(checkpoint, X, y_enc)
+            logger.info("fitting T-GEM on %d samples x %d genes, %d classes, device %s, "
+                        "attention %s", X_train.shape[0], X.shape[1], len(classes), device,
+                        self.attention_backend_)
+            try:
+                state = train(
+                    module, X_train, y_train, w_train, valid=valid, device=device,
+                    learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                    batch_size=self.batch_size, max_epochs=self.max_epochs,
+                    n_iter_no_change=self.n_iter_no_change,
+                    shuffle_generator=torch.Generator().manual_seed(int(seeds[3])),
+                    verbose=self.verbose, state=state, on_improvement=on_improvement)
+            except KeyboardInterrupt:
+                self._finish_fit(state, X, y_enc)
+                warnings.warn(
+                    f"fit was interrupted after {len(state.history)} epoch(s); the model keeps "
+                    f"the best weights so far (epoch {state.best_epoch}).",
+                    TrainingInterruptedWarning, stacklevel=2)
+                return self
+            except BaseException:
+                self._finish_fit(state, X, y_enc)
+                raise
+            finally:
+                module.dropout.generator = None
+        self._finish_fit(state, X, y_enc)
+        return self
+
+    def _finish_fit(self, state: TrainState, X, y_enc):
+        self.module_.eval()
+        self._train_state_ = state
+        self.history_ = state.history
+        self.n_iter_ = len(state.history)
+        self.best_epoch_ = state.best_epoch
+        # kept (by reference, never copied or pickled) for lazy feature_importances_
+        self._fit_data = (X, y_enc)
+        self.__dict__.pop("_feature_importances", None)
+
+    def _split_validation(self, X, y_enc, weights, seed):
+        idx = np.arange(X.shape[0])
+        try:
+            tr, va = train_test_split(idx, test_size=self.validation_fraction,
+                                      stratify=y_enc, random_state=int(seed))
+        except ValueError as exc:
+            warnings.warn(
+                f"A stratified validation split is impossible ({exc}); using a random split.",
+                UserWarning, stacklevel=3)
+            tr, va = train_test_split(idx, test_size=self.validation_fraction,
+                                      random_state=int(seed))
+        if len(tr) == 0 or len(va) == 0:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves no training or no "
+                f"validation sample out of {X.shape[0]}. Use more data or early_stopping=False.")
+        return X[tr], y_enc[tr], weights[tr], (X[va], y_enc[va], weights[va])
+
+    def _checkpoint_writer(self, path, X, y_enc):
+        def write(state):
+            from tgem._io import save
+
+            self._finish_fit(state, X, y_enc)
+            save(self, path)
+            self.module_.train()
+
+        return write
+
+    # ------------------------------------------------------------------ predict
+    def _log_proba(self, X) -> np.ndarray:
+        check_is_fitted(self, "module_")
+        X = self._validate_X(X, reset=False)
+        device = self._device_for_predict()
+        module = self.module_
+        module.eval()
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
+        with torch_threads(self.n_threads), torch.no_grad():
+            for sl in iter_batches(X.shape[0], self.predict_batch_size):
+                out[sl] = module(dense_batch(X, sl, device)).double().cpu().numpy()
+        return out
+
+    def _device_for_predict(self) -> torch.device:
+        return next(self.module_.parameters()).device
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """Log-probabilities of the classes, columns in ``classes_`` order.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        lp = self._log_proba(X)
+        return lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (rows sum to 1), columns in ``classes_`` order.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        p = np.exp(self._log_proba(X))
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        """Most probable class of each sample (``classes_[argmax(predict_proba)]``).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    # ------------------------------------------------------------------ analysis hooks
+    @property
+    def feature_importances_(self) -> np.ndarray:
+        """Gene importances from Integrated Gradients (sum to 1), computed on first access.
+
+        Mean absolute attribution of each gene (target: the true class) over a stratified
+        subsample of the training data (``importance_n_samples``, baseline
+        ``importance_baseline``), normalised to sum to 1 so ``SelectFromModel`` works. The
+        result is cached; the training rows used are kept only in memory (never pickled).
+        """
+        check_is_fitted(self, "module_")
+        if "_feature_importances" not in self.__dict__:
+            from tgem.interpret import training_importances
+
+            self._feature_importances = training_importances(self)
+        return self._feature_importances
+
+    def attention_entropy(self, X, *, per_sample: bool = False, per_gene: bool = False):
+        """Entropy (natural log) of each head's attention, per layer and head.
+
+        See :func:`tgem.attention.attention_entropy` for the parameters.
+        """
+        from tgem.attention import attention_entropy
+
+        return attention_entropy(self, X, per_sample=per_sample, per_gene=per_gene)
+
+    def save(self, path) -> None:
+        """Write the fitted model to ``path`` in tgem's safe (pickle-free) format.
+
+        See :func:`tgem.load`.
+        """
+        from tgem._io import save
+
+        save(self, path)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
+            self.__dict__)
+        state = dict(state)
+        state.pop("_fit_data", None)  # training rows (patient data) never go into pickles
+        module = state.pop("module_", None)
+        if module is not None:
+            state["_module_init"] = _module_init(module)
+            state["_module_state"] = {k: v.detach().cpu() for k, v in
+                                      module.state_dict().items()}
+        if "_train_state_" in state:
+            ts = state["_train_state_"]
+            state["_train_state_"] = TrainState(history=ts.history, best_state=None,
+                                                best_epoch=ts.best_epoch,
+                                                best_loss=ts.best_loss, stopped=ts.stopped)
+        if "device_" in state:
+            state["device_"] = str(state["device_"])
+        return state
+
+    def __setstate__(self, state):
+        init = state.pop("_module_init", None)
+        weights = state.pop("_module_state", None)
+        self.__dict__.update(state)
+        if "device_" in state:
+            self.device_ = torch.device(state["device_"])
+        if init is not None:
+            module = TGEMNet(**init)
+            module.load_state_dict(weights)
+            module.eval()
+            device = getattr(self, "device_", torch.device("cpu"))
+            if device.type == "cuda" and not torch.cuda.is_available():
+                warnings.warn(
+                    f"This model was fitted on {device}, which is not available here; it is "
+                    "loaded on the CPU.", DeviceWarning, stacklevel=2)
+                device = torch.device("cpu")
+                self.device_ = device
+            self.module_ = module.to(device)
+
+
+def _module_init(module: TGEMNet) -> dict:
+    layer = module.layers[0]
+    return dict(n_genes=module.n_genes, n_classes=module.n_classes,
+                n_layers=len(module.layers), n_heads=layer.WQ.shape[0],
+                activation=module.activation, dropout=module.dropout.p,
+                shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
+                attention_backend=module.attention_backend)
+

@@ -1,0 +1,334 @@
+"""The native CPU kernel of the exact attention: loader, autograd function, backend ``"native"``.
+
+The kernel library ``tgem._tgem_kernels`` is plain C (``tgem/_csrc/tgem_kernels.c``), built by
+the package's setuptools extension and loaded here with :mod:`ctypes` by path; it never links
+to PyTorch and works on the raw buffers of contiguous float32 tensors (no copy). It computes,
+operation for operation, what :func:`tgem._attention.exact_forward` and
+:func:`tgem._attention.exact_backward` compute, fused into one pass over the gene pairs each,
+with a polynomial base-2 exponential, blocked sums, and a fixed reduction order that makes the
+result bitwise independent of the number of threads (``torch.get_num_threads()``).
+
+The instruction set is chosen at run time: AVX-512F, AVX2+FMA or portable scalar code. Force
+one with the environment variable ``TGEM_NATIVE_ISA=scalar|avx2|avx512`` or with
+:func:`set_isa`. ``TGEM_DISABLE_NATIVE=1`` hides the backend (``"auto"`` then uses ``"exact"``).
+Importing this module never fails because the library is missing: the backend then reports why
+it is unavailable, and :func:`native_status` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from tgem._attention import Backend, register_backend
+
+logger = logging.getLogger(__name__)
+
+#: Instruction-set paths of the kernel, by the code the C library uses for them.
+ISAS = ("scalar", "avx2", "avx512")
+_ABI_VERSION = 1
+_ERRORS = {-1: "invalid arguments", -2: "instruction set not supported by this CPU",
+           -3: "out of memory"}
+
+_c_float_p = ctypes.c_void_p  # raw data pointers (tensor.data_ptr())
+
+
+def _load_library() -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """Locate and load the compiled kernel; returns ``(lib, path, reason_if_not_loaded)``."""
+    try:
+        spec = importlib.util.find_spec("tgem._tgem_kernels")
+    except (ImportError, ValueError) as exc:
+        spec = None
+        logger.debug("find_spec failed: %s", exc)
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None, None, ("extension not built (tgem._tgem_kernels not found; install tgem "
+                            "with a C compiler available: pip install -e .)")
+    path = spec.origin
+    try:
+        lib = ctypes.CDLL(path)
+        version = lib.tgem_abi_version()
+    except (OSError, AttributeError) as exc:
+        return None, path, f"extension could not be loaded from {path}: {exc}"
+    if version != _ABI_VERSION:
+        return None, path, (f"extension at {path} has ABI version {version}, expected "
+                            f"{_ABI_VERSION}; rebuild it with pip install -e .")
+    ptr, i64, cint = _c_float_p, ctypes.c_int64, ctypes.c_int
+    lib.tgem_isa_supported.argtypes = [cint]
+    lib.tgem_isa_supported.restype = cint
+    lib.tgem_isa_lanes.argtypes = [cint]
+    lib.tgem_isa_lanes.restype = cint
+    lib.tgem_probe_chains.argtypes = [cint]
+    lib.tgem_probe_chains.restype = cint
+    lib.tgem_forward.argtypes = [ptr, ptr, ptr, i64, i64, cint, ptr, ptr, ptr, ptr, ptr, cint,
+                                 cint]
+    lib.tgem_forward.restype = cint
+    lib.tgem_backward.argtypes = [ptr] * 8 + [i64, i64, ptr, ptr, ptr, cint, cint]
+    lib.tgem_backward.restype = cint
+    lib.tgem_exp2.argtypes = [ptr, ptr, i64, cint]
+    lib.tgem_exp2.restype = cint
+    lib.tgem_fma_probe.argtypes = [cint, cint, i64, ctypes.c_float]
+    lib.tgem_fma_probe.restype = ctypes.c_float
+    return lib, path, None
+
+
+_LIB, _LIB_PATH, _LOAD_ERROR = _load_library()
+_forced_isa: str | None = None
+
+
+def supported_isas() -> list[str]:
+    """Instruction-set paths this processor can run (empty when the library is not loaded).
+
+    Examples
+    --------
+    >>> set(supported_isas()) <= {"scalar", "avx2", "avx512"}
+    True
+    """
+    if _LIB is None:
+        return []
+    return [name for code, name in enumerate(ISAS) if _LIB.tgem_isa_supported(code)]
+
+
+def set_isa(name: str | None) -> str | None:
+    """Force the kernel's instruction-set path (``None`` restores automatic choice).
+
+    Takes precedence over the environment variable ``TGEM_NATIVE_ISA``.
+
+    Parameters
+    ----------
+    name : {"scalar", "avx2", "avx512"} or None
+
+    Returns
+    -------
+    str or None
+        The previously forced path, so that callers can restore it.
+
+    Examples
+    --------
+    >>> previous = set_isa("scalar")
+    >>> _ = set_isa(previous)
+    """
+    global _forced_isa
+    if name is not None and name not in ISAS:
+        raise ValueError(f"Unknown native instruction set {name!r}; choose one of {ISAS} or None.")
+    previous, _forced_isa = _forced_isa, name
+    return previous
+
+
+def _requested_isa() -> tuple[str | None, str]:
+    """The requested path (or None for automatic) and where the request comes from."""
+    if _forced_isa is not None:
+        return _forced_isa, "set_isa()"
+    env = os.environ.get("TGEM_NATIVE_ISA", "").strip().lower()
+    if env in ("", "auto"):
+        return None, "automatic"
+    return env, "TGEM_NATIVE_ISA"
+
+
+def _active_isa() -> tuple[str | None, str]:
+    """``(isa, explanation)``; ``isa`` is None when the kernel cannot run, with the reason."""
+    if _LIB is None:
+        return None, _LOAD_ERROR or "extension not loaded"
+    supported = supported_isas()
+    requested, source = _requested_isa()
+    if requested is None:
+        return supported[-1], f"best supported by this CPU (supported: {', '.join(supported)})"
+    if requested not in ISAS:
+        return None, (f"{source}={requested!r} is not one of {', '.join(ISAS)}; unset it or "
+                      "pick one of these")
+    if requested not in supported:
+        return None, (f"{source} asks for {requested}, which this CPU does not support "
+                      f"(supported: {', '.join(supported)})")
+    return requested, f"forced by {source} (supported: {', '.join(supported)})"
+
+
+def _disabled() -> str | None:
+    value = os.environ.get("TGEM_DISABLE_NATIVE", "").strip()
+    if value not in ("", "0"):
+        return f"disabled by TGEM_DISABLE_NATIVE={value}"
+    return None
+
+
+def native_status() -> str:
+    """One line: which instruction-set path the native kernel uses and why, or why it cannot run.
+
+    Examples
+    --------
+    >>> isinstance(native_status(), str)
+    True
+    """
+    disabled = _disabled()
+    if disabled:
+        return f"native kernel {disabled}"
+    isa, why = _active_isa()
+    if isa is None:
+        return f"native kernel unavailable: {why}"
+    return (f"native kernel {isa}: {why}; threads follow torch.get_num_threads() "
+            f"(now {torch.get_num_threads()}); library {_LIB_PATH}")
+
+
+def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Backend hook: None when the kernel runs on ``device``/``dtype``, else the reason."""
+    disabled = _disabled()
+    if disabled:
+        return disabled
+    isa, why = _active_isa()
+    if isa is None:
+        return why
+    if torch.device(device).type != "cpu":
+        return f"the native kernel runs on CPU tensors only, not {torch.device(device).type}"
+    if dtype == torch.float64:
+        return "float64 uses the pure path ('exact'); the native kernel is float32 only"
+    if dtype != torch.float32:
+        return f"{dtype} is not supported; the native kernel is float32 only"
+    return None
+
+
+def _isa_code() -> int:
+    isa, why = _active_isa()
+    if isa is None:
+        raise RuntimeError(f"The native attention kernel cannot run: {why}. Use "
+                           "attention_backend='exact' (or 'auto') instead.")
+    return ISAS.index(isa)
+
+
+def _check(tensors: dict[str, torch.Tensor], shape: torch.Size) -> None:
+    for name, x in tensors.items():
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"{name} is {x.dtype} on {x.device}; the native kernel needs "
+                            "float32 CPU tensors (use the 'exact' backend otherwise).")
+        if x.shape != shape or x.dim() != 2 or not x.is_contiguous():
+            raise ValueError(f"{name} has shape {tuple(x.shape)} (contiguous={x.is_contiguous()})"
+                             f"; expected a contiguous tensor of shape {tuple(shape)}.")
+
+
+def _raise_on(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"native {what} failed: {_ERRORS.get(code, f'error code {code}')}.")
+
+
+def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_grad: bool):
+    """Native counterpart of :func:`tgem._attention.exact_forward` on contiguous (N, G) float32.
+
+    Returns
+    -------
+    out, m, inv_z, e_diag, t : torch.Tensor of shape (N, G)
+        As ``exact_forward``; ``t`` (with ``dq = grad * t``) is None unless ``need_grad``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tgem._attention import reference_attention
+    >>> q, k, v = torch.randn(3, 2, 5).unbind(0)
+    >>> out = native_forward(q, k, v, need_grad=False)[0]  # doctest: +SKIP
+    """
+    n, g = q.shape
+    _check({"q": q, "k": k, "v": v}, q.shape)
+    isa = _isa_code()
+    out, m, inv_z, e_diag = (torch.empty(n, g, dtype=torch.float32) for _ in range(4))
+    t = torch.empty(n, g, dtype=torch.float32) if need_grad else None
+    code = _LIB.tgem_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), n, g, int(need_grad),
+                             out.data_ptr(), m.data_ptr(), inv_z.data_ptr(), e_diag.data_ptr(),
+                             t.data_ptr() if t is not None else None, isa,
+                             torch.get_num_threads())
+    _raise_on(code, "attention forward")
+    return out, m, inv_z, e_diag, t
+
+
+def native_backward(q, k, v, m, inv_z, e_diag, out, t, grad):
+    """Native counterpart of :func:`tgem._attention.exact_backward`; returns ``dq, dk, dv``.
+
+    ``m`` is accepted for the same signature but not read: the kernel recomputes the base-2
+    row shift from ``q`` and ``k``, bitwise as in :func:`native_forward`.
+    """
+    del m
+    _check({"q": q, "k": k, "v": v, "inv_z": inv_z, "e_diag": e_diag, "out": out, "t": t,
+            "grad": grad}, q.shape)
+    isa = _isa_code()
+    n, g = q.shape
+    dq, dk, dv = (torch.empty(n, g, dtype=torch.float32) for _ in range(3))
+    code = _LIB.tgem_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), inv_z.data_ptr(),
+                              e_diag.data_ptr(), out.data_ptr(), t.data_ptr(), grad.data_ptr(),
+                              n, g, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), isa,
+                              torch.get_num_threads())
+    _raise_on(code, "attention backward")
+    return dq, dk, dv
+
+
+def native_exp2(y: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """``2**y`` computed by the kernels' own exponential (for accuracy tests).
+
+    Parameters
+    ----------
+    y : torch.Tensor
+        Float32 values (any shape; not modified).
+    isa : {"scalar", "avx2", "avx512"}, optional
+        Path to use; the active one by default.
+
+    Examples
+    --------
+    >>> import torch
+    >>> native_exp2(torch.tensor([0.0, 1.0, -1.0]))  # doctest: +SKIP
+    tensor([1.0000, 2.0000, 0.5000])
+    """
+    code = _isa_code() if isa is None else ISAS.index(isa)
+    x = y.detach().to(torch.float32).contiguous()
+    res = torch.empty_like(x)
+    _raise_on(_LIB.tgem_exp2(x.data_ptr(), res.data_ptr(), x.numel(), code), "exp2")
+    return res
+
+
+class _NativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        shape = q.shape
+        g = shape[-1]
+        q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
+        need = any(ctx.needs_input_grad)
+        out, _, inv_z, e_diag, t = native_forward(q2, k2, v2, need)
+        if need:
+            ctx.save_for_backward(q2, k2, v2, inv_z, e_diag, out, t)
+        ctx.shape = shape
+        return out.reshape(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, inv_z, e_diag, out, t = ctx.saved_tensors
+        g = grad.reshape(q.shape).contiguous()
+        dq, dk, dv = native_backward(q, k, v, None, inv_z, e_diag, out, t, g)
+        s = ctx.shape
+        return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+
+
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact T-GEM attention by the native CPU kernel (float32 CPU tensors).
+
+    Same result as :func:`tgem._attention.exact_attention` to float32 rounding, differentiable
+    once, memory O(batch x heads x genes).
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor of shape (batch, heads, genes), float32 on CPU
+
+    Returns
+    -------
+    torch.Tensor of shape (batch, heads, genes)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tgem._attention import reference_attention
+    >>> q, k, v = torch.randn(3, 2, 1, 5).unbind(0)
+    >>> bool(torch.allclose(native_attention(q, k, v), reference_attention(q, k, v),
+    ...                     atol=1e-6))  # doctest: +SKIP
+    True
+    """
+    return _NativeAttention.apply(q, k, v)
+
+
+register_backend(Backend("native", native_attention, _unavailable, priority=10))

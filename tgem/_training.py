@@ -1,0 +1,185 @@
+"""The training loop: mini-batches, validation, early stopping, best weights, history.
+
+Kept apart from the estimator so the loop can be read on one screen. Everything random comes
+from the generators passed in; torch's global generator is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from tgem.exceptions import TrainingDivergedError
+
+logger = logging.getLogger(__name__)
+
+
+def dense_batch(X, idx, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` of ``X`` (dense array or scipy sparse) as a float32 tensor on ``device``.
+
+    Sparse rows are densified here, one batch at a time; ``X`` itself is never densified
+    or copied whole to the device.
+    """
+    rows = X[idx]
+    if sp.issparse(rows):
+        rows = rows.toarray()
+    return torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+@dataclass
+class TrainState:
+    """What the loop leaves behind, also when it stops early or fails."""
+
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
+    best_epoch: int | None = None
+    best_loss: float = math.inf
+    stopped: str = "max_epochs"
+
+
+def _snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _weighted_nll(log_proba, target, weight):
+    nll = -log_proba.gather(1, target[:, None])[:, 0]
+    return (nll * weight).sum() / weight.sum()
+
+
+@torch.no_grad()
+def evaluate(module, X, y, w, device, batch_size: int) -> tuple[float, float]:
+    """Weighted mean NLL and accuracy of ``module`` on (X, y, w) in eval mode."""
+    was_training = module.training
+    module.eval()
+    total, wsum, correct = 0.0, 0.0, 0
+    for sl in iter_batches(X.shape[0], batch_size):
+        xb = dense_batch(X, sl, device)
+        yb = torch.as_tensor(y[sl], device=device)
+        wb = torch.as_tensor(w[sl], device=device)
+        lp = module(xb)
+        total += float(_weighted_nll(lp, yb, wb) * wb.sum())
+        wsum += float(wb.sum())
+        correct += int((lp.argmax(1) == yb).sum())
+    module.train(was_training)
+    return total / max(wsum, 1e-300), correct / max(1, X.shape[0])
+
+
+def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=None,
+          device: torch.device, learning_rate: float, weight_decay: float, batch_size: int,
+          max_epochs: int, n_iter_no_change: int | None, shuffle_generator: torch.Generator,
+          verbose: int = 0, state: TrainState | None = None,
+          on_improvement: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Train ``module`` in place with Adam on the weighted NLL.
+
+    Parameters
+    ----------
+    X, y, w
+        Training data (dense array or scipy sparse), encoded labels and per-sample weights.
+    valid : tuple (X, y, w), optional
+        Validation data; when given, the epoch with the lowest validation loss is the best
+        one and ``n_iter_no_change`` epochs without improvement stop training.
+    state : TrainState, optional
+        Continue a previous state (``warm_start``): history and best loss carry over.
+    on_improvement : callable, optional
+        Called with the state each time a new best epoch is found (checkpointing).
+
+    Returns
+    -------
+    TrainState
+        The module holds the best weights (with validation) or the last epoch's weights
+        (without). A non-finite loss raises :class:`TrainingDivergedError` after restoring
+        the best weights so far; ``KeyboardInterrupt`` is re-raised the same way and the
+        state's ``stopped`` says so.
+    """
+    state = state or TrainState()
+    optimizer = torch.optim.Adam(module.parameters(), lr=learning_rate,
+                                 weight_decay=weight_decay)
+    n = X.shape[0]
+    y_t = torch.as_tensor(y)
+    w_t = torch.as_tensor(w, dtype=torch.float32)
+    no_change = 0
+    first_epoch = len(state.history) + 1
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_epochs, desc="tgem fit", unit="epoch", leave=verbose > 1)
+    try:
+        for epoch in range(first_epoch, first_epoch + max_epochs):
+            t0 = time.perf_counter()
+            module.train()
+            order = torch.randperm(n, generator=shuffle_generator).numpy()
+            loss_sum, weight_sum, correct = 0.0, 0.0, 0
+            for b, sl in enumerate(iter_batches(n, batch_size), start=1):
+                idx = order[sl]
+                xb = dense_batch(X, idx, device)
+                yb = y_t[idx].to(device)
+                wb = w_t[idx].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                log_proba = module(xb)
+                loss = _weighted_nll(log_proba, yb, wb)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"The training loss became {float(loss)} at epoch {epoch}, batch {b}. "
+                        f"The model keeps the best weights so far (epoch {state.best_epoch}). "
+                        f"Try a lower learning_rate (now {learning_rate:g}) or check X for "
+                        "extreme values.")
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * float(wb.sum())
+                weight_sum += float(wb.sum())
+                correct += int((log_proba.argmax(1) == yb).sum())
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_sum / weight_sum:.4f}")
+            record = {"epoch": epoch, "train_loss": loss_sum / weight_sum,
+                      "train_accuracy": correct / n, "valid_loss": float("nan"),
+                      "valid_accuracy": float("nan")}
+            if valid is not None:
+                record["valid_loss"], record["valid_accuracy"] = evaluate(
+                    module, *valid, device=device, batch_size=max(batch_size, 256))
+            record["duration_s"] = time.perf_counter() - t0
+            state.history.append(record)
+            monitored = record["valid_loss"] if valid is not None else record["train_loss"]
+            if monitored < state.best_loss:
+                state.best_loss, state.best_epoch = monitored, epoch
+                state.best_state = _snapshot(module)
+                no_change = 0
+                if on_improvement is not None:
+                    on_improvement(state)
+            else:
+                no_change += 1
+            logger.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in record.items()})
+            if bar is not None:
+                bar.update(1)
+            if valid is not None and n_iter_no_change is not None and no_change >= n_iter_no_change:
+                state.stopped = "early_stopping"
+                break
+    except (TrainingDivergedError, KeyboardInterrupt) as exc:
+        state.stopped = "diverged" if isinstance(exc, TrainingDivergedError) else "interrupted"
+        if state.best_state is not None:
+            module.load_state_dict(state.best_state)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if valid is not None and state.best_state is not None:
+        module.load_state_dict(state.best_state)
+    return state
+
+
+def copy_state(state: TrainState) -> TrainState:
+    """A deep copy of a training state (for warm starts that must not alias tensors)."""
+    return copy.deepcopy(state)

@@ -1,0 +1,73 @@
+"""``show_versions``: what tgem runs on, and which attention backend is active and why."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from tgem._attention import backend_status, resolve_backend
+
+
+def versions() -> dict:
+    """Versions of tgem, its dependencies and the state of every attention backend.
+
+    Returns
+    -------
+    dict
+        ``{"python": ..., "tgem": ..., "torch": ..., ..., "backends": {device: {...}}}``.
+        For each device, ``auto`` names the backend ``attention_backend="auto"`` uses and
+        each backend maps to ``"available"`` or the reason it is not.
+
+    Examples
+    --------
+    >>> info = versions()
+    >>> info["backends"]["cpu"]["exact"]
+    'available'
+    """
+    import captum
+    import numpy
+    import sklearn
+
+    import tgem
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "tgem": tgem.__version__,
+        "torch": torch.__version__,
+        "captum": captum.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": numpy.__version__,
+        "cuda available": torch.cuda.is_available(),
+        "torch threads": torch.get_num_threads(),
+        "backends": {},
+    }
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        status = {name: reason or "available" for name, reason in backend_status(dev).items()}
+        status["auto"] = resolve_backend("auto", dev).name
+        info["backends"][dev] = status
+    return info
+
+
+def show_versions() -> None:
+    """Print :func:`versions` in a readable form (for bug reports).
+
+    Examples
+    --------
+    >>> show_versions()  # doctest: +ELLIPSIS
+    tgem ...
+    """
+    info = versions()
+    lines = [f"tgem {info['tgem']}"]
+    for key, value in info.items():
+        if key not in ("tgem", "backends"):
+            lines.append(f"  {key}: {value}")
+    for dev, status in info["backends"].items():
+        lines.append(f"attention backends on {dev} (auto -> {status['auto']}):")
+        for name, reason in status.items():
+            if name != "auto":
+                lines.append(f"  {name}: {reason}")
+    sys.stdout.write("\n".join(lines) + "\n")
