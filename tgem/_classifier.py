@@ -24,7 +24,7 @@ from sklearn.utils.validation import (
 
 from tgem._attention import backend_names
 from tgem._model import TGEMNet
-from tgem._training import TrainState, dense_batch, iter_batches, train
+from tgem._training import TrainState, dense_batch, oom_safe_batches, train
 from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
 
 logger = logging.getLogger(__name__)
@@ -421,9 +421,13 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         module = self.module_
         module.eval()
         out = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
+
+        def run(sl):  # halves the batch and retries when the device runs out of memory
+            out[sl] = module(dense_batch(X, sl, device)).double().cpu().numpy()
+
         with torch_threads(self.n_threads), torch.no_grad():
-            for sl in iter_batches(X.shape[0], self.predict_batch_size):
-                out[sl] = module(dense_batch(X, sl, device)).double().cpu().numpy()
+            oom_safe_batches(X.shape[0], self.predict_batch_size, run, device=device,
+                             n_genes=X.shape[1], what="predicting")
         return out
 
     def _device_for_predict(self) -> torch.device:

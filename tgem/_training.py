@@ -21,6 +21,61 @@ from tgem.exceptions import TrainingDivergedError
 
 logger = logging.getLogger(__name__)
 
+#: What torch raises when a device runs out of memory (``torch.OutOfMemoryError`` since 2.5).
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+     torch.cuda.OutOfMemoryError})
+
+
+def _release_cuda_memory(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def oom_safe_batches(n: int, batch_size: int, run: Callable[[slice], None], *,
+                     device: torch.device, n_genes: int, what: str) -> None:
+    """Call ``run(rows)`` on consecutive slices covering ``range(n)``, halving on OOM.
+
+    When the device runs out of memory the failing slice is halved and retried (later slices
+    keep the smaller size), down to one row; then a ``MemoryError`` gives the sizes involved.
+    ``run`` must have no effect when it fails.
+    """
+    start, size = 0, batch_size
+    while start < n:
+        rows = slice(start, min(n, start + size))
+        try:
+            run(rows)
+        except OOM_ERRORS as exc:
+            if rows.stop - rows.start == 1:
+                raise MemoryError(
+                    f"{device} ran out of memory {what} a single sample of {n_genes} genes "
+                    f"(batches of {batch_size} were halved down to 1). Free device memory, use "
+                    "fewer heads or genes, or device='cpu'.") from exc
+            size = (rows.stop - rows.start) // 2
+            logger.warning("%s ran out of memory %s %d samples; retrying with batches of %d.",
+                           device, what, rows.stop - rows.start, size)
+            _release_cuda_memory(device)
+            continue
+        start = rows.stop
+
+
+def _accumulate_gradients(module, xb, yb, wb, n_chunks: int):
+    """Forward and backward over ``xb`` in ``n_chunks`` parts; the batch loss and log-probas.
+
+    Each part's loss is ``sum(nll * w) / sum(w of the whole batch)``, so the parts' gradients
+    add up to the whole batch's gradient (up to rounding).
+    """
+    total_w = wb.sum()
+    loss, outs = 0.0, []
+    for rows in iter_batches(xb.shape[0], -(-xb.shape[0] // n_chunks)):
+        log_proba = module(xb[rows])
+        nll = -log_proba.gather(1, yb[rows, None])[:, 0]
+        part = (nll * wb[rows]).sum() / total_w
+        part.backward()
+        loss = loss + part.detach()
+        outs.append(log_proba.detach())
+    return loss, torch.cat(outs)
+
 
 def dense_batch(X, idx, device: torch.device) -> torch.Tensor:
     """Rows ``idx`` of ``X`` (dense array or scipy sparse) as a float32 tensor on ``device``.
@@ -66,7 +121,9 @@ def evaluate(module, X, y, w, device, batch_size: int) -> tuple[float, float]:
     was_training = module.training
     module.eval()
     total, wsum, correct = 0.0, 0.0, 0
-    for sl in iter_batches(X.shape[0], batch_size):
+
+    def run(sl):
+        nonlocal total, wsum, correct
         xb = dense_batch(X, sl, device)
         yb = torch.as_tensor(y[sl], device=device)
         wb = torch.as_tensor(w[sl], device=device)
@@ -74,6 +131,9 @@ def evaluate(module, X, y, w, device, batch_size: int) -> tuple[float, float]:
         total += float(_weighted_nll(lp, yb, wb) * wb.sum())
         wsum += float(wb.sum())
         correct += int((lp.argmax(1) == yb).sum())
+
+    oom_safe_batches(X.shape[0], batch_size, run, device=device, n_genes=X.shape[1],
+                     what="evaluating")
     module.train(was_training)
     return total / max(wsum, 1e-300), correct / max(1, X.shape[0])
 
@@ -111,7 +171,7 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
     n = X.shape[0]
     y_t = torch.as_tensor(y)
     w_t = torch.as_tensor(w, dtype=torch.float32)
-    no_change = 0
+    no_change, n_chunks = 0, 1
     first_epoch = len(state.history) + 1
     bar = None
     if verbose:
@@ -128,16 +188,28 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                 xb = dense_batch(X, idx, device)
                 yb = y_t[idx].to(device)
                 wb = w_t[idx].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                log_proba = module(xb)
-                loss = _weighted_nll(log_proba, yb, wb)
+                while True:  # on OOM, accumulate the gradient over smaller parts of the batch
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        loss, log_proba = _accumulate_gradients(module, xb, yb, wb, n_chunks)
+                        break
+                    except OOM_ERRORS as exc:
+                        if n_chunks >= len(idx):
+                            raise MemoryError(
+                                f"{device} ran out of memory training on a single sample of "
+                                f"{xb.shape[1]} genes (batches of {len(idx)} were split into "
+                                f"{n_chunks} parts) at epoch {epoch}, batch {b}. Free device "
+                                "memory, use fewer heads or genes, or device='cpu'.") from exc
+                    n_chunks = min(2 * n_chunks, len(idx))
+                    logger.warning("%s ran out of memory at epoch %d, batch %d; accumulating "
+                                   "gradients over %d parts.", device, epoch, b, n_chunks)
+                    _release_cuda_memory(device)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"The training loss became {float(loss)} at epoch {epoch}, batch {b}. "
                         f"The model keeps the best weights so far (epoch {state.best_epoch}). "
                         f"Try a lower learning_rate (now {learning_rate:g}) or check X for "
                         "extreme values.")
-                loss.backward()
                 optimizer.step()
                 loss_sum += float(loss.detach()) * float(wb.sum())
                 weight_sum += float(wb.sum())
@@ -167,8 +239,9 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
             if valid is not None and n_iter_no_change is not None and no_change >= n_iter_no_change:
                 state.stopped = "early_stopping"
                 break
-    except (TrainingDivergedError, KeyboardInterrupt) as exc:
-        state.stopped = "diverged" if isinstance(exc, TrainingDivergedError) else "interrupted"
+    except (TrainingDivergedError, KeyboardInterrupt, MemoryError) as exc:
+        state.stopped = ("diverged" if isinstance(exc, TrainingDivergedError) else
+                         "out_of_memory" if isinstance(exc, MemoryError) else "interrupted")
         if state.best_state is not None:
             module.load_state_dict(state.best_state)
         raise
