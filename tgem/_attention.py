@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +106,42 @@ def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, off
     return e
 
 
+def peak_shifts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Key and value at each row's score peak, used to centre the gradient sums.
+
+    Rows with ``q_i >= 0`` peak at the largest key, rows with ``q_i < 0`` at the smallest.
+    Returns ``pos`` (N, G) bool and the per-row (N, 1) shifts ``a_pos, b_pos, a_neg, b_neg``
+    (key and value at argmax k, and at argmin k).
+
+    The query and key gradients are covariances under the attention distribution
+    (``sum_j A_ij (v_j - out_i) k_j``); written as differences of plain sums they cancel
+    catastrophically when the softmax is sharp. Shifting ``k`` and ``v`` by their values at
+    the peak leaves the gradients unchanged (``sum_j A_ij ([j != i] v_j - out_i) = 0``) and
+    makes every term of the sums small exactly when cancellation would be large.
+    """
+    jmax = k.argmax(-1, keepdim=True)
+    jmin = k.argmin(-1, keepdim=True)
+    return (q >= 0, k.gather(-1, jmax), v.gather(-1, jmax), k.gather(-1, jmin),
+            v.gather(-1, jmin))
+
+
 def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
     """Blocked row sums of the exact algorithm on (N, G) tensors.
 
     Returns ``out, m2, inv_z, e_diag, t``: the output, the base-2 row maxima, 1/Z, the
     diagonal exponentials and, when ``need_grad``, ``t`` with ``dq = grad * t``.
     The diagonal is excluded inside the sums (not subtracted afterwards), so a softmax that
-    peaks on the gene itself loses no precision.
+    peaks on the gene itself loses no precision; the gradient sums are centred at the peak
+    (:func:`peak_shifts`).
     """
     n, g = q.shape
     q2 = q * LOG2E
     m2 = row_max(q2, k)
     cols = [torch.ones_like(v), v]
     if need_grad:
-        cols += [k * v, k]
+        pos, a_pos, b_pos, a_neg, b_neg = peak_shifts(q, k, v)
+        kp, kn = k - a_pos, k - a_neg
+        cols += [(v - b_pos) * kp, kp, (v - b_neg) * kn, kn]
     rhs_t = torch.stack(cols, dim=1)  # (N, c, G): the transposed view is what BLAS likes
     sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
@@ -134,8 +155,11 @@ def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
     out = sums[..., 1] * inv_z
     t = None
     if need_grad:
-        r1, r2 = sums[..., 2], sums[..., 3] + e_diag * k
-        t = (r1 - out * r2) * inv_z
+        p = torch.where(pos, sums[..., 2], sums[..., 4])
+        kk = torch.where(pos, sums[..., 3], sums[..., 5])
+        a = torch.where(pos, a_pos, a_neg)
+        b = torch.where(pos, b_pos, b_neg)
+        t = (p - (out - b) * kk - e_diag * out * (k - a)) * inv_z
     return out, m2, inv_z, e_diag, t
 
 
@@ -143,11 +167,15 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, t, grad, block_elements: int
     """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors."""
     n, g = q.shape
     q2 = q * LOG2E
+    pos, _, b_pos, _, b_neg = peak_shifts(q, k, v)
     w1 = grad * inv_z
     w2 = w1 * q
-    w3 = w2 * out
-    rhs_t = torch.stack([w1, w2, w3], dim=1)  # (N, 3, G), indexed by query i
-    sums = torch.empty(n, g, 3, dtype=q.dtype, device=q.device)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    w2_pos = torch.where(pos, w2, zero)
+    w2_neg = w2 - w2_pos
+    w3 = w2 * (out - torch.where(pos, b_pos, b_neg))
+    rhs_t = torch.stack([w1, w2_pos, w2_neg, w3], dim=1)  # (N, 4, G), indexed by query i
+    sums = torch.empty(n, g, 4, dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for j0 in range(0, g, step):
         j1 = min(g, j0 + step)
@@ -155,7 +183,8 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, t, grad, block_elements: int
         e = _exp2_block(k[:, j0:j1], q2, m2, j0, shift_on_rows=False)
         sums[:, j0:j1] = torch.bmm(e, rhs_t.mT)
     dq = grad * t
-    dk = v * sums[..., 1] - (sums[..., 2] + e_diag * w3)
+    dk = ((v - b_pos) * sums[..., 1] + (v - b_neg) * sums[..., 2] - sums[..., 3]
+          - e_diag * w2 * out)
     dv = sums[..., 0]
     return dq, dk, dv
 
@@ -174,8 +203,12 @@ class _ExactAttention(torch.autograd.Function):
         return out.reshape(shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "The exact T-GEM attention is differentiable once; double backward "
+                "(create_graph=True) is not implemented. Use attention_backend='reference' "
+                "for higher-order gradients.")
         q, k, v, m2, inv_z, e_diag, out, t = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
         dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, t, g)

@@ -23,6 +23,8 @@ from sklearn.utils.validation import (
 )
 
 from tgem._attention import backend_names
+from tgem._distributed import resolve_distributed
+from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
 from tgem._model import TGEMNet
 from tgem._training import TrainState, dense_batch, oom_safe_batches, train
 from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
@@ -107,8 +109,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Share of the training data held out when ``early_stopping`` is on (ignored otherwise).
     n_iter_no_change : int, default=10
         Patience of early stopping, in epochs.
-    class_weight : {"balanced"} or None, default=None
-        Weight the loss by inverse class frequency (``"balanced"``) or not.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes in the loss: ``{label: weight}``, ``"balanced"`` (inverse
+        class frequency) or None (all 1).
     attention_backend : str, default="auto"
         ``"auto"`` uses the fastest available exact implementation for the device;
         ``"exact"`` the pure-PyTorch O(genes)-memory path; ``"reference"`` the plain
@@ -203,7 +206,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
-        "class_weight": [StrOptions({"balanced"}), None],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
         "attention_backend": [str],
         "device": [str],
         "n_threads": [Interval(numbers.Integral, 1, None, closed="left"), None],
@@ -267,6 +270,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"{names}. Got {self.attention_backend!r} instead.")
 
     def _validate_X(self, X, reset: bool):
+        if is_h5ad_input(X):  # streamed from disk batch by batch
+            return h5ad_predict_input(self, X)
         kw = dict(accept_sparse=["csr", "csc"], dtype=[np.float32, np.float64],
                   ensure_min_samples=1, reset=reset)
         return validate_data(self, X, **kw)
@@ -280,9 +285,12 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         ----------
         X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
             Expression values (log-normalised; see the preprocessing guide). Sparse CSR/CSC
-            input is densified one batch at a time.
-        y : array-like of shape (n_samples,)
-            Class labels (strings, integers, ...).
+            input is densified one batch at a time. An ``.h5ad`` path, an AnnData (e.g.
+            opened with ``backed="r"``) or a :class:`tgem.H5ADDataset` is streamed from disk
+            in chunk-shuffled mini-batches (see the "Scaling out" guide).
+        y : array-like of shape (n_samples,) or str
+            Class labels (strings, integers, ...); with AnnData input also the name of an
+            ``obs`` column (``fit("atlas.h5ad", y="cell_type")``).
         sample_weight : array-like of shape (n_samples,), optional
             Per-sample weights of the loss.
         checkpoint : str or path, optional
@@ -296,19 +304,22 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         self._check_params_extra()
-        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"],
-                             dtype=[np.float32, np.float64], y_numeric=False,
-                             multi_output=False)
+        if is_h5ad_input(X):
+            X, y = h5ad_fit_input(self, X, y)
+        else:
+            X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"],
+                                 dtype=[np.float32, np.float64], y_numeric=False,
+                                 multi_output=False)
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise ValueError(
-                f"y contains a single class ({classes[0]!r}); a classifier needs at least two "
+                f"y contains 1 class ({classes[0]!r}); a classifier needs at least two "
                 "classes. Pass labels of two or more classes.")
         weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        if self.class_weight == "balanced":
-            cw = compute_class_weight("balanced", classes=np.arange(len(classes)), y=y_enc)
+        if self.class_weight is not None:
+            cw = compute_class_weight(self.class_weight, classes=classes, y=y)
             weights = weights * cw[y_enc]
         if not np.any(weights > 0):
             raise ValueError("All sample weights are zero; pass at least one positive weight.")
@@ -323,6 +334,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         rs = check_random_state(self.random_state)
         seeds = rs.randint(0, _MAX_SEED, size=4)
         device = resolve_device(self.device)
+        dist = resolve_distributed(self.distributed, device)
+        if dist is not None:  # DDP: one device per process, rank 0's seeds everywhere
+            device, seeds = dist.device, dist.broadcast_seeds(seeds)
         self.device_ = device
 
         X_train, y_train, w_train, valid = X, y_enc, weights, None
@@ -342,7 +356,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     shared_norm=self.shared_norm, attention_backend=self.attention_backend,
                     generator=gen).to(device)
                 state = TrainState()
-            dropout_gen = torch.Generator(device=device).manual_seed(int(seeds[2]))
+            dropout_gen = torch.Generator(device=device).manual_seed(
+                int(seeds[2]) + (0 if dist is None else dist.rank))
             module.dropout.generator = dropout_gen
             self.module_ = module
             self.attention_backend_ = module.backend(
@@ -360,7 +375,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     batch_size=self.batch_size, max_epochs=self.max_epochs,
                     n_iter_no_change=self.n_iter_no_change,
                     shuffle_generator=torch.Generator().manual_seed(int(seeds[3])),
-                    verbose=self.verbose, state=state, on_improvement=on_improvement)
+                    verbose=self.verbose, state=state, on_improvement=on_improvement,
+                    dist=dist)
             except KeyboardInterrupt:
                 self._finish_fit(state, X, y_enc)
                 warnings.warn(
@@ -401,7 +417,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"validation_fraction={self.validation_fraction} leaves no training or no "
                 f"validation sample out of {X.shape[0]}. Use more data or early_stopping=False.")
-        return X[tr], y_enc[tr], weights[tr], (X[va], y_enc[va], weights[va])
+        if is_h5ad_input(X):  # keep disk order for chunked reads
+            tr, va = np.sort(tr), np.sort(va)
+        return (take_rows(X, tr), y_enc[tr], weights[tr],
+                (take_rows(X, va), y_enc[va], weights[va]))
 
     def _checkpoint_writer(self, path, X, y_enc):
         def write(state):
@@ -472,7 +491,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
     # ------------------------------------------------------------------ analysis hooks
     @property
