@@ -89,6 +89,9 @@ METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc_ovr_macr
            "roc_auc_micro")
 MODELS = ("tgem", "tgem_tuned", "random_forest", "logistic_regression", "mlp",
           "hist_gradient_boosting")
+#: T-GEM variants for the investigation of the defaults (run with ``--models``): the same
+#: network after a StandardScaler, and that with a ten times larger learning rate.
+VARIANTS = {"tgem_scaled": {}, "tgem_scaled_lr1e-3": {"learning_rate": 1e-3}}
 DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 TIMING_GENES = (765, 1708, 5000, 12625, 22283)
 TGEM_GRID = {"n_heads": [1, 3, 5], "activation": ["leakyrelu", None]}
@@ -210,6 +213,9 @@ def make_model(name: str, dataset: Dataset, settings: Settings):
     head = [("top_variance", TopVariance(dataset.top_k))] if dataset.top_k else []
     if name == "tgem":
         return Pipeline(head + [("clf", _tgem(settings, {}))])
+    if name in VARIANTS:
+        return Pipeline(head + [("scale", StandardScaler()),
+                                ("clf", _tgem(settings, VARIANTS[name]))])
     if name == "tgem_tuned":
         inner = Pipeline(head + [("clf", _tgem(settings, settings.grid_params))])
         full = Pipeline(head + [("clf", _tgem(settings, {}))])
@@ -232,7 +238,7 @@ def make_model(name: str, dataset: Dataset, settings: Settings):
         clf = HistGradientBoostingClassifier(max_iter=settings.hgb_max_iter,
                                              random_state=seed)
         return Pipeline(head + [("clf", clf)])
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}.")
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS + tuple(VARIANTS)}.")
 
 
 class _TunedT(GridSearchCV):
@@ -342,7 +348,8 @@ def nadeau_bengio(diffs: Sequence[float], n_train: int, n_test: int) -> dict:
     mean = float(d.mean()) if j else math.nan
     if j < 2:
         return {"mean": mean, "t": math.nan, "df": max(j - 1, 0), "p": math.nan}
-    var = float(d.var(ddof=1))
+    # identical differences have zero variance (computed, it would be rounding noise)
+    var = 0.0 if np.ptp(d) == 0.0 else float(d.var(ddof=1))
     se = math.sqrt((1.0 / j + n_test / n_train) * var)
     if se == 0.0:
         t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
@@ -426,14 +433,20 @@ def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Setting
            n_splits: int, n_repeats: int, cache_dir: Path | None,
            max_folds: int | None = None,
            model_factory: Callable = make_model) -> dict:
-    """Every model on every data set and fold; returns ``{dataset: {model: [records]}}``."""
+    """Every model on every data set and fold; returns ``{dataset: {model: [records]}}``.
+
+    A model given as ``"name@ds1+ds2"`` runs on those data sets only.
+    """
     results: dict = {}
     for ds in datasets:
         folds = split_indices(ds.y, n_splits, n_repeats, settings.seed)
         if max_folds is not None:
             folds = folds[:max_folds]
         results[ds.name] = {}
-        for name in models:
+        for spec in models:
+            name, _, where = spec.partition("@")
+            if where and ds.name not in where.split("+"):
+                continue
             model = model_factory(name, ds, settings)
             config = model_key(model)
             records = []
@@ -466,20 +479,20 @@ def summarise(results: dict, reference: str = "tgem") -> dict:
                           "std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else math.nan}
             table[name] = row
         paired = {}
-        for ref in [r for r in (reference, f"{reference}_tuned") if r in by_model]:
-            for name, recs in by_model.items():
-                if name.startswith(reference):
-                    continue
-                a = {(r["repeat"], r["fold"]): r for r in by_model[ref]}
-                b = {(r["repeat"], r["fold"]): r for r in recs}
-                common = sorted(set(a) & set(b))
-                if not common:
-                    continue
-                n_train = int(np.mean([a[k]["n_train"] for k in common]))
-                n_test = int(np.mean([a[k]["n_test"] for k in common]))
-                paired[f"{ref} vs {name}"] = {
-                    m: nadeau_bengio([a[k][m] - b[k][m] for k in common], n_train, n_test)
-                    for m in ("accuracy", "balanced_accuracy", "f1_macro")}
+        refs = [r for r in by_model if r.startswith(reference)]
+        pairs = [(r, b) for r in refs for b in by_model if not b.startswith(reference)]
+        pairs += [(r, reference) for r in refs if r != reference and reference in by_model]
+        for ref, name in pairs:
+            a = {(r["repeat"], r["fold"]): r for r in by_model[ref]}
+            b = {(r["repeat"], r["fold"]): r for r in by_model[name]}
+            common = sorted(set(a) & set(b))
+            if not common:
+                continue
+            n_train = int(np.mean([a[k]["n_train"] for k in common]))
+            n_test = int(np.mean([a[k]["n_test"] for k in common]))
+            paired[f"{ref} vs {name}"] = {
+                m: nadeau_bengio([a[k][m] - b[k][m] for k in common], n_train, n_test)
+                for m in ("accuracy", "balanced_accuracy", "f1_macro")}
         summary[ds] = {"models": table, "paired": paired}
     return summary
 
@@ -493,8 +506,8 @@ def verdict(test: dict, alpha: float = 0.05) -> str:
 
 # --------------------------------------------------------------------------- epoch timing
 def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int = 16,
-                 steps: int = 3, threads: int = 2, seed: int = 0,
-                 max_pairs_per_step: float = 2e9, cache_dir: Path | None = None) -> list:
+                 steps: int = 2, threads: int = 2, seed: int = 0,
+                 max_pairs_per_step: float = 5e8, cache_dir: Path | None = None) -> list:
     """Seconds per training epoch of default T-GEM against the number of genes.
 
     Synthetic log-scale data of each width (the cost depends on the shape only). For each
@@ -577,6 +590,7 @@ def machine() -> dict:
             "tgem": tgem.__version__, "torch": torch.__version__,
             "scikit-learn": sklearn.__version__, "numpy": np.__version__,
             "attention_backend_auto_cpu": resolve_backend("auto", "cpu").name,
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
             "platform": platform.platform()}
 
 
@@ -595,7 +609,8 @@ def to_markdown(summary: dict, timing: list, meta: dict) -> str:
              f"({meta['machine']['cpu']}, {meta['machine']['cores']} cores; tgem "
              f"{meta['machine']['tgem']}, torch {meta['machine']['torch']}, scikit-learn "
              f"{meta['machine']['scikit-learn']}; attention backend "
-             f"{meta['machine']['attention_backend_auto_cpu']}).", "",
+             f"{meta['machine']['attention_backend_auto_cpu']}; load average 1/5/15 min at "
+             f"the end: {meta['machine']['load_average_1_5_15min']}).", "",
              f"Protocol: {meta['protocol']}", ""]
     for ds, block in summary.items():
         lines += [f"## {ds}", "", meta["datasets"].get(ds, ""), "",
@@ -607,9 +622,10 @@ def to_markdown(summary: dict, timing: list, meta: dict) -> str:
             lines.append(f"| {name} | {row['n_folds']} | " + " | ".join(cells)
                          + f" | {_pm(row['fit_s'], 1)} | {_pm(row['predict_s'], 2)} |")
         if block["paired"]:
-            lines += ["", "Paired comparison (fold-wise difference, T-GEM minus baseline; "
-                      "Nadeau-Bengio corrected t-test, two-sided; verdict at p < 0.05):", "",
-                      "| comparison | Δ accuracy | p | Δ balanced acc. | p | Δ macro-F1 | p "
+            lines += ["", "Paired comparison (fold-wise difference A minus B over the same "
+                      "folds; Nadeau-Bengio corrected t-test, two-sided; verdict for A at "
+                      "p < 0.05):", "",
+                      "| A vs B | Δ accuracy | p | Δ balanced acc. | p | Δ macro-F1 | p "
                       "| verdict (accuracy) |", "|---|---|---|---|---|---|---|---|"]
             for comp, tests in block["paired"].items():
                 cells = []
@@ -621,10 +637,10 @@ def to_markdown(summary: dict, timing: list, meta: dict) -> str:
     if timing:
         lines += ["## T-GEM training time per epoch vs number of genes", "",
                   "Default architecture (3 layers, 5 heads), synthetic data of each width "
-                  "(the cost depends on the shape only); the fastest of 3 optimisation "
+                  "(the cost depends on the shape only); the faster of 2 optimisation "
                   "steps (forward, backward, Adam) after a warm-up step; the epoch time is "
                   "extrapolated linearly to 1,000 samples from the time per sample.", "",
-                  "| genes | batch timed | s / step (best of 3) | ms / sample "
+                  "| genes | batch timed | s / step (best of 2) | ms / sample "
                   "| s / epoch (1,000 samples) "
                   "| backend |", "|---|---|---|---|---|---|"]
         for r in timing:
@@ -675,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "small baselines, narrow timing table; writes to a temporary folder "
                         "unless --results-dir is given")
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated; NAME@DS1+DS2 runs NAME on those data sets only; "
+                        f"also available: {', '.join(VARIANTS)}")
     p.add_argument("--n-splits", type=int, default=5)
     p.add_argument("--n-repeats", type=int, default=3)
     p.add_argument("--max-folds", type=int, default=None,
@@ -721,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tgem_max_epochs is not None:
         tgem_params["max_epochs"] = args.tgem_max_epochs
     settings = Settings(seed=args.seed, threads=args.threads, tgem_params=tgem_params)
-    datasets, models = args.datasets.split(","), args.models.split(",")
+    datasets = [d for d in args.datasets.split(",") if d]
+    models = [m for m in args.models.split(",") if m]
     n_splits, n_repeats, top_k = args.n_splits, args.n_repeats, args.top_k
     timing_genes = [int(g) for g in args.timing_genes.split(",") if g.strip()]
     results_dir = args.results_dir

@@ -1,0 +1,208 @@
+"""Tests of benchmarks/bench_accuracy.py: the statistics, the leak-free selection, the cache."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    name = "bench_accuracy"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def test_nadeau_bengio_matches_hand_computed_values():
+    diffs = [0.1, 0.2, 0.0, 0.1, 0.1]
+    # mean 0.1, s^2 = 0.02 / 4 = 0.005, correction 1/5 + 20/80 = 0.45
+    t_hand = 0.1 / math.sqrt(0.45 * 0.005)
+    r = bench.nadeau_bengio(diffs, n_train=80, n_test=20)
+    assert r["mean"] == pytest.approx(0.1)
+    assert r["t"] == pytest.approx(t_hand, rel=1e-12)
+    assert r["t"] == pytest.approx(2.1081851067789, rel=1e-9)
+    assert r["df"] == 4
+    assert r["p"] == pytest.approx(2 * stats.t.sf(t_hand, 4), rel=1e-12)
+    assert 0.10 < r["p"] < 0.11
+
+
+def test_nadeau_bengio_is_more_conservative_than_the_naive_paired_t_test():
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(0.02, 0.03, size=15)
+    corrected = bench.nadeau_bengio(diffs, n_train=400, n_test=100)
+    naive = stats.ttest_1samp(diffs, 0.0)
+    assert abs(corrected["t"]) < abs(naive.statistic)
+    assert corrected["p"] > naive.pvalue
+    # with no overlap correction (n_test -> 0) it reduces to the plain one-sample t-test
+    plain = bench.nadeau_bengio(diffs, n_train=10**12, n_test=1)
+    assert plain["t"] == pytest.approx(naive.statistic, rel=1e-6)
+
+
+def test_nadeau_bengio_degenerate_inputs():
+    one = bench.nadeau_bengio([0.3], n_train=8, n_test=2)
+    assert one["mean"] == pytest.approx(0.3) and math.isnan(one["t"]) and math.isnan(one["p"])
+    same = bench.nadeau_bengio([0.1, 0.1, 0.1], n_train=8, n_test=2)
+    assert same["t"] == math.inf and same["p"] == 0.0
+    zero = bench.nadeau_bengio([0.0, 0.0], n_train=8, n_test=2)
+    assert zero["t"] == 0.0 and zero["p"] == 1.0
+
+
+@pytest.mark.parametrize(("p", "mean", "expected"),
+                         [(0.01, 0.1, "win"), (0.01, -0.1, "loss"), (0.2, -0.3, "tie"),
+                          (math.nan, 0.1, "tie")])
+def test_verdict(p, mean, expected):
+    assert bench.verdict({"p": p, "mean": mean}) == expected
+
+
+def test_top_variance_uses_the_training_rows_only():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 6)) * np.array([1.0, 5.0, 0.1, 3.0, 0.5, 2.0])
+    X_before = X.copy()
+    sel = bench.TopVariance(k=3).fit(X[:30])
+    np.testing.assert_allclose(sel.variances_, X[:30].var(axis=0))
+    expected = np.sort(np.argsort(-X[:30].var(axis=0))[:3])
+    np.testing.assert_array_equal(np.flatnonzero(sel.get_support()), expected)
+    np.testing.assert_array_equal(sel.transform(X[30:]), X[30:, expected])
+    np.testing.assert_array_equal(X, X_before)
+    # k larger than the width keeps everything
+    assert bench.TopVariance(k=100).fit(X).transform(X).shape == X.shape
+    with pytest.raises(ValueError, match="k >= 1"):
+        bench.TopVariance(k=0).fit(X)
+
+
+def test_fold_metrics_known_values():
+    classes = np.array(["a", "b", "c"])
+    y = np.array(["a", "a", "b", "c"])
+    proba = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    m = bench.fold_metrics(y, proba, classes)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    # F1: a = 2/3 (P 1, R 1/2), b = 2/3 (P 1/2, R 1), c = 1
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    onehot = (y[:, None] == classes).astype(int)
+    assert m["roc_auc_micro"] == pytest.approx(roc_auc_score(onehot.ravel(), proba.ravel()))
+    per_class = [roc_auc_score(onehot[:, i], proba[:, i]) for i in range(3)]
+    assert m["roc_auc_ovr_macro"] == pytest.approx(np.mean(per_class))
+    perfect = bench.fold_metrics(y, onehot.astype(float), classes)
+    assert all(perfect[k] == pytest.approx(1.0) for k in bench.METRICS)
+
+
+def _toy_dataset():
+    rng = np.random.default_rng(0)
+    y = np.repeat(["x", "y", "z"], 12)
+    X = rng.normal(size=(36, 10)).astype(np.float32)
+    X[:, 0] += (y == "y") * 2.0
+    X[:, 1] += (y == "z") * 2.0
+    return bench.Dataset("toy", X, y, None, "toy")
+
+
+def _lr_factory(c):
+    def factory(name, dataset, settings):
+        return Pipeline([("clf", LogisticRegression(C=c, max_iter=500))])
+    return factory
+
+
+def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_path):
+    ds = _toy_dataset()
+    settings = bench.Settings(seed=3)
+    kwargs = dict(n_splits=3, n_repeats=2, cache_dir=tmp_path)
+    first = bench.run_cv([ds], ["m1", "m2"], settings, model_factory=_lr_factory(1.0),
+                         **kwargs)["toy"]
+    assert [len(first[m]) for m in ("m1", "m2")] == [6, 6]
+    assert not any(r["cached"] for r in first["m1"])
+    # same model, same folds -> identical scores
+    assert [r["accuracy"] for r in first["m1"]] == [r["accuracy"] for r in first["m2"]]
+    files = sorted(p.name for p in (tmp_path / "toy" / "m1").iterdir())
+    assert files == [f"r{r}_f{f}.json" for r in range(2) for f in range(3)]
+
+    again = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1.0),
+                         **kwargs)["toy"]["m1"]
+    assert all(r["cached"] for r in again)
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first["m1"]]
+
+    # another configuration must not reuse the cached folds
+    changed = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1e-3),
+                           **kwargs)["toy"]["m1"]
+    assert not any(r["cached"] for r in changed)
+
+    summary = bench.summarise({"toy": {"tgem": first["m1"], "lr": changed}})
+    test = summary["toy"]["paired"]["tgem vs lr"]["accuracy"]
+    diffs = [a["accuracy"] - b["accuracy"] for a, b in zip(first["m1"], changed)]
+    expected = bench.nadeau_bengio(diffs, n_train=24, n_test=12)
+    assert test["mean"] == pytest.approx(expected["mean"])
+    assert summary["toy"]["models"]["tgem"]["n_folds"] == 6
+
+
+def test_split_indices_are_stratified_and_reproducible():
+    y = np.repeat(["a", "b"], [10, 5])
+    a = bench.split_indices(y, 5, 2, seed=0)
+    b = bench.split_indices(y, 5, 2, seed=0)
+    assert len(a) == 10
+    for (ra, fa, tra, tea), (rb, fb, trb, teb) in zip(a, b):
+        assert (ra, fa) == (rb, fb)
+        np.testing.assert_array_equal(tea, teb)
+        assert sorted(np.unique(y[tea], return_counts=True)[1]) == [1, 2]
+    for repeat in range(2):
+        tests = np.concatenate([te for r, _, _, te in a if r == repeat])
+        np.testing.assert_array_equal(np.sort(tests), np.arange(15))
+
+
+def test_tgem_fold_on_real_all_data_records_training_facts(tmp_path):
+    data_dir = ROOT.parent / "shared" / "data"
+    ds = bench.load_dataset("all_mol_biol", data_dir, top_k=40)
+    assert ds.X.shape == (126, 12625)
+    assert set(np.unique(ds.y)) == {"NEG", "BCR/ABL", "ALL1/AF4", "E2A/PBX1"}
+    settings = bench.Settings(seed=0, threads=2,
+                              tgem_params={"max_epochs": 1, "n_layers": 1, "n_heads": 1})
+    model = bench.make_model("tgem", ds, settings)
+    assert model.named_steps["top_variance"].k == 40
+    (_, _, tr, te), = bench.split_indices(ds.y, 5, 1, seed=0)[:1]
+    rec = bench.run_fold(model, ds, tr, te, tmp_path / "f.json", key="k")
+    assert rec["tgem"]["epochs"] == 1
+    assert rec["n_train"] + rec["n_test"] == 126
+    assert 0.0 <= rec["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "f.json").read_text())["key"] == "k"
+
+
+def test_tuned_tgem_refits_with_full_settings_after_a_cheap_inner_search():
+    ds = _toy_dataset()
+    settings = bench.Settings(seed=0, threads=1, grid_folds=2,
+                              tgem_params={"max_epochs": 2, "n_layers": 1},
+                              grid_params={"max_epochs": 1})
+    model = bench.make_model("tgem_tuned", ds, settings)
+    model.set_params(param_grid={"clf__n_heads": [1, 2]})
+    model.fit(ds.X, ds.y)
+    final = model.best_estimator_.named_steps["clf"]
+    assert final.n_iter_ == 2
+    assert final.n_heads == model.best_params_["clf__n_heads"]
+    assert model.predict_proba(ds.X[:3]).shape == (3, 3)
+    assert list(model.classes_) == ["x", "y", "z"]
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_markdown_json_and_figure(tmp_path):
+    assert bench.main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "accuracy.json").read_text())
+    models = payload["summary"]["all_mol_biol"]["models"]
+    assert set(models) == set(bench.MODELS)
+    assert all(row["n_folds"] == 2 for row in models.values())
+    assert "tgem vs random_forest" in payload["summary"]["all_mol_biol"]["paired"]
+    assert (tmp_path / "accuracy_folds.png").stat().st_size > 0
+    assert "| tgem |" in (tmp_path / "accuracy.md").read_text()
