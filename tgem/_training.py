@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from tgem._distributed import local_epoch
 from tgem.exceptions import TrainingDivergedError
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
           device: torch.device, learning_rate: float, weight_decay: float, batch_size: int,
           max_epochs: int, n_iter_no_change: int | None, shuffle_generator: torch.Generator,
           verbose: int = 0, state: TrainState | None = None,
-          on_improvement: Callable[[TrainState], None] | None = None) -> TrainState:
+          on_improvement: Callable[[TrainState], None] | None = None,
+          dist=None) -> TrainState:
     """Train ``module`` in place with Adam on the weighted NLL.
 
     Parameters
@@ -156,6 +158,9 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
         Continue a previous state (``warm_start``): history and best loss carry over.
     on_improvement : callable, optional
         Called with the state each time a new best epoch is found (checkpointing).
+    dist : tgem._distributed.DistContext, optional
+        Data-parallel training: the module runs in DistributedDataParallel, each process
+        takes its share of every epoch and only rank 0 logs and calls ``on_improvement``.
 
     Returns
     -------
@@ -174,24 +179,28 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
     no_change, n_chunks = 0, 1
     first_epoch = len(state.history) + 1
     bar = None
-    if verbose:
+    is_main = dist is None or dist.is_main
+    net = module if dist is None else dist.wrap(module)
+    if verbose and is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=max_epochs, desc="tgem fit", unit="epoch", leave=verbose > 1)
     try:
         for epoch in range(first_epoch, first_epoch + max_epochs):
             t0 = time.perf_counter()
             module.train()
-            order = torch.randperm(n, generator=shuffle_generator).numpy()
+            steps = (local_epoch(X, n, batch_size, shuffle_generator) if dist is None
+                     else dist.epoch(X, n, w_t, batch_size, shuffle_generator))
             loss_sum, weight_sum, correct = 0.0, 0.0, 0
-            for b, sl in enumerate(iter_batches(n, batch_size), start=1):
-                idx = order[sl]
-                xb = dense_batch(X, idx, device)
+            for b, (idx, source, step) in enumerate(steps, start=1):
+                xb = dense_batch(source, idx, device)
                 yb = y_t[idx].to(device)
-                wb = w_t[idx].to(device)
+                wb = w_t[idx].to(device) if step is None else step.weights
                 while True:  # on OOM, accumulate the gradient over smaller parts of the batch
                     optimizer.zero_grad(set_to_none=True)
                     try:
-                        loss, log_proba = _accumulate_gradients(module, xb, yb, wb, n_chunks)
+                        loss, log_proba = (
+                            _accumulate_gradients(module, xb, yb, wb, n_chunks) if step is None
+                            else step.accumulate(net, xb, yb, wb, n_chunks))
                         break
                     except OOM_ERRORS as exc:
                         if n_chunks >= len(idx):
@@ -211,9 +220,11 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                         f"Try a lower learning_rate (now {learning_rate:g}) or check X for "
                         "extreme values.")
                 optimizer.step()
-                loss_sum += float(loss.detach()) * float(wb.sum())
-                weight_sum += float(wb.sum())
-                correct += int((log_proba.argmax(1) == yb).sum())
+                batch_w, batch_correct = ((wb.sum(), (log_proba.argmax(1) == yb).sum())
+                                          if step is None else (step.weight_sum, step.correct))
+                loss_sum += float(loss.detach()) * float(batch_w)
+                weight_sum += float(batch_w)
+                correct += int(batch_correct)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_sum / weight_sum:.4f}")
             record = {"epoch": epoch, "train_loss": loss_sum / weight_sum,
@@ -222,6 +233,9 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
             if valid is not None:
                 record["valid_loss"], record["valid_accuracy"] = evaluate(
                     module, *valid, device=device, batch_size=max(batch_size, 256))
+                if dist is not None:  # rank 0 decides, so early stopping stops all together
+                    record["valid_loss"], record["valid_accuracy"] = dist.broadcast(
+                        [record["valid_loss"], record["valid_accuracy"]]).tolist()
             record["duration_s"] = time.perf_counter() - t0
             state.history.append(record)
             monitored = record["valid_loss"] if valid is not None else record["train_loss"]
@@ -229,11 +243,12 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                 state.best_loss, state.best_epoch = monitored, epoch
                 state.best_state = _snapshot(module)
                 no_change = 0
-                if on_improvement is not None:
+                if on_improvement is not None and is_main:
                     on_improvement(state)
             else:
                 no_change += 1
-            logger.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in record.items()})
+            if is_main:
+                logger.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in record.items()})
             if bar is not None:
                 bar.update(1)
             if valid is not None and n_iter_no_change is not None and no_change >= n_iter_no_change:
