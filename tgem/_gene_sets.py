@@ -104,7 +104,7 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
     ----------
     gene_sets_ : dict of str to list of str
         The gene sets used.
-    support_ : ndarray of shape (n_features_in_,) of bool
+    support_ : ndarray of shape (`n_features_in_`,) of bool
         Which input columns are kept.
     genes_ : ndarray of str
         The kept genes, in the order of X's columns.
