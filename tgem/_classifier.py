@@ -272,9 +272,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     def _validate_X(self, X, reset: bool):
         if is_h5ad_input(X):  # streamed from disk batch by batch
             return h5ad_predict_input(self, X)
+        _check_columns(X)
         kw = dict(accept_sparse=["csr", "csc"], dtype=[np.float32, np.float64],
                   ensure_min_samples=1, reset=reset)
-        return validate_data(self, X, **kw)
+        return _check_magnitude(validate_data(self, X, **kw))
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -307,9 +308,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if is_h5ad_input(X):
             X, y = h5ad_fit_input(self, X, y)
         else:
+            _check_columns(X)
             X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"],
                                  dtype=[np.float32, np.float64], y_numeric=False,
                                  multi_output=False)
+            _check_magnitude(X)
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
@@ -447,6 +450,13 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         with torch_threads(self.n_threads), torch.no_grad():
             oom_safe_batches(X.shape[0], self.predict_batch_size, run, device=device,
                              n_genes=X.shape[1], what="predicting")
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if len(bad):  # never hand out NaN probabilities silently
+            raise FloatingPointError(
+                f"The network's output is not finite for {len(bad)} sample(s) (rows "
+                f"{bad[:5].tolist()}) with attention backend "
+                f"{module.backend(torch.empty(0, device=device)).name!r}. Scale or "
+                "log-transform X, or pass attention_backend='exact'.")
         return out
 
     def _device_for_predict(self) -> torch.device:
@@ -538,7 +548,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         module = state.pop("module_", None)
         if module is not None:
             state["_module_init"] = _module_init(module)
-            state["_module_state"] = {k: v.detach().cpu() for k, v in
+            # NumPy arrays: pickle, joblib and skops.io all read them without torch's unpickler
+            state["_module_state"] = {k: v.detach().cpu().numpy() for k, v in
                                       module.state_dict().items()}
         if "_train_state_" in state:
             ts = state["_train_state_"]
@@ -556,8 +567,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if "device_" in state:
             self.device_ = torch.device(state["device_"])
         if init is not None:
-            module = TGEMNet(**init)
-            module.load_state_dict(weights)
+            module = TGEMNet(**init, generator=torch.Generator())  # global RNG untouched
+            module.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             module.eval()
             device = getattr(self, "device_", torch.device("cpu"))
             if device.type == "cuda" and not torch.cuda.is_available():
@@ -567,6 +578,51 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 device = torch.device("cpu")
                 self.device_ = device
             self.module_ = module.to(device)
+
+
+#: Largest |value| accepted in X: T-GEM multiplies pairs of values in float32 (max ~3.4e38).
+MAX_ABS_VALUE = 1e15
+
+
+def _check_columns(X) -> None:
+    """Clear errors for a pandas DataFrame with duplicated or non-numeric gene columns."""
+    import pandas as pd
+
+    if not isinstance(X, pd.DataFrame):
+        return
+    columns = pd.Index(X.columns)
+    if columns.has_duplicates:
+        dup = columns[columns.duplicated()].unique().tolist()
+        raise ValueError(
+            f"X has {len(dup)} duplicated column name(s), e.g. {dup[:5]}; each gene must be one "
+            "column. Make the names unique, e.g. average duplicated genes with "
+            "X.T.groupby(level=0).mean().T.")
+    for i, dtype in enumerate(X.dtypes):
+        if pd.api.types.is_numeric_dtype(dtype):
+            continue
+        column = X.iloc[:, i]
+        numbers = pd.to_numeric(column.astype(object), errors="coerce")
+        bad = column[numbers.isna() & column.notna()]
+        if len(bad):
+            raise ValueError(
+                f"X's column {columns[i]!r} (dtype {dtype}) holds non-numeric values such as "
+                f"{bad.iloc[0]!r}; T-GEM needs a number for every gene. Drop or convert that "
+                "column (e.g. X.drop(columns=[...]) or pd.to_numeric).")
+
+
+def _check_magnitude(X):
+    """Refuse values whose pairwise products would overflow float32; returns ``X``."""
+    import scipy.sparse as sp
+
+    data = X.data if sp.issparse(X) else X
+    if isinstance(data, np.ndarray) and data.size:
+        peak = max(abs(float(np.max(data))), abs(float(np.min(data))))
+        if peak > MAX_ABS_VALUE:
+            raise ValueError(
+                f"X contains values as large as {peak:.3g} in absolute value; T-GEM multiplies "
+                f"pairs of values in float32, so |X| must stay below {MAX_ABS_VALUE:g}. "
+                "Log-transform the data (e.g. np.log1p of normalised counts) or scale it.")
+    return X
 
 
 def _module_init(module: TGEMNet) -> dict:

@@ -87,7 +87,10 @@ def dense_batch(X, idx, device: torch.device) -> torch.Tensor:
     rows = X[idx]
     if sp.issparse(rows):
         rows = rows.toarray()
-    return torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+    rows = np.asarray(rows, dtype=np.float32)
+    if not rows.flags.writeable:  # e.g. np.memmap(mode="r"): torch needs memory of its own
+        rows = rows.copy()
+    return torch.as_tensor(rows, device=device)
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
