@@ -1,0 +1,598 @@
+"""The safe model file: ``TGEMClassifier.save`` and ``tgem.load``, with no pickle anywhere.
+
+A tgem model file is a ZIP archive whose entries are stored uncompressed, in this order:
+
+``tgem.json``
+    UTF-8 JSON header: ``format`` (``"tgem-model"``), ``format_version``, the tgem, torch,
+    NumPy and Python versions that wrote it, the estimator's ``get_params()``, its fitted
+    attributes (``classes_`` with their exact dtype, ``n_features_in_``,
+    ``feature_names_in_``, ``history_``, ``best_epoch_``, ``attention_backend_``, the device
+    it was fitted on ...), the network's constructor arguments and a manifest of the arrays.
+``module/<name>.npy``
+    One NumPy ``.npy`` array per entry of the network's ``state_dict`` (little-endian).
+``attributes/feature_importances_.npy``
+    Only when the importances had been computed before saving.
+``SHA256``
+    The hex SHA-256 of the payload: for every other entry, in archive order, its name
+    (UTF-8), a zero byte, its length (8 bytes, little-endian) and its bytes.
+
+Why ``.npy`` and not ``torch.save``: ``torch.load(weights_only=True)`` still runs a
+(restricted) unpickler, whose safety depends on the torch version installed (it has had
+bypasses), while an ``.npy`` array without objects is a short literal header and raw bytes.
+tgem parses that header with NumPy's literal reader, refuses object dtypes and checks the
+byte count before touching the data, so nothing in a file is ever executed, and the arrays can
+be read from any language. The checksum catches corruption and accidental edits; it is not a
+signature (whoever can edit the file can recompute it): the guarantee against hostile files
+comes from the format holding only JSON and numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import platform
+import struct
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from tgem.exceptions import DeviceWarning, ModelFileError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
+
+logger = logging.getLogger(__name__)
+
+#: Value of the header's ``format`` field.
+FORMAT = "tgem-model"
+#: The format version this tgem writes; it reads this one and the ones listed in _READABLE.
+FORMAT_VERSION = 1
+_READABLE = (1,)
+
+_HEADER = "tgem.json"
+_CHECKSUM = "SHA256"
+_FEATURE_IMPORTANCES = "attributes/feature_importances_.npy"
+_ARRAY_DTYPES = {"<f2": torch.float16, "<f4": torch.float32, "<f8": torch.float64}
+_FLOAT_CODES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# Fixed entry timestamps make two saves of one model byte-identical.
+_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+# Anything a malformed archive, header or array can raise while being parsed.
+_PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+                 KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                 RecursionError, UnicodeDecodeError, RuntimeError, struct.error, zlib.error,
+                 NotImplementedError, SyntaxError, MemoryError)
+
+
+# ------------------------------------------------------------------------------- save
+def save(model, path: str | os.PathLike | IO[bytes]) -> None:
+    """Write a fitted :class:`~tgem.TGEMClassifier` to ``path`` in tgem's safe format.
+
+    The file holds JSON and plain numeric arrays only (see the module docstring and the
+    "Model files" page of the user guide), never a pickle, so :func:`tgem.load` cannot run
+    code from it. Writing goes to a temporary file in the same folder that then replaces
+    ``path``, so an interrupted save never leaves a truncated file behind. The training rows
+    are not saved. Two saves of the same model give identical bytes.
+
+    Parameters
+    ----------
+    model : TGEMClassifier
+        A fitted classifier.
+    path : str, path-like or binary file object
+        Where to write (conventionally ``*.tgem``); an existing file is replaced.
+
+    Raises
+    ------
+    sklearn.exceptions.NotFittedError
+        If ``model`` is not fitted.
+    TypeError
+        If ``model`` is not a TGEMClassifier.
+
+    See Also
+    --------
+    load : Read a model file.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib
+    >>> from tgem import TGEMClassifier
+    >>> from tgem._io import load, save
+    >>> X = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    >>> y = np.where(X[:, 0] > 0, "up", "down")
+    >>> clf = TGEMClassifier(n_layers=1, n_heads=2, max_epochs=2, random_state=0).fit(X, y)
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.tgem"
+    >>> save(clf, path)
+    >>> same = load(path)
+    >>> bool(np.array_equal(same.predict_proba(X), clf.predict_proba(X)))
+    True
+    """
+    from tgem._classifier import TGEMClassifier, _module_init
+
+    if not isinstance(model, TGEMClassifier):
+        raise TypeError(
+            f"save expects a fitted TGEMClassifier, got {type(model).__name__}. Save other "
+            "estimators with joblib or skops.")
+    check_is_fitted(model, "module_")
+    module_state = model.module_.state_dict()
+    arrays: dict[str, np.ndarray] = {
+        f"module/{key}.npy": value.detach().cpu().numpy() for key, value in module_state.items()}
+    importances = model.__dict__.get("_feature_importances")
+    if importances is not None:
+        arrays[_FEATURE_IMPORTANCES] = np.asarray(importances, dtype=np.float64)
+    blobs = {name: _npy_bytes(array) for name, array in arrays.items()}
+    header = _header(model, _module_init(model.module_), arrays)
+    header_bytes = json.dumps(header, indent=1, allow_nan=False).encode("utf-8")
+    entries = [(_HEADER, header_bytes), *blobs.items()]
+    digest = _digest(entries)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in [*entries, (_CHECKSUM, digest.encode("ascii"))]:
+            archive.writestr(zipfile.ZipInfo(name, date_time=_DATE_TIME), data)
+    _write_atomically(path, buffer.getvalue())
+    logger.info("saved %s (%d arrays, %d bytes) to %s", type(model).__name__, len(arrays),
+                buffer.tell(), path)
+
+
+def _write_atomically(path, data: bytes) -> None:
+    if hasattr(path, "write"):
+        path.write(data)
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array)
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def _digest(entries) -> str:
+    sha = hashlib.sha256()
+    for name, data in entries:
+        sha.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little"))
+        sha.update(data)
+    return sha.hexdigest()
+
+
+def _header(model, module_init: dict, arrays: dict) -> dict:
+    import sklearn
+
+    import tgem
+
+    state = getattr(model, "_train_state_", None)
+    names = getattr(model, "feature_names_in_", None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "estimator": "TGEMClassifier",
+        "versions": {"tgem": tgem.__version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                     "python": platform.python_version()},
+        "params": {k: _param_to_json(k, v) for k, v in model.get_params(deep=False).items()},
+        "fitted": {
+            "classes_": _classes_to_json(model.classes_),
+            "n_features_in_": int(model.n_features_in_),
+            "feature_names_in_": None if names is None else [str(n) for n in names],
+            "history_": [{k: _float_to_json(v) for k, v in rec.items()}
+                         for rec in model.history_],
+            "best_epoch_": None if model.best_epoch_ is None else int(model.best_epoch_),
+            "n_iter_": int(model.n_iter_),
+            "attention_backend_": str(model.attention_backend_),
+            "device_": str(model.device_),
+            "best_loss": _float_to_json(state.best_loss if state is not None else math.inf),
+            "stopped": state.stopped if state is not None else "max_epochs",
+        },
+        "module": module_init,
+        "arrays": [{"name": name, "dtype": a.dtype.newbyteorder("<").str, "shape": list(a.shape)}
+                   for name, a in arrays.items()],
+    }
+
+
+def _param_to_json(name: str, value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"parameter {name}={value!r} is not finite; it cannot be saved.")
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):  # e.g. class_weight={label: weight}; keys keep their type
+        pairs = [[_label_to_json(k), _param_to_json(name, v)] for k, v in value.items()]
+        return {"mapping": pairs}
+    if name == "random_state":
+        warnings.warn(
+            f"random_state is a {type(value).__name__}, which a model file cannot hold; it is "
+            "saved as None. Use an int random_state to keep refits repeatable.",
+            UserWarning, stacklevel=4)
+        return None
+    raise TypeError(
+        f"parameter {name}={value!r} ({type(value).__name__}) cannot be written to a model "
+        "file; set it to a number, string, bool or None before saving.")
+
+
+def _label_to_json(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if not isinstance(value, bool | int | float | str):
+        raise TypeError(f"key {value!r} ({type(value).__name__}) cannot be saved; use a str, "
+                        "int, float or bool.")
+    return value
+
+
+def _param_from_json(value):
+    if isinstance(value, dict):
+        pairs = value["mapping"]
+        if set(value) != {"mapping"} or not all(
+                isinstance(p, list) and len(p) == 2 and type(p[0]) in (bool, int, float, str)
+                for p in pairs):
+            raise ModelFileError(f"malformed mapping parameter {value!r}.")
+        return {k: _param_from_json(v) for k, v in pairs}
+    if isinstance(value, list):
+        raise ModelFileError(f"parameter value {value!r} is a list, which no parameter takes.")
+    return value
+
+
+def _float_to_json(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _classes_to_json(classes: np.ndarray) -> dict:
+    dtype = classes.dtype
+    if dtype.kind in "biuf":
+        return {"dtype": dtype.newbyteorder("<").str, "values": classes.tolist()}
+    if dtype.kind == "U":
+        return {"dtype": dtype.newbyteorder("<").str, "values": [str(c) for c in classes]}
+    if dtype.kind == "S":
+        return {"dtype": dtype.str, "values": [c.decode("latin-1") for c in classes.tolist()]}
+    if dtype.kind == "O":
+        values, types = [], []
+        for c in classes.tolist():
+            if isinstance(c, np.generic):
+                c = c.item()
+            kind = next((t for t in (bool, int, float, str) if type(c) is t), None)
+            if kind is None:
+                raise TypeError(
+                    f"class label {c!r} of type {type(c).__name__} cannot be written to a model "
+                    "file; use str, int, float or bool labels.")
+            values.append(c)
+            types.append(kind.__name__)
+        return {"dtype": "object", "values": values, "types": types}
+    raise TypeError(
+        f"classes_ of dtype {dtype} cannot be written to a model file; use str, int, float or "
+        "bool labels.")
+
+
+# ------------------------------------------------------------------------------- load
+def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
+    """Read a model written by :meth:`TGEMClassifier.save <tgem.TGEMClassifier.save>`.
+
+    Nothing in the file is executed: it is parsed as JSON and raw numeric arrays, and the
+    checksum, the format version and every array's dtype and shape are verified before the
+    model is built. No network access is needed.
+
+    Parameters
+    ----------
+    path : str, path-like or binary file object
+        The model file.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to put the network. ``"auto"`` keeps the device it was fitted on when that
+        exists here and otherwise uses the CPU, with one :class:`~tgem.exceptions.DeviceWarning`.
+
+    Returns
+    -------
+    TGEMClassifier
+        The fitted classifier; on the CPU it predicts bit for bit as the saved one did.
+        ``warm_start=True`` continues its training.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is not a tgem model file, is truncated or corrupted (wrong checksum),
+        or comes from an unknown format version. A subclass of ``ValueError``.
+    FileNotFoundError
+        If ``path`` does not exist.
+
+    See Also
+    --------
+    save : Write a model file.
+
+    Examples
+    --------
+    >>> import io, numpy as np
+    >>> from tgem import TGEMClassifier
+    >>> from tgem._io import load
+    >>> X = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    >>> clf = TGEMClassifier(n_layers=1, n_heads=2, max_epochs=2, random_state=0)
+    >>> clf = clf.fit(X, X[:, 0] > 0)
+    >>> buffer = io.BytesIO()
+    >>> clf.save(buffer)
+    >>> load(io.BytesIO(buffer.getvalue())).classes_
+    array([False,  True])
+    >>> load(io.BytesIO(b"not a model"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tgem.exceptions.ModelFileError: <file object> is not a tgem model file ...
+    """
+    from tgem._classifier import resolve_device
+
+    name = "<file object>" if hasattr(path, "read") else repr(str(path))
+    target = None if device == "auto" else resolve_device(device)
+    data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+    try:
+        header, arrays = _parse(data, name)
+        model = _build(header, arrays, name)
+    except ModelFileError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise ModelFileError(
+            f"{name} is damaged or is not a valid tgem model file ({type(exc).__name__}: "
+            f"{exc}). Re-save it from the original model.") from exc
+    _place(model, target, name)
+    return model
+
+
+def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Check the container, version and checksum; return the header and the arrays."""
+    if not data.startswith(b"PK\x03\x04"):
+        hint = ""
+        if data[:1] == b"\x80" or data[:2] == b"\x1f\x8b":
+            hint = (" It looks like a pickle/joblib file: load such files with joblib only "
+                    "when you trust their source.")
+        raise ModelFileError(
+            f"{name} is not a tgem model file (it does not start like one; tgem model files "
+            f"are ZIP archives written by TGEMClassifier.save).{hint}")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ModelFileError(
+            f"{name} is truncated or corrupted: its ZIP directory is unreadable ({exc}). "
+            "Copy the file again or re-save it from the original model.") from exc
+    infos = archive.infolist()
+    names = [info.filename for info in infos]
+    if _HEADER not in names or _CHECKSUM not in names:
+        raise ModelFileError(
+            f"{name} is a ZIP archive but not a tgem model file (it lacks {_HEADER} or "
+            f"{_CHECKSUM}; it holds {names[:5]}).")
+    if len(set(names)) != len(names):
+        raise ModelFileError(f"{name} repeats an entry name; it is not a valid tgem model file.")
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(data):
+            raise ModelFileError(
+                f"{name}: entry {info.filename!r} is compressed or larger than the file; tgem "
+                "model files store their entries uncompressed. The file was not written by "
+                "tgem or was modified.")
+    header_bytes = archive.read(_HEADER)
+    header = json.loads(header_bytes.decode("utf-8"))
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{name} is not a tgem model file: its header's format is "
+            f"{header.get('format') if isinstance(header, dict) else None!r}, "
+            f"expected {FORMAT!r}.")
+    version = header.get("format_version")
+    if type(version) is not int or version not in _READABLE:
+        import tgem
+
+        written_by = header.get("versions", {})
+        written_by = written_by.get("tgem") if isinstance(written_by, dict) else None
+        raise ModelFileError(
+            f"{name} has model format version {version!r} (written by tgem {written_by}); "
+            f"this tgem {tgem.__version__} reads format version(s) {list(_READABLE)}. "
+            "Install the tgem version that wrote the file, or a newer one.")
+    manifest = header["arrays"]
+    if not isinstance(manifest, list):
+        raise ModelFileError(f"{name}: the header's array manifest is not a list.")
+    expected = [_HEADER] + [entry["name"] for entry in manifest] + [_CHECKSUM]
+    if names != expected:
+        raise ModelFileError(
+            f"{name}: the archive's entries do not match its header's manifest "
+            f"({len(names)} entries, {len(expected)} expected). The file was modified.")
+    entries = [(n, archive.read(n)) for n in expected[:-1]]
+    stored = archive.read(_CHECKSUM).decode("ascii").strip()
+    if not hmac.compare_digest(stored, _digest(entries)):
+        raise ModelFileError(
+            f"{name} fails its SHA-256 checksum: it is corrupted or was modified after it was "
+            "written. Copy the file again or re-save it from the original model.")
+    arrays = {entry["name"]: _read_npy(blob, entry, name)
+              for entry, (_, blob) in zip(manifest, entries[1:], strict=True)}
+    return header, arrays
+
+
+def _read_npy(blob: bytes, entry: dict, name: str) -> np.ndarray:
+    """Parse one ``.npy`` entry without NumPy's pickle path, checking dtype, shape and size."""
+    fh = io.BytesIO(blob)
+    major, _ = np.lib.format.read_magic(fh)
+    if major == 1:
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    declared = (entry.get("dtype"), entry.get("shape"))
+    if dtype.str not in _ARRAY_DTYPES or declared != (dtype.str, list(shape)):
+        raise ModelFileError(
+            f"{name}: array {entry.get('name')!r} has dtype {dtype.str} and shape {shape}, the "
+            f"header says {declared}; float arrays of the declared shape are expected.")
+    count = math.prod(shape)
+    payload = blob[fh.tell():]
+    if len(payload) != count * dtype.itemsize:
+        raise ModelFileError(
+            f"{name}: array {entry.get('name')!r} holds {len(payload)} bytes, "
+            f"{count * dtype.itemsize} expected for shape {shape}.")
+    array = np.frombuffer(payload, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="))
+
+
+def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
+    """Make the classifier from a verified header and its arrays."""
+    from tgem._classifier import TGEMClassifier
+    from tgem._model import TGEMNet
+    from tgem._training import TrainState
+
+    params = header["params"]
+    unknown = sorted(set(params) - set(TGEMClassifier().get_params()))
+    if unknown:
+        raise ModelFileError(
+            f"{name} sets parameters {unknown} that this tgem does not know (written by tgem "
+            f"{header['versions'].get('tgem')}). Upgrade tgem to load it.")
+    model = TGEMClassifier(**{k: _param_from_json(v) for k, v in params.items()})
+    model._validate_params()
+    fitted = header["fitted"]
+    init = dict(header["module"])
+    module_arrays = {k[len("module/"):-len(".npy")]: v for k, v in arrays.items()
+                     if k.startswith("module/") and k.endswith(".npy")}
+    _check_module_init(init, module_arrays, name)
+    dtypes = {a.dtype for a in module_arrays.values()}
+    if len(dtypes) != 1:
+        raise ModelFileError(f"{name}: the network's arrays mix dtypes {sorted(map(str, dtypes))}.")
+    module = TGEMNet(**init, generator=torch.Generator().manual_seed(0))
+    module.to(_ARRAY_DTYPES[dtypes.pop().newbyteorder("<").str])
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()},
+                           strict=True)
+    module.eval()
+
+    classes = _classes_from_json(fitted["classes_"])
+    n_features = fitted["n_features_in_"]
+    if classes.ndim != 1 or len(classes) != module.n_classes or n_features != module.n_genes:
+        raise ModelFileError(
+            f"{name}: the header's {len(classes)} classes and {n_features} features do not "
+            f"match the network's {module.n_classes} classes and {module.n_genes} genes.")
+    model.classes_ = classes
+    model.n_features_in_ = n_features
+    names = fitted["feature_names_in_"]
+    if names is not None:
+        if len(names) != n_features or not all(isinstance(n, str) for n in names):
+            raise ModelFileError(f"{name}: feature_names_in_ is not {n_features} strings.")
+        model.feature_names_in_ = np.asarray(names, dtype=object)
+    history = [_history_record(rec) for rec in fitted["history_"]]
+    best_epoch = fitted["best_epoch_"]
+    if best_epoch is not None and type(best_epoch) is not int:
+        raise ModelFileError(f"{name}: best_epoch_ is {best_epoch!r}, an int was expected.")
+    model.module_ = module
+    model.history_ = history
+    model.n_iter_ = int(fitted["n_iter_"])
+    model.best_epoch_ = best_epoch
+    model.attention_backend_ = str(fitted["attention_backend_"])
+    model.device_ = torch.device(fitted["device_"])
+    model._train_state_ = TrainState(
+        history=history, best_state=None, best_epoch=best_epoch,
+        best_loss=float(_json_to_float(fitted["best_loss"])), stopped=str(fitted["stopped"]))
+    if _FEATURE_IMPORTANCES in arrays:
+        importances = arrays[_FEATURE_IMPORTANCES].astype(np.float64)
+        if importances.shape != (n_features,):
+            raise ModelFileError(
+                f"{name}: feature importances have shape {importances.shape}, expected "
+                f"({n_features},).")
+        model._feature_importances = importances
+    return model
+
+
+def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> None:
+    """Check the network's arguments against the arrays before building anything."""
+    from tgem._model import TGEMNet
+
+    counts = ("n_genes", "n_classes", "n_layers", "n_heads")
+    total = sum(a.size for a in arrays.values())
+    for key in counts:
+        value = init.get(key)
+        if type(value) is not int or not 1 <= value <= max(total, 1):
+            raise ModelFileError(f"{name}: network argument {key}={value!r} is not valid.")
+    if (init.get("activation") not in ("relu", "leakyrelu", "gelu", None)
+            or type(init.get("shared_norm")) is not bool
+            or not isinstance(init.get("attention_backend"), str)
+            or type(init.get("dropout")) not in (int, float) or not 0 <= init["dropout"] < 1):
+        raise ModelFileError(f"{name}: the network's arguments {init} are not valid.")
+    if init["n_layers"] * 4 > len(arrays):
+        raise ModelFileError(
+            f"{name}: the header declares {init['n_layers']} layers but the file holds "
+            f"{len(arrays)} arrays.")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in TGEMNet(**init).state_dict().items()}
+    found = {k: a.shape for k, a in arrays.items()}
+    if shapes != found:
+        diff = sorted(set(shapes.items()) ^ set(found.items()))[:4]
+        raise ModelFileError(
+            f"{name}: the network's arrays do not match its declared architecture "
+            f"(differences: {diff}).")
+
+
+def _classes_from_json(spec: dict) -> np.ndarray:
+    dtype, values = spec["dtype"], spec["values"]
+    if not isinstance(values, list):
+        raise ModelFileError("classes_ is not a list of labels.")
+    if dtype == "object":
+        kinds = {"bool": bool, "int": int, "float": float, "str": str}
+        types = spec["types"]
+        if len(types) != len(values):
+            raise ModelFileError("classes_ has a type per label missing.")
+        out = np.empty(len(values), dtype=object)
+        for i, (value, kind) in enumerate(zip(values, types, strict=True)):
+            if type(value) is not kinds[kind] and not (kind == "float" and type(value) is int):
+                raise ModelFileError(f"class label {value!r} is not of type {kind}.")
+            out[i] = kinds[kind](value)
+        return out
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biufUS":
+        raise ModelFileError(f"classes_ has unsupported dtype {dtype}.")
+    if dtype.kind == "S":
+        return np.asarray([str(v).encode("latin-1") for v in values], dtype=dtype)
+    if dtype.kind == "U" and not all(isinstance(v, str) for v in values):
+        raise ModelFileError("classes_ of a string dtype holds non-strings.")
+    if dtype.kind in "biuf" and not all(type(v) in (bool, int, float) for v in values):
+        raise ModelFileError(f"classes_ of dtype {dtype} holds non-numbers.")
+    return np.asarray(values, dtype=dtype)
+
+
+def _history_record(record) -> dict:
+    if not isinstance(record, dict):
+        raise ModelFileError(f"a history_ entry is {type(record).__name__}, not a mapping.")
+    out = {}
+    for key, value in record.items():
+        value = _json_to_float(value)
+        if type(value) not in (int, float):
+            raise ModelFileError(f"history_ value {key}={value!r} is not a number.")
+        out[str(key)] = value
+    return out
+
+
+def _json_to_float(value):
+    return _FLOAT_CODES.get(value, value) if isinstance(value, str) else value
+
+
+def _place(model, target: torch.device | None, name: str) -> None:
+    """Move the network to ``target`` or, for ``device="auto"``, to where it can run here."""
+    if target is None:
+        saved = model.device_
+        target = saved
+        if saved.type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(
+                f"{name} was fitted on {saved}, which is not available here; the model is "
+                "loaded on the CPU.", DeviceWarning, stacklevel=3)
+            target = torch.device("cpu")
+        elif saved.type == "cuda" and (saved.index or 0) >= torch.cuda.device_count():
+            target = torch.device("cuda")
+        elif saved.type not in ("cpu", "cuda"):
+            target = torch.device("cpu")
+    model.module_.to(target)
+    model.device_ = target
