@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of gene pairs kept as network edges (default: %(default)s)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="use at most this many samples of the class (default: all)")
+    p.add_argument("--top", type=int, default=20,
+                   help="hub genes printed (default: %(default)s)")
     p.add_argument("--output", "-o", type=Path, default=Path("tgem_attention_output"),
                    help="output folder (default: %(default)s)")
     p.add_argument("--fill-missing", type=float, default=None, metavar="VALUE",
@@ -323,20 +325,22 @@ def _align_to_model(model, X: pd.DataFrame, fill_value):
     except ValueError as exc:
         raise CLIError(f"{exc} (with the command: pass --fill-missing VALUE)",
                        EXIT_GENES) from exc
-    if not report.is_exact:
+    if report.missing:
         logger.warning("genes aligned to the model: %s.", report)
+    elif not report.is_exact:
+        logger.info("genes aligned to the model: %s.", report)
     return X_aligned
 
 
 def _load_model(path: Path):
-    import tgem
+    from tgem._io import load
     from tgem.exceptions import ModelFileError
 
     if not path.exists():
         raise CLIError(f"model file {str(path)!r} does not exist; train one with "
                        "`tgem train` (it writes model.tgem).")
     try:
-        return tgem.load(path)
+        return load(path)
     except ModelFileError as exc:
         raise CLIError(f"model file {str(path)!r} was refused: {exc}", EXIT_MODEL) from exc
 
@@ -532,6 +536,7 @@ def _cmd_explain(args) -> int:
 
 def _cmd_attention(args) -> int:
     from tgem import attention
+    from tgem.plotting import plot_entropy
 
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=args.target_class is not None)
@@ -540,13 +545,16 @@ def _cmd_attention(args) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     entropy = attention.attention_entropy(model, X_model, per_sample=True)
-    table = attention.entropy_table(entropy)
-    table.to_csv(out / "entropy.csv", index=False)
-    print(table.groupby(["layer", "head"])["entropy"].mean().unstack().round(3).to_string())
+    attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
+    mean = pd.DataFrame(entropy.mean(axis=0),
+                        index=pd.Index(range(entropy.shape[1]), name="layer"),
+                        columns=pd.Index(range(entropy.shape[2]), name="head"))
+    print(f"mean attention entropy per layer and head (nats; uniform attention: "
+          f"{math.log(X_model.shape[1]):.3f}):")
+    print(mean.round(3).to_string())
     written = ["entropy.csv"]
-    from tgem.plotting import plot_entropy
-
-    if _save_figure(lambda: plot_entropy(entropy), out / "entropy.png"):
+    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_model.shape[1]),
+                    out / "entropy.png"):
         written.append("entropy.png")
     if args.target_class is not None:
         if y is None:
@@ -560,14 +568,16 @@ def _cmd_attention(args) -> int:
             raise CLIError(f"no sample of DATA has the label {args.target_class!r}.")
         X_class, _ = _subsample(X_model[mask], np.asarray(y)[mask], args.max_samples, 0)
         target = model.classes_[classes.index(str(args.target_class))]
+        print(f"attention attribution of {args.target_class!r} over {len(X_class)} samples "
+              "...", flush=True)
         edges = attention.attention_network(model, X_class, target=target,
                                             top_fraction=args.top_fraction)
         name = _safe_name(args.target_class)
-        edges.to_csv(out / f"network_{name}.tsv", sep="\t", index=False)
-        hubs = attention.hub_genes(edges)
+        attention.write_edges(edges, out / f"network_{name}.tsv")
+        hubs = attention.hub_genes(edges, top=None)
         hubs.to_csv(out / f"hub_genes_{name}.csv", index=False)
-        print(f"{len(edges)} edges; top hub genes of {args.target_class}:")
-        print(hubs.head(20).to_string(index=False))
+        print(f"{len(edges)} edges; top hub genes of {args.target_class!r}:")
+        print(hubs.head(args.top).to_string(index=False))
         written += [f"network_{name}.tsv", f"hub_genes_{name}.csv"]
     print(f"wrote {', '.join(written)} to {out}/")
     return EXIT_OK
@@ -620,8 +630,10 @@ def _demo_figures(clf, X_test, y_test, args) -> list[str]:
     out = args.output
     entropy = attention.attention_entropy(clf, X_test, per_sample=True)
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
-    if _save_figure(lambda: plot_entropy(entropy), out / "entropy.png"):
-        written += ["entropy.csv", "entropy.png"]
+    written.append("entropy.csv")
+    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_test.shape[1]),
+                    out / "entropy.png"):
+        written.append("entropy.png")
     X_attr, y_attr = _subsample(X_test, y_test, 40 if args.quick else None, args.random_state)
     attributions = interpret.attribute(clf, X_attr, target=y_attr,
                                        n_steps=8 if args.quick else 50,

@@ -1,0 +1,219 @@
+"""The ``tgem`` command: exit codes, messages, the original flag names, and the outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tgem.cli import EXIT_GENES, EXIT_INPUT, EXIT_MODEL, build_parser, main
+from tgem.datasets import load_pbmc68k
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layers", "1", "--n-heads", "2", "--epoch", "2", "--learning-rate", "1e-3",
+        "--batch-size", "16", "--threads", "1"]
+
+
+def run_tgem(*args, cwd):
+    """Run the command as a user would, in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tgem.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """A small labelled CSV (3 cell types, 40 genes) and a TSV of new cells."""
+    folder = tmp_path_factory.mktemp("cli")
+    X, y = load_pbmc68k(return_X_y=True, as_frame=True)
+    keep = y.isin(["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]).to_numpy()
+    genes = ["LYZ", "CD79A", "MS4A1", "NKG7", "GNLY", "S100A8", "CST3", "FCER1G"]
+    genes += [g for g in X.columns if g not in genes][: 40 - len(genes)]
+    X, y = X.loc[keep, genes], y[keep]
+    X.join(y).to_csv(folder / "train.csv")
+    X.iloc[:, ::-1].to_csv(folder / "new.tsv", sep="\t")  # other order, no labels
+    X.drop(columns=["LYZ", "NKG7"]).to_csv(folder / "missing_genes.csv")
+    (folder / "sets.gmt").write_text("MARKERS\tdemo\tLYZ\tCD79A\tNKG7\tGNLY\tNOT_A_GENE\n"
+                                     "MORE\tdemo\tS100A8\tCST3\tMS4A1\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tables):
+    """A model trained once by ``tgem train`` (in-process), reused by the other tests."""
+    out = tables / "model_out"
+    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--test-size",
+                 "0.25", "--output", str(out), *TINY])
+    assert code == 0
+    return out
+
+
+# --- parsing: the original scripts' flags -----------------------------------------------
+
+
+def test_original_flag_names_are_aliases():
+    args = build_parser().parse_args([
+        "train", "data.csv", "--label", "y", "--head_num", "3", "--learning_rate", "0.01",
+        "--act_fun", "nan", "--batch_size", "8", "--epoch", "7", "--dropout_rate", "0.2",
+        "--do_val"])
+    assert (args.n_heads, args.learning_rate, args.activation, args.batch_size,
+            args.max_epochs, args.dropout, args.early_stopping) == (3, 0.01, None, 8, 7, 0.2,
+                                                                    True)
+    args = build_parser().parse_args(["explain", "m.tgem", "d.csv", "--label", "y", "--abs",
+                                      "--attr_method", "sg_ig"])
+    assert args.absolute is True and args.method == "ig_smoothgrad_sq"
+
+
+def test_model_flag_defaults_are_the_estimators():
+    from tgem import TGEMClassifier
+
+    args = build_parser().parse_args(["train", "d.csv", "--label", "y"])
+    defaults = TGEMClassifier().get_params()
+    for name in ("n_layers", "n_heads", "activation", "dropout", "learning_rate", "batch_size",
+                 "max_epochs", "early_stopping", "validation_fraction"):
+        assert getattr(args, name) == defaults[name], name
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "d.csv", "--label", "y", "--act_fun", "tanh"],
+    ["train", "d.csv", "--label", "y", "--dropout", "1.5"],
+    ["explain", "m", "d.csv", "--label", "y", "--attr_method", "shap"],
+    ["train", "d.csv"],  # --label is required for training
+    ["frobnicate"],
+])
+def test_bad_command_lines_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+# --- exit codes and messages, through a fresh interpreter --------------------------------
+
+
+def test_subprocess_missing_data_file_exits_2_with_the_path(tmp_path):
+    result = run_tgem("train", "nowhere.csv", "--label", "cell_type", cwd=tmp_path)
+    assert result.returncode == EXIT_INPUT
+    assert "data file 'nowhere.csv' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_subprocess_unknown_label_column_exits_2_and_suggests(tables, tmp_path):
+    result = run_tgem("train", tables / "train.csv", "--label", "celltype", cwd=tmp_path)
+    assert result.returncode == EXIT_INPUT
+    assert "label column 'celltype' is not in the columns" in result.stderr
+    assert "Did you mean 'cell_type'" in result.stderr
+
+
+def test_subprocess_mismatched_genes_exit_3_and_name_them(tables, trained, tmp_path):
+    result = run_tgem("predict", trained / "model.tgem", tables / "missing_genes.csv",
+                      cwd=tmp_path)
+    assert result.returncode == EXIT_GENES
+    assert "LYZ" in result.stderr and "NKG7" in result.stderr
+    assert "--fill-missing" in result.stderr
+
+
+def test_subprocess_missing_model_file_exits_2(tables, tmp_path):
+    result = run_tgem("predict", tmp_path / "none.tgem", tables / "new.tsv", cwd=tmp_path)
+    assert result.returncode == EXIT_INPUT
+    assert "model file" in result.stderr and "does not exist" in result.stderr
+
+
+def test_console_script_reports_its_version(tmp_path):
+    script = Path(sys.executable).with_name("tgem")
+    if not script.exists():
+        pytest.skip("the package is not installed: no console script")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("tgem ")
+
+
+# --- train / predict, in-process ------------------------------------------------------------
+
+
+def test_train_writes_model_metrics_history_and_curves(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "held-out"
+    assert metrics["n_test"] > 0 and metrics["n_train"] > metrics["n_test"]
+    for key in ("accuracy", "macro_f1", "mcc", "roc_auc"):
+        assert 0.0 <= metrics["metrics"][key] <= 1.0 or key == "mcc"
+    assert metrics["params"]["n_heads"] == 2 and metrics["params"]["max_epochs"] == 2
+    assert len(metrics["history"]) == 2 and len(metrics["genes"]) == 40
+    assert (trained / "model.tgem").exists()
+    assert len(pd.read_csv(trained / "history.csv")) == 2
+    assert (trained / "loss_curves.png").stat().st_size > 0
+
+
+def test_train_prints_scores_and_confusion_matrix(tables, tmp_path, capsys):
+    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--output",
+                 str(tmp_path / "o"), "--act_fun", "nan", "--do_val", *TINY])
+    out = capsys.readouterr().out
+    assert code == 0
+    for needle in ("accuracy", "macro-F1", "MCC", "ROC-AUC", "confusion matrix",
+                   "0=CD14+ Monocyte"):
+        assert needle in out
+    params = json.loads((tmp_path / "o" / "metrics.json").read_text())["params"]
+    assert params["activation"] is None and params["early_stopping"] is True
+
+
+def test_train_with_gene_sets_keeps_their_genes(tables, tmp_path, capsys):
+    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--gene-sets",
+                 str(tables / "sets.gmt"), "--output", str(tmp_path / "o"), *TINY])
+    assert code == 0
+    assert "kept 7 genes of 40; 1 genes of the sets are not in the data" in capsys.readouterr().out
+    genes = json.loads((tmp_path / "o" / "metrics.json").read_text())["genes"]
+    assert genes == ["LYZ", "CD79A", "MS4A1", "NKG7", "GNLY", "S100A8", "CST3"]  # data order
+
+
+def test_predict_aligns_reordered_genes_and_writes_probabilities(tables, trained, tmp_path):
+    from tgem._io import load
+
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(trained / "model.tgem"), str(tables / "new.tsv"),
+                 "--output", str(out)]) == 0
+    table = pd.read_csv(out, index_col="sample")
+    model = load(trained / "model.tgem")
+    X = pd.read_csv(tables / "train.csv", index_col=0).drop(columns="cell_type")
+    np.testing.assert_array_equal(table["predicted"], model.predict(X))
+    proba = table[[c for c in table.columns if c.startswith("proba_")]].to_numpy()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_predict_fill_missing_runs_and_labels_give_scores(tables, trained, capsys):
+    code = main(["predict", str(trained / "model.tgem"), str(tables / "missing_genes.csv"),
+                 "--fill-missing", "0"])
+    assert code == 0
+    code = main(["predict", str(trained / "model.tgem"), str(tables / "train.csv"),
+                 "--label", "cell_type"])
+    captured = capsys.readouterr()
+    assert code == 0 and "labelled data" in captured.out and "accuracy" in captured.out
+
+
+def test_predict_refuses_a_tampered_model_file_with_exit_4(tables, trained, tmp_path, capsys):
+    bad = tmp_path / "bad.tgem"
+    data = bytearray((trained / "model.tgem").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    assert main(["predict", str(bad), str(tables / "new.tsv")]) == EXIT_MODEL
+    assert "was refused" in capsys.readouterr().err
+    bad.write_bytes(b"not a model")
+    assert main(["predict", str(bad), str(tables / "new.tsv")]) == EXIT_MODEL
+
+
+def test_npz_input_and_its_label_errors(tmp_path, capsys):
+    X, y = load_pbmc68k(return_X_y=True)
+    np.savez(tmp_path / "d.npz", X=X[:90, :20], features=np.array([f"g{i}" for i in range(20)]),
+             y_type=y[:90])
+    code = main(["train", str(tmp_path / "d.npz"), "--label", "y_kind", "--output",
+                 str(tmp_path / "o"), *TINY])
+    assert code == EXIT_INPUT
+    assert "available label arrays: ['y_type']" in capsys.readouterr().err
+
+
+def test_bundled_data_refuses_another_label(tmp_path, capsys):
+    assert main(["train", "pbmc68k", "--label", "louvain", "--output", str(tmp_path)]) == 2
+    assert "pass --label cell_type" in capsys.readouterr().err
