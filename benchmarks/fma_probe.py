@@ -1,0 +1,148 @@
+"""Measure this machine's fused multiply-add throughput: the compute bound of the exact attention.
+
+The probe runs independent chains of vector FMAs in registers on every thread, with the same
+run-time dispatch (AVX-512 / AVX2+FMA / scalar) as tgem's native kernel, and reports the best of
+several repeats (other processes on the machine can only make a run slower).
+
+From it, :func:`measure_bound` derives the lowest possible time of the T-GEM workloads, by
+counting the FMA-pipe operations per gene pair and head of the native kernel:
+
+* inference forward: 8 (score, degree-6 polynomial, one accumulation; the sum of exponentials
+  and the max/round/scale steps go to other pipes),
+* training forward: 10 (two more accumulations for the query gradient),
+* backward: 10 (score, polynomial, three column accumulations).
+
+Run ``python benchmarks/fma_probe.py --threads 2`` to print the table (``--json PATH`` saves it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FMA_OPS = {"inference": 8, "train_forward": 10, "backward": 10}
+
+
+def _library():
+    from tgem import _native
+
+    if _native._LIB is None:
+        raise RuntimeError(f"tgem's native kernel is not available: {_native.native_status()}. "
+                           "Build it with `pip install -e .` (a C compiler is needed).")
+    return _native
+
+
+def probe(isa: str | None = None, threads: int | None = None, seconds: float = 0.25,
+          repeats: int = 5) -> dict:
+    """Best measured FMA throughput of one instruction-set path.
+
+    Parameters
+    ----------
+    isa : {"scalar", "avx2", "avx512"}, optional
+        Path to probe; the best supported one by default.
+    threads : int, optional
+        Threads to run; ``torch.get_num_threads()`` by default.
+    seconds : float
+        Approximate duration of one repeat.
+    repeats : int
+        Repeats; the fastest counts.
+
+    Returns
+    -------
+    dict
+        ``isa``, ``threads``, ``lanes``, ``fma_lane_ops_per_s`` (FMAs x vector lanes per second),
+        ``gflops`` (2 floating-point operations per FMA lane) and ``all_runs_s``.
+    """
+    nat = _library()
+    isa = isa or nat.supported_isas()[-1]
+    code = nat.ISAS.index(isa)
+    threads = threads or torch.get_num_threads()
+    lib = nat._LIB
+    lanes, chains = lib.tgem_isa_lanes(code), lib.tgem_probe_chains(code)
+    iters = 1 << 16
+    while True:  # calibrate to about `seconds` per repeat
+        t0 = time.perf_counter()
+        lib.tgem_fma_probe(code, threads, iters, 1.0)
+        dt = time.perf_counter() - t0
+        if dt > seconds / 4 or iters > 1 << 34:
+            break
+        iters *= 4
+    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        check = lib.tgem_fma_probe(code, threads, iters, 1.0)
+        runs.append(time.perf_counter() - t0)
+        if check != check:
+            raise RuntimeError(f"FMA probe failed for isa={isa}, threads={threads}.")
+    best = min(runs)
+    ops = iters * chains * lanes * threads
+    return {"isa": isa, "threads": threads, "lanes": lanes,
+            "fma_lane_ops_per_s": ops / best, "gflops": 2 * ops / best / 1e9,
+            "all_runs_s": runs}
+
+
+def measure_bound(genes: int = 1708, heads: int = 5, layers: int = 3, train_batch: int = 16,
+                  isa: str | None = None, threads: int | None = None) -> dict:
+    """The machine's FMA throughput and the T-GEM time bounds it implies.
+
+    Returns
+    -------
+    dict
+        The :func:`probe` result plus ``train_step_ms`` (forward + backward of a training step
+        of ``train_batch`` samples), ``inference_samples_per_s``, ``ig_sample_s`` (Integrated
+        Gradients, 50 steps: 50 training forwards and backwards and 2 inference forwards) and
+        ``fma_ops_per_pair`` (the counts used).
+
+    Examples
+    --------
+    >>> bound = measure_bound(genes=17, threads=1)  # doctest: +SKIP
+    >>> sorted(bound)[:3]  # doctest: +SKIP
+    ['all_runs_s', 'fma_lane_ops_per_s', 'fma_ops_per_pair']
+    """
+    res = probe(isa=isa, threads=threads)
+    rate = res["fma_lane_ops_per_s"]
+    pairs = heads * genes * genes * layers  # per sample
+    train = pairs * (FMA_OPS["train_forward"] + FMA_OPS["backward"]) / rate
+    infer = pairs * FMA_OPS["inference"] / rate
+    res.update({
+        "genes": genes, "heads": heads, "layers": layers, "train_batch": train_batch,
+        "fma_ops_per_pair": dict(FMA_OPS),
+        "train_step_ms": 1e3 * train * train_batch,
+        "inference_samples_per_s": 1.0 / infer,
+        "ig_sample_s": 50 * train + 2 * infer,
+    })
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--genes", type=int, default=1708)
+    parser.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None)
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+    nat = _library()
+    rows = []
+    for isa in ([args.isa] if args.isa else nat.supported_isas()):
+        rows.append(measure_bound(genes=args.genes, isa=isa, threads=args.threads))
+    print(f"{'isa':8} {'threads':>7} {'G lane-FMA/s':>13} {'GFLOP/s':>8} "
+          f"{'train ms':>9} {'infer/s':>8} {'IG s':>6}")
+    for r in rows:
+        print(f"{r['isa']:8} {r['threads']:7d} {r['fma_lane_ops_per_s'] / 1e9:13.1f} "
+              f"{r['gflops']:8.1f} {r['train_step_ms']:9.1f} "
+              f"{r['inference_samples_per_s']:8.1f} {r['ig_sample_s']:6.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The native CPU kernel (tgem._native): agreement with the reference, dispatch, determinism.
+
+With ``TGEM_REQUIRE_NATIVE=1`` (CI) a kernel that is not built or cannot load makes these tests
+fail instead of skipping. ``TGEM_DISABLE_NATIVE=1`` (the forced-fallback CI run) skips the
+kernel tests and keeps the fallback tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+from tgem import _native as nat
+from tgem._attention import (
+    backend_status,
+    exact_backward,
+    exact_forward,
+    reference_attention,
+    resolve_backend,
+)
+
+REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def needs_native() -> None:
+    """Skip (or, under TGEM_REQUIRE_NATIVE=1, fail) when the kernel cannot run."""
+    if nat._LIB is None:
+        msg = f"native kernel not loaded: {nat.native_status()}"
+        if REQUIRE:
+            pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {msg}")
+        pytest.skip(msg)
+    if nat._disabled():
+        pytest.skip(nat._disabled())
+
+
+@pytest.fixture(params=nat.ISAS)
+def isa(request):
+    """Each instruction-set path the processor supports, forced for the test."""
+    needs_native()
+    if request.param not in nat.supported_isas():
+        pytest.skip(f"this CPU does not support the {request.param} path")
+    previous = nat.set_isa(request.param)
+    yield request.param
+    nat.set_isa(previous)
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's thread count after a test changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(genes: int, case: str, batch: int = 2, heads: int = 2, seed: int = 0):
+    """float64 (q, k, v, upstream gradient) built like the model builds them: x_i * W_i."""
+    gen = torch.Generator().manual_seed(seed + genes)
+    x = torch.randn(batch, 1, genes, generator=gen, dtype=torch.float64).abs() * 2.0
+    std = math.sqrt(2.0 / (genes + 1))  # Xavier-normal of a (heads, genes, 1) weight
+    w = torch.randn(3, heads, genes, generator=gen, dtype=torch.float64) * std
+    if case == "large":  # |q k| up to a few hundred: a sharp softmax
+        w = torch.randn(3, heads, genes, generator=gen, dtype=torch.float64) * 3.0
+        x = x * 3.0
+    elif case == "equal":  # every gene has the same expression
+        x = torch.full_like(x, 1.7)
+    elif case == "constant":  # q = k = v = 1: the uniform softmax
+        x, w = torch.ones_like(x), torch.ones_like(w)
+    q, k, v = (x * w[i] for i in range(3))
+    grad = torch.randn(batch, heads, genes, generator=gen, dtype=torch.float64)
+    return q, k, v, grad
+
+
+def _run(fn, q, k, v, grad, dtype):
+    """Output and input gradients of ``fn`` in ``dtype``, returned in float64."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    return [t.detach().double() for t in (out, *grads)]
+
+
+@functools.lru_cache(maxsize=16)
+def _references(genes: int, case: str, batch: int, heads: int):
+    q, k, v, grad = _inputs(genes, case, batch, heads)
+    ref64 = _run(reference_attention, q, k, v, grad, torch.float64)
+    ref32 = _run(reference_attention, q, k, v, grad, torch.float32)
+    return (q, k, v, grad), ref64, ref32
+
+
+def _check_against_reference(genes: int, case: str, batch: int = 2, heads: int = 2):
+    (q, k, v, grad), ref64, ref32 = _references(genes, case, batch, heads)
+    got = _run(nat.native_attention, q, k, v, grad, torch.float32)
+    for name, g32, r32, r64 in zip(("out", "dq", "dk", "dv"), got, ref32, ref64):
+        assert torch.isfinite(g32).all(), name
+        err = (g32 - r64).abs().max().item()
+        ref_err = (r32 - r64).abs().max().item()
+        # twice the plain float32 formulation's own error, plus two ulp of the quantity's
+        # scale for the tiny cases where that formulation happens to be exact
+        allowed = 2.0 * ref_err + 2.0 * EPS32 * r64.abs().max().item()
+        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g} " \
+                               f"(float32 reference error {ref_err:.3g}) at G={genes}, {case}"
+
+
+@pytest.mark.parametrize("genes", [1, 2, 17, 1708])
+@pytest.mark.parametrize("case", ["normal", "large", "equal"])
+def test_native_matches_reference_forward_and_gradients(isa, genes, case):
+    _check_against_reference(genes, case)
+
+
+def test_native_uniform_softmax_gives_exact_mean(isa):
+    """q = k = v = 1: every row is uniform, out_i = (G - 1) / G."""
+    _check_against_reference(17, "constant")
+    q = k = v = torch.ones(1, 1, 17)
+    out = nat.native_attention(q, k, v)
+    torch.testing.assert_close(out, torch.full_like(out, 16 / 17), rtol=2 * EPS32, atol=0)
+
+
+@pytest.mark.slow
+def test_native_matches_reference_at_5000_genes(isa):
+    _check_against_reference(5000, "normal", batch=1, heads=1)
+
+
+@pytest.mark.parametrize("genes", [1, 17, 300])
+def test_native_forward_backward_match_exact_path_outputs(isa, genes):
+    """Same outputs as exact_forward / exact_backward (the row maximum to one rounding)."""
+    q, k, v, grad = (t.reshape(-1, genes) for t in _inputs(genes, "normal", batch=3))
+    q32, k32, v32, g32 = (t.float().contiguous() for t in (q, k, v, grad))
+    got = nat.native_forward(q32, k32, v32, need_grad=True)
+    ref = exact_forward(q, k, v, need_grad=True)
+    torch.testing.assert_close(got[1], exact_forward(q32, k32, v32, need_grad=False)[1],
+                               rtol=2 * EPS32, atol=0)
+    for name, a, b in zip(("out", "m2", "inv_z", "e_diag", "t"), got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6, msg=name)
+    dgot = nat.native_backward(q32, k32, v32, *got[1:4], got[0], got[4], g32)
+    dref = exact_backward(q, k, v, *ref[1:4], ref[0], ref[4], grad)
+    for name, a, b in zip(("dq", "dk", "dv"), dgot, dref):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_native_results_do_not_depend_on_thread_count(isa, threads):
+    q, k, v, grad = (t.float() for t in _inputs(300, "normal", batch=3, heads=5))
+    results = []
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        results.append(_run(nat.native_attention, q, k, v, grad, torch.float32))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_native_paths_agree_with_each_other():
+    needs_native()
+    q, k, v, grad = _inputs(100, "normal", batch=2, heads=3)
+    results = {}
+    for name in nat.supported_isas():
+        previous = nat.set_isa(name)
+        try:
+            results[name] = _run(nat.native_attention, q, k, v, grad, torch.float32)
+        finally:
+            nat.set_isa(previous)
+    first = results[nat.supported_isas()[0]]
+    for other in results.values():
+        for a, b in zip(first, other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_does_not_modify_inputs_and_accepts_views(isa):
+    q, k, v, grad = (t.float() for t in _inputs(33, "normal"))
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous view
+    before = [t.clone() for t in (q_t, k, v)]
+    out = nat.native_attention(q_t, k, v)
+    for a, b in zip(before, (q_t, k, v)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_native_double_backward_raises(isa):
+    q, k, v = (t.float().requires_grad_(True) for t in _inputs(5, "normal")[:3])
+    (dq,) = torch.autograd.grad(nat.native_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+
+
+# ----------------------------------------------------------------------------- exp2
+def _all_float32_samples(n: int = 1 << 20) -> torch.Tensor:
+    """Random bit patterns over every float32 (finite, inf, NaN) plus a dense grid."""
+    gen = torch.Generator().manual_seed(1)
+    bits = torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, dtype=torch.int64)
+    anything = bits.to(torch.int32).view(torch.float32)
+    grid = torch.linspace(-160.0, 130.0, 1 << 20, dtype=torch.float32)
+    fine = torch.linspace(-1.0, 1.0, 1 << 16, dtype=torch.float32)
+    return torch.cat([anything, grid, fine])
+
+
+def test_exp2_accuracy_over_the_whole_float_range(isa):
+    y = _all_float32_samples()
+    got = nat.native_exp2(y).double()
+    exact = torch.exp2(y.double())
+    tiny = torch.finfo(torch.float32).tiny  # 2^-126
+    normal = (exact >= tiny) & (y < 127.99)
+    rel = ((got[normal] - exact[normal]) / exact[normal]).abs().max().item()
+    assert rel <= 2 * EPS32, f"max relative error {rel:.3g} > 2 ulp"
+    sub = exact < tiny  # gradual underflow, then 0
+    abs_err = (got[sub] - exact[sub]).abs().max().item()
+    assert abs_err <= 2.0**-149, f"max absolute error {abs_err:.3g} in the subnormal range"
+    assert (got[y <= -151] == 0).all()
+    assert torch.isinf(got[y >= 128]).all()
+    assert torch.isnan(got[torch.isnan(y)]).all()
+
+
+def test_exp2_special_values_and_exact_powers(isa):
+    special = torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0, -0.0, -1e30, 1e30])
+    got = nat.native_exp2(special)
+    assert got[0] == 0 and torch.isinf(got[1]) and torch.isnan(got[2])
+    assert got[3] == 1 and got[4] == 1 and got[5] == 0 and torch.isinf(got[6])
+    ints = torch.arange(-149, 128, dtype=torch.float32)
+    assert torch.equal(nat.native_exp2(ints).double(), torch.exp2(ints.double()))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_native_is_the_auto_backend_for_cpu_float32():
+    needs_native()
+    assert resolve_backend("auto", "cpu", torch.float32).name == "native"
+    assert backend_status("cpu")["native"] is None
+    assert "native kernel" in nat.native_status()
+
+
+def test_float64_falls_back_to_the_exact_path():
+    assert resolve_backend("auto", "cpu", torch.float64).name == "exact"
+    with pytest.raises(ValueError, match="float64"):
+        resolve_backend("native", "cpu", torch.float64)
+
+
+def test_disabled_native_falls_back_to_exact(monkeypatch):
+    monkeypatch.setenv("TGEM_DISABLE_NATIVE", "1")
+    assert resolve_backend("auto", "cpu", torch.float32).name == "exact"
+    assert "TGEM_DISABLE_NATIVE" in backend_status("cpu")["native"]
+    assert "disabled" in nat.native_status()
+
+
+def test_missing_library_is_reported_and_falls_back(monkeypatch):
+    lib, path, reason = nat._open_library("/nonexistent/_tgem_kernels.so")
+    assert lib is None and "could not be loaded" in reason
+    monkeypatch.setattr(nat, "_LIB", None)
+    monkeypatch.setattr(nat, "_LOAD_ERROR", "extension not built (test)")
+    assert resolve_backend("auto", "cpu", torch.float32).name == "exact"
+    assert "extension not built" in nat.native_status()
+    with pytest.raises(RuntimeError, match="cannot run"):
+        nat.native_attention(*torch.ones(3, 1, 1, 4))
+
+
+def test_isa_forced_by_environment(monkeypatch):
+    needs_native()
+    q, k, v, grad = (t.float() for t in _inputs(40, "normal"))
+    previous = nat.set_isa("scalar")
+    try:
+        by_function = nat.native_attention(q, k, v)
+    finally:
+        nat.set_isa(previous)
+    monkeypatch.setenv("TGEM_NATIVE_ISA", "scalar")
+    assert "forced by TGEM_NATIVE_ISA" in nat.native_status()
+    assert torch.equal(nat.native_attention(q, k, v), by_function)
+
+
+def test_unusable_isa_request_makes_backend_unavailable(monkeypatch):
+    needs_native()
+    monkeypatch.setenv("TGEM_NATIVE_ISA", "neon")
+    reason = backend_status("cpu")["native"]
+    assert "TGEM_NATIVE_ISA" in reason and "neon" in reason
+    assert resolve_backend("auto", "cpu").name == "exact"
+    with pytest.raises(RuntimeError, match="TGEM_NATIVE_ISA"):
+        nat.native_attention(*torch.ones(3, 1, 1, 4))
+    with pytest.raises(ValueError, match="neon"):
+        nat.set_isa("neon")
