@@ -86,43 +86,54 @@ def _block_rows(batch_heads: int, genes: int, block_elements: int | None = None)
 LOG2E = 1.4426950408889634
 
 
+def scaled_queries(q: torch.Tensor) -> torch.Tensor:
+    """``q * log2(e)`` as (N, G, K) terms whose sum is the scaled query.
+
+    In float32 it is the pair (hi, lo) with ``hi = fl(q log2 e)`` and ``lo`` the rounding
+    error: a single float32 ``log2 e`` would bias every exponent the same way, and those
+    errors add up coherently in the sums (seen as twice the plain formulation's error in
+    the key gradients). In float64 the single term is exact enough.
+    """
+    hi = q * LOG2E
+    if q.dtype == torch.float64:
+        return hi.unsqueeze(-1)
+    lo = (q.double() * LOG2E - hi.double()).to(q.dtype)
+    return torch.stack([hi, lo], dim=-1)
+
+
+def scaled_row_max(q2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Row maxima of the base-2 scores ``sum_K q2[..., K] * k_j`` in closed form."""
+    kmax = k.amax(dim=-1, keepdim=True).unsqueeze(-1)
+    kmin = k.amin(dim=-1, keepdim=True).unsqueeze(-1)
+    return torch.where(q2[..., 0] >= 0, (q2 * kmax).sum(-1), (q2 * kmin).sum(-1))
+
+
 def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, offset: int,
                 shift_on_rows: bool) -> torch.Tensor:
-    """2 ** (rows_r * cols_c - shift) for one block, with the gene's own entry set to zero.
+    """2 ** (sum_K rows[r, K] * cols[K, c] - shift) for one block, own entries zeroed.
 
-    ``rows`` is (N, r) and ``cols`` (N, G); the entry (r, offset + r) is the diagonal of the
-    full matrix. ``shift`` is (N, r) when it belongs to the rows (forward: query rows) and
-    (N, G) when it belongs to the columns (backward: rows are keys, columns are queries).
-    Base 2 because ``exp2`` is several times faster than ``exp`` on CPUs; queries arrive
-    pre-scaled by log2(e).
+    ``rows`` is (N, r, K) and ``cols`` (N, K, G); the entry (r, offset + r) is the diagonal
+    of the full matrix. ``shift`` is (N, r) when it belongs to the rows (forward: query rows)
+    and (N, G) when it belongs to the columns (backward: rows are keys, columns queries).
+    Base 2 because ``exp2`` is several times faster than ``exp`` on CPUs; the queries come
+    pre-scaled by log2(e) as :func:`scaled_queries` terms.
     """
     shift = shift.unsqueeze(-1) if shift_on_rows else shift.unsqueeze(-2)
-    if rows.device.type == "cpu":
-        e = torch.baddbmm(-shift, rows.unsqueeze(-1), cols.unsqueeze(-2))
-    else:
-        e = rows.unsqueeze(-1) * cols.unsqueeze(-2) - shift
-    e = e.exp2_()
+    e = torch.baddbmm(-shift, rows, cols).exp2_()
     e.diagonal(offset=offset, dim1=-2, dim2=-1).zero_()
     return e
 
 
-def peak_shifts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Key and value at each row's score peak, used to centre the gradient sums.
+def _shift_candidates(q, k, v):
+    """Candidate (key, value) shifts per row: at the largest key, at the smallest, the means.
 
-    Rows with ``q_i >= 0`` peak at the largest key, rows with ``q_i < 0`` at the smallest.
-    Returns ``pos`` (N, G) bool and the per-row (N, 1) shifts ``a_pos, b_pos, a_neg, b_neg``
-    (key and value at argmax k, and at argmin k).
-
-    The query and key gradients are covariances under the attention distribution
-    (``sum_j A_ij (v_j - out_i) k_j``); written as differences of plain sums they cancel
-    catastrophically when the softmax is sharp. Shifting ``k`` and ``v`` by their values at
-    the peak leaves the gradients unchanged (``sum_j A_ij ([j != i] v_j - out_i) = 0``) and
-    makes every term of the sums small exactly when cancellation would be large.
+    Each is (N, 1); stacked to (N, 3) for keys and values.
     """
     jmax = k.argmax(-1, keepdim=True)
     jmin = k.argmin(-1, keepdim=True)
-    return (q >= 0, k.gather(-1, jmax), v.gather(-1, jmax), k.gather(-1, jmin),
-            v.gather(-1, jmin))
+    a = torch.cat([k.gather(-1, jmax), k.gather(-1, jmin), k.mean(-1, keepdim=True)], -1)
+    b = torch.cat([v.gather(-1, jmax), v.gather(-1, jmin), v.mean(-1, keepdim=True)], -1)
+    return a, b
 
 
 def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
@@ -130,61 +141,76 @@ def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
 
     Returns ``out, m2, inv_z, e_diag, t``: the output, the base-2 row maxima, 1/Z, the
     diagonal exponentials and, when ``need_grad``, ``t`` with ``dq = grad * t``.
+
     The diagonal is excluded inside the sums (not subtracted afterwards), so a softmax that
-    peaks on the gene itself loses no precision; the gradient sums are centred at the peak
-    (:func:`peak_shifts`).
+    peaks on the gene itself loses no precision. The query gradient is a covariance under
+    the attention distribution, ``sum_j A_ij ([j != i] v_j - out_i) k_j``; written as a
+    difference of plain sums it cancels when ``out_i`` and the mean key are large next to
+    the spread. Shifting ``k`` by ``a`` and ``v`` by ``b`` leaves it unchanged (the weights
+    ``A_ij ([j != i] v_j - out_i)`` sum to zero over j), so the sums are accumulated for
+    three candidate shifts (the values at the largest key, at the smallest key — where sharp
+    rows peak for q >= 0 and q < 0 — and the means, for flat rows) and each row keeps the
+    one whose subtracted term is smallest.
     """
     n, g = q.shape
-    q2 = q * LOG2E
-    m2 = row_max(q2, k)
+    q2 = scaled_queries(q)  # (N, G, K)
+    m2 = scaled_row_max(q2, k)
+    k_cols = k.unsqueeze(1).expand(n, q2.shape[-1], g)
     cols = [torch.ones_like(v), v]
     if need_grad:
-        pos, a_pos, b_pos, a_neg, b_neg = peak_shifts(q, k, v)
-        kp, kn = k - a_pos, k - a_neg
-        cols += [(v - b_pos) * kp, kp, (v - b_neg) * kn, kn]
+        a, b = _shift_candidates(q, k, v)
+        for c in range(3):
+            kc = k - a[:, c:c + 1]
+            cols += [(v - b[:, c:c + 1]) * kc, kc]
     rhs_t = torch.stack(cols, dim=1)  # (N, c, G): the transposed view is what BLAS likes
     sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
-        e = _exp2_block(q2[:, i0:i1], k, m2[:, i0:i1], i0, shift_on_rows=True)
+        e = _exp2_block(q2[:, i0:i1], k_cols, m2[:, i0:i1], i0, shift_on_rows=True)
         sums[:, i0:i1] = torch.bmm(e, rhs_t.mT)
-    e_diag = torch.exp2(q2 * k - m2)
+    e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
     z = sums[..., 0] + e_diag
     inv_z = z.reciprocal()
     out = sums[..., 1] * inv_z
     t = None
     if need_grad:
-        p = torch.where(pos, sums[..., 2], sums[..., 4])
-        kk = torch.where(pos, sums[..., 3], sums[..., 5])
-        a = torch.where(pos, a_pos, a_neg)
-        b = torch.where(pos, b_pos, b_neg)
-        t = (p - (out - b) * kk - e_diag * out * (k - a)) * inv_z
+        p, kk = sums[..., 2::2], sums[..., 3::2]  # (N, G, 3) per candidate shift
+        sub = (out.unsqueeze(-1) - b.unsqueeze(1)) * kk
+        best = sub.abs().argmin(-1, keepdim=True)
+        pick = (p - sub).gather(-1, best).squeeze(-1)
+        a_i = a.gather(-1, best.squeeze(-1))
+        t = (pick - e_diag * out * (k - a_i)) * inv_z
     return out, m2, inv_z, e_diag, t
 
 
 def exact_backward(q, k, v, m2, inv_z, e_diag, out, t, grad, block_elements: int | None = None):
-    """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors."""
+    """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors.
+
+    ``dk_j = sum_{i != j} A_ij g_i q_i (v_j - out_i) - A_jj g_j q_j out_j`` is centred like
+    the query gradient: each query i is assigned the candidate value ``c_i`` closest to
+    ``out_i`` and the sum is split as ``sum_c (v_j - c) S_c - sum_i A_ij g_i q_i (out_i - c_i)``.
+    """
     n, g = q.shape
-    q2 = q * LOG2E
-    pos, _, b_pos, _, b_neg = peak_shifts(q, k, v)
+    q2 = scaled_queries(q).transpose(1, 2)  # (N, K, G)
+    k_rows = k.unsqueeze(-1).expand(n, g, q2.shape[1])
+    _, b = _shift_candidates(q, k, v)
     w1 = grad * inv_z
     w2 = w1 * q
-    zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    w2_pos = torch.where(pos, w2, zero)
-    w2_neg = w2 - w2_pos
-    w3 = w2 * (out - torch.where(pos, b_pos, b_neg))
-    rhs_t = torch.stack([w1, w2_pos, w2_neg, w3], dim=1)  # (N, 4, G), indexed by query i
-    sums = torch.empty(n, g, 4, dtype=q.dtype, device=q.device)
+    group = (out.unsqueeze(-1) - b.unsqueeze(1)).abs().argmin(-1)  # (N, G) candidate per query
+    c_i = b.gather(-1, group)
+    cols = [w1] + [torch.where(group == c, w2, 0.0) for c in range(3)] + [w2 * (out - c_i)]
+    rhs_t = torch.stack(cols, dim=1)  # (N, 5, G), indexed by query i
+    sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for j0 in range(0, g, step):
         j1 = min(g, j0 + step)
         # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i)
-        e = _exp2_block(k[:, j0:j1], q2, m2, j0, shift_on_rows=False)
+        e = _exp2_block(k_rows[:, j0:j1], q2, m2, j0, shift_on_rows=False)
         sums[:, j0:j1] = torch.bmm(e, rhs_t.mT)
     dq = grad * t
-    dk = ((v - b_pos) * sums[..., 1] + (v - b_neg) * sums[..., 2] - sums[..., 3]
-          - e_diag * w2 * out)
+    dk = sum((v - b[:, c:c + 1]) * sums[..., 1 + c] for c in range(3))
+    dk = dk - sums[..., 4] - e_diag * w2 * out
     dv = sums[..., 0]
     return dq, dk, dv
 

@@ -1,0 +1,367 @@
+"""Speed, memory and accuracy of T-GEM's attention backends.
+
+For each number of genes and each backend, one fresh process per configuration measures:
+
+* ``train_s``: one training step (forward, backward, Adam) of the full model, batch 16,
+  3 layers, 5 heads (median of repeats, after a warm-up step);
+* ``infer_sps``: inference samples per second at batch 64;
+* ``ig_s``: Integrated Gradients for one sample at 50 steps (forward + backward over the 50
+  interpolated inputs, as one batch);
+* ``train_mem_mb`` / ``infer_mem_mb``: peak resident set minus the resident set right after
+  imports and model construction (Linux ``ru_maxrss``; on CUDA: peak allocated GPU memory).
+
+The reference formulation is run only where its predicted size is under half of the
+machine's memory; otherwise the table says how much it would need. The accuracy section
+compares every path's float32 error in log-probabilities and in all gradients against a
+float64 computation with the plain formulation's own float32 error. It prints tables and
+writes JSON; it never asserts a time.
+
+Usage::
+
+    python benchmarks/bench_attention.py                  # full CPU run (about an hour)
+    python benchmarks/bench_attention.py --quick          # CI smoke run (seconds)
+    python benchmarks/bench_attention.py --device cuda --genes 1708 22283 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# bytes per (batch x heads x genes^2) element kept by the plain formulation during a training
+# step: scores, softmax and masked softmax per layer (3 layers) plus autograd temporaries,
+# fitted to the original's measured 6.4 GB at 1708 genes, batch 16, 5 heads.
+REFERENCE_BYTES_PER_PAIR = 28
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def total_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def reference_need_gb(genes: int, batch: int, heads: int = 5) -> float:
+    return REFERENCE_BYTES_PER_PAIR * batch * heads * genes * genes / 2**30
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------- worker
+def worker(args) -> dict:
+    """Run one (backend, genes, mode) configuration in this process and return its figures."""
+    import torch
+
+    from tgem._model import TGEMNet
+
+    torch.set_num_threads(args.threads)
+    genes = args.genes[0]
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    net = TGEMNet(genes, 34, n_layers=3, n_heads=5, dropout=0.3,
+                  attention_backend=args.backend, generator=gen).to(device)
+    backend_name = net.backend(torch.empty(0, device=device)).name
+    batch = args.batch if args.mode == "train" else args.infer_batch
+    if args.mode == "ig":
+        batch = 50
+    x = (torch.rand(batch, genes, generator=gen) * 4).to(device)
+    y = torch.randint(0, 34, (batch,), generator=gen).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def train_step():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.nll_loss(net(x), y)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def infer():
+        net.eval()
+        net(x)
+
+    def ig_sample():
+        # 50 interpolated inputs of one sample, forward + backward of the target log-prob
+        net.eval()
+        alphas = torch.linspace(0.02, 1.0, 50, device=device)[:, None]
+        xi = (alphas * x[:1]).requires_grad_(True)
+        out = net(xi)[:, int(y[0])].sum()
+        (grad,) = torch.autograd.grad(out, xi)
+        return grad
+
+    fn = {"train": train_step, "infer": infer, "ig": ig_sample}[args.mode]
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = _rss_mb()
+    fn()  # warm-up (also allocates the working set)
+    sync()
+    times = []
+    deadline = time.perf_counter() + args.budget_s
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20) if cuda else _peak_mb()
+    t = statistics.median(times)
+    return {"backend": backend_name, "genes": genes, "mode": args.mode, "batch": batch,
+            "seconds": t, "best_seconds": min(times), "repeats": len(times),
+            "mem_mb": peak - base}
+
+
+# ------------------------------------------------------------------------------- accuracy
+def accuracy_rows(genes_list, backends, device) -> list[dict]:
+    """float32 error of each path against float64, next to the plain float32 error."""
+    import torch
+
+    from tgem._attention import resolve_backend
+    from tgem._model import TGEMNet
+
+    rows = []
+    for genes in genes_list:
+        gen = torch.Generator().manual_seed(genes)
+        x = torch.rand(4, genes, generator=gen, dtype=torch.float64) * 4
+        y = torch.randint(0, 10, (4,), generator=gen)
+        base = TGEMNet(genes, 10, dropout=0.0, attention_backend="reference", generator=gen)
+        state = {k: v.double() for k, v in base.state_dict().items()}
+
+        def run(backend, dtype, dev):
+            net = TGEMNet(genes, 10, dropout=0.0, attention_backend=backend).to(dev, dtype)
+            net.load_state_dict({k: v.to(dev, dtype) for k, v in state.items()})
+            xi = x.to(dev, dtype).requires_grad_(True)
+            lp = net(xi)
+            loss = torch.nn.functional.nll_loss(lp, y.to(dev))
+            grads = torch.autograd.grad(loss, [xi, *net.parameters()])
+            return [lp.detach().double().cpu()] + [g.double().cpu() for g in grads]
+
+        exact64 = run("reference", torch.float64, "cpu")
+        ref32 = run("reference", torch.float32, device)
+        for name in backends:
+            try:
+                resolve_backend(name, device, torch.float32)
+            except ValueError:
+                continue
+            p32 = ref32 if name == "reference" else run(name, torch.float32, device)
+            errs = [float((a - b).abs().max()) for a, b in zip(p32, exact64)]
+            refs = [float((a - b).abs().max()) for a, b in zip(ref32, exact64)]
+            ratio = max((e / r) if r > 0 else (0.0 if e == 0 else float("inf"))
+                        for e, r in zip(errs, refs))
+            rows.append({"genes": genes, "backend": name, "logprob_err": errs[0],
+                         "reference_logprob_err": refs[0], "input_grad_err": errs[1],
+                         "max_param_grad_err": max(errs[2:]), "worst_ratio_to_reference": ratio})
+            if name != "reference":
+                try:
+                    resolve_backend(name, "cpu", torch.float64)
+                    p64 = run(name, torch.float64, "cpu")
+                except ValueError:  # float32-only kernels
+                    p64 = None
+                if p64 is not None:
+                    rows[-1]["float64_max_diff"] = max(
+                        float((a - b).abs().max()) for a, b in zip(p64, exact64))
+    return rows
+
+
+# ------------------------------------------------------------------------------- driver
+def run_config(args, backend, genes, mode) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--genes", str(genes),
+           "--mode", mode, "--threads", str(args.threads), "--device", args.device,
+           "--batch", str(args.batch), "--infer-batch", str(args.infer_batch),
+           "--repeats", str(args.repeats), "--budget-s", str(args.budget_s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    if proc.returncode != 0:
+        return {"backend": backend, "genes": genes, "mode": mode,
+                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def available_backends(device) -> list[str]:
+    import torch
+
+    from tgem._attention import backend_status
+
+    status = backend_status(device, torch.float32)
+    return [name for name, reason in status.items()
+            if reason is None and not name.startswith("tgem.")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--genes", type=int, nargs="+", default=[765, 1708, 5000, 12625, 22283])
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="default: every backend available on the device")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--infer-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="stop repeating a configuration after this many seconds")
+    p.add_argument("--timeout-s", type=float, default=3600.0)
+    p.add_argument("--modes", nargs="+", default=["train", "infer", "ig"])
+    p.add_argument("--accuracy-genes", type=int, nargs="*", default=[17, 765, 1708])
+    p.add_argument("--quick", action="store_true", help="CI smoke run: small sizes only")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="exact", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="train", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        sys.stdout.write(json.dumps(worker(args)) + "\n")
+        return 0
+    if args.quick:
+        args.genes, args.accuracy_genes, args.repeats = [64, 200], [17], 1
+        args.batch, args.infer_batch = 4, 8
+
+    import torch
+
+    import tgem
+
+    backends = args.backends or available_backends(args.device)
+    if "reference" not in backends:
+        backends = ["reference", *backends]
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+               "memory_gb": round(total_memory_gb(), 1), "torch": torch.__version__,
+               "tgem": tgem.__version__, "device": args.device,
+               "date": time.strftime("%Y-%m-%d")}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    bound = None
+    if args.device == "cpu":
+        try:
+            sys.path.insert(0, str(HERE))
+            from fma_probe import measure_bound
+
+            bound = measure_bound(threads=args.threads)
+        except Exception as exc:  # the probe is informative; its absence is reported
+            bound = {"error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(f"machine: {json.dumps(machine)}\nbound: {json.dumps(bound)}\n")
+
+    rows = []
+    half = total_memory_gb() / 2
+    for genes in args.genes:
+        for backend in backends:
+            if backend == "reference" and args.device == "cpu":
+                need = reference_need_gb(genes, max(args.batch, args.infer_batch))
+                if need > half:
+                    rows.append({"backend": backend, "genes": genes,
+                                 "error": f"does not fit, would need {need:.0f} GB"})
+                    continue
+            res = {"backend": backend, "genes": genes}
+            for mode in args.modes:
+                r = run_config(args, backend, genes, mode)
+                if "error" in r:
+                    res["error"] = r["error"]
+                    break
+                res["backend"] = r["backend"]
+                if mode == "train":
+                    res.update(train_s=r["seconds"], train_mem_mb=r["mem_mb"])
+                elif mode == "infer":
+                    res.update(infer_sps=r["batch"] / r["seconds"], infer_mem_mb=r["mem_mb"])
+                else:
+                    res.update(ig_s=r["seconds"], ig_mem_mb=r["mem_mb"])
+            rows.append(res)
+            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.flush()
+    _add_ratios(rows)
+    acc = accuracy_rows(args.accuracy_genes, backends, args.device)
+    report = {"machine": machine, "bound": bound, "speed": rows, "accuracy": acc,
+              "memory_slope_mb_per_gene": _slopes(rows), "args": vars(args)}
+    sys.stdout.write("\n" + format_tables(report) + "\n")
+    out = Path(args.out) if args.out else RESULTS / (
+        f"attention_{'quick_' if args.quick else ''}{args.device.replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    sys.stdout.write(f"\nwrote {out}\n")
+    return 0
+
+
+def _add_ratios(rows):
+    ref = {r["genes"]: r for r in rows if r["backend"] == "reference" and "train_s" in r}
+    for r in rows:
+        base = ref.get(r["genes"])
+        if base and "train_s" in r and r["backend"] != "reference":
+            r["train_speedup_vs_reference"] = base["train_s"] / r["train_s"]
+            r["train_mem_ratio_vs_reference"] = base["train_mem_mb"] / max(r["train_mem_mb"], 1e-9)
+
+
+def _slopes(rows) -> dict:
+    """Least-squares slope of training peak memory against genes, per backend (MB/gene)."""
+    out = {}
+    for backend in {r["backend"] for r in rows}:
+        pts = [(r["genes"], r["train_mem_mb"]) for r in rows
+               if r["backend"] == backend and "train_mem_mb" in r]
+        if len(pts) >= 2:
+            mg = statistics.fmean(g for g, _ in pts)
+            mm = statistics.fmean(m for _, m in pts)
+            den = sum((g - mg) ** 2 for g, _ in pts)
+            out[backend] = sum((g - mg) * (m - mm) for g, m in pts) / den if den else None
+    return out
+
+
+def format_tables(report) -> str:
+    lines = ["| genes | backend | train step (s) | train peak MB | inference samples/s | "
+             "infer peak MB | IG s/sample | speed-up vs reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["speed"]:
+        if "error" in r:
+            lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | |")
+            continue
+
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else ""
+
+        lines.append(
+            f"| {r['genes']} | {r['backend']} | {f('train_s', '.3f')} | "
+            f"{f('train_mem_mb', '.0f')} | {f('infer_sps', '.1f')} | {f('infer_mem_mb', '.0f')} "
+            f"| {f('ig_s', '.3f')} | {f('train_speedup_vs_reference', '.1f')} |")
+    lines += ["", "Training-memory slope (MB per gene): " + json.dumps(
+        {k: round(v, 4) for k, v in report["memory_slope_mb_per_gene"].items() if v})]
+    lines += ["", "| genes | backend | log-prob err (f32 vs f64) | reference's own err | "
+              "input-grad err | max param-grad err | worst ratio to reference | f64 diff |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["accuracy"]:
+        lines.append(
+            f"| {r['genes']} | {r['backend']} | {r['logprob_err']:.2e} | "
+            f"{r['reference_logprob_err']:.2e} | {r['input_grad_err']:.2e} | "
+            f"{r['max_param_grad_err']:.2e} | {r['worst_ratio_to_reference']:.2f} | "
+            f"{r.get('float64_max_diff', float('nan')):.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
