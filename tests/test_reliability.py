@@ -4,6 +4,7 @@ Faults (NaN loss, Ctrl-C, device out-of-memory) are injected by wrapping
 ``TGEMNet.forward``; every test checks what the model keeps afterwards.
 """
 
+import io
 import logging
 import pickle
 import time
@@ -14,6 +15,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from tgem import TGEMClassifier
 from tgem._io import load
@@ -300,7 +303,8 @@ def _unchanged(fn, *arrays):
             elif sp.issparse(a):
                 assert (a != c).nnz == 0
             else:
-                assert np.array_equal(a, c, equal_nan=True) and a.dtype == c.dtype
+                assert a.dtype == c.dtype
+                assert np.array_equal(a, c, equal_nan=a.dtype.kind in "fc")
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -489,3 +493,124 @@ def test_one_sample_with_fifty_thousand_genes_at_predict():
     proba, seconds = _wide_fit_and_predict(50_000)
     assert proba.shape == (1, 2) and np.isfinite(proba).all()
     warnings.warn(f"1 x 50,000 predict took {seconds:.2f} s", UserWarning, stacklevel=1)
+
+
+# ------------------------------------------------------------------ property-based
+@settings(max_examples=14, deadline=None, derandomize=True, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_input_works_or_fails_clearly_and_is_never_modified(data):
+    """Random shapes, dtypes, layouts, label types and special values: a working model
+    (probabilities sum to 1, bit-for-bit after save/load) or a clear ValueError."""
+    n_classes = data.draw(st.integers(2, 4), label="n_classes")
+    per_class = data.draw(st.integers(1, 4), label="per_class")
+    genes = data.draw(st.integers(1, 9), label="genes")
+    dtype = np.dtype(data.draw(st.sampled_from(
+        [np.float16, np.float32, np.float64, np.int32, np.uint8, np.bool_]), label="dtype"))
+    layout = data.draw(st.sampled_from(["C", "F", "strided", "frame", "csr", "memmap"]),
+                       label="layout")
+    scale = data.draw(st.sampled_from([0.0, 1e-30, 1.0, 100.0]), label="scale")
+    special = data.draw(st.sampled_from(
+        [None, "constant_gene", "zero_row", "nan", "inf", "huge"] if dtype.kind == "f"
+        else [None, "constant_gene", "zero_row"]), label="special")
+    labels = data.draw(st.sampled_from(["int", "str", "float"] + (["bool"] * (n_classes == 2))),
+                       label="labels")
+    n = n_classes * per_class
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    values = rng.normal(size=(n, genes)) * scale
+    if dtype.kind == "u":
+        values = np.abs(values)
+    X = (values > 0) if dtype.kind == "b" else values.astype(dtype)
+    if special == "constant_gene":
+        X[:, 0] = 1
+    elif special == "zero_row":
+        X[0] = 0
+    elif special in ("nan", "inf", "huge"):
+        with np.errstate(over="ignore"):  # 1e30 is inf in float16: refused either way
+            X[n // 2, genes // 2] = {"nan": np.nan, "inf": -np.inf, "huge": 1e30}[special]
+    codes = np.arange(n) % n_classes
+    y = {"int": codes * 7 - 3, "str": np.array([f"c{c}" for c in codes]),
+         "float": codes * 2.0 + 1, "bool": codes == 1}[labels]
+    if layout == "F":
+        X = np.asfortranarray(X)
+    elif layout == "strided":
+        X = np.repeat(X, 2, axis=1)[:, ::2]
+    elif layout == "frame":
+        X = pd.DataFrame(X, columns=[f"g{i}" for i in range(genes)])
+    elif layout == "csr" and dtype.kind != "b" and dtype != np.float16:  # scipy has no f16
+        X = sp.csr_matrix(X)
+    elif layout == "memmap":
+        X = np.lib.stride_tricks.as_strided(X)  # a view; then frozen like a read-only memmap
+        X.setflags(write=False)
+    clf = _clf(n_layers=data.draw(st.integers(1, 2), label="n_layers"), max_epochs=1,
+               activation=data.draw(st.sampled_from([None, "relu", "leakyrelu", "gelu"])),
+               shared_norm=data.draw(st.booleans()))
+    expect_error = special in ("nan", "inf", "huge")
+
+    def run():
+        clf.fit(X, y)
+        return clf.predict_proba(X), clf.predict(X)
+
+    try:
+        proba, predicted = _unchanged(run, X, y)
+    except ValueError as exc:
+        assert expect_error, f"unexpected error: {exc}"
+        assert any(w in str(exc) for w in ("NaN", "infinity", "as large as")), str(exc)
+        return
+    assert not expect_error
+    assert np.isfinite(proba).all() and proba.shape == (n, n_classes)
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-6)
+    assert np.array_equal(predicted, clf.classes_[np.argmax(proba, axis=1)])
+    assert clf.classes_.dtype == np.unique(y).dtype
+    buffer = io.BytesIO()
+    clf.save(buffer)
+    loaded = load(io.BytesIO(buffer.getvalue()))
+    assert np.array_equal(loaded.predict_proba(X), proba)
+    assert np.array_equal(loaded.classes_, clf.classes_)
+    assert loaded.classes_.dtype == clf.classes_.dtype
+
+
+# ------------------------------------------------------------------ gene sets and GMT files
+def test_empty_gene_sets_are_a_clear_error():
+    from tgem._gene_sets import GeneSetSelector
+
+    frame = pd.DataFrame(np.ones((2, 3)), columns=["CD3E", "LYZ", "MS4A1"])
+    for gene_sets, match in [({"T": []}, "gene set 'T' is empty"),
+                             ({}, "empty mapping"), ([], "holds no gene")]:
+        with pytest.raises(ValueError, match=match):
+            _unchanged(lambda gs=gene_sets: GeneSetSelector(gs).fit(frame), frame)
+    with pytest.raises(ValueError, match="none of the 1 genes"):
+        GeneSetSelector({"B": ["CD79A"]}).fit(frame)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("ONLY_A_NAME\n", "line 2 is not a GMT gene set"),
+    ("NAME\tdescription\n", "line 2 is not a GMT gene set"),
+    ("NAME description CD3E CD3D\n", "separated by tabs"),
+    ("\tdescription\tCD3E\n", "line 2 is not a GMT gene set"),
+    ("T\trepeated name\tCD4\n", "repeats the gene-set name 'T'"),
+])
+def test_malformed_gmt_lines_are_a_clear_error(tmp_path, line, match):
+    from tgem._gene_sets import GeneSetSelector
+    from tgem.datasets import read_gmt
+
+    path = tmp_path / "sets.gmt"
+    path.write_text("T\tT cells\tCD3E\tCD3D\n" + line + "B\tB cells\tCD79A\n")
+    with pytest.raises(ValueError, match=match):
+        read_gmt(path)
+    frame = pd.DataFrame(np.ones((2, 2)), columns=["CD3E", "CD79A"])
+    with pytest.raises(ValueError, match=match):
+        GeneSetSelector(path).fit(frame)
+
+
+def test_empty_and_missing_gmt_files(tmp_path):
+    from tgem.datasets import read_gmt
+
+    (tmp_path / "empty.gmt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no gene set"):
+        read_gmt(tmp_path / "empty.gmt")
+    with pytest.raises(FileNotFoundError):
+        read_gmt(tmp_path / "missing.gmt")
+    (tmp_path / "latin1.gmt").write_bytes(b"S\tdesc\tG\xe9NE\n")
+    with pytest.raises(ValueError):  # UnicodeDecodeError is a ValueError
+        read_gmt(tmp_path / "latin1.gmt")

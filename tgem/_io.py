@@ -458,6 +458,7 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             f"{header['versions'].get('tgem')}). Upgrade tgem to load it.")
     model = TGEMClassifier(**{k: _param_from_json(v) for k, v in params.items()})
     model._validate_params()
+    model._check_params_extra()
     fitted = header["fitted"]
     init = dict(header["module"])
     module_arrays = {k[len("module/"):-len(".npy")]: v for k, v in arrays.items()
@@ -510,6 +511,7 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
 
 def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> None:
     """Check the network's arguments against the arrays before building anything."""
+    from tgem._attention import backend_names
     from tgem._model import TGEMNet
 
     counts = ("n_genes", "n_classes", "n_layers", "n_heads")
@@ -520,7 +522,7 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
             raise ModelFileError(f"{name}: network argument {key}={value!r} is not valid.")
     if (init.get("activation") not in ("relu", "leakyrelu", "gelu", None)
             or type(init.get("shared_norm")) is not bool
-            or not isinstance(init.get("attention_backend"), str)
+            or init.get("attention_backend") not in ("auto", *backend_names())
             or type(init.get("dropout")) not in (int, float) or not 0 <= init["dropout"] < 1):
         raise ModelFileError(f"{name}: the network's arguments {init} are not valid.")
     if init["n_layers"] * 4 > len(arrays):
