@@ -217,3 +217,66 @@ def test_npz_input_and_its_label_errors(tmp_path, capsys):
 def test_bundled_data_refuses_another_label(tmp_path, capsys):
     assert main(["train", "pbmc68k", "--label", "louvain", "--output", str(tmp_path)]) == 2
     assert "pass --label cell_type" in capsys.readouterr().err
+
+
+# --- the demo -------------------------------------------------------------------------------
+
+
+def test_subprocess_demo_quick_prints_scores_and_writes_model_and_figures(tmp_path):
+    result = run_tgem("demo", "--quick", "--output", tmp_path / "demo", "--threads", "1",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for needle in ("accuracy", "macro-F1", "MCC", "ROC-AUC", "confusion matrix",
+                   "top genes per cell type", "mean attention entropy per layer"):
+        assert needle in result.stdout
+    files = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"model.tgem", "metrics.json", "history.csv", "loss_curves.png", "entropy.png",
+            "entropy.csv", "gene_rankings.csv", "top_genes.png"} <= files
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["n_test"] == 140 and len(metrics["history"]) == 2
+    from tgem._io import load
+
+    model = load(tmp_path / "demo" / "model.tgem")
+    assert len(model.classes_) == 10 and model.n_features_in_ == 765
+
+
+# --- explain / attention, on the small model --------------------------------------------------
+
+
+def test_explain_writes_rankings_rnk_ablation_and_accepts_original_flags(tables, trained,
+                                                                        tmp_path, capsys):
+    out = tmp_path / "explain"
+    code = main(["explain", str(trained / "model.tgem"), str(tables / "train.csv"), "--label",
+                 "cell_type", "--attr_method", "ig", "--abs", "--n-steps", "8",
+                 "--max-samples", "30", "--top", "5", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ranking = pd.read_csv(out / "gene_rankings.csv")
+    assert set(ranking["class"]) == {"CD14+ Monocyte", "CD19+ B", "CD56+ NK"}
+    assert (ranking.groupby("class")["gene"].count() == 40).all()
+    assert (ranking["mean"] >= 0).all()  # --abs: absolute attributions
+    assert len(list((out / "rnk").glob("*.rnk"))) == 3
+    ablation = pd.read_csv(out / "ablation.csv")
+    assert {"accuracy_top", "accuracy_random_mean"} <= set(ablation.columns)
+    assert (out / "top_genes.png").exists() and (out / "ablation.png").exists()
+
+
+def test_attention_writes_entropy_network_and_hubs(tables, trained, tmp_path, capsys):
+    out = tmp_path / "attention"
+    code = main(["attention", str(trained / "model.tgem"), str(tables / "train.csv"),
+                 "--label", "cell_type", "--class", "CD19+ B", "--max-samples", "10",
+                 "--top-fraction", "0.05", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "mean attention entropy per layer and head" in printed
+    entropy = pd.read_csv(out / "entropy.csv")
+    assert entropy["entropy"].between(0, np.log(40) + 1e-9).all()
+    edges = pd.read_csv(out / "network_CD19__B.tsv", sep="\t")
+    assert len(edges) > 0 and {"query", "key", "score"} <= set(edges.columns)
+    assert (out / "hub_genes_CD19__B.csv").exists() and (out / "entropy.png").exists()
+
+
+def test_attention_unknown_class_is_an_input_error(tables, trained, tmp_path, capsys):
+    code = main(["attention", str(trained / "model.tgem"), str(tables / "train.csv"),
+                 "--label", "cell_type", "--class", "Neutrophil", "--output", str(tmp_path)])
+    assert code == EXIT_INPUT
+    assert "'Neutrophil' is not one of the model's classes" in capsys.readouterr().err

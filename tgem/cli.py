@@ -416,6 +416,8 @@ def _save_figure(make, path: Path) -> Path | None:
 DEMO_LEARNING_RATE = 1e-3
 DEMO_EPOCHS = 20
 QUICK_EPOCHS = 2
+#: Held-out cells (stratified) whose Integrated Gradients give the demo's top-genes figure.
+DEMO_ATTRIBUTION_SAMPLES = 100
 
 
 def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
@@ -508,30 +510,50 @@ def _cmd_explain(args) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     print(f"explain: {args.method} over {len(y)} samples ...", flush=True)
-    attributions = interpret.attribute(model, X_model, target=y, method=args.method,
-                                       n_steps=args.n_steps, random_state=args.random_state)
-    table = interpret.class_gene_table(attributions, y, absolute=args.absolute)
-    table.to_csv(out / "gene_rankings.csv", index=False)
-    for name in table["class"].unique():
-        interpret.write_rnk(table, name, out / f"{_safe_name(name)}.rnk")
-    top = table[table["rank"] <= args.top]
+    attributions = interpret.attribute(model, X_model, target="true", y=y, method=args.method,
+                                       n_steps=args.n_steps, random_state=args.random_state,
+                                       verbose=1 if args.verbose >= 2 else 0)
+    ranking = interpret.gene_ranking(attributions, y, absolute=args.absolute)
+    ranking.to_csv(out / "gene_rankings.csv", index=False)
+    interpret.write_rnk(ranking, out / "rnk")
+    top = ranking[ranking["rank"] <= args.top]
     print(top.to_string(index=False))
-    written = ["gene_rankings.csv", "<class>.rnk"]
-    from tgem.plotting import plot_gene_ranking
-
-    if _save_figure(lambda: plot_gene_ranking(table, top=args.top), out / "top_genes.png"):
+    written = ["gene_rankings.csv", "rnk/<class>.rnk"]
+    if _save_figure(lambda: _top_genes_figure(ranking, args.top), out / "top_genes.png"):
         written.append("top_genes.png")
     if args.ablation:
-        ablation = interpret.ablation_study(model, X_model, y, table,
-                                            random_state=args.random_state)
-        ablation.to_csv(out / "ablation.csv", index=False)
-        written.append("ablation.csv")
         from tgem.plotting import plot_ablation
 
+        print("ablation study ...", flush=True)
+        ablation = interpret.ablation_study(model, X_model, y, ranking=ranking,
+                                            random_state=args.random_state)
+        ablation.to_csv(out / "ablation.csv", index=False)
+        overall = ablation[ablation["class"] == "all"]
+        print(overall[["grid", "percent", "n_genes", "accuracy", "accuracy_top",
+                       "accuracy_random_mean"]].round(3).to_string(index=False))
+        written.append("ablation.csv")
         if _save_figure(lambda: plot_ablation(ablation), out / "ablation.png"):
             written.append("ablation.png")
     print(f"wrote {', '.join(written)} to {out}/")
     return EXIT_OK
+
+
+def _top_genes_figure(ranking: pd.DataFrame, top: int):
+    """One horizontal bar panel of top genes per class, on one figure."""
+    import matplotlib.pyplot as plt
+
+    from tgem.plotting import plot_gene_ranking
+
+    classes = list(dict.fromkeys(ranking["class"]))
+    n_cols = min(5, len(classes))
+    n_rows = -(-len(classes) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 0.22 * top * n_rows + 1.2),
+                             layout="constrained", squeeze=False)
+    for ax, cls in zip(axes.ravel(), classes, strict=False):
+        plot_gene_ranking(ranking, cls, top=top, ax=ax)
+    for ax in axes.ravel()[len(classes):]:
+        ax.set_visible(False)
+    return fig
 
 
 def _cmd_attention(args) -> int:
@@ -622,26 +644,34 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_figures(clf, X_test, y_test, args) -> list[str]:
-    """The entropy box plot and the top genes per cell type of the held-out cells."""
+    """The entropy box plot and the top genes per cell type, on the held-out cells."""
     from tgem import attention, interpret
-    from tgem.plotting import plot_entropy, plot_gene_ranking
+    from tgem.plotting import plot_entropy
 
-    written = []
     out = args.output
     entropy = attention.attention_entropy(clf, X_test, per_sample=True)
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
-    written.append("entropy.csv")
+    mean = entropy.mean(axis=(0, 2))
+    print("mean attention entropy per layer (nats; uniform attention: "
+          f"{math.log(X_test.shape[1]):.2f}): " + ", ".join(f"{v:.2f}" for v in mean))
+    written = ["entropy.csv"]
     if _save_figure(lambda: plot_entropy(entropy, n_genes=X_test.shape[1]),
                     out / "entropy.png"):
         written.append("entropy.png")
-    X_attr, y_attr = _subsample(X_test, y_test, 40 if args.quick else None, args.random_state)
-    attributions = interpret.attribute(clf, X_attr, target=y_attr,
+    X_attr, y_attr = _subsample(X_test, y_test, 30 if args.quick else DEMO_ATTRIBUTION_SAMPLES,
+                                args.random_state)
+    print(f"Integrated Gradients on {len(y_attr)} held-out cells ...", flush=True)
+    attributions = interpret.attribute(clf, X_attr, target="true", y=y_attr,
                                        n_steps=8 if args.quick else 50,
                                        random_state=args.random_state)
-    table = interpret.class_gene_table(attributions, y_attr)
-    table.to_csv(out / "gene_rankings.csv", index=False)
-    if _save_figure(lambda: plot_gene_ranking(table, top=args.top), out / "top_genes.png"):
-        written += ["gene_rankings.csv", "top_genes.png"]
+    ranking = interpret.gene_ranking(attributions, y_attr)
+    ranking.to_csv(out / "gene_rankings.csv", index=False)
+    written.append("gene_rankings.csv")
+    top3 = ranking[ranking["rank"] <= 3].groupby("class", sort=False)["gene"].agg(", ".join)
+    print("top genes per cell type (mean Integrated Gradients, held-out cells):")
+    print("\n".join(f"  {cls}: {genes}" for cls, genes in top3.items()))
+    if _save_figure(lambda: _top_genes_figure(ranking, args.top), out / "top_genes.png"):
+        written.append("top_genes.png")
     return written
 
 
