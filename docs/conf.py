@@ -81,16 +81,24 @@ _write_api_page()
 
 
 # --- pages written by other issues join the table of contents when they exist ------------
-OPTIONAL_PAGES = {"SCALING_PAGE": "scaling"}
+# index.rst holds the line "   OTHER_PAGES" in its user-guide toctree; it is replaced by every
+# page of this folder (top level or user_guide/) that index.rst does not list itself, e.g.
+# scaling.rst or model_files.rst, so that a page added by another issue is never orphaned.
+MARKER = "   OTHER_PAGES\n"
 
 
-def _optional_pages(app, docname, source):
-    if docname != "index":
-        return
-    for marker, page in OPTIONAL_PAGES.items():
-        present = (HERE / f"{page}.rst").exists()
-        source[0] = source[0].replace(f"   {marker}\n", f"   {page}\n" if present else "")
+def _other_pages(index_source: str) -> list[str]:
+    listed = {line.strip() for line in index_source.splitlines()}
+    pages = [p.relative_to(HERE).with_suffix("").as_posix()
+             for pattern in ("*.rst", "user_guide/*.rst") for p in sorted(HERE.glob(pattern))]
+    return [p for p in pages if p != "index" and p not in listed]
+
+
+def _add_other_pages(app, docname, source):
+    if docname == "index":
+        pages = _other_pages(source[0])
+        source[0] = source[0].replace(MARKER, "".join(f"   {p}\n" for p in pages))
 
 
 def setup(app):
-    app.connect("source-read", _optional_pages)
+    app.connect("source-read", _add_other_pages)
