@@ -104,6 +104,12 @@ def test_read_gmt_repeated_set_name_is_refused(tmp_path):
         read_gmt(path)
 
 
+def test_read_gmt_non_utf8_file_is_a_clear_error(tmp_path):
+    (tmp_path / "latin1.gmt").write_bytes(b"S\tdesc\tG\xe9NE\n")
+    with pytest.raises(ValueError, match="not UTF-8 text.*re-save the file as UTF-8"):
+        read_gmt(tmp_path / "latin1.gmt")
+
+
 def test_read_gmt_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.gmt").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no gene set"):

@@ -61,7 +61,7 @@ def read_gmt(path: PathLike) -> dict[str, list[str]]:
         If the file does not exist.
     ValueError
         If a line has no gene (fewer than three tab-separated fields) or a set name is
-        repeated; the message gives the line number.
+        repeated (the message gives the line number), or the file is not UTF-8 text.
 
     See Also
     --------
@@ -77,27 +77,32 @@ def read_gmt(path: PathLike) -> dict[str, list[str]]:
     {'T_CELL': ['CD3E', 'CD3D'], 'B_CELL': ['CD79A', 'MS4A1']}
     """
     path = _existing_file(path, "GMT file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); re-save the file as UTF-8."
+        ) from exc
     gene_sets: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = [f.strip() for f in line.split("\t")]
-            name = fields[0]
-            genes = [g for g in fields[2:] if g]
-            if not name or not genes:
-                raise ValueError(
-                    f"{path}: line {lineno} is not a GMT gene set: expected 'name<TAB>description"
-                    f"<TAB>gene<TAB>gene...' with at least one gene, got {line[:80]!r}. "
-                    "Fix or remove that line (fields must be separated by tabs, not spaces)."
-                )
-            if name in gene_sets:
-                raise ValueError(
-                    f"{path}: line {lineno} repeats the gene-set name {name!r}; "
-                    "give each set a unique name."
-                )
-            gene_sets[name] = list(dict.fromkeys(genes))
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        name = fields[0]
+        genes = [g for g in fields[2:] if g]
+        if not name or not genes:
+            raise ValueError(
+                f"{path}: line {lineno} is not a GMT gene set: expected 'name<TAB>description"
+                f"<TAB>gene<TAB>gene...' with at least one gene, got {line[:80]!r}. "
+                "Fix or remove that line (fields must be separated by tabs, not spaces)."
+            )
+        if name in gene_sets:
+            raise ValueError(
+                f"{path}: line {lineno} repeats the gene-set name {name!r}; "
+                "give each set a unique name."
+            )
+        gene_sets[name] = list(dict.fromkeys(genes))
     if not gene_sets:
         raise ValueError(f"{path} holds no gene set (the file is empty); check the file.")
     return gene_sets
