@@ -8,7 +8,6 @@ import io
 import logging
 import pickle
 import time
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -229,14 +228,14 @@ def test_predict_out_of_memory_even_for_one_sample_is_a_clear_memory_error(monke
 
 def test_training_splits_the_batch_on_out_of_memory(monkeypatch, caplog):
     X, y = _data()
-    reference = _clf(dropout=0.0).fit(X, y)
-    clf = _clf(dropout=0.0)
+    reference = _clf(dropout=0.0, max_epochs=2).fit(X, y)
+    clf = _clf(dropout=0.0, max_epochs=2)
     _inject(monkeypatch, _raise(OOM("simulated")),
             when=lambda c, x, net: net.training and len(x) > 2)
     with caplog.at_level(logging.WARNING, logger="tgem"):
         clf.fit(X, y)
     assert "accumulating gradients over 4 parts" in caplog.text
-    assert len(clf.history_) == 4
+    assert len(clf.history_) == 2
     for key, value in reference.module_.state_dict().items():
         torch.testing.assert_close(clf.module_.state_dict()[key], value, rtol=1e-4,
                                    atol=1e-5)
@@ -492,7 +491,6 @@ def test_one_sample_with_many_genes_at_predict():
 def test_one_sample_with_fifty_thousand_genes_at_predict():
     proba, seconds = _wide_fit_and_predict(50_000)
     assert proba.shape == (1, 2) and np.isfinite(proba).all()
-    warnings.warn(f"1 x 50,000 predict took {seconds:.2f} s", UserWarning, stacklevel=1)
 
 
 # ------------------------------------------------------------------ property-based
