@@ -124,94 +124,60 @@ def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor, off
     return e
 
 
-def _shift_candidates(q, k, v):
-    """Candidate (key, value) shifts per row: at the largest key, at the smallest, the means.
-
-    Each is (N, 1); stacked to (N, 3) for keys and values.
-    """
-    jmax = k.argmax(-1, keepdim=True)
-    jmin = k.argmin(-1, keepdim=True)
-    a = torch.cat([k.gather(-1, jmax), k.gather(-1, jmin), k.mean(-1, keepdim=True)], -1)
-    b = torch.cat([v.gather(-1, jmax), v.gather(-1, jmin), v.mean(-1, keepdim=True)], -1)
-    return a, b
-
-
-def exact_forward(q, k, v, need_grad: bool, block_elements: int | None = None):
+def exact_forward(q, k, v, block_elements: int | None = None):
     """Blocked row sums of the exact algorithm on (N, G) tensors.
 
-    Returns ``out, m2, inv_z, e_diag, t``: the output, the base-2 row maxima, 1/Z, the
-    diagonal exponentials and, when ``need_grad``, ``t`` with ``dq = grad * t``.
-
-    The diagonal is excluded inside the sums (not subtracted afterwards), so a softmax that
-    peaks on the gene itself loses no precision. The query gradient is a covariance under
-    the attention distribution, ``sum_j A_ij ([j != i] v_j - out_i) k_j``; written as a
-    difference of plain sums it cancels when ``out_i`` and the mean key are large next to
-    the spread. Shifting ``k`` by ``a`` and ``v`` by ``b`` leaves it unchanged (the weights
-    ``A_ij ([j != i] v_j - out_i)`` sum to zero over j), so the sums are accumulated for
-    three candidate shifts (the values at the largest key, at the smallest key — where sharp
-    rows peak for q >= 0 and q < 0 — and the means, for flat rows) and each row keeps the
-    one whose subtracted term is smallest.
+    Returns ``out, m2, inv_z, e_diag``: the output, the base-2 row maxima, 1/Z and the
+    diagonal exponentials (all (N, G)). The diagonal is excluded inside the sums (not
+    subtracted afterwards), so a softmax that peaks on the gene itself loses no precision.
     """
     n, g = q.shape
     q2 = scaled_queries(q)  # (N, G, K)
     m2 = scaled_row_max(q2, k)
     k_cols = k.unsqueeze(1).expand(n, q2.shape[-1], g)
-    cols = [torch.ones_like(v), v]
-    if need_grad:
-        a, b = _shift_candidates(q, k, v)
-        for c in range(3):
-            kc = k - a[:, c:c + 1]
-            cols += [(v - b[:, c:c + 1]) * kc, kc]
-    rhs_t = torch.stack(cols, dim=1)  # (N, c, G): the transposed view is what BLAS likes
-    sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
+    rhs_t = torch.stack([torch.ones_like(v), v], dim=1)  # (N, 2, G); BLAS likes the .mT view
+    sums = torch.empty(n, g, 2, dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
         e = _exp2_block(q2[:, i0:i1], k_cols, m2[:, i0:i1], i0, shift_on_rows=True)
         sums[:, i0:i1] = torch.bmm(e, rhs_t.mT)
     e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
-    z = sums[..., 0] + e_diag
-    inv_z = z.reciprocal()
-    out = sums[..., 1] * inv_z
-    t = None
-    if need_grad:
-        p, kk = sums[..., 2::2], sums[..., 3::2]  # (N, G, 3) per candidate shift
-        sub = (out.unsqueeze(-1) - b.unsqueeze(1)) * kk
-        best = sub.abs().argmin(-1, keepdim=True)
-        pick = (p - sub).gather(-1, best).squeeze(-1)
-        a_i = a.gather(-1, best.squeeze(-1))
-        t = (pick - e_diag * out * (k - a_i)) * inv_z
-    return out, m2, inv_z, e_diag, t
+    inv_z = (sums[..., 0] + e_diag).reciprocal()
+    return sums[..., 1] * inv_z, m2, inv_z, e_diag
 
 
-def exact_backward(q, k, v, m2, inv_z, e_diag, out, t, grad, block_elements: int | None = None):
-    """Blocked column sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors.
+def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | None = None):
+    """Blocked gradient sums of the exact algorithm; returns ``dq, dk, dv`` on (N, G) tensors.
 
-    ``dk_j = sum_{i != j} A_ij g_i q_i (v_j - out_i) - A_jj g_j q_j out_j`` is centred like
-    the query gradient: each query i is assigned the candidate value ``c_i`` closest to
-    ``out_i`` and the sum is split as ``sum_c (v_j - c) S_c - sum_i A_ij g_i q_i (out_i - c_i)``.
+    With ``D_ij = e_ij (v_j - out_i)`` for ``j != i`` (``e`` recomputed block by block):
+    ``dv_j = sum_{i != j} e_ij g_i / Z_i``,
+    ``dk_j = sum_i D_ij g_i q_i / Z_i - e_jj g_j q_j out_j / Z_j`` and
+    ``dq_i = g_i / Z_i (sum_j D_ij k_j - e_ii out_i k_i)``. The difference ``v_j - out_i`` is
+    taken element by element, as the plain formulation's softmax backward does: the
+    gradients are covariances under the attention distribution and, summed as differences
+    of plain sums, they would cancel catastrophically for sharp softmaxes.
     """
     n, g = q.shape
     q2 = scaled_queries(q).transpose(1, 2)  # (N, K, G)
     k_rows = k.unsqueeze(-1).expand(n, g, q2.shape[1])
-    _, b = _shift_candidates(q, k, v)
     w1 = grad * inv_z
     w2 = w1 * q
-    group = (out.unsqueeze(-1) - b.unsqueeze(1)).abs().argmin(-1)  # (N, G) candidate per query
-    c_i = b.gather(-1, group)
-    cols = [w1] + [torch.where(group == c, w2, 0.0) for c in range(3)] + [w2 * (out - c_i)]
-    rhs_t = torch.stack(cols, dim=1)  # (N, 5, G), indexed by query i
-    sums = torch.empty(n, g, rhs_t.shape[1], dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(q)
+    dk = torch.empty_like(q)
+    dq_sum = torch.zeros(n, g, 1, dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     for j0 in range(0, g, step):
         j1 = min(g, j0 + step)
-        # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i)
+        # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i), own entry 0
         e = _exp2_block(k_rows[:, j0:j1], q2, m2, j0, shift_on_rows=False)
-        sums[:, j0:j1] = torch.bmm(e, rhs_t.mT)
-    dq = grad * t
-    dk = sum((v - b[:, c:c + 1]) * sums[..., 1 + c] for c in range(3))
-    dk = dk - sums[..., 4] - e_diag * w2 * out
-    dv = sums[..., 0]
+        dv[:, j0:j1] = torch.bmm(e, w1.unsqueeze(-1)).squeeze(-1)
+        e.mul_(v[:, j0:j1, None] - out[:, None, :])  # D, transposed
+        dk[:, j0:j1] = torch.bmm(e, w2.unsqueeze(-1)).squeeze(-1)
+        dq_sum += torch.bmm(e.mT, k[:, j0:j1, None])
+    diag = e_diag * out
+    dq = w1 * (dq_sum.squeeze(-1) - diag * k)
+    dk -= diag * w2
     return dq, dk, dv
 
 
@@ -221,10 +187,9 @@ class _ExactAttention(torch.autograd.Function):
         shape = q.shape
         g = shape[-1]
         q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
-        need = any(ctx.needs_input_grad)
-        out, m2, inv_z, e_diag, t = exact_forward(q2, k2, v2, need)
-        if need:
-            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out, t)
+        out, m2, inv_z, e_diag = exact_forward(q2, k2, v2)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out)
         ctx.shape = shape
         return out.reshape(shape)
 
@@ -235,9 +200,9 @@ class _ExactAttention(torch.autograd.Function):
                 "The exact T-GEM attention is differentiable once; double backward "
                 "(create_graph=True) is not implemented. Use attention_backend='reference' "
                 "for higher-order gradients.")
-        q, k, v, m2, inv_z, e_diag, out, t = ctx.saved_tensors
+        q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, t, g)
+        dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, g)
         s = ctx.shape
         return dq.reshape(s), dk.reshape(s), dv.reshape(s)
 
