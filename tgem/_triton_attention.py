@@ -1,17 +1,20 @@
 """The exact T-GEM attention as fused Triton kernels (the default on CUDA float32 tensors).
 
-Same algorithm as :func:`tgem._attention.exact_attention`, with every gene x gene quantity
+Same algorithm as :func:`tgem._attention.exact_attention` (its two-term base-2 query
+scaling, closed-form row maxima and centred gradient sums), with every gene x gene quantity
 kept in registers:
 
 - the forward kernel (one program per batch-head row and block of ``BLOCK_M`` queries)
-  accumulates, over key blocks, the row sums ``Z_i``, ``sum_j e_ij v_j`` and, when gradients
-  are needed, the two query-gradient sums ``sum_j e_ij k_j v_j`` and ``sum_j e_ij k_j``, with
-  ``e_ij = 2 ** (q_i log2(e) k_j - m_i log2(e))``, the closed-form row maximum ``m_i`` and
-  the gene's own term ``j = i`` left out of the sums (added back to ``Z_i`` only: it cannot
-  cancel against anything);
+  accumulates, over key blocks, ``Z_i`` and ``sum_j e_ij v_j`` with
+  ``e_ij = 2 ** (q_i log2(e) k_j - m2_i)``, the gene's own term ``j = i`` left out of the
+  sums (added back to ``Z_i`` only); when gradients are needed, also the query-gradient sums
+  ``sum_j e_ij (v_j - b_c)(k_j - a_c)`` and ``sum_j e_ij (k_j - a_c)`` for the three
+  candidate shifts ``(a_c, b_c)`` of :func:`tgem._attention.exact_forward`, keeping per query
+  the one whose subtracted term is smallest;
 - the backward kernel (one program per row and block of ``BLOCK_M`` keys) recomputes
-  ``e_ij`` and accumulates the column sums ``dv_j = sum_{i != j} A_ij g_i``,
-  ``sum_{i != j} A_ij g_i q_i`` and ``sum_{i != j} A_ij g_i q_i out_i`` that give ``dk``.
+  ``e_ij`` and accumulates the column sums ``dv_j = sum_{i != j} A_ij g_i`` and
+  ``dk_j = sum_{i != j} A_ij g_i q_i (v_j - out_i)`` term by term (on a GPU the difference
+  per pair is free next to the exponential, so nothing cancels and no shift is needed).
 
 Accumulation is float32 in ``(BLOCK_M, BLOCK_N)`` register tiles reduced once at the end, so
 only ``O(batch x heads x genes)`` values ever reach memory. The kernels compile for CUDA
@@ -26,7 +29,7 @@ import types
 import torch
 from torch.autograd.function import once_differentiable
 
-from tgem._attention import Backend, register_backend
+from tgem._attention import Backend, register_backend, scaled_queries, scaled_row_max
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,17 @@ except Exception as exc:  # ImportError, or a broken install
 #: log2(e): scores are scaled once per query so the kernels use the native exp2.
 LOG2E = 1.4426950408889634
 
-#: Tile shape and warps. Chosen on an H100 by ``benchmarks/bench_gpu.py --sweep``
-#: (see ``benchmarks/README.md``); ``BLOCK_M`` must be a multiple of ``BLOCK_N``.
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
-#: Small tiles for the interpreter, whose cost grows with the tile area it simulates.
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 8, "num_warps": 1}
+#: Per kernel: tile shape, warps, and ``FAST_EXP`` (the PTX ``ex2.approx.ftz.f32``
+#: instruction written out, one MUFU operation, instead of ``tl.exp2``). Chosen on an H100
+#: by ``benchmarks/bench_gpu.py`` (its sweep; see ``benchmarks/README.md``).
+CONFIG = {
+    "forward": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "FAST_EXP": False},
+    "forward_nograd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "FAST_EXP": False},
+    "backward": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "FAST_EXP": False},
+}
+#: Small tiles for the interpreter, whose cost grows with the tile area it simulates (it
+#: cannot run inline PTX, hence ``tl.exp2``).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 8, "num_warps": 1, "FAST_EXP": False}
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -61,33 +70,48 @@ def _define_kernels() -> dict:
     interpreter whatever ``TRITON_INTERPRET`` was at import.
     """
 
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, kmax_ptr, kmin_ptr, out_ptr, inv_z_ptr, t_ptr, G,
-                        NEED_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+    def _forward_kernel(hi_ptr, lo_ptr, k_ptr, v_ptr, m2_ptr, cand_ptr, out_ptr, inv_z_ptr,
+                        t_ptr, G, NEED_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, FAST_EXP: tl.constexpr):
         row = tl.program_id(0)
         i0 = tl.program_id(1) * BLOCK_M
         base = row.to(tl.int64) * G
         offs_i = i0 + tl.arange(0, BLOCK_M)
         in_i = offs_i < G
-        q = tl.load(q_ptr + base + offs_i, mask=in_i, other=0.0)
+        hi = tl.load(hi_ptr + base + offs_i, mask=in_i, other=0.0)
+        lo = tl.load(lo_ptr + base + offs_i, mask=in_i, other=0.0)
+        m2 = tl.load(m2_ptr + base + offs_i, mask=in_i, other=0.0)
         k_i = tl.load(k_ptr + base + offs_i, mask=in_i, other=0.0)
-        kmax = tl.load(kmax_ptr + row)
-        kmin = tl.load(kmin_ptr + row)
-        qs = q * 1.4426950408889634  # LOG2E
-        # closed-form row maximum (of the log2-scaled scores qs_i * k_j)
-        m2 = tl.where(qs >= 0.0, qs * kmax, qs * kmin)
-        qs_2d = qs[:, None]
+        hi_2d = hi[:, None]
+        lo_2d = lo[:, None]
         m2_2d = m2[:, None]
+        # candidate shifts of keys (a) and values (b) for the query-gradient sums
+        a0 = tl.load(cand_ptr + row * 6 + 0)
+        a1 = tl.load(cand_ptr + row * 6 + 1)
+        a2 = tl.load(cand_ptr + row * 6 + 2)
+        b0 = tl.load(cand_ptr + row * 6 + 3)
+        b1 = tl.load(cand_ptr + row * 6 + 4)
+        b2 = tl.load(cand_ptr + row * 6 + 5)
         z_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         n_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        r1_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        r2_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        p0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for j0 in range(0, G, BLOCK_N):
             offs_j = j0 + tl.arange(0, BLOCK_N)
             in_j = offs_j < G
             k_j = tl.load(k_ptr + base + offs_j, mask=in_j, other=0.0)
             v_j = tl.load(v_ptr + base + offs_j, mask=in_j, other=0.0)
-            e = tl.exp2(qs_2d * k_j[None, :] - m2_2d)
+            kj_2d = k_j[None, :]
+            x = hi_2d * kj_2d + (lo_2d * kj_2d - m2_2d)  # base-2 score minus row max
+            if FAST_EXP:
+                e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                e = tl.exp2(x)
             # only blocks holding the diagonal or the ragged end need the (costly) mask
             if (j0 + BLOCK_N > G) | ((j0 < i0 + BLOCK_M) & (j0 + BLOCK_N > i0)):
                 keep = (offs_i[:, None] != offs_j[None, :]) & in_j[None, :]
@@ -95,67 +119,89 @@ def _define_kernels() -> dict:
             z_acc += e
             n_acc += e * v_j[None, :]
             if NEED_GRAD:
-                ek = e * k_j[None, :]
-                r1_acc += ek * v_j[None, :]
-                r2_acc += ek
-        e_diag = tl.exp2(qs * k_i - m2)
+                ka0 = k_j - a0
+                ka1 = k_j - a1
+                ka2 = k_j - a2
+                p0 += e * ((v_j - b0) * ka0)[None, :]
+                p1 += e * ((v_j - b1) * ka1)[None, :]
+                p2 += e * ((v_j - b2) * ka2)[None, :]
+                s0 += e * ka0[None, :]
+                s1 += e * ka1[None, :]
+                s2 += e * ka2[None, :]
+        e_diag = tl.exp2(hi * k_i + (lo * k_i - m2))
         z = tl.sum(z_acc, axis=1) + e_diag
         inv_z = 1.0 / z
         out = tl.sum(n_acc, axis=1) * inv_z
         tl.store(out_ptr + base + offs_i, out, mask=in_i)
         tl.store(inv_z_ptr + base + offs_i, inv_z, mask=in_i)
         if NEED_GRAD:
-            r1 = tl.sum(r1_acc, axis=1)
-            r2 = tl.sum(r2_acc, axis=1) + e_diag * k_i
-            tl.store(t_ptr + base + offs_i, (r1 - out * r2) * inv_z, mask=in_i)
+            # per query, keep the shift whose subtracted term is smallest (first on ties)
+            sub0 = (out - b0) * tl.sum(s0, axis=1)
+            sub1 = (out - b1) * tl.sum(s1, axis=1)
+            sub2 = (out - b2) * tl.sum(s2, axis=1)
+            pick = tl.sum(p0, axis=1) - sub0
+            a_pick = tl.zeros([BLOCK_M], dtype=tl.float32) + a0
+            best = tl.abs(sub0)
+            better = tl.abs(sub1) < best
+            pick = tl.where(better, tl.sum(p1, axis=1) - sub1, pick)
+            a_pick = tl.where(better, a1, a_pick)
+            best = tl.where(better, tl.abs(sub1), best)
+            better = tl.abs(sub2) < best
+            pick = tl.where(better, tl.sum(p2, axis=1) - sub2, pick)
+            a_pick = tl.where(better, a2, a_pick)
+            t = (pick - e_diag * out * (k_i - a_pick)) * inv_z
+            tl.store(t_ptr + base + offs_i, t, mask=in_i)
 
-
-    def _backward_kernel(q_ptr, k_ptr, v_ptr, kmax_ptr, kmin_ptr, out_ptr, inv_z_ptr, t_ptr,
-                         g_ptr, dq_ptr, dk_ptr, dv_ptr, G,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _backward_kernel(hi_ptr, lo_ptr, q_ptr, k_ptr, v_ptr, m2_ptr, out_ptr, inv_z_ptr,
+                         t_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, G,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         FAST_EXP: tl.constexpr):
         row = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_M  # this program's keys r (rows of the tile)
         base = row.to(tl.int64) * G
         offs_r = r0 + tl.arange(0, BLOCK_M)
         in_r = offs_r < G
         k_r = tl.load(k_ptr + base + offs_r, mask=in_r, other=0.0)
-        kmax = tl.load(kmax_ptr + row)
-        kmin = tl.load(kmin_ptr + row)
+        v_r = tl.load(v_ptr + base + offs_r, mask=in_r, other=0.0)
         k_2d = k_r[:, None]
-        a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        a2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        a3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        v_2d = v_r[:, None]
+        acc_v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, G, BLOCK_N):  # queries i (columns of the tile)
             offs_c = c0 + tl.arange(0, BLOCK_N)
             in_c = offs_c < G
+            hi_c = tl.load(hi_ptr + base + offs_c, mask=in_c, other=0.0)
+            lo_c = tl.load(lo_ptr + base + offs_c, mask=in_c, other=0.0)
+            m2_c = tl.load(m2_ptr + base + offs_c, mask=in_c, other=0.0)
             q_c = tl.load(q_ptr + base + offs_c, mask=in_c, other=0.0)
             g_c = tl.load(g_ptr + base + offs_c, mask=in_c, other=0.0)
             iz_c = tl.load(inv_z_ptr + base + offs_c, mask=in_c, other=0.0)
             o_c = tl.load(out_ptr + base + offs_c, mask=in_c, other=0.0)
-            qs_c = q_c * 1.4426950408889634  # LOG2E
-            m2_c = tl.where(qs_c >= 0.0, qs_c * kmax, qs_c * kmin)
             w1 = g_c * iz_c
             w2 = w1 * q_c
-            w3 = w2 * o_c
-            e = tl.exp2(qs_c[None, :] * k_2d - m2_c[None, :])
+            x = hi_c[None, :] * k_2d + (lo_c[None, :] * k_2d - m2_c[None, :])
+            if FAST_EXP:
+                e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                e = tl.exp2(x)
             if (c0 + BLOCK_N > G) | ((c0 < r0 + BLOCK_M) & (c0 + BLOCK_N > r0)):
                 keep = (offs_r[:, None] != offs_c[None, :]) & in_c[None, :]
                 e = tl.where(keep, e, 0.0)
-            a1 += e * w1[None, :]
-            a2 += e * w2[None, :]
-            a3 += e * w3[None, :]
+            acc_v += e * w1[None, :]
+            # dk term by term: A_ij g_i q_i (v_j - out_i), nothing to cancel
+            acc_k += (e * w2[None, :]) * (v_2d - o_c[None, :])
+        hi_r = tl.load(hi_ptr + base + offs_r, mask=in_r, other=0.0)
+        lo_r = tl.load(lo_ptr + base + offs_r, mask=in_r, other=0.0)
+        m2_r = tl.load(m2_ptr + base + offs_r, mask=in_r, other=0.0)
         q_r = tl.load(q_ptr + base + offs_r, mask=in_r, other=0.0)
-        v_r = tl.load(v_ptr + base + offs_r, mask=in_r, other=0.0)
         g_r = tl.load(g_ptr + base + offs_r, mask=in_r, other=0.0)
         iz_r = tl.load(inv_z_ptr + base + offs_r, mask=in_r, other=0.0)
         o_r = tl.load(out_ptr + base + offs_r, mask=in_r, other=0.0)
         t_r = tl.load(t_ptr + base + offs_r, mask=in_r, other=0.0)
-        qs_r = q_r * 1.4426950408889634  # LOG2E
-        m2_r = tl.where(qs_r >= 0.0, qs_r * kmax, qs_r * kmin)
-        e_diag = tl.exp2(qs_r * k_r - m2_r)
-        w3_r = g_r * iz_r * q_r * o_r
-        dk = v_r * tl.sum(a2, axis=1) - (tl.sum(a3, axis=1) + e_diag * w3_r)
-        tl.store(dv_ptr + base + offs_r, tl.sum(a1, axis=1), mask=in_r)
+        e_diag = tl.exp2(hi_r * k_r + (lo_r * k_r - m2_r))
+        dk = tl.sum(acc_k, axis=1) - e_diag * (g_r * iz_r * q_r) * o_r
+        tl.store(dv_ptr + base + offs_r, tl.sum(acc_v, axis=1), mask=in_r)
         tl.store(dk_ptr + base + offs_r, dk, mask=in_r)
         tl.store(dq_ptr + base + offs_r, g_r * t_r, mask=in_r)
 
@@ -201,6 +247,22 @@ def _kernel(name: str, interpret: bool):
 
 
 # ------------------------------------------------------------------------- launching
+def _shift_candidates(q, k, v):
+    """Candidate (key, value) shifts per row for the query-gradient sums, each (N, 3).
+
+    The values at the largest key and at the smallest key (where sharp rows peak for
+    ``q >= 0`` and ``q < 0``) and the means (flat rows). Shifting ``k`` by ``a`` and ``v``
+    by ``b`` leaves ``sum_j A_ij ([j != i] v_j - out_i) k_j`` unchanged, since the weights
+    ``A_ij ([j != i] v_j - out_i)`` sum to zero over j; the shift closest to the row's peak
+    keeps the two sums it is computed from small, so they do not cancel.
+    """
+    jmax = k.argmax(-1, keepdim=True)
+    jmin = k.argmin(-1, keepdim=True)
+    a = torch.cat([k.gather(-1, jmax), k.gather(-1, jmin), k.mean(-1, keepdim=True)], -1)
+    b = torch.cat([v.gather(-1, jmax), v.gather(-1, jmin), v.mean(-1, keepdim=True)], -1)
+    return a, b
+
+
 def _check_inputs(q, k, v, interpret: bool | None) -> bool:
     """Validate the tensors; return whether to run the interpreter."""
     if _TRITON_ERROR is not None:
@@ -239,36 +301,48 @@ def _check_inputs(q, k, v, interpret: bool | None) -> bool:
     return interpret
 
 
-def _config(interpret: bool) -> dict:
-    return dict(INTERPRETER_CONFIG if interpret else CONFIG)
+def _config(name: str, interpret: bool) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of kernel configuration ``name``."""
+    cfg = dict(INTERPRETER_CONFIG if interpret else CONFIG[name])
+    warps = cfg.pop("num_warps")
+    return cfg, ({} if interpret else {"num_warps": warps})
 
 
 def _launch_forward(q, k, v, need_grad: bool, interpret: bool):
+    """Run the forward kernel on (N, G) tensors.
+
+    Returns ``out, inv_z, t`` and the per-query tensors the backward needs (``hi, lo, m2``:
+    the two-term base-2 scaled queries and row maxima, as :func:`exact_forward` uses them).
+    """
     n, g = q.shape
-    kmin, kmax = torch.aminmax(k, dim=-1)
+    q2 = scaled_queries(q)  # (N, G, 2): q * log2(e) as hi + lo
+    hi, lo = q2[..., 0].contiguous(), q2[..., 1].contiguous()
+    m2 = scaled_row_max(q2, k).contiguous()
     out = _empty(q)
     inv_z = _empty(q)
     t = _empty(q) if need_grad else out  # placeholder pointer, never written
-    cfg = _config(interpret)
+    if need_grad:
+        a, b = _shift_candidates(q, k, v)
+        cand = torch.cat([a, b], dim=-1).contiguous()  # (N, 6)
+    else:
+        cand = m2  # placeholder pointer, never read
+    cfg, launch = _config("forward" if need_grad else "forward_nograd", interpret)
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
-        launch = {"num_warps": cfg["num_warps"]} if not interpret else {}
         _kernel("forward", interpret)[grid](
-            q, k, v, kmax.contiguous(), kmin.contiguous(), out, inv_z, t, g,
-            NEED_GRAD=need_grad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **launch)
-    return out, inv_z, (t if need_grad else None), kmax, kmin
+            hi, lo, k, v, m2, cand, out, inv_z, t, g, NEED_GRAD=need_grad, **cfg, **launch)
+    return out, inv_z, (t if need_grad else None), (hi, lo, m2)
 
 
-def _launch_backward(q, k, v, kmax, kmin, out, inv_z, t, grad, interpret: bool):
+def _launch_backward(q, k, v, scaled, out, inv_z, t, grad, interpret: bool):
     n, g = q.shape
+    hi, lo, m2 = scaled
     dq, dk, dv = _empty(q), _empty(q), _empty(q)
-    cfg = _config(interpret)
+    cfg, launch = _config("backward", interpret)
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
-        launch = {"num_warps": cfg["num_warps"]} if not interpret else {}
         _kernel("backward", interpret)[grid](
-            q, k, v, kmax.contiguous(), kmin.contiguous(), out, inv_z, t, grad, dq, dk, dv, g,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **launch)
+            hi, lo, q, k, v, m2, out, inv_z, t, grad, dq, dk, dv, g, **cfg, **launch)
     return dq, dk, dv
 
 
@@ -279,18 +353,18 @@ class _TritonAttention(torch.autograd.Function):
         g = shape[-1]
         q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
         need = any(ctx.needs_input_grad[:3])
-        out, inv_z, t, kmax, kmin = _launch_forward(q2, k2, v2, need, interpret)
+        out, inv_z, t, scaled = _launch_forward(q2, k2, v2, need, interpret)
         if need:
-            ctx.save_for_backward(q2, k2, v2, kmax, kmin, out, inv_z, t)
+            ctx.save_for_backward(q2, k2, v2, *scaled, out, inv_z, t)
         ctx.shape, ctx.interpret = shape, interpret
         return out.reshape(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, kmax, kmin, out, inv_z, t = ctx.saved_tensors
+        q, k, v, hi, lo, m2, out, inv_z, t = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = _launch_backward(q, k, v, kmax, kmin, out, inv_z, t, g, ctx.interpret)
+        dq, dk, dv = _launch_backward(q, k, v, (hi, lo, m2), out, inv_z, t, g, ctx.interpret)
         s = ctx.shape
         return dq.reshape(s), dk.reshape(s), dv.reshape(s), None
 
