@@ -17,7 +17,7 @@ TGEM_REQUIRE_CUDA=1 timeout 150 python3 -m pytest -m cuda tests/test_cuda.py -q 
 echo "== 2. CUDA-fitted fixture"
 timeout 60 python3 tests/fixtures/make_cuda_fixture.py "$out" 2>&1 | tail -5
 echo "== 3. benchmark"
-timeout 210 python3 benchmarks/bench_gpu.py --out "$out/gpu_h100.json" 2>&1 | tee "$out/bench.txt"
+timeout 210 python3 benchmarks/bench_gpu.py --out "$out/gpu.json" 2>&1 | tee "$out/bench.txt"
 echo "== 4. interpreter tests (this machine's triton)"
 TGEM_REQUIRE_TRITON=1 timeout 40 python3 -m pytest tests/test_triton.py -q -p no:cacheprovider \
     2>&1 | tail -3
