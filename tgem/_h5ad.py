@@ -215,6 +215,16 @@ class H5ADDataset:
             values = _labels(_read_elem(group[name]))
         return values if self._rows is None else values[self._rows]
 
+    def mean(self, axis: int = 0, block_rows: int = 4096) -> np.ndarray:
+        """Column means (``axis=0``), streamed ``block_rows`` rows at a time (float64)."""
+        if axis != 0:
+            raise ValueError(f"only axis=0 (per-gene means) is supported; got axis={axis!r}.")
+        total = np.zeros(self.n_genes, dtype=np.float64)
+        for start in range(0, self.shape[0], block_rows):
+            block = self[start:start + block_rows]
+            total += block.sum(axis=0, dtype=np.float64)
+        return total / max(1, self.shape[0])
+
     def subset(self, rows) -> H5ADDataset:
         """A dataset of the given rows (in that order) of this one, sharing nothing open."""
         rows = np.asarray(rows, dtype=np.int64)
