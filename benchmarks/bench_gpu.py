@@ -341,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=15.0,
                         help="skip a measurement predicted to take longer than this")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--sweep-configs", type=json.loads, default=None,
+                        help='JSON list of {"BLOCK_M", "BLOCK_N", "num_warps"} to sweep')
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU run through Triton's interpreter (TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -379,6 +381,8 @@ def main(argv=None):
     probes = result["probes"]
     # the inline-PTX ftz exp2 only if it is measurably faster than tl.exp2
     fast_exp = probes.get("exp2_per_s_ftz_asm", 0) > 1.03 * probes.get("exp2_per_s", 0)
+    if args.sweep_configs:
+        SWEEP[:] = args.sweep_configs
     if not args.no_sweep:
         result["sweep"] = sweep(rows, genes, fast_exp)
         logger.info("chosen configs: %s", result["sweep"]["chosen"])
