@@ -87,7 +87,7 @@ def main() -> None:
 
     # 2. gene networks and hub genes of a few cell types (held-out cells of each type)
     t0 = time.perf_counter()
-    edges = attention_network(clf, X_test, y_test, classes=args.cell_types,
+    edges = attention_network(clf, X_test, y_test, target=args.cell_types,
                               top_fraction=0.001)
     print(f"\nattention networks of {len(args.cell_types)} cell types: "
           f"{time.perf_counter() - t0:.0f} s, {len(edges)} links")

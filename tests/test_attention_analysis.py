@@ -21,6 +21,7 @@ from tgem.attention import (
     attention_entropy,
     attention_map,
     attention_network,
+    entropy_table,
     hub_genes,
     layer_outputs,
     to_networkx,
@@ -118,6 +119,22 @@ def test_one_hot_attention_has_entropy_near_zero(fitted):
     X = np.ones((3, 6), dtype=np.float32)  # q_i = 50, k_j = j: all mass on the last gene
     ent = attention_entropy(sharp, X, per_sample=True)
     assert np.all(ent[:, 0] < 1e-6)
+
+
+def test_entropy_table_is_long_and_matches_the_array(fitted):
+    clf, X, _ = fitted
+    ent = attention_entropy(clf, X[:4], per_sample=True)
+    table = entropy_table(ent)
+    assert list(table.columns) == ["sample", "layer", "head", "entropy"]
+    assert len(table) == ent.size
+    row = table[(table["sample"] == 3) & (table["layer"] == 1) & (table["head"] == 2)]
+    assert row["entropy"].item() == ent[3, 1, 2]
+    per_gene = entropy_table(attention_entropy(clf, X, per_gene=True), per_gene=True,
+                             genes=list("abcdef"))
+    assert list(per_gene.columns) == ["layer", "head", "gene", "entropy"]
+    assert set(per_gene["gene"]) == set("abcdef")
+    with pytest.raises(ValueError, match="per_gene=True"):
+        entropy_table(np.ones((2, 2, 2, 2)))
 
 
 # ----------------------------------------------------------------------------- maps
@@ -357,11 +374,14 @@ def test_to_networkx_names_the_extra_when_missing(monkeypatch):
 
 def test_attention_network_per_class_matches_attribution_and_edges(fitted):
     clf, X, y = fitted
-    edges = attention_network(clf, X, y, classes=["up"], top_fraction=0.1, n_steps=6)
+    edges = attention_network(clf, X, y, target="up", top_fraction=0.1, n_steps=6)
     scores = attention_attribution(clf, X[y == "up"], "up", n_steps=6)
     expected = attention_edges(scores, [f"gene{i}" for i in range(6)], top_fraction=0.1)
     pd.testing.assert_frame_equal(edges.drop(columns="class"), expected)
     assert set(edges["class"]) == {"up"}
+    # without labels: the rows given are the class's samples
+    no_y = attention_network(clf, X[y == "up"], target="up", top_fraction=0.1, n_steps=6)
+    pd.testing.assert_frame_equal(no_y, edges)
 
 
 # ----------------------------------------------------------------------------- plots

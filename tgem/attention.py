@@ -1,8 +1,8 @@
 """Attention analysis of a fitted :class:`~tgem.TGEMClassifier`.
 
-- :func:`attention_entropy`: natural-log entropy of each head's attention rows, per layer and
-  head (optionally per sample and per gene), never holding more than a block of the gene x
-  gene matrix.
+- :func:`attention_entropy` (tidy with :func:`entropy_table`): natural-log entropy of each
+  head's attention rows, per layer and head (optionally per sample and per gene), never
+  holding more than a block of the gene x gene matrix.
 - :func:`attention_map`: one layer's (and head's) attention matrix for given samples, or its
   mean, streamed block by block, with a clear error when the result would not fit.
 - :func:`layer_outputs`: each layer's output, usable as an embedding of the samples.
@@ -38,9 +38,9 @@ from tgem._gene_network import (
 )
 from tgem._training import dense_batch, iter_batches
 
-__all__ = ["attention_entropy", "attention_map", "layer_outputs", "attention_attribution",
-           "attention_network", "attention_edges", "hub_genes", "write_edges",
-           "write_graphml", "to_networkx"]
+__all__ = ["attention_entropy", "entropy_table", "attention_map", "layer_outputs",
+           "attention_attribution", "attention_network", "attention_edges", "hub_genes",
+           "write_edges", "write_graphml", "to_networkx"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,54 @@ def attention_entropy(clf, X, *, per_sample: bool = False, per_gene: bool = Fals
     if not per_sample:
         acc = acc[0] / n
     return acc if per_gene else acc[..., 0]
+
+
+def entropy_table(entropy, *, per_gene: bool = False, genes=None) -> pd.DataFrame:
+    """Tidy (long) table of :func:`attention_entropy` values, one row per value.
+
+    Parameters
+    ----------
+    entropy : ndarray
+        ``(n_layers, n_heads)``, or ``(n_samples, n_layers, n_heads)`` (``per_sample``); with
+        ``per_gene``, ``(n_layers, n_heads, n_genes)`` or ``(n_samples, n_layers, n_heads,
+        n_genes)``.
+    per_gene : bool, default=False
+        Whether the last axis holds genes (``attention_entropy(..., per_gene=True)``).
+    genes : sequence of str, optional
+        Gene names for the ``gene`` column (default: positions).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``[sample,] layer, head, [gene,] entropy``; layers and heads count from 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tgem.attention import entropy_table
+    >>> entropy_table(np.array([[1.0, 2.0]]))
+       layer  head  entropy
+    0      0     0      1.0
+    1      0     1      2.0
+    >>> entropy_table(np.ones((3, 2, 2))).groupby("layer")["entropy"].mean().tolist()
+    [1.0, 1.0]
+    """
+    arr = np.asarray(entropy, dtype=np.float64)
+    names = (["layer", "head", "gene"] if per_gene else ["layer", "head"])
+    if arr.ndim == len(names) + 1:
+        names = ["sample"] + names
+    elif arr.ndim != len(names):
+        raise ValueError(f"entropy has shape {arr.shape}; expected {len(names)} or "
+                         f"{len(names) + 1} axes ({', '.join(names)}, optionally led by the "
+                         "samples). Pass per_gene=True for per-gene values.")
+    index = pd.MultiIndex.from_product([range(n) for n in arr.shape], names=names)
+    table = pd.DataFrame({"entropy": arr.reshape(-1)}, index=index).reset_index()
+    if per_gene and genes is not None:
+        genes = np.asarray(genes, dtype=object)
+        if genes.shape != (arr.shape[-1],):
+            raise ValueError(f"genes has {genes.size} names for {arr.shape[-1]} genes.")
+        table["gene"] = genes[table["gene"].to_numpy()]
+    return table
 
 
 # ----------------------------------------------------------------------------- maps
@@ -433,7 +481,7 @@ def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None
     return (scores, delta.numpy()) if return_convergence_delta else scores
 
 
-def attention_network(clf, X, y=None, *, classes=None, top_fraction: float | None = 0.001,
+def attention_network(clf, X, y=None, *, target=None, top_fraction: float | None = 0.001,
                       threshold: float | None = None, genes: Sequence[str] | None = None,
                       n_steps: int = 50, method: str = "gausslegendre",
                       batch_size: int | None = None) -> pd.DataFrame:
@@ -452,9 +500,10 @@ def attention_network(clf, X, y=None, *, classes=None, top_fraction: float | Non
     X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
     y : array-like of shape (n_samples,), optional
         Labels of ``X``; a class's samples are the rows with that label. Without ``y`` all
-        rows are used for each class.
-    classes : label or sequence of labels, optional
-        Classes to attribute; default all classes present in ``y`` (or ``clf.classes_``).
+        rows are used for each class (pass the samples of one class and ``target``).
+    target : label or sequence of labels, optional
+        Class(es) to attribute; default all classes present in ``y`` (or, without ``y``,
+        all of ``clf.classes_``).
     top_fraction, threshold, genes
         As in :func:`attention_edges`.
     n_steps, method, batch_size
@@ -482,10 +531,12 @@ def attention_network(clf, X, y=None, *, classes=None, top_fraction: float | Non
     ['down', 'up']
     """
     names = _gene_names(clf, genes)
-    if classes is None:
+    if target is None:
         classes = list(np.unique(y)) if y is not None else list(clf.classes_)
-    elif np.ndim(classes) == 0:
-        classes = [classes]
+    elif np.ndim(target) == 0:
+        classes = [target]
+    else:
+        classes = list(target)
     if y is not None:
         y = np.asarray(y)
         if y.shape[0] != np.shape(X)[0]:
