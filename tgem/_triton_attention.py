@@ -49,12 +49,14 @@ except Exception as exc:  # ImportError, or a broken install
 LOG2E = 1.4426950408889634
 
 #: Per kernel: tile shape, warps, and ``FAST_EXP`` (the PTX ``ex2.approx.ftz.f32``
-#: instruction written out, one MUFU operation, instead of ``tl.exp2``). Chosen on an H100
-#: by ``benchmarks/bench_gpu.py`` (its sweep; see ``benchmarks/README.md``).
+#: instruction written out instead of ``tl.exp2``; on triton 3.6 ``tl.exp2`` already emits
+#: it, so it is off). The fastest of ``benchmarks/bench_gpu.py``'s sweep on an H100 80GB
+#: HBM3 at 1708 genes, 320 rows (``benchmarks/results/gpu_h100.json``). Larger tiles of
+#: the training forward (64x64 with 4 warps) ran 50x slower: its eight accumulators spill.
 CONFIG = {
-    "forward": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "FAST_EXP": False},
-    "forward_nograd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "FAST_EXP": False},
-    "backward": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "FAST_EXP": False},
+    "forward": {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "FAST_EXP": False},
+    "forward_nograd": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2, "FAST_EXP": False},
+    "backward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2, "FAST_EXP": False},
 }
 #: Small tiles for the interpreter, whose cost grows with the tile area it simulates (it
 #: cannot run inline PTX, hence ``tl.exp2``).
