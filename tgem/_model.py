@@ -129,7 +129,8 @@ class TGEMNet(nn.Module):
         self.norms = nn.ModuleList(
             TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers))
         self.dropout = Dropout(dropout)
-        self.classifier = nn.Linear(n_genes, n_classes)
+        # no default initialisation: it would draw from torch's global generator
+        self.classifier = nn.utils.skip_init(nn.Linear, n_genes, n_classes)
         self.reset_parameters(generator)
 
     @torch.no_grad()
