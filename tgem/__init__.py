@@ -1,8 +1,14 @@
-"""tgem: T-GEM (Transformer for Gene Expression Modeling) as a scikit-learn estimator."""
+"""tgem: T-GEM (Transformer for Gene Expression Modeling) as a scikit-learn estimator.
+
+``TGEMClassifier`` is the model; :mod:`tgem.interpret` attributes its predictions to genes,
+:mod:`tgem.attention` analyses its attention, :mod:`tgem.datasets` loads and selects data,
+and :mod:`tgem.plotting` draws the figures (optional ``plot`` extra).
+"""
 
 from tgem._classifier import TGEMClassifier
+from tgem._io import load
 from tgem._versions import show_versions, versions
 
 __version__ = "0.1.0"
 
-__all__ = ["TGEMClassifier", "show_versions", "versions", "__version__"]
+__all__ = ["TGEMClassifier", "load", "show_versions", "versions", "__version__"]
