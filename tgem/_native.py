@@ -23,7 +23,6 @@ import logging
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from tgem._attention import Backend, register_backend
 
@@ -31,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 #: Instruction-set paths of the kernel, by the code the C library uses for them.
 ISAS = ("scalar", "avx2", "avx512")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _ERRORS = {-1: "invalid arguments", -2: "instruction set not supported by this CPU",
            -3: "out of memory"}
 
@@ -68,10 +67,9 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str | None, str | None
     lib.tgem_isa_lanes.restype = cint
     lib.tgem_probe_chains.argtypes = [cint]
     lib.tgem_probe_chains.restype = cint
-    lib.tgem_forward.argtypes = [ptr, ptr, ptr, i64, i64, cint, ptr, ptr, ptr, ptr, ptr, cint,
-                                 cint]
+    lib.tgem_forward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, cint, cint]
     lib.tgem_forward.restype = cint
-    lib.tgem_backward.argtypes = [ptr] * 9 + [i64, i64, ptr, ptr, ptr, cint, cint]
+    lib.tgem_backward.argtypes = [ptr] * 8 + [i64, i64, ptr, ptr, ptr, cint, cint]
     lib.tgem_backward.restype = cint
     lib.tgem_exp2.argtypes = [ptr, ptr, i64, cint]
     lib.tgem_exp2.restype = cint
@@ -226,56 +224,52 @@ def _raise_on(code: int, what: str) -> None:
         raise RuntimeError(f"native {what} failed: {_ERRORS.get(code, f'error code {code}')}.")
 
 
-def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_grad: bool):
+def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Native counterpart of :func:`tgem._attention.exact_forward` on contiguous (N, G) float32.
 
     Returns
     -------
-    out, m2, inv_z, e_diag, t : torch.Tensor of shape (N, G)
-        As ``exact_forward``: the output, the base-2 row maxima ``max_j q_i log2(e) k_j``,
-        ``1 / Z``, the diagonal exponentials and ``t`` with ``dq = grad * t`` (None unless
-        ``need_grad``).
+    out, m2, inv_z, e_diag : torch.Tensor of shape (N, G)
+        As ``exact_forward``: the output, the base-2 row maxima, ``1 / Z`` and the diagonal
+        exponentials.
 
     Examples
     --------
     >>> import torch
     >>> q, k, v = torch.randn(3, 2, 5).unbind(0)
     >>> if native_available():
-    ...     out, m2, inv_z, e_diag, t = native_forward(q, k, v, need_grad=False)
-    ...     print(tuple(out.shape), t)
-    ... else:  # the kernel is not built here: the same shapes from the pure path
-    ...     print((2, 5), None)
-    (2, 5) None
+    ...     out, m2, inv_z, e_diag = native_forward(q, k, v)
+    ...     print(tuple(out.shape))
+    ... else:  # the kernel is not built here: the same shape from the pure path
+    ...     print((2, 5))
+    (2, 5)
     """
     n, g = q.shape
     _check({"q": q, "k": k, "v": v}, q.shape)
     isa = _isa_code()
     out, m2, inv_z, e_diag = (torch.empty(n, g, dtype=torch.float32) for _ in range(4))
-    t = torch.empty(n, g, dtype=torch.float32) if need_grad else None
-    code = _LIB.tgem_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), n, g, int(need_grad),
-                             out.data_ptr(), m2.data_ptr(), inv_z.data_ptr(), e_diag.data_ptr(),
-                             t.data_ptr() if t is not None else None, isa,
+    code = _LIB.tgem_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), n, g, out.data_ptr(),
+                             m2.data_ptr(), inv_z.data_ptr(), e_diag.data_ptr(), isa,
                              torch.get_num_threads())
     _raise_on(code, "attention forward")
-    return out, m2, inv_z, e_diag, t
+    return out, m2, inv_z, e_diag
 
 
-def native_backward(q, k, v, m2, inv_z, e_diag, out, t, grad):
+def native_backward(q, k, v, m2, inv_z, e_diag, out, grad):
     """Native counterpart of :func:`tgem._attention.exact_backward`; returns ``dq, dk, dv``.
 
     All arguments are contiguous (N, G) float32 CPU tensors: the inputs, the outputs of
     :func:`native_forward` (or of ``exact_forward``) and the upstream gradient ``grad``.
     """
     _check({"q": q, "k": k, "v": v, "m2": m2, "inv_z": inv_z, "e_diag": e_diag, "out": out,
-            "t": t, "grad": grad}, q.shape)
+            "grad": grad}, q.shape)
     isa = _isa_code()
     n, g = q.shape
     dq, dk, dv = (torch.empty(n, g, dtype=torch.float32) for _ in range(3))
     code = _LIB.tgem_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), m2.data_ptr(),
-                              inv_z.data_ptr(),
-                              e_diag.data_ptr(), out.data_ptr(), t.data_ptr(), grad.data_ptr(),
-                              n, g, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), isa,
-                              torch.get_num_threads())
+                              inv_z.data_ptr(), e_diag.data_ptr(), out.data_ptr(),
+                              grad.data_ptr(), n, g, dq.data_ptr(), dk.data_ptr(),
+                              dv.data_ptr(), isa, torch.get_num_threads())
     _raise_on(code, "attention backward")
     return dq, dk, dv
 
@@ -310,19 +304,22 @@ class _NativeAttention(torch.autograd.Function):
         shape = q.shape
         g = shape[-1]
         q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
-        need = any(ctx.needs_input_grad)
-        out, m2, inv_z, e_diag, t = native_forward(q2, k2, v2, need)
-        if need:
-            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out, t)
+        out, m2, inv_z, e_diag = native_forward(q2, k2, v2)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out)
         ctx.shape = shape
         return out.reshape(shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        q, k, v, m2, inv_z, e_diag, out, t = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "The native T-GEM attention is differentiable once; double backward "
+                "(create_graph=True) is not implemented. Use attention_backend='reference' "
+                "for higher-order gradients.")
+        q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = native_backward(q, k, v, m2, inv_z, e_diag, out, t, g)
+        dq, dk, dv = native_backward(q, k, v, m2, inv_z, e_diag, out, g)
         s = ctx.shape
         return dq.reshape(s), dk.reshape(s), dv.reshape(s)
 

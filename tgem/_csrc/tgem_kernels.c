@@ -8,25 +8,20 @@
  *   q'_i     = q_i log2(e) = h_i + l_i  (h = float32 product, l = its rounding error, from
  *              double: one float32 log2(e) would bias every exponent the same way)
  *   s'_ij    = h_i k_j + l_i k_j, m_i = s'_i at the largest key if q_i >= 0, else at the
- *              smallest (closed-form base-2 row maximum)
+ *              smallest (closed-form base-2 row maximum); the score is rounded before the
+ *              shift is subtracted, so the peak of a row gives exactly 2^0 = 1
  *   e_ij     = exp(q_i k_j - max_j q_i k_j) = 2^(s'_ij - m_i)
- *   shifts   : candidates c = 0, 1, 2: (a_c, b_c) = (k, v) at the largest key, at the smallest
- *              key, and the means of k and v over the row
- *   forward  : Z'_i = sum_{j!=i} e_ij, S_i = sum_{j!=i} e_ij v_j                 (row sums)
- *              [P_ci = sum_{j!=i} e_ij (v_j - b_c)(k_j - a_c), K_ci = sum_{j!=i} e_ij (k_j - a_c)]
- *              e_diag = e_ii, Z = Z' + e_diag, inv_z = 1 / Z, out = S inv_z,
- *              sub_c = (out - b_c) K_c, c* = argmin_c |sub_c|,
- *              t = (P_c* - sub_c* - e_diag out (k_i - a_c*)) inv_z          (dq = grad t)
- *   backward : w1 = grad inv_z, w2 = w1 q, group g_i = argmin_c |out_i - b_c|,
- *              C0_j = sum_{i!=j} e_ij w1_i, C(1+c)_j = sum_{i!=j, g_i=c} e_ij w2_i,
- *              C4_j = sum_{i!=j} e_ij w2_i (out_i - b_{g_i})                 (column sums)
- *              dv = C0, dk = sum_c (v - b_c) C(1+c) - C4 - e_diag w2 out, dq = grad t
+ *   forward  : Z_i = sum_{j!=i} e_ij + e_ii, inv_z = 1 / Z, out_i = sum_{j!=i} e_ij v_j inv_z
+ *   backward : w1 = grad inv_z, w2 = w1 q, D_ij = e_ij (v_j - out_i) for j != i (element by
+ *              element, as the plain softmax backward: the gradients are covariances under
+ *              the attention distribution and would cancel as differences of plain sums),
+ *              dv_j = sum_{i!=j} e_ij w1_i,  dk_j = sum_{i!=j} D_ij w2_i - e_jj out_j w2_j,
+ *              dq_i = w1_i (sum_{j!=i} D_ij k_j - e_ii out_i k_i)
  *
- * with the score rounded before the shift is subtracted, by the same operations as the row
- * maximum, so that the peak of each row gives exactly 2^0 = 1 as in the float64 computation.
- * This is, operation for operation, exact_forward / exact_backward of tgem/_attention.py: the
- * diagonal is excluded inside the sums, and the gradient sums are centred at the score peak (or
- * the means, for flat rows) so that sharp softmaxes do not cancel catastrophically.
+ * which is, operation for operation, exact_forward / exact_backward of tgem/_attention.py. The
+ * diagonal is excluded inside the sums (not subtracted afterwards). The backward pass runs
+ * over key blocks (columns); the query gradient's row sums are kept per key block and added
+ * in block order at the end.
  *
  * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-6
  * polynomial (relative approximation error 2e-9; about 1 ulp after float32 rounding), with
@@ -66,7 +61,7 @@
 #define TGEM_INLINE static inline
 #endif
 
-#define TGEM_ABI_VERSION 1
+#define TGEM_ABI_VERSION 2
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
@@ -135,22 +130,18 @@ static void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const v
 }
 
 /* ------------------------------------------------------------------------------ shared */
-#define TGEM_NC 3 /* candidate shifts of the gradient sums */
-
 typedef struct {
     const float *q, *k, *v;
     int64_t n, g, blocks, rows;      /* rows per task, blocks = ceil(g / rows) */
-    int grad, stride;                /* stride: scratch floats per row n, in units of g */
-    float *scratch;                  /* per row n: h, l, [grad: k - a_c, (v - b_c)(k - a_c)] */
-    float *ab;                       /* grad: per row n, a_0..2 then b_0..2 */
-    float *out, *m, *inv_z, *e_diag, *t;
+    float *scratch;                  /* per row n: h, l (2 g) */
+    float *out, *m, *inv_z, *e_diag;
 } tgem_fwd_ctx;
 
 typedef struct {
-    const float *q, *k, *v, *m, *inv_z, *e_diag, *out, *t, *grad;
+    const float *q, *k, *v, *m, *inv_z, *e_diag, *out, *grad;
     int64_t n, g, blocks, cols;
-    float *scratch;                  /* per row n: h, l, m, w1, w2 by group 0..2, w4 (8 g) */
-    float *ab;                       /* per row n: a_0..2 then b_0..2 */
+    float *scratch;                  /* per row n: h, l, w1, w2 (4 g) */
+    float *dqpart;                   /* per row n and key block: partial sum_j D_ij k_j (g) */
     float *dq, *dk, *dv;
 } tgem_bwd_ctx;
 
@@ -168,26 +159,6 @@ static void tgem_minmax_scalar(const float *k, int64_t g, float *kmin, float *km
     *kmax = tgem_canon_zero(hi);
 }
 
-/* Candidate shifts of row n: (k, v) at the first largest key, at the first smallest key, and
- * the means (accumulated in double). ab = a_0, a_1, a_2, b_0, b_1, b_2. */
-static void tgem_candidates(const float *k, const float *v, int64_t g, float *ab)
-{
-    int64_t jmax = 0, jmin = 0;
-    double sk = 0.0, sv = 0.0;
-    for (int64_t j = 0; j < g; ++j) {
-        jmax = k[j] > k[jmax] ? j : jmax;
-        jmin = k[j] < k[jmin] ? j : jmin;
-        sk += k[j];
-        sv += v[j];
-    }
-    ab[0] = k[jmax];
-    ab[1] = k[jmin];
-    ab[2] = (float)(sk / (double)g);
-    ab[3] = v[jmax];
-    ab[4] = v[jmin];
-    ab[5] = (float)(sv / (double)g);
-}
-
 /* q log2(e) as h + l: h the float32 product (as float32 arithmetic gives it), l its error */
 static void tgem_split_queries(const float *q, int64_t g, float *h, float *l)
 {
@@ -197,52 +168,46 @@ static void tgem_split_queries(const float *q, int64_t g, float *h, float *l)
     }
 }
 
-/* Forward prologue for row n: split queries; for training, candidate shifts and the shifted
- * key columns. */
 static void tgem_fwd_prologue(const void *vctx, int64_t n)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
-    const int64_t g = c->g, o = n * g;
-    const float *k = c->k + o, *v = c->v + o;
-    float *s = c->scratch + c->stride * o;
-    tgem_split_queries(c->q + o, g, s, s + g);
-    if (!c->grad)
-        return;
-    float *ab = c->ab + 6 * n;
-    tgem_candidates(k, v, g, ab);
-    for (int cc = 0; cc < TGEM_NC; ++cc) {
-        float *kc = s + (2 + cc) * g, *kv = s + (2 + TGEM_NC + cc) * g;
-        for (int64_t j = 0; j < g; ++j) {
-            const float kj = k[j] - ab[cc];
-            kc[j] = kj;
-            kv[j] = (v[j] - ab[TGEM_NC + cc]) * kj;
-        }
-    }
+    float *s = c->scratch + 2 * n * c->g;
+    tgem_split_queries(c->q + n * c->g, c->g, s, s + c->g);
 }
 
-/* Backward prologue for row n: base-2 query, shift, column weights by group, and dq.
- * ISA-independent. */
+/* Backward prologue for row n: split queries and the gradient weights. ISA-independent. */
 static void tgem_bwd_prologue(const void *vctx, int64_t n)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
     const int64_t g = c->g, o = n * g;
-    float *ab = c->ab + 6 * n;
-    float *hs = c->scratch + 8 * o, *ls = hs + g, *ms = ls + g, *w1 = ms + g, *wg = w1 + g;
-    float *w4 = wg + 3 * g;
-    tgem_candidates(c->k + o, c->v + o, g, ab);
+    float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
     tgem_split_queries(c->q + o, g, hs, ls);
     for (int64_t i = 0; i < g; ++i) {
-        const float q = c->q[o + i], gr = c->grad[o + i], out = c->out[o + i];
-        const float d0 = fabsf(out - ab[3]), d1 = fabsf(out - ab[4]), d2 = fabsf(out - ab[5]);
-        const int grp = d1 < d0 ? (d2 < d1 ? 2 : 1) : (d2 < d0 ? 2 : 0);
-        ms[i] = c->m[o + i];
-        w1[i] = gr * c->inv_z[o + i];
-        const float w2 = w1[i] * q;
-        for (int cc = 0; cc < TGEM_NC; ++cc)
-            wg[cc * g + i] = cc == grp ? w2 : 0.0f;
-        w4[i] = w2 * (out - ab[3 + grp]);
-        c->dq[o + i] = gr * c->t[o + i];
+        w1[i] = c->grad[o + i] * c->inv_z[o + i];
+        w2[i] = w1[i] * c->q[o + i];
     }
+}
+
+/* Backward epilogue for row n: dq from the per-block partial sums, added in block order. */
+static void tgem_bwd_epilogue(const void *vctx, int64_t n)
+{
+    const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
+    const int64_t g = c->g, o = n * g;
+    const float *w1 = c->scratch + 4 * o + 2 * g;
+    const float *part = c->dqpart + n * c->blocks * g;
+    for (int64_t i = 0; i < g; ++i) {
+        float s = part[i];
+        for (int64_t b = 1; b < c->blocks; ++b)
+            s += part[b * g + i];
+        c->dq[o + i] = w1[i] * (s - (c->e_diag[o + i] * c->out[o + i]) * c->k[o + i]);
+    }
+}
+
+/* dk of key j from its column sum (the same formula in every path) */
+TGEM_INLINE float tgem_dk_final(const tgem_bwd_ctx *c, int64_t j, float sum_dw2)
+{
+    const float *w2 = c->scratch + 4 * (j - j % c->g) + 3 * c->g;
+    return sum_dw2 - (c->e_diag[j] * c->out[j]) * w2[j % c->g];
 }
 
 /* ------------------------------------------------------------------------------ scalar */
@@ -277,33 +242,15 @@ TGEM_INLINE float tgem_exp2_scalar(float y)
     return (p * s1) * s2;
 }
 
-/* t from the row sums, choosing the candidate shift with the smallest subtracted term */
-TGEM_INLINE float tgem_t_scalar(const float *ab, const float *pp, const float *kk, float out,
-                                float ed, float kr, float iz)
-{
-    float best_sub = (out - ab[3]) * kk[0], best_p = pp[0], best_a = ab[0];
-    for (int cc = 1; cc < TGEM_NC; ++cc) {
-        const float sub = (out - ab[3 + cc]) * kk[cc];
-        if (fabsf(sub) < fabsf(best_sub)) {
-            best_sub = sub;
-            best_p = pp[cc];
-            best_a = ab[cc];
-        }
-    }
-    return ((best_p - best_sub) - (ed * out) * (kr - best_a)) * iz;
-}
-
 static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * TGEM_SL;
     const int64_t o = n * g, nr = g - i0 < TGEM_SL ? g - i0 : TGEM_SL;
     const float *k = c->k + o, *v = c->v + o;
-    const float *hs = c->scratch + c->stride * o, *ls = hs + g, *sc = hs + 2 * g;
-    const float *ab = c->grad ? c->ab + 6 * n : NULL;
+    const float *hs = c->scratch + 2 * o, *ls = hs + g;
     float kmin, kmax, qh[TGEM_SL], ql[TGEM_SL], ms[TGEM_SL];
-    float z[TGEM_SL] = {0}, s1[TGEM_SL] = {0}, pp[TGEM_NC][TGEM_SL] = {{0}};
-    float kk[TGEM_NC][TGEM_SL] = {{0}};
+    float z[TGEM_SL] = {0}, s1[TGEM_SL] = {0};
     tgem_minmax_scalar(k, g, &kmin, &kmax);
     for (int64_t l = 0; l < nr; ++l) {
         const float kx = c->q[o + i0 + l] >= 0.0f ? kmax : kmin;
@@ -314,8 +261,7 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
     }
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
         const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
-        float pz[TGEM_SL] = {0}, pn[TGEM_SL] = {0}, p1[TGEM_NC][TGEM_SL] = {{0}};
-        float p2[TGEM_NC][TGEM_SL] = {{0}};
+        float pz[TGEM_SL] = {0}, pn[TGEM_SL] = {0};
         for (int64_t j = jb; j < je; ++j) {
             const float kj = k[j], vj = v[j];
             for (int64_t l = 0; l < nr; ++l) {
@@ -323,21 +269,11 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
                 p = (j == i0 + l) ? 0.0f : p;
                 pz[l] = pz[l] + p;
                 pn[l] = pn[l] + p * vj;
-                if (c->grad) {
-                    for (int cc = 0; cc < TGEM_NC; ++cc) {
-                        p1[cc][l] = p1[cc][l] + p * sc[(TGEM_NC + cc) * g + j];
-                        p2[cc][l] = p2[cc][l] + p * sc[cc * g + j];
-                    }
-                }
             }
         }
         for (int64_t l = 0; l < nr; ++l) {
             z[l] += pz[l];
             s1[l] += pn[l];
-            for (int cc = 0; cc < TGEM_NC; ++cc) {
-                pp[cc][l] += p1[cc][l];
-                kk[cc][l] += p2[cc][l];
-            }
         }
     }
     for (int64_t l = 0; l < nr; ++l) {
@@ -345,72 +281,58 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
         const float kr = k[i0 + l];
         const float ed = tgem_exp2_scalar((qh[l] * kr + ql[l] * kr) - ms[l]);
         const float iz = 1.0f / (z[l] + ed);
-        const float out = s1[l] * iz;
         c->e_diag[i] = ed;
         c->inv_z[i] = iz;
-        c->out[i] = out;
-        if (c->grad) {
-            const float ppl[TGEM_NC] = {pp[0][l], pp[1][l], pp[2][l]};
-            const float kkl[TGEM_NC] = {kk[0][l], kk[1][l], kk[2][l]};
-            c->t[i] = tgem_t_scalar(ab, ppl, kkl, out, ed, kr, iz);
-        }
+        c->out[i] = s1[l] * iz;
     }
-}
-
-/* dk, dv of key j from its column sums (identical formula in every path) */
-TGEM_INLINE void tgem_dkdv_scalar(const tgem_bwd_ctx *c, int64_t n, int64_t jj, const float *cs)
-{
-    const float *ab = c->ab + 6 * n;
-    const int64_t j = n * c->g + jj;
-    const float vj = c->v[j];
-    const float w2 = (c->grad[j] * c->inv_z[j]) * c->q[j];
-    float dk = (vj - ab[3]) * cs[1] + (vj - ab[4]) * cs[2];
-    dk = dk + (vj - ab[5]) * cs[3];
-    c->dk[j] = (dk - cs[4]) - (c->e_diag[j] * w2) * c->out[j];
-    c->dv[j] = cs[0];
 }
 
 static void tgem_bwd_task_scalar(const void *vctx, int64_t task)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, j0 = (task % c->blocks) * TGEM_SL;
+    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks, j0 = blk * TGEM_SL;
     const int64_t o = n * g, nc = g - j0 < TGEM_SL ? g - j0 : TGEM_SL;
-    const float *hs = c->scratch + 8 * o, *ls = hs + g, *ms = ls + g, *w1 = ms + g, *wg = w1 + g;
-    const float *w4 = wg + 3 * g;
-    float cs[5][TGEM_SL] = {{0}}, kc[TGEM_SL];
-    for (int64_t l = 0; l < nc; ++l)
+    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    const float *ms = c->m + o, *out = c->out + o;
+    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
+    float cv[TGEM_SL] = {0}, ck[TGEM_SL] = {0}, kc[TGEM_SL], vc[TGEM_SL];
+    for (int64_t l = 0; l < nc; ++l) {
         kc[l] = c->k[o + j0 + l];
+        vc[l] = c->v[o + j0 + l];
+    }
     for (int64_t ib = 0; ib < g; ib += TGEM_JB) {
         const int64_t ie = ib + TGEM_JB < g ? ib + TGEM_JB : g;
-        float ps[5][TGEM_SL] = {{0}};
+        float pv[TGEM_SL] = {0}, pk[TGEM_SL] = {0};
         for (int64_t i = ib; i < ie; ++i) {
-            const float wi[5] = {w1[i], wg[i], wg[g + i], wg[2 * g + i], w4[i]};
+            float dq = 0.0f;
             for (int64_t l = 0; l < nc; ++l) {
                 float p = tgem_exp2_scalar((hs[i] * kc[l] + ls[i] * kc[l]) - ms[i]);
                 p = (i == j0 + l) ? 0.0f : p;
-                for (int a = 0; a < 5; ++a)
-                    ps[a][l] = ps[a][l] + p * wi[a];
+                const float d = p * (vc[l] - out[i]);
+                pv[l] = pv[l] + p * w1[i];
+                pk[l] = pk[l] + d * w2[i];
+                dq = dq + d * kc[l];
             }
+            dqp[i] = dq;
         }
-        for (int a = 0; a < 5; ++a)
-            for (int64_t l = 0; l < nc; ++l)
-                cs[a][l] += ps[a][l];
+        for (int64_t l = 0; l < nc; ++l) {
+            cv[l] += pv[l];
+            ck[l] += pk[l];
+        }
     }
     for (int64_t l = 0; l < nc; ++l) {
-        const float col[5] = {cs[0][l], cs[1][l], cs[2][l], cs[3][l], cs[4][l]};
-        tgem_dkdv_scalar(c, n, j0 + l, col);
+        c->dv[o + j0 + l] = cv[l];
+        c->dk[o + j0 + l] = tgem_dk_final(c, o + j0 + l, ck[l]);
     }
 }
 
 #if TGEM_X86
+
 /* ------------------------------------------------------------------------------ AVX2+FMA */
 #define TGEM_T256 __attribute__((target("avx2,fma")))
 #define TGEM_INLINE256 static inline __attribute__((always_inline, target("avx2,fma")))
 #ifndef NVI256
-#define NVI256 4                /* vectors of 8 lanes per task: inference forward */
-#endif
-#ifndef NVF256
-#define NVF256 1                /* training forward */
+#define NVI256 4                /* vectors of 8 lanes per task: forward */
 #endif
 #ifndef NVB256
 #define NVB256 2                /* backward */
@@ -485,54 +407,41 @@ TGEM_INLINE256 void tgem_minmax_256(const float *k, int64_t g, float *kmin, floa
     *kmax = tgem_canon_zero(b);
 }
 
-/* accumulators: 0 sum e, 1 sum e v, then (grad) P_0, K_0, P_1, K_1, P_2, K_2 */
-TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, const float *sc, int64_t g,
-                                  int64_t jb, int64_t je, const __m256 *qh, const __m256 *ql,
-                                  const __m256 *ms, const __m256i *rowidx, __m256 (*acc)[NVMAX256], int grad,
-                                  int masked, int nv)
+TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, int64_t jb, int64_t je,
+                                  const __m256 *qh, const __m256 *ql, const __m256 *ms,
+                                  const __m256i *rowidx, __m256 *az, __m256 *an, int masked)
 {
     for (int64_t j = jb; j < je; ++j) {
         const __m256 kj = _mm256_set1_ps(k[j]), vj = _mm256_set1_ps(v[j]);
         const __m256i jj = _mm256_set1_epi32((int32_t)j);
         __m256 e[NVMAX256];
-        for (int u = 0; u < nv; ++u)
+        for (int u = 0; u < NVI256; ++u)
             e[u] = _mm256_sub_ps(_mm256_fmadd_ps(ql[u], kj, _mm256_mul_ps(qh[u], kj)), ms[u]);
-        tgem_exp2n_256(e, nv);
+        tgem_exp2n_256(e, NVI256);
         if (masked)
-            for (int u = 0; u < nv; ++u)
+            for (int u = 0; u < NVI256; ++u)
                 e[u] = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(rowidx[u], jj)),
                                         e[u]);
-        for (int u = 0; u < nv; ++u) {
-            acc[0][u] = _mm256_add_ps(acc[0][u], e[u]);
-            acc[1][u] = _mm256_fmadd_ps(e[u], vj, acc[1][u]);
-        }
-        if (grad) {
-            for (int cc = 0; cc < TGEM_NC; ++cc) {
-                const __m256 kv = _mm256_set1_ps(sc[(TGEM_NC + cc) * g + j]);
-                const __m256 kc = _mm256_set1_ps(sc[cc * g + j]);
-                for (int u = 0; u < nv; ++u) {
-                    acc[2 + 2 * cc][u] = _mm256_fmadd_ps(e[u], kv, acc[2 + 2 * cc][u]);
-                    acc[3 + 2 * cc][u] = _mm256_fmadd_ps(e[u], kc, acc[3 + 2 * cc][u]);
-                }
-            }
+        for (int u = 0; u < NVI256; ++u) {
+            az[u] = _mm256_add_ps(az[u], e[u]);
+            an[u] = _mm256_fmadd_ps(e[u], vj, an[u]);
         }
     }
 }
 
-TGEM_INLINE256 void tgem_fwd_256(const tgem_fwd_ctx *c, int64_t task, int grad, int nv)
+TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
 {
-    const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 8 * nv, o = n * g;
-    const float *k = c->k + o, *v = c->v + o;
-    const float *hs = c->scratch + c->stride * o, *ls = hs + g, *sc = hs + 2 * g;
-    const float *ab = grad ? c->ab + 6 * n : NULL;
-    const int na = grad ? 8 : 2;
-    float kmin, kmax, tot[8][NVMAX256 * 8];
-    __m256 qh[NVMAX256], ql[NVMAX256], ms[NVMAX256];
+    const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
+    const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 8 * NVI256;
+    const int64_t o = n * g;
+    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + 2 * o, *ls = hs + g;
+    float kmin, kmax;
+    __m256 qh[NVMAX256], ql[NVMAX256], ms[NVMAX256], z[NVMAX256], s1[NVMAX256];
     __m256i tm[NVMAX256], rowidx[NVMAX256];
     tgem_minmax_256(k, g, &kmin, &kmax);
     const __m256 vkmin = _mm256_set1_ps(kmin), vkmax = _mm256_set1_ps(kmax);
     const __m256 zero = _mm256_setzero_ps();
-    for (int u = 0; u < nv; ++u) {
+    for (int u = 0; u < NVI256; ++u) {
         const int64_t r0 = i0 + 8 * u;
         tm[u] = tgem_tailmask_256(g - r0);
         rowidx[u] = _mm256_add_epi32(_mm256_set1_epi32((int32_t)r0),
@@ -544,97 +453,84 @@ TGEM_INLINE256 void tgem_fwd_256(const tgem_fwd_ctx *c, int64_t task, int grad, 
         ms[u] = _mm256_fmadd_ps(ql[u], kx, _mm256_mul_ps(qh[u], kx));
         if (r0 < g)
             _mm256_maskstore_ps(c->m + o + r0, tm[u], ms[u]);
+        z[u] = s1[u] = zero;
     }
-    memset(tot, 0, sizeof tot);
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
         const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
-        __m256 acc[8][NVMAX256];
-        for (int a = 0; a < na; ++a)
-            for (int u = 0; u < nv; ++u)
-                acc[a][u] = zero;
-        if (jb < i0 + 8 * nv && je > i0)
-            tgem_rows_256(k, v, sc, g, jb, je, qh, ql, ms, rowidx, acc, grad, 1, nv);
+        __m256 az[NVMAX256], an[NVMAX256];
+        for (int u = 0; u < NVI256; ++u)
+            az[u] = an[u] = zero;
+        if (jb < i0 + 8 * NVI256 && je > i0)
+            tgem_rows_256(k, v, jb, je, qh, ql, ms, rowidx, az, an, 1);
         else
-            tgem_rows_256(k, v, sc, g, jb, je, qh, ql, ms, rowidx, acc, grad, 0, nv);
-        for (int a = 0; a < na; ++a)
-            for (int u = 0; u < nv; ++u)
-                _mm256_storeu_ps(tot[a] + 8 * u,
-                                 _mm256_add_ps(_mm256_loadu_ps(tot[a] + 8 * u), acc[a][u]));
+            tgem_rows_256(k, v, jb, je, qh, ql, ms, rowidx, az, an, 0);
+        for (int u = 0; u < NVI256; ++u) {
+            z[u] = _mm256_add_ps(z[u], az[u]);
+            s1[u] = _mm256_add_ps(s1[u], an[u]);
+        }
     }
-    for (int u = 0; u < nv; ++u) {
+    for (int u = 0; u < NVI256; ++u) {
         const int64_t r0 = i0 + 8 * u;
         if (r0 >= g)
             break;
         const __m256 kr = _mm256_maskload_ps(k + r0, tm[u]);
         __m256 ed = _mm256_sub_ps(_mm256_fmadd_ps(ql[u], kr, _mm256_mul_ps(qh[u], kr)), ms[u]);
         tgem_exp2n_256(&ed, 1);
-        const __m256 iz = _mm256_div_ps(_mm256_set1_ps(1.0f),
-                                        _mm256_add_ps(_mm256_loadu_ps(tot[0] + 8 * u), ed));
-        const __m256 out = _mm256_mul_ps(_mm256_loadu_ps(tot[1] + 8 * u), iz);
+        const __m256 iz = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(z[u], ed));
         _mm256_maskstore_ps(c->e_diag + o + r0, tm[u], ed);
         _mm256_maskstore_ps(c->inv_z + o + r0, tm[u], iz);
-        _mm256_maskstore_ps(c->out + o + r0, tm[u], out);
-        if (grad) {
-            float edl[8], izl[8], outl[8];
-            _mm256_storeu_ps(edl, ed);
-            _mm256_storeu_ps(izl, iz);
-            _mm256_storeu_ps(outl, out);
-            for (int l = 0; l < 8 && r0 + l < g; ++l) {
-                const int64_t x = 8 * u + l;
-                const float pp[TGEM_NC] = {tot[2][x], tot[4][x], tot[6][x]};
-                const float kk[TGEM_NC] = {tot[3][x], tot[5][x], tot[7][x]};
-                c->t[o + r0 + l] = tgem_t_scalar(ab, pp, kk, outl[l], edl[l], k[r0 + l], izl[l]);
-            }
-        }
+        _mm256_maskstore_ps(c->out + o + r0, tm[u], _mm256_mul_ps(s1[u], iz));
     }
 }
 
-TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
+TGEM_INLINE256 float tgem_hsum_256(__m256 x)
 {
-    const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
-    if (c->grad)
-        tgem_fwd_256(c, task, 1, NVF256);
-    else
-        tgem_fwd_256(c, task, 0, NVI256);
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-/* accumulators: 0 w1, 1..3 w2 by group, 4 w4 */
-TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ls, const float *ms, const float *w1,
-                                  const float *wg, const float *w4, int64_t g, int64_t ib,
-                                  int64_t ie, const __m256 *kc, const __m256i *colidx,
-                                  __m256 (*acc)[NVMAX256], int masked)
+/* keys in lanes, queries i in [ib, ie): accumulates dv (av) and dk (ak) column sums and
+ * writes the partial dq row sums of this key block */
+TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ls, const float *ms,
+                                  const float *w1, const float *w2, const float *out,
+                                  int64_t ib, int64_t ie, const __m256 *kc, const __m256 *vc,
+                                  const __m256i *colidx, const __m256i *tm, __m256 *av,
+                                  __m256 *ak, float *dqp, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m256 hi = _mm256_set1_ps(hs[i]), li = _mm256_set1_ps(ls[i]);
-        const __m256 mi = _mm256_set1_ps(ms[i]);
-        const __m256 wi[5] = {_mm256_set1_ps(w1[i]), _mm256_set1_ps(wg[i]),
-                              _mm256_set1_ps(wg[g + i]), _mm256_set1_ps(wg[2 * g + i]),
-                              _mm256_set1_ps(w4[i])};
+        const __m256 mi = _mm256_set1_ps(ms[i]), oi = _mm256_set1_ps(out[i]);
+        const __m256 a = _mm256_set1_ps(w1[i]), b = _mm256_set1_ps(w2[i]);
         const __m256i ii = _mm256_set1_epi32((int32_t)i);
-        __m256 e[NVMAX256];
+        __m256 e[NVMAX256], dsum = _mm256_setzero_ps();
         for (int u = 0; u < NVB256; ++u)
             e[u] = _mm256_sub_ps(_mm256_fmadd_ps(li, kc[u], _mm256_mul_ps(hi, kc[u])), mi);
         tgem_exp2n_256(e, NVB256);
         if (masked)
             for (int u = 0; u < NVB256; ++u)
-                e[u] = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(colidx[u], ii)),
-                                        e[u]);
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB256; ++u)
-                acc[a][u] = _mm256_fmadd_ps(e[u], wi[a], acc[a][u]);
+                e[u] = _mm256_and_ps(_mm256_andnot_ps(_mm256_castsi256_ps(
+                           _mm256_cmpeq_epi32(colidx[u], ii)), e[u]), _mm256_castsi256_ps(tm[u]));
+        for (int u = 0; u < NVB256; ++u) {
+            const __m256 d = _mm256_mul_ps(e[u], _mm256_sub_ps(vc[u], oi));
+            av[u] = _mm256_fmadd_ps(e[u], a, av[u]);
+            ak[u] = _mm256_fmadd_ps(d, b, ak[u]);
+            dsum = u == 0 ? _mm256_mul_ps(d, kc[0]) : _mm256_fmadd_ps(d, kc[u], dsum);
+        }
+        dqp[i] = tgem_hsum_256(dsum);
     }
 }
 
 TGEM_T256 static void tgem_bwd_task_avx2(const void *vctx, int64_t task)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, j0 = (task % c->blocks) * 8 * NVB256;
-    const int64_t o = n * g;
-    const float *hs = c->scratch + 8 * o, *ls = hs + g, *ms = ls + g, *w1 = ms + g, *wg = w1 + g;
-    const float *w4 = wg + 3 * g;
+    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks;
+    const int64_t j0 = blk * 8 * NVB256, o = n * g;
+    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
+    const int tail = j0 + 8 * NVB256 > g;
     const __m256 zero = _mm256_setzero_ps();
-    float tot[5][NVMAX256 * 8];
-    __m256 kc[NVMAX256];
+    __m256 kc[NVMAX256], vc[NVMAX256], cv[NVMAX256], ck[NVMAX256];
     __m256i tm[NVMAX256], colidx[NVMAX256];
     for (int u = 0; u < NVB256; ++u) {
         const int64_t r0 = j0 + 8 * u;
@@ -642,26 +538,34 @@ TGEM_T256 static void tgem_bwd_task_avx2(const void *vctx, int64_t task)
         colidx[u] = _mm256_add_epi32(_mm256_set1_epi32((int32_t)r0),
                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         kc[u] = r0 < g ? _mm256_maskload_ps(c->k + o + r0, tm[u]) : zero;
+        vc[u] = r0 < g ? _mm256_maskload_ps(c->v + o + r0, tm[u]) : zero;
+        cv[u] = ck[u] = zero;
     }
-    memset(tot, 0, sizeof tot);
     for (int64_t ib = 0; ib < g; ib += TGEM_JB) {
         const int64_t ie = ib + TGEM_JB < g ? ib + TGEM_JB : g;
-        __m256 acc[5][NVMAX256];
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB256; ++u)
-                acc[a][u] = zero;
-        if (ib < j0 + 8 * NVB256 && ie > j0)
-            tgem_cols_256(hs, ls, ms, w1, wg, w4, g, ib, ie, kc, colidx, acc, 1);
+        __m256 av[NVMAX256], ak[NVMAX256];
+        for (int u = 0; u < NVB256; ++u)
+            av[u] = ak[u] = zero;
+        if (tail || (ib < j0 + 8 * NVB256 && ie > j0))
+            tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
+                          ak, dqp, 1);
         else
-            tgem_cols_256(hs, ls, ms, w1, wg, w4, g, ib, ie, kc, colidx, acc, 0);
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB256; ++u)
-                _mm256_storeu_ps(tot[a] + 8 * u,
-                                 _mm256_add_ps(_mm256_loadu_ps(tot[a] + 8 * u), acc[a][u]));
+            tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
+                          ak, dqp, 0);
+        for (int u = 0; u < NVB256; ++u) {
+            cv[u] = _mm256_add_ps(cv[u], av[u]);
+            ck[u] = _mm256_add_ps(ck[u], ak[u]);
+        }
     }
-    for (int64_t x = 0; x < 8 * NVB256 && j0 + x < g; ++x) {
-        const float col[5] = {tot[0][x], tot[1][x], tot[2][x], tot[3][x], tot[4][x]};
-        tgem_dkdv_scalar(c, n, j0 + x, col);
+    for (int u = 0; u < NVB256; ++u) {
+        const int64_t r0 = j0 + 8 * u;
+        if (r0 >= g)
+            break;
+        float sk[8];
+        _mm256_storeu_ps(sk, ck[u]);
+        _mm256_maskstore_ps(c->dv + o + r0, tm[u], cv[u]);
+        for (int l = 0; l < 8 && r0 + l < g; ++l)
+            c->dk[o + r0 + l] = tgem_dk_final(c, o + r0 + l, sk[l]);
     }
 }
 
@@ -701,13 +605,10 @@ TGEM_T256 static void tgem_probe_task_avx2(const void *vctx, int64_t task)
 #define TGEM_T512 __attribute__((target("avx512f,avx512dq")))
 #define TGEM_INLINE512 static inline __attribute__((always_inline, target("avx512f,avx512dq")))
 #ifndef NVI512
-#define NVI512 4                /* vectors of 16 lanes per task: inference forward */
-#endif
-#ifndef NVF512
-#define NVF512 2                /* training forward */
+#define NVI512 4                /* vectors of 16 lanes per task: forward */
 #endif
 #ifndef NVB512
-#define NVB512 3                /* backward */
+#define NVB512 4                /* backward */
 #endif
 #define NVMAX512 4
 
@@ -769,107 +670,26 @@ TGEM_INLINE512 void tgem_minmax_512(const float *k, int64_t g, float *kmin, floa
     *kmax = tgem_canon_zero(b);
 }
 
-/* accumulators: 0 sum e, 1 sum e v, then (grad) P_0, K_0, P_1, K_1, P_2, K_2 */
-TGEM_INLINE512 void tgem_rows_512(const float *k, const float *v, const float *sc, int64_t g,
-                                  int64_t jb, int64_t je, int64_t i0, const __m512 *qh,
-                                  const __m512 *ql, const __m512 *ms, __m512 (*acc)[NVMAX512], int grad,
-                                  int masked, int nv)
+TGEM_INLINE512 void tgem_rows_512(const float *k, const float *v, int64_t jb, int64_t je,
+                                  int64_t i0, const __m512 *qh, const __m512 *ql,
+                                  const __m512 *ms, __m512 *az, __m512 *an, int masked)
 {
     for (int64_t j = jb; j < je; ++j) {
         const __m512 kj = _mm512_set1_ps(k[j]), vj = _mm512_set1_ps(v[j]);
         __m512 e[NVMAX512];
-        for (int u = 0; u < nv; ++u)
+        for (int u = 0; u < NVI512; ++u)
             e[u] = _mm512_sub_ps(_mm512_fmadd_ps(ql[u], kj, _mm512_mul_ps(qh[u], kj)), ms[u]);
-        tgem_exp2n_512(e, nv);
+        tgem_exp2n_512(e, NVI512);
         if (masked) {
-            for (int u = 0; u < nv; ++u) {
+            for (int u = 0; u < NVI512; ++u) {
                 const uint64_t lane = (uint64_t)(j - i0 - 16 * u);
                 if (lane < 16)
                     e[u] = _mm512_maskz_mov_ps((__mmask16)~(1u << lane), e[u]);
             }
         }
-        for (int u = 0; u < nv; ++u) {
-            acc[0][u] = _mm512_add_ps(acc[0][u], e[u]);
-            acc[1][u] = _mm512_fmadd_ps(e[u], vj, acc[1][u]);
-        }
-        if (grad) {
-            for (int cc = 0; cc < TGEM_NC; ++cc) {
-                const __m512 kv = _mm512_set1_ps(sc[(TGEM_NC + cc) * g + j]);
-                const __m512 kc = _mm512_set1_ps(sc[cc * g + j]);
-                for (int u = 0; u < nv; ++u) {
-                    acc[2 + 2 * cc][u] = _mm512_fmadd_ps(e[u], kv, acc[2 + 2 * cc][u]);
-                    acc[3 + 2 * cc][u] = _mm512_fmadd_ps(e[u], kc, acc[3 + 2 * cc][u]);
-                }
-            }
-        }
-    }
-}
-
-TGEM_INLINE512 void tgem_fwd_512(const tgem_fwd_ctx *c, int64_t task, int grad, int nv)
-{
-    const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 16 * nv, o = n * g;
-    const float *k = c->k + o, *v = c->v + o;
-    const float *hs = c->scratch + c->stride * o, *ls = hs + g, *sc = hs + 2 * g;
-    const float *ab = grad ? c->ab + 6 * n : NULL;
-    const int na = grad ? 8 : 2;
-    float kmin, kmax, tot[8][NVMAX512 * 16];
-    __m512 qh[NVMAX512], ql[NVMAX512], ms[NVMAX512];
-    __mmask16 tm[NVMAX512];
-    tgem_minmax_512(k, g, &kmin, &kmax);
-    const __m512 vkmin = _mm512_set1_ps(kmin), vkmax = _mm512_set1_ps(kmax);
-    const __m512 zero = _mm512_setzero_ps();
-    for (int u = 0; u < nv; ++u) {
-        const int64_t r0 = i0 + 16 * u;
-        tm[u] = tgem_tailmask_512(g - r0);
-        const int64_t r = r0 < g ? r0 : 0;
-        const __m512 q = _mm512_maskz_loadu_ps(tm[u], c->q + o + r);
-        const __mmask16 pos = _mm512_cmp_ps_mask(q, zero, _CMP_GE_OQ);
-        const __m512 kx = _mm512_mask_blend_ps(pos, vkmin, vkmax);
-        qh[u] = _mm512_maskz_loadu_ps(tm[u], hs + r);
-        ql[u] = _mm512_maskz_loadu_ps(tm[u], ls + r);
-        ms[u] = _mm512_fmadd_ps(ql[u], kx, _mm512_mul_ps(qh[u], kx));
-        _mm512_mask_storeu_ps(c->m + o + (r0 < g ? r0 : 0), tm[u], ms[u]);
-    }
-    memset(tot, 0, sizeof tot);
-    for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
-        const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
-        __m512 acc[8][NVMAX512];
-        for (int a = 0; a < na; ++a)
-            for (int u = 0; u < nv; ++u)
-                acc[a][u] = zero;
-        if (jb < i0 + 16 * nv && je > i0)
-            tgem_rows_512(k, v, sc, g, jb, je, i0, qh, ql, ms, acc, grad, 1, nv);
-        else
-            tgem_rows_512(k, v, sc, g, jb, je, i0, qh, ql, ms, acc, grad, 0, nv);
-        for (int a = 0; a < na; ++a)
-            for (int u = 0; u < nv; ++u)
-                _mm512_storeu_ps(tot[a] + 16 * u,
-                                 _mm512_add_ps(_mm512_loadu_ps(tot[a] + 16 * u), acc[a][u]));
-    }
-    for (int u = 0; u < nv; ++u) {
-        const int64_t r0 = i0 + 16 * u;
-        if (r0 >= g)
-            break;
-        const __m512 kr = _mm512_maskz_loadu_ps(tm[u], k + r0);
-        __m512 ed = _mm512_sub_ps(_mm512_fmadd_ps(ql[u], kr, _mm512_mul_ps(qh[u], kr)), ms[u]);
-        tgem_exp2n_512(&ed, 1);
-        const __m512 iz = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                        _mm512_add_ps(_mm512_loadu_ps(tot[0] + 16 * u), ed));
-        const __m512 out = _mm512_mul_ps(_mm512_loadu_ps(tot[1] + 16 * u), iz);
-        _mm512_mask_storeu_ps(c->e_diag + o + r0, tm[u], ed);
-        _mm512_mask_storeu_ps(c->inv_z + o + r0, tm[u], iz);
-        _mm512_mask_storeu_ps(c->out + o + r0, tm[u], out);
-        if (grad) {
-            float edl[16], izl[16], outl[16];
-            _mm512_storeu_ps(edl, ed);
-            _mm512_storeu_ps(izl, iz);
-            _mm512_storeu_ps(outl, out);
-            for (int l = 0; l < 16 && r0 + l < g; ++l) {
-                const int64_t x = 16 * u + l;
-                const float pp[TGEM_NC] = {tot[2][x], tot[4][x], tot[6][x]};
-                const float kk[TGEM_NC] = {tot[3][x], tot[5][x], tot[7][x]};
-                c->t[o + r0 + l] = tgem_t_scalar(ab, pp, kk, outl[l], edl[l], k[r0 + l], izl[l]);
-            }
+        for (int u = 0; u < NVI512; ++u) {
+            az[u] = _mm512_add_ps(az[u], e[u]);
+            an[u] = _mm512_fmadd_ps(e[u], vj, an[u]);
         }
     }
 }
@@ -877,74 +697,130 @@ TGEM_INLINE512 void tgem_fwd_512(const tgem_fwd_ctx *c, int64_t task, int grad, 
 TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
-    if (c->grad)
-        tgem_fwd_512(c, task, 1, NVF512);
-    else
-        tgem_fwd_512(c, task, 0, NVI512);
+    const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 16 * NVI512;
+    const int64_t o = n * g;
+    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + 2 * o, *ls = hs + g;
+    float kmin, kmax;
+    __m512 qh[NVMAX512], ql[NVMAX512], ms[NVMAX512], z[NVMAX512], s1[NVMAX512];
+    __mmask16 tm[NVMAX512];
+    tgem_minmax_512(k, g, &kmin, &kmax);
+    const __m512 vkmin = _mm512_set1_ps(kmin), vkmax = _mm512_set1_ps(kmax);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int u = 0; u < NVI512; ++u) {
+        const int64_t r0 = i0 + 16 * u, r = r0 < g ? r0 : 0;
+        tm[u] = tgem_tailmask_512(g - r0);
+        const __m512 q = _mm512_maskz_loadu_ps(tm[u], c->q + o + r);
+        const __mmask16 pos = _mm512_cmp_ps_mask(q, zero, _CMP_GE_OQ);
+        const __m512 kx = _mm512_mask_blend_ps(pos, vkmin, vkmax);
+        qh[u] = _mm512_maskz_loadu_ps(tm[u], hs + r);
+        ql[u] = _mm512_maskz_loadu_ps(tm[u], ls + r);
+        ms[u] = _mm512_fmadd_ps(ql[u], kx, _mm512_mul_ps(qh[u], kx));
+        _mm512_mask_storeu_ps(c->m + o + r, tm[u], ms[u]);
+        z[u] = s1[u] = zero;
+    }
+    for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
+        const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
+        __m512 az[NVMAX512], an[NVMAX512];
+        for (int u = 0; u < NVI512; ++u)
+            az[u] = an[u] = zero;
+        if (jb < i0 + 16 * NVI512 && je > i0)
+            tgem_rows_512(k, v, jb, je, i0, qh, ql, ms, az, an, 1);
+        else
+            tgem_rows_512(k, v, jb, je, i0, qh, ql, ms, az, an, 0);
+        for (int u = 0; u < NVI512; ++u) {
+            z[u] = _mm512_add_ps(z[u], az[u]);
+            s1[u] = _mm512_add_ps(s1[u], an[u]);
+        }
+    }
+    for (int u = 0; u < NVI512; ++u) {
+        const int64_t r0 = i0 + 16 * u;
+        if (r0 >= g)
+            break;
+        const __m512 kr = _mm512_maskz_loadu_ps(tm[u], k + r0);
+        __m512 ed = _mm512_sub_ps(_mm512_fmadd_ps(ql[u], kr, _mm512_mul_ps(qh[u], kr)), ms[u]);
+        tgem_exp2n_512(&ed, 1);
+        const __m512 iz = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(z[u], ed));
+        _mm512_mask_storeu_ps(c->e_diag + o + r0, tm[u], ed);
+        _mm512_mask_storeu_ps(c->inv_z + o + r0, tm[u], iz);
+        _mm512_mask_storeu_ps(c->out + o + r0, tm[u], _mm512_mul_ps(s1[u], iz));
+    }
 }
 
-/* accumulators: 0 w1, 1..3 w2 by group, 4 w4 */
-TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float *ms, const float *w1,
-                                  const float *wg, const float *w4, int64_t g, int64_t ib,
-                                  int64_t ie, int64_t j0, const __m512 *kc,
-                                  __m512 (*acc)[NVMAX512], int masked)
+/* keys in lanes, queries i in [ib, ie): see tgem_cols_256 */
+TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float *ms,
+                                  const float *w1, const float *w2, const float *out,
+                                  int64_t ib, int64_t ie, int64_t j0, const __m512 *kc,
+                                  const __m512 *vc, const __mmask16 *tm, __m512 *av,
+                                  __m512 *ak, float *dqp, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m512 hi = _mm512_set1_ps(hs[i]), li = _mm512_set1_ps(ls[i]);
-        const __m512 mi = _mm512_set1_ps(ms[i]);
-        const __m512 wi[5] = {_mm512_set1_ps(w1[i]), _mm512_set1_ps(wg[i]),
-                              _mm512_set1_ps(wg[g + i]), _mm512_set1_ps(wg[2 * g + i]),
-                              _mm512_set1_ps(w4[i])};
-        __m512 e[NVMAX512];
+        const __m512 mi = _mm512_set1_ps(ms[i]), oi = _mm512_set1_ps(out[i]);
+        const __m512 a = _mm512_set1_ps(w1[i]), b = _mm512_set1_ps(w2[i]);
+        __m512 e[NVMAX512], dsum = _mm512_setzero_ps();
         for (int u = 0; u < NVB512; ++u)
             e[u] = _mm512_sub_ps(_mm512_fmadd_ps(li, kc[u], _mm512_mul_ps(hi, kc[u])), mi);
         tgem_exp2n_512(e, NVB512);
         if (masked) {
             for (int u = 0; u < NVB512; ++u) {
                 const uint64_t lane = (uint64_t)(i - j0 - 16 * u);
-                if (lane < 16)
-                    e[u] = _mm512_maskz_mov_ps((__mmask16)~(1u << lane), e[u]);
+                const __mmask16 keep = lane < 16 ? (__mmask16)(tm[u] & ~(1u << lane)) : tm[u];
+                e[u] = _mm512_maskz_mov_ps(keep, e[u]);
             }
         }
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB512; ++u)
-                acc[a][u] = _mm512_fmadd_ps(e[u], wi[a], acc[a][u]);
+        for (int u = 0; u < NVB512; ++u) {
+            const __m512 d = _mm512_mul_ps(e[u], _mm512_sub_ps(vc[u], oi));
+            av[u] = _mm512_fmadd_ps(e[u], a, av[u]);
+            ak[u] = _mm512_fmadd_ps(d, b, ak[u]);
+            dsum = u == 0 ? _mm512_mul_ps(d, kc[0]) : _mm512_fmadd_ps(d, kc[u], dsum);
+        }
+        dqp[i] = _mm512_reduce_add_ps(dsum);
     }
 }
 
 TGEM_T512 static void tgem_bwd_task_avx512(const void *vctx, int64_t task)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, j0 = (task % c->blocks) * 16 * NVB512;
-    const int64_t o = n * g;
-    const float *hs = c->scratch + 8 * o, *ls = hs + g, *ms = ls + g, *w1 = ms + g, *wg = w1 + g;
-    const float *w4 = wg + 3 * g;
+    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks;
+    const int64_t j0 = blk * 16 * NVB512, o = n * g;
+    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
+    const int tail = j0 + 16 * NVB512 > g;
     const __m512 zero = _mm512_setzero_ps();
-    float tot[5][NVMAX512 * 16];
-    __m512 kc[NVMAX512];
+    __m512 kc[NVMAX512], vc[NVMAX512], cv[NVMAX512], ck[NVMAX512];
+    __mmask16 tm[NVMAX512];
     for (int u = 0; u < NVB512; ++u) {
-        const int64_t r0 = j0 + 16 * u;
-        kc[u] = _mm512_maskz_loadu_ps(tgem_tailmask_512(g - r0), c->k + o + (r0 < g ? r0 : 0));
+        const int64_t r0 = j0 + 16 * u, r = r0 < g ? r0 : 0;
+        tm[u] = tgem_tailmask_512(g - r0);
+        kc[u] = _mm512_maskz_loadu_ps(tm[u], c->k + o + r);
+        vc[u] = _mm512_maskz_loadu_ps(tm[u], c->v + o + r);
+        cv[u] = ck[u] = zero;
     }
-    memset(tot, 0, sizeof tot);
     for (int64_t ib = 0; ib < g; ib += TGEM_JB) {
         const int64_t ie = ib + TGEM_JB < g ? ib + TGEM_JB : g;
-        __m512 acc[5][NVMAX512];
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB512; ++u)
-                acc[a][u] = zero;
-        if (ib < j0 + 16 * NVB512 && ie > j0)
-            tgem_cols_512(hs, ls, ms, w1, wg, w4, g, ib, ie, j0, kc, acc, 1);
+        __m512 av[NVMAX512], ak[NVMAX512];
+        for (int u = 0; u < NVB512; ++u)
+            av[u] = ak[u] = zero;
+        if (tail || (ib < j0 + 16 * NVB512 && ie > j0))
+            tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
+                          dqp, 1);
         else
-            tgem_cols_512(hs, ls, ms, w1, wg, w4, g, ib, ie, j0, kc, acc, 0);
-        for (int a = 0; a < 5; ++a)
-            for (int u = 0; u < NVB512; ++u)
-                _mm512_storeu_ps(tot[a] + 16 * u,
-                                 _mm512_add_ps(_mm512_loadu_ps(tot[a] + 16 * u), acc[a][u]));
+            tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
+                          dqp, 0);
+        for (int u = 0; u < NVB512; ++u) {
+            cv[u] = _mm512_add_ps(cv[u], av[u]);
+            ck[u] = _mm512_add_ps(ck[u], ak[u]);
+        }
     }
-    for (int64_t x = 0; x < 16 * NVB512 && j0 + x < g; ++x) {
-        const float col[5] = {tot[0][x], tot[1][x], tot[2][x], tot[3][x], tot[4][x]};
-        tgem_dkdv_scalar(c, n, j0 + x, col);
+    for (int u = 0; u < NVB512; ++u) {
+        const int64_t r0 = j0 + 16 * u;
+        if (r0 >= g)
+            break;
+        float sk[16];
+        _mm512_storeu_ps(sk, ck[u]);
+        _mm512_mask_storeu_ps(c->dv + o + r0, tm[u], cv[u]);
+        for (int l = 0; l < 16 && r0 + l < g; ++l)
+            c->dk[o + r0 + l] = tgem_dk_final(c, o + r0 + l, sk[l]);
     }
 }
 
@@ -1024,30 +900,30 @@ TGEM_API int tgem_isa_lanes(int isa)
 }
 
 /* rows (forward) or columns (backward) per task of the path `isa` */
-static int64_t tgem_block(int isa, int pass) /* pass: 0 inference, 1 training forward, 2 back */
+static int64_t tgem_block(int isa, int backward)
 {
 #if TGEM_X86
     if (isa == ISA_AVX512)
-        return 16 * (pass == 0 ? NVI512 : (pass == 1 ? NVF512 : NVB512));
+        return 16 * (backward ? NVB512 : NVI512);
     if (isa == ISA_AVX2)
-        return 8 * (pass == 0 ? NVI256 : (pass == 1 ? NVF256 : NVB256));
+        return 8 * (backward ? NVB256 : NVI256);
 #endif
     (void)isa;
-    (void)pass;
+    (void)backward;
     return TGEM_SL;
 }
 
 /*
- * Forward pass on contiguous (n, g) float32 arrays. Writes out, m, inv_z, e_diag and, when
- * need_grad, t (dq = grad * t); t may be NULL otherwise. Returns 0, or a negative error code.
+ * Forward pass on contiguous (n, g) float32 arrays: writes out, m (base-2 row maxima), inv_z
+ * and e_diag. Returns 0, or a negative error code.
  */
 TGEM_API int tgem_forward(const float *q, const float *k, const float *v, int64_t n, int64_t g,
-                          int need_grad, float *out, float *m, float *inv_z, float *e_diag,
-                          float *t, int isa, int nthreads)
+                          float *out, float *m, float *inv_z, float *e_diag, int isa,
+                          int nthreads)
 {
     tgem_fwd_ctx c;
     tgem_task_fn fn = tgem_fwd_task_scalar;
-    if (n < 0 || g < 0 || nthreads < 1 || (need_grad && t == NULL))
+    if (n < 0 || g < 0 || nthreads < 1)
         return TGEM_EARGS;
     if (!tgem_isa_supported(isa))
         return TGEM_EISA;
@@ -1061,15 +937,13 @@ TGEM_API int tgem_forward(const float *q, const float *k, const float *v, int64_
     else if (isa == ISA_AVX2)
         fn = tgem_fwd_task_avx2;
 #endif
-    c.q = q; c.k = k; c.v = v; c.n = n; c.g = g; c.grad = need_grad ? 1 : 0;
-    c.rows = tgem_block(isa, c.grad);
+    c.q = q; c.k = k; c.v = v; c.n = n; c.g = g;
+    c.rows = tgem_block(isa, 0);
     c.blocks = (g + c.rows - 1) / c.rows;
-    c.out = out; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag; c.t = t;
-    c.stride = c.grad ? 2 + 2 * TGEM_NC : 2;
-    c.scratch = (float *)malloc((size_t)(c.stride * n * g + 6 * n) * sizeof(float));
+    c.out = out; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag;
+    c.scratch = (float *)malloc((size_t)(2 * n * g) * sizeof(float));
     if (c.scratch == NULL)
         return TGEM_ENOMEM;
-    c.ab = c.scratch + c.stride * n * g;
     tgem_parallel(nthreads, n, tgem_fwd_prologue, &c);
     tgem_parallel(nthreads, n * c.blocks, fn, &c);
     free(c.scratch);
@@ -1077,12 +951,11 @@ TGEM_API int tgem_forward(const float *q, const float *k, const float *v, int64_
 }
 
 /*
- * Backward pass: from the inputs, the forward outputs m, inv_z, e_diag, out, t and the
- * upstream gradient grad, writes dq, dk, dv. Returns 0, or a negative error code.
+ * Backward pass: from the inputs, the forward outputs m, inv_z, e_diag, out and the upstream
+ * gradient grad, writes dq, dk, dv. Returns 0, or a negative error code.
  */
 TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const float *m,
-                           const float *inv_z,
-                           const float *e_diag, const float *out, const float *t,
+                           const float *inv_z, const float *e_diag, const float *out,
                            const float *grad, int64_t n, int64_t g, float *dq, float *dk,
                            float *dv, int isa, int nthreads)
 {
@@ -1102,16 +975,17 @@ TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const
     else if (isa == ISA_AVX2)
         fn = tgem_bwd_task_avx2;
 #endif
-    c.q = q; c.k = k; c.v = v; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag; c.out = out; c.t = t;
+    c.q = q; c.k = k; c.v = v; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag; c.out = out;
     c.grad = grad; c.n = n; c.g = g; c.dq = dq; c.dk = dk; c.dv = dv;
-    c.cols = tgem_block(isa, 2);
+    c.cols = tgem_block(isa, 1);
     c.blocks = (g + c.cols - 1) / c.cols;
-    c.scratch = (float *)malloc((size_t)(8 * n * g + 6 * n) * sizeof(float));
+    c.scratch = (float *)malloc((size_t)((4 + c.blocks) * n * g) * sizeof(float));
     if (c.scratch == NULL)
         return TGEM_ENOMEM;
-    c.ab = c.scratch + 8 * n * g;
+    c.dqpart = c.scratch + 4 * n * g;
     tgem_parallel(nthreads, n, tgem_bwd_prologue, &c);
     tgem_parallel(nthreads, n * c.blocks, fn, &c);
+    tgem_parallel(nthreads, n, tgem_bwd_epilogue, &c);
     free(c.scratch);
     return TGEM_OK;
 }
