@@ -44,6 +44,12 @@ def versions() -> dict:
         "torch threads": torch.get_num_threads(),
         "backends": {},
     }
+    try:
+        from tgem._native import native_status
+
+        info["native kernel"] = native_status()
+    except Exception as exc:  # a broken optional backend must never break show_versions
+        info["native kernel"] = f"failed to import tgem._native: {exc}"
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         status = {name: reason or "available" for name, reason in backend_status(dev).items()}
