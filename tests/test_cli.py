@@ -170,7 +170,7 @@ def test_train_with_gene_sets_keeps_their_genes(tables, tmp_path, capsys):
 
 
 def test_predict_aligns_reordered_genes_and_writes_probabilities(tables, trained, tmp_path):
-    from tgem._io import load
+    from tgem import load
 
     out = tmp_path / "pred.csv"
     assert main(["predict", str(trained / "model.tgem"), str(tables / "new.tsv"),
@@ -234,7 +234,7 @@ def test_subprocess_demo_quick_prints_scores_and_writes_model_and_figures(tmp_pa
             "entropy.csv", "gene_rankings.csv", "top_genes.png"} <= files
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["n_test"] == 140 and len(metrics["history"]) == 2
-    from tgem._io import load
+    from tgem import load
 
     model = load(tmp_path / "demo" / "model.tgem")
     assert len(model.classes_) == 10 and model.n_features_in_ == 765

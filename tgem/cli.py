@@ -416,8 +416,9 @@ def _save_figure(make, path: Path) -> Path | None:
 DEMO_LEARNING_RATE = 1e-3
 DEMO_EPOCHS = 20
 QUICK_EPOCHS = 2
-#: Held-out cells (stratified) whose Integrated Gradients give the demo's top-genes figure.
-DEMO_ATTRIBUTION_SAMPLES = 100
+#: Held-out cells (stratified) whose Integrated Gradients give the demo's top-genes figure
+#: (None: all of them, so that even the rarest cell type gets a ranking).
+DEMO_ATTRIBUTION_SAMPLES = None
 
 
 def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
@@ -653,7 +654,7 @@ def _demo_figures(clf, X_test, y_test, args) -> list[str]:
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
     mean = entropy.mean(axis=(0, 2))
     print("mean attention entropy per layer (nats; uniform attention: "
-          f"{math.log(X_test.shape[1]):.2f}): " + ", ".join(f"{v:.2f}" for v in mean))
+          f"{math.log(X_test.shape[1]):.3f}): " + ", ".join(f"{v:.3f}" for v in mean))
     written = ["entropy.csv"]
     if _save_figure(lambda: plot_entropy(entropy, n_genes=X_test.shape[1]),
                     out / "entropy.png"):

@@ -76,6 +76,7 @@ def plot_history(history, *, metrics="both", ax=None):
     rows = _history_rows(history)
     names = ["loss", "accuracy"] if metrics == "both" else [metrics]
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     if ax is None:
         _, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 3.6),
                                layout="constrained", squeeze=False)
@@ -97,6 +98,7 @@ def plot_history(history, *, metrics="both", ax=None):
                 axis.plot(x, y, style, marker="o" if len(x) < 20 else None, markersize=3,
                           label="training" if split == "train" else "validation")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(_LABELS[name])
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
