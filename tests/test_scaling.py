@@ -156,6 +156,11 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
             out["history"] = clf.history_
             clf = TGEMClassifier(**dict(kw, random_state=None, max_epochs=1)).fit(X, y)
             out["unseeded"] = _weights(clf.module_)
+            # after fit the module is free of DDP: gradients work without the other rank
+            x = torch.as_tensor(X[:4] if rank == 0 else X[:1], dtype=torch.float32)
+            x.requires_grad_(True)
+            clf.module_(x).sum().backward()
+            out["input_grad_finite"] = bool(torch.isfinite(x.grad).all())
         else:
             ds = _CountingDataset(X, **dataset_kw)
             clf = TGEMClassifier(**kw).fit(ds, y=y)
@@ -193,6 +198,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(pbmc, tmp_pat
     for h0, h1 in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
         assert (h0["train_loss"], h0["train_accuracy"]) == (h1["train_loss"],
                                                             h1["train_accuracy"])
+    assert ranks[0]["input_grad_finite"] and ranks[1]["input_grad_finite"]
     # only rank 0 writes files
     assert (tmp_path / "ckpt0.tgem").is_file() and not (tmp_path / "ckpt1.tgem").exists()
 
@@ -215,6 +221,7 @@ class _CountingDataset(H5ADDataset):
         return super()._read_block(start, stop)
 
 
+@pytest.mark.filterwarnings("ignore:X does not have valid feature names")
 def test_h5ad_backed_fit_equals_in_memory_fit(sparse_h5ad):
     path, X, labels = sparse_h5ad
     kw = dict(n_layers=1, n_heads=2, dropout=0.2, learning_rate=1e-2, max_epochs=2,
@@ -298,3 +305,31 @@ def test_dask_probabilities_and_integrated_gradients_equal_local(pbmc, dask_clie
     A = tdask.attribute(clf, da.from_array(X[rows], chunks=(25, -1)), y=y[rows])
     np.testing.assert_allclose(A.compute(), attribute(clf, X[rows], y=y[rows]),
                                rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_distributed_true_without_a_process_group_says_how_to_launch(pbmc, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    X, y, _ = _pbmc_task(pbmc, n_genes=5)
+    with pytest.raises(ValueError, match="torchrun"):
+        TGEMClassifier(max_epochs=1, distributed=True).fit(X, y)
+
+
+def test_h5ad_input_errors_name_the_fix(sparse_h5ad, tmp_path):
+    import scipy.sparse as sp
+
+    path, X, labels = sparse_h5ad
+    with pytest.raises(ValueError, match="not an obs column.*cell_type"):
+        TGEMClassifier(max_epochs=1).fit(path, y="celltype")
+    with pytest.raises(ValueError, match="layer 'counts' is not in"):
+        H5ADDataset(path, layer="counts")
+    csc = tmp_path / "csc.h5ad"
+    anndata.AnnData(X=sp.csc_matrix(X[:20])).write_h5ad(csc)
+    with pytest.raises(ValueError, match="tocsr"):
+        H5ADDataset(csc)
+    clf = TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1).fit(X[:50], labels[:50])
+    narrow = tmp_path / "narrow.h5ad"
+    anndata.AnnData(X=X[:10, :7]).write_h5ad(narrow)
+    with pytest.raises(ValueError, match="same genes"):
+        clf.predict(narrow)

@@ -113,7 +113,7 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids)
 
     def broadcast(self, values) -> np.ndarray:
         """Rank 0's float64 ``values`` on every process."""

@@ -78,12 +78,22 @@ def _check_genes(estimator, X) -> None:
             f"{estimator.n_features_in_} features as input; pass the same genes as in fit.")
 
 
+def _frame(block, model):
+    """A block as the model expects it: a DataFrame when it was fitted with gene names."""
+    names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        return np.asarray(block)
+    import pandas as pd
+
+    return pd.DataFrame(np.asarray(block), columns=names, copy=False)
+
+
 def _proba_block(block, model):
-    return model.predict_proba(np.asarray(block))
+    return model.predict_proba(_frame(block, model))
 
 
 def _predict_block(block, model):
-    return model.predict(np.asarray(block))
+    return model.predict(_frame(block, model))
 
 
 def predict_proba(estimator, X, *, client=None, chunk_rows: int = 4096):
@@ -168,7 +178,7 @@ def _attribute_block(block, labels, baseline, model, kwargs):
         kw[kw.pop("_labels_as")] = np.asarray(labels)
     if baseline is not None:
         kw["baseline"] = np.asarray(baseline)
-    out = _attribute(model, np.asarray(block), **kw)
+    out = _attribute(model, _frame(block, model), **kw)
     return np.asarray(out, dtype=np.float64)
 
 
