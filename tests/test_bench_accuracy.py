@@ -206,3 +206,15 @@ def test_quick_mode_writes_markdown_json_and_figure(tmp_path):
     assert "tgem vs random_forest" in payload["summary"]["all_mol_biol"]["paired"]
     assert (tmp_path / "accuracy_folds.png").stat().st_size > 0
     assert "| tgem |" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_tgem_variants_change_only_what_their_names_say():
+    ds = _toy_dataset()
+    settings = bench.Settings(seed=0, tgem_params={"max_epochs": 10})
+    base = bench.make_model("tgem", ds, settings).named_steps["clf"].get_params()
+    for name, (scaled, params) in bench.VARIANTS.items():
+        pipe = bench.make_model(name, ds, settings)
+        assert ("scale" in pipe.named_steps) == scaled == ("scaled" in name)
+        got = pipe.named_steps["clf"].get_params()
+        assert {k for k in got if got[k] != base[k]} == set(params)
+        assert ("lr1e-3" in name) == (got["learning_rate"] == 1e-3)
