@@ -33,6 +33,10 @@ LOG2E = 1.4426950408889634
 PAIR_BLOCK_ELEMENTS = 1 << 24
 #: Rows x heads x genes elements of one integration pass (steps x samples rows).
 PASS_ELEMENTS = 1 << 23
+#: Rows x heads x genes x genes of one pass: a backend's backward may hold scratch that grows
+#: with genes^2 per row (the native kernel keeps one partial sum per 64 key genes), so passes
+#: shrink at large gene counts (21 rows at 12,625 genes, 5 heads).
+PASS_PAIR_ELEMENTS = 1 << 34
 #: Largest share of the machine's memory one result array may take.
 MEMORY_FRACTION = 0.5
 
@@ -78,6 +82,12 @@ def integration_points(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarra
         return np.linspace(0.0, 1.0, n), w
     offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
     return (np.arange(n) + offset) / n, np.full(n, 1.0 / n)
+
+
+def rows_per_pass_for(heads: int, genes: int) -> int:
+    """Rows (steps x samples) integrated in one forward/backward pass."""
+    return max(1, min(PASS_ELEMENTS // (heads * genes),
+                      PASS_PAIR_ELEMENTS // (heads * genes * genes)))
 
 
 def _downstream(module, index: int, h_in: torch.Tensor, heads_out: torch.Tensor, backend):
@@ -183,7 +193,7 @@ def attribute_module(module, batches, target: int, layers, n_steps: int, method:
     heads = module.layers[0].WQ.shape[0]
     scores = torch.zeros(len(layers), g, g, dtype=param.dtype, device=param.device)
     sums = {index: scores[li] for li, index in enumerate(layers)}
-    rows_per_pass = max(1, PASS_ELEMENTS // (heads * g))
+    rows_per_pass = rows_per_pass_for(heads, g)
     deltas: list = []
     was_training = module.training
     module.eval()

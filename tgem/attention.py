@@ -27,7 +27,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from tgem._attention import attention_entropy_rows, attention_rows, row_max
-from tgem._attention_attr import attribute_module, check_fits
+from tgem._attention_attr import attribute_module, check_fits, rows_per_pass_for
 from tgem._classifier import torch_threads
 from tgem._gene_network import (
     attention_edges,
@@ -417,8 +417,9 @@ def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None
 "riemann_middle"}, default="gausslegendre"
         Integration rule, as in captum.
     batch_size : int, optional
-        Samples processed together (default: as many as keep one integration pass near
-        2**23 values).
+        Samples processed together (default: at least 8, more when a whole integration
+        pass of them stays small). Integration steps are split into passes of bounded size
+        whatever the batch.
     return_convergence_delta : bool, default=False
         Also return, per sample and layer, ``sum(attributions) - (F(x; A(x)) - F(x; A(0)))``
         (completeness: near 0 when ``n_steps`` is large enough). This is not captum's delta,
@@ -467,9 +468,7 @@ def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None
     check_fits((len(chosen), g, g), 4, "The attention attribution",
                "Attribute fewer layers at a time (layers=[...]) or fewer genes.")
     if batch_size is None:
-        from tgem._attention_attr import PASS_ELEMENTS
-
-        batch_size = max(1, PASS_ELEMENTS // (_n_heads(module) * g * max(1, n_steps)))
+        batch_size = max(8, rows_per_pass_for(_n_heads(module), g) // max(1, n_steps))
     elif batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive int or None.")
     batches = (dense_batch(X, sl, device) for sl in iter_batches(n, batch_size))

@@ -81,9 +81,12 @@ def plot_entropy(entropy, *, n_genes: int | None = None, ax=None):
             med.set_color("black")
         positions += pos
         labels += [f"{h + 1}" for h in range(n_heads)]
-        ax.text(np.mean(pos), 1.01, f"layer {li + 1}", transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom")
     ax.set_xticks(positions, labels)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([li * (n_heads + 1) + (n_heads - 1) / 2 for li in range(n_layers)],
+                   [f"layer {li + 1}" for li in range(n_layers)])
+    top.tick_params(length=0)
+    ax.ticklabel_format(axis="y", useOffset=False)  # an offset text would hide the layer names
     ax.set_xlabel("head")
     ax.set_ylabel("attention entropy (nats)")
     if n_genes is not None:
@@ -130,7 +133,10 @@ def plot_attention_map(attention, genes=None, *, ax=None, cmap: str = "viridis",
         raise ValueError(f"genes has {len(genes)} names for a {g} x {g} map.")
     side = min(10.0, 2.5 + 0.18 * g)
     ax = _axes(ax, (side + 1.0, side))
-    image = ax.imshow(a, cmap=cmap, interpolation="nearest", aspect="equal")
+    off = a[~np.eye(g, dtype=bool)] if g > 1 else a.ravel()
+    # the colour scale follows the off-diagonal weights: the model zeroes the diagonal
+    image = ax.imshow(a, cmap=cmap, interpolation="nearest", aspect="equal",
+                      vmin=float(off.min()), vmax=float(off.max()))
     if genes is not None and g <= 60:
         ax.set_xticks(range(g), [str(x) for x in genes], rotation=90, fontsize="small")
         ax.set_yticks(range(g), [str(x) for x in genes], fontsize="small")
