@@ -130,7 +130,8 @@ class TGEMNet(nn.Module):
             TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers))
         self.dropout = Dropout(dropout)
         # no default initialisation: it would draw from torch's global generator
-        self.classifier = nn.utils.skip_init(nn.Linear, n_genes, n_classes)
+        self.classifier = nn.utils.skip_init(nn.Linear, n_genes, n_classes,
+                                             device=torch.empty(()).device)
         self.reset_parameters(generator)
 
     @torch.no_grad()
