@@ -6,9 +6,10 @@ and :mod:`tgem.plotting` draws the figures (optional ``plot`` extra).
 """
 
 from tgem._classifier import TGEMClassifier
+from tgem._h5ad import H5ADDataset
 from tgem._io import load
 from tgem._versions import show_versions, versions
 
 __version__ = "0.1.0"
 
-__all__ = ["TGEMClassifier", "load", "show_versions", "versions", "__version__"]
+__all__ = ["TGEMClassifier", "H5ADDataset", "load", "show_versions", "versions", "__version__"]
