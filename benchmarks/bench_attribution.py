@@ -9,9 +9,12 @@ the native kernel where built), one fresh process builds a T-GEM network (3 laye
 and measures:
 
 * ``s_per_sample``: Integrated Gradients at 50 steps with captum's fixed Gauss-Legendre rule
-  (the original's work: 50 gradients per sample), best of ``--repeats`` runs on 8 samples;
-* ``adaptive_s_per_sample`` and ``adaptive_grads``: the same with tgem's default adaptive
-  rule (random weights are harsher than fitted ones: see the PBMC run for a fitted model);
+  (the original's work: 50 gradients per sample): best of the batch of 64 and ``--repeats``
+  - 1 further runs on 8 samples; ``cpu_s_per_sample_batch64`` is the process CPU time per
+  sample of the batch of 64 (all threads), a guide when other jobs share the machine;
+* ``adaptive_s_per_sample`` and ``adaptive_grads``: tgem's default adaptive rule on
+  ``--adaptive-samples`` samples (random weights are harsher than fitted ones; see the
+  PBMC run for a fitted model);
 * ``peak_mb_64``: peak resident memory minus the resident memory after imports and model
   construction, while attributing a batch of 64 samples (Linux ``ru_maxrss``).
 
@@ -53,7 +56,8 @@ def _peak_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- speed
-def _worker(backend: str, genes: int, threads: int, repeats: int) -> dict:
+def _worker(backend: str, genes: int, threads: int, repeats: int,
+            adaptive_samples: int) -> dict:
     """Run in a fresh process: time and memory of IG for one backend."""
     import numpy as np
     import torch
@@ -77,25 +81,27 @@ def _worker(backend: str, genes: int, threads: int, repeats: int) -> dict:
                                         need_delta=False)
 
     # memory: one batch of 64 samples (also a timing of the fixed rule at batch 64)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run(x_all, t_all, "gausslegendre")
     batch64 = (time.perf_counter() - t0) / 64
+    cpu64 = (time.process_time() - c0) / 64
     peak = _peak_mb() - base_rss
-    times = []
-    for _ in range(repeats):
+    times = [batch64]
+    for _ in range(repeats - 1):
         t0 = time.perf_counter()
         run(x_all[:8], t_all[:8], "gausslegendre")
         times.append((time.perf_counter() - t0) / 8)
-    adaptive, grads = [], None
-    for _ in range(max(1, repeats - 1)):
+    adaptive, grads = float("nan"), float("nan")
+    if adaptive_samples:
         t0 = time.perf_counter()
-        _, _, n_grads, _ = run(x_all[:8], t_all[:8], "adaptive")
-        adaptive.append((time.perf_counter() - t0) / 8)
+        _, _, n_grads, _ = run(x_all[:adaptive_samples], t_all[:adaptive_samples], "adaptive")
+        adaptive = (time.perf_counter() - t0) / adaptive_samples
         grads = float(np.mean(n_grads))
     return {"backend": backend, "resolved": resolved, "genes": genes, "threads": threads,
             "batch_rows": ev.batch_rows, "s_per_sample": min(times),
             "s_per_sample_all": times, "s_per_sample_batch64": batch64,
-            "adaptive_s_per_sample": min(adaptive), "adaptive_grads": grads,
+            "cpu_s_per_sample_batch64": cpu64,
+            "adaptive_s_per_sample": adaptive, "adaptive_grads": grads,
             "peak_mb_64": peak}
 
 
@@ -103,7 +109,8 @@ def speed(args) -> None:
     rows = []
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--worker", backend, "--genes", str(args.genes),
-               "--threads", str(args.threads), "--repeats", str(args.repeats)]
+               "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--adaptive-samples", str(args.adaptive_samples)]
         env = dict(os.environ, PYTHONPATH=str(HERE.parent))
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if out.returncode != 0:
@@ -114,11 +121,12 @@ def speed(args) -> None:
           f"{args.threads} threads (best of {args.repeats}; original: 44 s/sample, 17.9 GB)")
     head = (f"{'backend':>8} {'runs as':>8} {'s/sample':>9} {'s/sample@64':>12} "
             f"{'adaptive s/sample':>18} {'adaptive grads':>15} {'peak MB, 64 samples':>20}")
-    print(head)
+    print(head + f" {'CPU s/sample@64':>16}")
     for r in rows:
         print(f"{r['backend']:>8} {r['resolved']:>8} {r['s_per_sample']:9.3f} "
               f"{r['s_per_sample_batch64']:12.3f} {r['adaptive_s_per_sample']:18.3f} "
-              f"{r['adaptive_grads']:15.1f} {r['peak_mb_64']:20.0f}")
+              f"{r['adaptive_grads']:15.1f} {r['peak_mb_64']:20.0f} "
+              f"{r['cpu_s_per_sample_batch64']:16.3f}")
     _save("attribution_speed", {"machine": _machine(), "results": rows})
 
 
@@ -155,8 +163,12 @@ def pbmc(args) -> None:
             with open(path, "wb") as f:
                 pickle.dump((clf, fit_s), f)
         t0 = time.perf_counter()
+        cached = "_feature_importances" in clf.__dict__
         imp = clf.feature_importances_
         imp_s = time.perf_counter() - t0
+        if not cached:  # keep the importances with the model for later runs
+            with open(path, "wb") as f:
+                pickle.dump((clf, fit_s), f)
         acc = clf.score(Xte, yte)
         models[seed] = (clf, imp)
         report["models"].append({"seed": seed, "fit_s": fit_s, "test_accuracy": acc,
@@ -177,6 +189,9 @@ def pbmc(args) -> None:
     print(f"top-15 by feature_importances_ (seed {first}):",
           ", ".join(genes[np.argsort(-models[first][1])[:15]]))
 
+    if args.skip_analysis:
+        _save("attribution_pbmc_stability", report)
+        return
     clf = models[first][0]
     t0 = time.perf_counter()
     attr, delta = attribute(clf, Xte, y=yte, return_convergence_delta=True,
@@ -250,18 +265,23 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--genes", type=int, default=1708)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backends", nargs="+", default=["exact", "auto"])
+    p.add_argument("--adaptive-samples", type=int, default=4,
+                   help="samples timed with the adaptive rule (0: skip)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--pbmc", action="store_true", help="run the PBMC sanity check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cache", default=str(RESULTS / "tmp" / "attribution"),
                    help="fitted PBMC models are kept here between runs")
+    p.add_argument("--skip-analysis", action="store_true",
+                   help="PBMC: only fit, importances and their stability")
     p.add_argument("--plot", action="store_true", help="save the ablation figure")
     p.add_argument("--verbose", type=int, default=0)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.genes, args.threads, args.repeats)))
+        print(json.dumps(_worker(args.worker, args.genes, args.threads, args.repeats,
+                                 args.adaptive_samples)))
     elif args.pbmc:
         pbmc(args)
     else:
