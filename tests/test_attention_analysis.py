@@ -325,6 +325,16 @@ def test_edges_follow_the_original_selection(seed, fraction):
     assert len(edges) == 0 or edges["score"].max() <= 1.0
 
 
+def test_edges_selection_does_not_depend_on_the_scan_chunk(monkeypatch):
+    import tgem._gene_network as net
+
+    scores = np.random.default_rng(3).normal(size=(2, 9, 9)).astype(np.float32)
+    whole = attention_edges(scores, top_fraction=0.1)
+    monkeypatch.setattr(net, "EDGE_CHUNK", 5)
+    pd.testing.assert_frame_equal(attention_edges(scores, top_fraction=0.1), whole)
+    assert 0 < len(whole) <= int(2 * 81 * 0.1)
+
+
 def test_edges_threshold_normalises_each_layer():
     s = np.zeros((2, 3, 3))
     s[0, 0, 1], s[0, 1, 0], s[1, 2, 1], s[1, 0, 2] = 2.0, 1.0, 100.0, -100.0
