@@ -26,6 +26,7 @@ from tgem._attention import backend_names
 from tgem._distributed import resolve_distributed
 from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
 from tgem._model import TGEMNet
+from tgem._scale import check_log_scale
 from tgem._training import TrainState, dense_batch, oom_safe_batches, train
 from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
 
@@ -148,7 +149,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Class labels.
     n_features_in_ : int
         Number of genes seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Gene names, when ``X`` was a DataFrame with string column names.
     module_ : TGEMNet
         The fitted torch network (on ``device_``).
@@ -313,6 +314,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                                  dtype=[np.float32, np.float64], y_numeric=False,
                                  multi_output=False)
             _check_magnitude(X)
+            check_log_scale(X, stacklevel=4)
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
@@ -529,6 +531,15 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         from tgem.attention import attention_entropy
 
         return attention_entropy(self, X, per_sample=per_sample, per_gene=per_gene)
+
+    def layer_outputs(self, X, *, layers=None):
+        """Each layer's output for the samples (embeddings), shape (n_layers, n_samples, n_genes).
+
+        See :func:`tgem.attention.layer_outputs`.
+        """
+        from tgem.attention import layer_outputs
+
+        return layer_outputs(self, X, layers=layers)
 
     def save(self, path) -> None:
         """Write the fitted model to ``path`` in tgem's safe (pickle-free) format.
