@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as tgem does; before torch is imported
+
 import numpy as np
 import pytest
 import torch

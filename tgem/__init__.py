@@ -5,6 +5,15 @@
 and :mod:`tgem.plotting` draws the figures (optional ``plot`` extra).
 """
 
+import os
+
+# PyTorch's OpenMP worker threads busy-wait after every parallel operation. On a machine with
+# few cores they then compete with the next operation's threads (and with the native attention
+# kernel's threads): measured on 2 cores, a T-GEM training step runs 3-5x slower. Passive
+# waiting only takes effect when set before torch is first imported; an explicit user setting
+# always wins. See docs/user_guide/attention.rst.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from tgem._alignment import GeneAlignment, align_genes
 from tgem._classifier import TGEMClassifier
 from tgem._gene_sets import GeneSetSelector

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import numbers
 import warnings
@@ -570,6 +571,16 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if "device_" in state:
             state["device_"] = str(state["device_"])
         return state
+
+    def __deepcopy__(self, memo):
+        # deep copies (e.g. SelectFromModel(prefit=True)) keep the training rows needed by the
+        # lazy feature_importances_ by reference, in memory only; pickles never carry them
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if "_fit_data" in self.__dict__:
+            new._fit_data = self._fit_data
+        return new
 
     def __setstate__(self, state):
         init = state.pop("_module_init", None)

@@ -732,7 +732,7 @@ def training_importances(clf) -> np.ndarray:
 
     Returns
     -------
-    ndarray of shape (n_features_in_,)
+    ndarray of shape (`n_features_in_`,)
         Non-negative, summing to 1 (all zeros if every attribution is 0).
 
     Examples
