@@ -1,0 +1,254 @@
+"""The exact attention with its gene-pair reductions compiled by TorchInductor.
+
+Pure PyTorch: the same algorithm as :func:`tgem._attention.exact_attention`, but each pass
+over the gene pairs (the forward row sums; the backward column sums and row sums) is written
+as one pointwise expression reduced along one axis and handed to :func:`torch.compile`.
+Inductor fuses the score, the base-2 exponential, the products and the reduction into one
+loop nest, so no block of the gene x gene matrix goes through memory: about 2.5x faster
+than the blocked eager path on CPU, with the same O(batch x heads x genes) memory.
+
+Registered as the ``"compiled"`` attention backend, between the native kernel and the eager
+exact path in ``"auto"``'s order. It needs a working :func:`torch.compile` (on CPU, a C++
+compiler; on CUDA, Triton). The first call in a process compiles (seconds; Inductor caches
+the result on disk for later processes); shapes are compiled dynamically, so a new batch
+size or gene count does not recompile. Should compilation fail, the backend reports why
+(:func:`tgem.show_versions`), warns once and computes on the eager exact path instead.
+``TGEM_DISABLE_COMPILE=1`` switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import warnings
+
+import torch
+
+from ._attention import (
+    Backend,
+    exact_attention,
+    exact_backward,
+    exact_forward,
+    register_backend,
+    scaled_queries,
+    scaled_row_max,
+)
+
+logger = logging.getLogger(__name__)
+
+_failure: str | None = None  # why compilation failed in this process, once it has
+_compiled: dict = {}
+
+
+# ------------------------------------------------------------------ the compiled reductions
+# Entry (i, j) of the base-2 exponent is hi_i k_j + lo_i k_j - m2_i (``scaled_queries``
+# splits q log2(e) into two terms in float32; in float64 ``lo`` is zero). ``off`` excludes
+# the diagonal inside the sums, as the eager path does.
+
+def _exponent(hi, lo, k, m2):
+    k_row = k[:, None, :]
+    return hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]
+
+
+def _off_diagonal(idx):
+    # ``idx`` is arange(G) in the data's float dtype (exact below 2**24 genes): a float
+    # comparison vectorises as wide as the data, an int64 iota at half the width (measured:
+    # the mask then costs nothing instead of a third of the kernel's time)
+    return idx[:, None] != idx[None, :]
+
+
+def _forward_rows(hi, lo, k, v, m2, idx):
+    """Z_i (diagonal included: it is zeroed after the softmax) and sum_{j != i} e_ij v_j."""
+    e = torch.exp2(_exponent(hi, lo, k, m2))
+    z = e.sum(-1)
+    numerator = torch.where(_off_diagonal(idx), e * v[:, None, :], 0.0).sum(-1)
+    return z, numerator
+
+
+def _backward_columns(hi, lo, k, v, m2, out, w1, w2, idx):
+    """dv_j = sum_{i != j} e_ij w1_i and sum_{i != j} e_ij (v_j - out_i) w2_i (rows i)."""
+    e = torch.exp2(_exponent(hi, lo, k, m2))
+    off = _off_diagonal(idx)  # applied to each product: masking e itself runs 7x slower
+    dv = torch.where(off, e * w1[:, :, None], 0.0).sum(1)
+    dk = torch.where(off, e * (v[:, None, :] - out[:, :, None]) * w2[:, :, None], 0.0).sum(1)
+    return dv, dk
+
+
+def _backward_rows(hi, lo, k, v, m2, out, idx):
+    """sum_{j != i} e_ij (v_j - out_i) k_j, centred element by element like the eager path."""
+    e = torch.where(_off_diagonal(idx), torch.exp2(_exponent(hi, lo, k, m2)), 0.0)
+    return (e * (v[:, None, :] - out[:, :, None]) * k[:, None, :]).sum(-1)
+
+
+_FUNCTIONS = {"forward_rows": _forward_rows, "backward_columns": _backward_columns,
+              "backward_rows": _backward_rows}
+
+
+def _compiled_fn(name: str):
+    fn = _compiled.get(name)
+    if fn is None:
+        fn = _compiled[name] = torch.compile(_FUNCTIONS[name], dynamic=True, fullgraph=True)
+    return fn
+
+
+def _fail(exc: BaseException) -> None:
+    global _failure
+    _failure = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    warnings.warn(
+        f"attention_backend='compiled': {_failure}. Computing on the eager exact path "
+        "instead (same results, slower). Set TGEM_DISABLE_COMPILE=1 to skip the attempt.",
+        RuntimeWarning, stacklevel=3)
+
+
+def _compile_settings():
+    """Settings for the compiled calls: shapes stay generic instead of multiplying graphs.
+
+    Without them every coincidence of sizes (batch x heads equal to the gene count: "duck
+    shaping") and every size-1 dimension adds a graph, and the default limit of 8 graphs per
+    function is soon reached in a long session (many models, float32 and float64).
+    """
+    stack = contextlib.ExitStack()
+    try:
+        import torch._dynamo.config as dynamo_config
+        import torch.fx.experimental._config as fx_config
+
+        stack.enter_context(dynamo_config.patch(recompile_limit=64))
+        stack.enter_context(fx_config.patch(use_duck_shape=False))
+    except Exception:  # private settings moved: run with torch's defaults
+        pass
+    return stack
+
+
+def _run(name: str, *args):
+    """The compiled function's result, or ``None`` once compilation has failed."""
+    if _failure is not None:
+        return None
+    try:
+        with _compile_settings():
+            return _compiled_fn(name)(*args)
+    except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a compiler problem must not stop a fit
+        _fail(exc)
+        return None
+
+
+def _split_queries(q):
+    q2 = scaled_queries(q)
+    hi = q2[..., 0].contiguous()
+    lo = q2[..., 1].contiguous() if q2.shape[-1] > 1 else torch.zeros_like(hi)
+    idx = torch.arange(q.shape[-1], dtype=q.dtype, device=q.device)
+    return q2, hi, lo, idx
+
+
+# ------------------------------------------------------------------ autograd
+class _CompiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        shape = q.shape
+        g = shape[-1]
+        q, k, v = (x.reshape(-1, g).contiguous() for x in (q, k, v))
+        q2, hi, lo, idx = _split_queries(q)
+        m2 = scaled_row_max(q2, k)
+        sums = _run("forward_rows", hi, lo, k, v, m2, idx)
+        if sums is None:  # compilation failed: the eager blocked sums, same saved state
+            out, m2, inv_z, e_diag = exact_forward(q, k, v)
+        else:
+            z, numerator = sums
+            e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
+            inv_z = z.reciprocal()
+            out = numerator * inv_z
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, m2, inv_z, e_diag, out)
+        ctx.shape = shape
+        return out.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "The exact T-GEM attention is differentiable once; double backward "
+                "(create_graph=True) is not implemented. Use attention_backend='reference' "
+                "for higher-order gradients.")
+        q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
+        g = grad.reshape(q.shape).contiguous()
+        w1 = g * inv_z
+        w2 = w1 * q
+        _, hi, lo, idx = _split_queries(q)
+        cols = _run("backward_columns", hi, lo, k, v, m2, out, w1, w2, idx)
+        rows = _run("backward_rows", hi, lo, k, v, m2, out, idx) if cols is not None else None
+        if rows is None:  # compilation failed: the eager blocked sums, same saved state
+            dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, g)
+        else:
+            dv, dk = cols
+            diag = e_diag * out
+            dk = dk - diag * w2
+            dq = w1 * (rows - diag * k)
+        s = ctx.shape
+        return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+
+
+def compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact T-GEM attention with the gene-pair sums compiled by ``torch.compile``.
+
+    Same result as :func:`tgem._attention.reference_attention` (to rounding) in
+    O(batch x heads x genes) memory; differentiable once. Falls back to
+    :func:`tgem._attention.exact_attention` if compilation fails.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor of shape (batch, heads, genes)
+
+    Returns
+    -------
+    torch.Tensor of shape (batch, heads, genes)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tgem._attention import reference_attention
+    >>> q, k, v = torch.randn(3, 2, 1, 5, dtype=torch.float64).unbind(0)
+    >>> torch.allclose(compiled_attention(q, k, v), reference_attention(q, k, v))
+    True
+    """
+    if _failure is not None:
+        return exact_attention(q, k, v)
+    return _CompiledAttention.apply(q, k, v)
+
+
+# ------------------------------------------------------------------ availability
+def _cpp_compiler() -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # private API, or no compiler: look for the usual names
+        for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+            if name and shutil.which(name):
+                return name
+    return None
+
+
+def compiled_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when the compiled backend can run on ``device``/``dtype``, else why not."""
+    if os.environ.get("TGEM_DISABLE_COMPILE", "") not in ("", "0"):
+        return "disabled by TGEM_DISABLE_COMPILE"
+    if _failure is not None:
+        return _failure
+    if dtype not in (torch.float32, torch.float64):
+        return f"float32 and float64 only, not {dtype}"
+    if device.type == "cpu":
+        if _cpp_compiler() is None:
+            return "torch.compile needs a C++ compiler on CPU and none was found (set CXX)"
+        return None
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs Triton on CUDA (pip install triton)"
+        return None
+    return f"not supported on {device.type}"
+
+
+register_backend(Backend("compiled", compiled_attention, compiled_unavailable, priority=5))
