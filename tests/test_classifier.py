@@ -59,7 +59,7 @@ def test_fitted_attributes(fitted):
     clf, X, _ = fitted
     assert clf.n_features_in_ == X.shape[1]
     assert clf.device_ == torch.device("cpu")
-    assert clf.attention_backend_ in ("exact", "native")
+    assert clf.attention_backend_ in ("exact", "compiled", "native")
     assert len(clf.history_) == clf.n_iter_ == FAST["max_epochs"]
     assert {"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy"} <= set(
         clf.history_[0])

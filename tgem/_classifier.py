@@ -117,8 +117,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     attention_backend : str, default="auto"
         ``"auto"`` uses the fastest available exact implementation for the device;
         ``"exact"`` the pure-PyTorch O(genes)-memory path; ``"reference"`` the plain
-        formulation that materialises gene x gene matrices (slow; the test oracle). Native
-        and GPU kernels add ``"native"`` and ``"triton"`` when available
+        formulation that materialises gene x gene matrices (slow; the test oracle). The
+        native CPU kernel, the ``torch.compile``'d sums and the GPU kernels add
+        ``"native"``, ``"compiled"`` and ``"triton"`` when available
         (see :func:`tgem.show_versions`).
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         Where to train and predict. ``"auto"`` picks CUDA when available; resolved in

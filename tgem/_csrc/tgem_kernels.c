@@ -20,8 +20,9 @@
  *
  * which is, operation for operation, exact_forward / exact_backward of tgem/_attention.py. The
  * diagonal is excluded inside the sums (not subtracted afterwards). The backward pass runs
- * over key blocks (columns); the query gradient's row sums are kept per key block and added
- * in block order at the end.
+ * over key blocks (columns); the query gradient's row sums are added key block by key block,
+ * in block order, either by one task per row in place in dq (memory O(n g)) or, when there
+ * are few rows per thread, from per-block partials at the end (the same additions).
  *
  * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-6
  * polynomial (relative approximation error 2e-9; about 1 ulp after float32 rounding), with
@@ -67,6 +68,7 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
 
 #define TGEM_JB 128                  /* terms per partial sum (blocked accumulation) */
+#define TGEM_PARTIAL_BYTES (64.0 * 1024 * 1024) /* cap on the backward's per-block partials */
 #define TGEM_LOG2E 1.44269504088896340736f
 #define TGEM_EXP2_LO (-150.0f)       /* 2^-150 rounds to 0: everything below underflows */
 #define TGEM_EXP2_HI 128.0f          /* 2^128 overflows to +inf */
@@ -140,8 +142,10 @@ typedef struct {
 typedef struct {
     const float *q, *k, *v, *m, *inv_z, *e_diag, *out, *grad;
     int64_t n, g, blocks, cols;
+    int rowwise;                     /* one task per row n (dq summed in place) or per block */
     float *scratch;                  /* per row n: h, l, w1, w2 (4 g) */
-    float *dqpart;                   /* per row n and key block: partial sum_j D_ij k_j (g) */
+    float *dqpart;                   /* block tasks only: per row n and key block, the partial
+                                        sums_j D_ij k_j (g) */
     float *dq, *dk, *dv;
 } tgem_bwd_ctx;
 
@@ -188,20 +192,42 @@ static void tgem_bwd_prologue(const void *vctx, int64_t n)
     }
 }
 
-/* Backward epilogue for row n: dq from the per-block partial sums, added in block order. */
+/* Backward epilogue for row n: dq from the per-block partial sums, added in block order (by
+ * the row task itself, or here from the block tasks' partials: the same additions). */
 static void tgem_bwd_epilogue(const void *vctx, int64_t n)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
     const int64_t g = c->g, o = n * g;
     const float *w1 = c->scratch + 4 * o + 2 * g;
-    const float *part = c->dqpart + n * c->blocks * g;
+    const float *part = c->rowwise ? NULL : c->dqpart + n * c->blocks * g;
     for (int64_t i = 0; i < g; ++i) {
-        float s = part[i];
-        for (int64_t b = 1; b < c->blocks; ++b)
-            s += part[b * g + i];
+        float s;
+        if (c->rowwise) { /* the row task already added the blocks, in the same order */
+            s = c->dq[o + i];
+        } else {
+            s = part[i];
+            for (int64_t b = 1; b < c->blocks; ++b)
+                s += part[b * g + i];
+        }
         c->dq[o + i] = w1[i] * (s - (c->e_diag[o + i] * c->out[o + i]) * c->k[o + i]);
     }
 }
+
+/* One backward task: a whole row n (key blocks in order, dq summed in place in c->dq), or one
+ * (row, key block) whose partial dq sums go to c->dqpart. Both add the same numbers in the
+ * same order, so the choice (made from the sizes and the thread count) never changes a bit. */
+#define TGEM_BWD_TASK(name, block_fn, attr)                                                    \
+    attr static void name(const void *vctx, int64_t task)                                    \
+    {                                                                                         \
+        const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;                                   \
+        if (c->rowwise) {                                                                     \
+            for (int64_t blk = 0; blk < c->blocks; ++blk)                                     \
+                block_fn(c, task, blk, c->dq + task * c->g, blk > 0);                         \
+        } else {                                                                              \
+            const int64_t n = task / c->blocks, blk = task % c->blocks;                       \
+            block_fn(c, n, blk, c->dqpart + (n * c->blocks + blk) * c->g, 0);                 \
+        }                                                                                     \
+    }
 
 /* dk of key j from its column sum (the same formula in every path) */
 TGEM_INLINE float tgem_dk_final(const tgem_bwd_ctx *c, int64_t j, float sum_dw2)
@@ -287,14 +313,15 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
     }
 }
 
-static void tgem_bwd_task_scalar(const void *vctx, int64_t task)
+/* Backward work of row n, key block blk: dv and dk of the block's keys, and the block's
+ * partial dq row sums written to dqp (acc = 0) or added to it (acc = 1). */
+static void tgem_bwd_block_scalar(const tgem_bwd_ctx *c, int64_t n, int64_t blk, float *dqp,
+                                  int acc)
 {
-    const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks, j0 = blk * TGEM_SL;
+    const int64_t g = c->g, j0 = blk * TGEM_SL;
     const int64_t o = n * g, nc = g - j0 < TGEM_SL ? g - j0 : TGEM_SL;
     const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
     const float *ms = c->m + o, *out = c->out + o;
-    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
     float cv[TGEM_SL] = {0}, ck[TGEM_SL] = {0}, kc[TGEM_SL], vc[TGEM_SL];
     for (int64_t l = 0; l < nc; ++l) {
         kc[l] = c->k[o + j0 + l];
@@ -313,7 +340,7 @@ static void tgem_bwd_task_scalar(const void *vctx, int64_t task)
                 pk[l] = pk[l] + d * w2[i];
                 dq = dq + d * kc[l];
             }
-            dqp[i] = dq;
+            dqp[i] = acc ? dqp[i] + dq : dq;
         }
         for (int64_t l = 0; l < nc; ++l) {
             cv[l] += pv[l];
@@ -325,6 +352,9 @@ static void tgem_bwd_task_scalar(const void *vctx, int64_t task)
         c->dk[o + j0 + l] = tgem_dk_final(c, o + j0 + l, ck[l]);
     }
 }
+
+
+TGEM_BWD_TASK(tgem_bwd_task_scalar, tgem_bwd_block_scalar, )
 
 #if TGEM_X86
 
@@ -496,7 +526,7 @@ TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ls, const float 
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, const __m256 *kc, const __m256 *vc,
                                   const __m256i *colidx, const __m256i *tm, __m256 *av,
-                                  __m256 *ak, float *dqp, int masked)
+                                  __m256 *ak, float *dqp, int acc, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m256 hi = _mm256_set1_ps(hs[i]), li = _mm256_set1_ps(ls[i]);
@@ -517,17 +547,17 @@ TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ls, const float 
             ak[u] = _mm256_fmadd_ps(d, b, ak[u]);
             dsum = u == 0 ? _mm256_mul_ps(d, kc[0]) : _mm256_fmadd_ps(d, kc[u], dsum);
         }
-        dqp[i] = tgem_hsum_256(dsum);
+        const float r = tgem_hsum_256(dsum);
+        dqp[i] = acc ? dqp[i] + r : r;
     }
 }
 
-TGEM_T256 static void tgem_bwd_task_avx2(const void *vctx, int64_t task)
+TGEM_T256 static void tgem_bwd_block_avx2(const tgem_bwd_ctx *c, int64_t n, int64_t blk,
+                                          float *dqp, int acc)
 {
-    const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks;
+    const int64_t g = c->g;
     const int64_t j0 = blk * 8 * NVB256, o = n * g;
     const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
-    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
     const int tail = j0 + 8 * NVB256 > g;
     const __m256 zero = _mm256_setzero_ps();
     __m256 kc[NVMAX256], vc[NVMAX256], cv[NVMAX256], ck[NVMAX256];
@@ -548,10 +578,10 @@ TGEM_T256 static void tgem_bwd_task_avx2(const void *vctx, int64_t task)
             av[u] = ak[u] = zero;
         if (tail || (ib < j0 + 8 * NVB256 && ie > j0))
             tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
-                          ak, dqp, 1);
+                          ak, dqp, acc, 1);
         else
             tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
-                          ak, dqp, 0);
+                          ak, dqp, acc, 0);
         for (int u = 0; u < NVB256; ++u) {
             cv[u] = _mm256_add_ps(cv[u], av[u]);
             ck[u] = _mm256_add_ps(ck[u], ak[u]);
@@ -568,6 +598,8 @@ TGEM_T256 static void tgem_bwd_task_avx2(const void *vctx, int64_t task)
             c->dk[o + r0 + l] = tgem_dk_final(c, o + r0 + l, sk[l]);
     }
 }
+
+TGEM_BWD_TASK(tgem_bwd_task_avx2, tgem_bwd_block_avx2, TGEM_T256)
 
 TGEM_T256 static void tgem_exp2_array_avx2(const float *y, float *out, int64_t len)
 {
@@ -751,7 +783,7 @@ TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float 
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, int64_t j0, const __m512 *kc,
                                   const __m512 *vc, const __mmask16 *tm, __m512 *av,
-                                  __m512 *ak, float *dqp, int masked)
+                                  __m512 *ak, float *dqp, int acc, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m512 hi = _mm512_set1_ps(hs[i]), li = _mm512_set1_ps(ls[i]);
@@ -774,17 +806,17 @@ TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float 
             ak[u] = _mm512_fmadd_ps(d, b, ak[u]);
             dsum = u == 0 ? _mm512_mul_ps(d, kc[0]) : _mm512_fmadd_ps(d, kc[u], dsum);
         }
-        dqp[i] = _mm512_reduce_add_ps(dsum);
+        const float r = _mm512_reduce_add_ps(dsum);
+        dqp[i] = acc ? dqp[i] + r : r;
     }
 }
 
-TGEM_T512 static void tgem_bwd_task_avx512(const void *vctx, int64_t task)
+TGEM_T512 static void tgem_bwd_block_avx512(const tgem_bwd_ctx *c, int64_t n, int64_t blk,
+                                            float *dqp, int acc)
 {
-    const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, n = task / c->blocks, blk = task % c->blocks;
+    const int64_t g = c->g;
     const int64_t j0 = blk * 16 * NVB512, o = n * g;
     const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
-    float *dqp = c->dqpart + (n * c->blocks + blk) * g;
     const int tail = j0 + 16 * NVB512 > g;
     const __m512 zero = _mm512_setzero_ps();
     __m512 kc[NVMAX512], vc[NVMAX512], cv[NVMAX512], ck[NVMAX512];
@@ -803,10 +835,10 @@ TGEM_T512 static void tgem_bwd_task_avx512(const void *vctx, int64_t task)
             av[u] = ak[u] = zero;
         if (tail || (ib < j0 + 16 * NVB512 && ie > j0))
             tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
-                          dqp, 1);
+                          dqp, acc, 1);
         else
             tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
-                          dqp, 0);
+                          dqp, acc, 0);
         for (int u = 0; u < NVB512; ++u) {
             cv[u] = _mm512_add_ps(cv[u], av[u]);
             ck[u] = _mm512_add_ps(ck[u], ak[u]);
@@ -823,6 +855,8 @@ TGEM_T512 static void tgem_bwd_task_avx512(const void *vctx, int64_t task)
             c->dk[o + r0 + l] = tgem_dk_final(c, o + r0 + l, sk[l]);
     }
 }
+
+TGEM_BWD_TASK(tgem_bwd_task_avx512, tgem_bwd_block_avx512, TGEM_T512)
 
 TGEM_T512 static void tgem_exp2_array_avx512(const float *y, float *out, int64_t len)
 {
@@ -979,12 +1013,18 @@ TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const
     c.grad = grad; c.n = n; c.g = g; c.dq = dq; c.dk = dk; c.dv = dv;
     c.cols = tgem_block(isa, 1);
     c.blocks = (g + c.cols - 1) / c.cols;
-    c.scratch = (float *)malloc((size_t)((4 + c.blocks) * n * g) * sizeof(float));
+    /* Row tasks need no partial sums (memory O(n g)); block tasks keep blocks x n x g partials
+     * but give idle threads work when there are few rows. Block tasks only while there are
+     * fewer than 4 rows per thread and their partials stay under TGEM_PARTIAL_BYTES. */
+    c.rowwise = n >= 4 * (int64_t)nthreads ||
+                (double)c.blocks * (double)n * (double)g * sizeof(float) > TGEM_PARTIAL_BYTES;
+    c.scratch = (float *)malloc((size_t)((4 + (c.rowwise ? 0 : c.blocks)) * n * g) *
+                                sizeof(float));
     if (c.scratch == NULL)
         return TGEM_ENOMEM;
-    c.dqpart = c.scratch + 4 * n * g;
+    c.dqpart = c.rowwise ? NULL : c.scratch + 4 * n * g;
     tgem_parallel(nthreads, n, tgem_bwd_prologue, &c);
-    tgem_parallel(nthreads, n * c.blocks, fn, &c);
+    tgem_parallel(nthreads, c.rowwise ? n : n * c.blocks, fn, &c);
     tgem_parallel(nthreads, n, tgem_bwd_epilogue, &c);
     free(c.scratch);
     return TGEM_OK;
