@@ -202,30 +202,44 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
     return dq, dk, dv
 
 
-class _ExactAttention(torch.autograd.Function):
-    @staticmethod
+def exact_function(name: str, forward_sums, backward_sums) -> type[torch.autograd.Function]:
+    """An autograd function for an implementation of the exact algorithm.
+
+    ``forward_sums(q, k, v)`` takes contiguous (N, G) tensors and returns
+    ``out, m2, inv_z, e_diag`` (see :func:`exact_forward`); ``backward_sums(q, k, v, m2,
+    inv_z, e_diag, out, grad)`` returns ``dq, dk, dv`` (see :func:`exact_backward`). Every
+    backend of the exact algorithm shares this wrapper: the reshaping, what is saved for
+    the backward pass, and the clear error on double backward.
+    """
+
     def forward(ctx, q, k, v):
         shape = q.shape
         g = shape[-1]
         q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
-        out, m2, inv_z, e_diag = exact_forward(q2, k2, v2)
+        out, m2, inv_z, e_diag = forward_sums(q2, k2, v2)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out)
         ctx.shape = shape
         return out.reshape(shape)
 
-    @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "The exact T-GEM attention is differentiable once; double backward "
+                f"The {name} T-GEM attention is differentiable once; double backward "
                 "(create_graph=True) is not implemented. Use attention_backend='reference' "
                 "for higher-order gradients.")
         q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, g)
+        dq, dk, dv = backward_sums(q, k, v, m2, inv_z, e_diag, out, g)
         s = ctx.shape
         return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+
+    cls_name = f"_{name.capitalize()}Attention"
+    return type(cls_name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_ExactAttention = exact_function("exact", exact_forward, exact_backward)
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

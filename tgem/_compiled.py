@@ -32,6 +32,7 @@ from ._attention import (
     exact_attention,
     exact_backward,
     exact_forward,
+    exact_function,
     register_backend,
     scaled_queries,
     scaled_row_max,
@@ -144,51 +145,35 @@ def _split_queries(q):
     return q2, hi, lo, idx
 
 
-# ------------------------------------------------------------------ autograd
-class _CompiledAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        shape = q.shape
-        g = shape[-1]
-        q, k, v = (x.reshape(-1, g).contiguous() for x in (q, k, v))
-        q2, hi, lo, idx = _split_queries(q)
-        m2 = scaled_row_max(q2, k)
-        sums = _run("forward_rows", hi, lo, k, v, m2, idx)
-        if sums is None:  # compilation failed: the eager blocked sums, same saved state
-            out, m2, inv_z, e_diag = exact_forward(q, k, v)
-        else:
-            z, numerator = sums
-            e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
-            inv_z = z.reciprocal()
-            out = numerator * inv_z
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, m2, inv_z, e_diag, out)
-        ctx.shape = shape
-        return out.reshape(shape)
+# ------------------------------------------------------------------ the two passes
+def compiled_forward(q, k, v):
+    """:func:`tgem._attention.exact_forward`'s results from the compiled row sums."""
+    q2, hi, lo, idx = _split_queries(q)
+    m2 = scaled_row_max(q2, k)
+    sums = _run("forward_rows", hi, lo, k, v, m2, idx)
+    if sums is None:  # compilation failed: the eager blocked sums
+        return exact_forward(q, k, v)
+    z, numerator = sums
+    e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
+    inv_z = z.reciprocal()
+    return numerator * inv_z, m2, inv_z, e_diag
 
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "The exact T-GEM attention is differentiable once; double backward "
-                "(create_graph=True) is not implemented. Use attention_backend='reference' "
-                "for higher-order gradients.")
-        q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
-        g = grad.reshape(q.shape).contiguous()
-        w1 = g * inv_z
-        w2 = w1 * q
-        _, hi, lo, idx = _split_queries(q)
-        cols = _run("backward_columns", hi, lo, k, v, m2, out, w1, w2, idx)
-        rows = _run("backward_rows", hi, lo, k, v, m2, out, idx) if cols is not None else None
-        if rows is None:  # compilation failed: the eager blocked sums, same saved state
-            dq, dk, dv = exact_backward(q, k, v, m2, inv_z, e_diag, out, g)
-        else:
-            dv, dk = cols
-            diag = e_diag * out
-            dk = dk - diag * w2
-            dq = w1 * (rows - diag * k)
-        s = ctx.shape
-        return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+
+def compiled_backward(q, k, v, m2, inv_z, e_diag, out, grad):
+    """:func:`tgem._attention.exact_backward`'s results from the compiled sums."""
+    w1 = grad * inv_z
+    w2 = w1 * q
+    _, hi, lo, idx = _split_queries(q)
+    cols = _run("backward_columns", hi, lo, k, v, m2, out, w1, w2, idx)
+    rows = _run("backward_rows", hi, lo, k, v, m2, out, idx) if cols is not None else None
+    if rows is None:  # compilation failed: the eager blocked sums, same saved state
+        return exact_backward(q, k, v, m2, inv_z, e_diag, out, grad)
+    dv, dk = cols
+    diag = e_diag * out
+    return w1 * (rows - diag * k), dk - diag * w2, dv
+
+
+_CompiledAttention = exact_function("compiled", compiled_forward, compiled_backward)
 
 
 def compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

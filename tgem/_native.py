@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from tgem._attention import Backend, register_backend
+from tgem._attention import Backend, exact_function, register_backend
 
 logger = logging.getLogger(__name__)
 
@@ -298,30 +298,7 @@ def native_exp2(y: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     return res
 
 
-class _NativeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        shape = q.shape
-        g = shape[-1]
-        q2, k2, v2 = (x.reshape(-1, g).contiguous() for x in (q, k, v))
-        out, m2, inv_z, e_diag = native_forward(q2, k2, v2)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q2, k2, v2, m2, inv_z, e_diag, out)
-        ctx.shape = shape
-        return out.reshape(shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "The native T-GEM attention is differentiable once; double backward "
-                "(create_graph=True) is not implemented. Use attention_backend='reference' "
-                "for higher-order gradients.")
-        q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
-        g = grad.reshape(q.shape).contiguous()
-        dq, dk, dv = native_backward(q, k, v, m2, inv_z, e_diag, out, g)
-        s = ctx.shape
-        return dq.reshape(s), dk.reshape(s), dv.reshape(s)
+_NativeAttention = exact_function("native", native_forward, native_backward)
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
