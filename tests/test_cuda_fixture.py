@@ -1,7 +1,8 @@
 """A model fitted on a CUDA GPU (``tests/fixtures/``) loads and predicts on a CPU-only machine.
 
 The fixture was written by ``tests/fixtures/make_cuda_fixture.py`` on an NVIDIA GPU with the
-Triton attention; this test needs no GPU. The probabilities must match the GPU's to 1e-4:
+Triton attention (the model in tgem's safe format, the expected outputs as plain ``.npz``
+arrays; no pickle); this test needs no GPU. The probabilities must match the GPU's to 1e-4:
 the same weights through the CPU's exact path differ only by float32 rounding (the log-
 probabilities of the two paths agree to ~1e-5), far below any real change of the model.
 """
@@ -10,10 +11,11 @@ import json
 import warnings
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 import torch
+
+import tgem
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -23,15 +25,22 @@ def fixture():
     expected = np.load(FIXTURES / "cuda_model_expected.npz", allow_pickle=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clf = joblib.load(FIXTURES / "cuda_model.joblib")
+        clf = tgem.load(FIXTURES / "cuda_model.tgem")
     return clf, expected, caught
 
 
 def test_fixture_was_fitted_on_cuda_with_triton(fixture):
-    _, expected, _ = fixture
+    clf, expected, _ = fixture
     info = json.loads(str(expected["info"]))
-    assert info["attention_backend_"] == "triton"
+    assert info["attention_backend_"] == clf.attention_backend_ == "triton"
     assert "NVIDIA" in info["gpu"] or "H100" in info["gpu"]
+
+
+def test_fixtures_hold_no_pickle():
+    assert not [p.name for p in FIXTURES.iterdir() if p.suffix in (".joblib", ".pkl", ".pickle")]
+    for path in FIXTURES.glob("cuda_model*"):
+        if path.suffix != ".py":
+            assert path.read_bytes()[:4] == b"PK\x03\x04", path  # ZIP: .tgem and .npz
 
 
 def test_cuda_model_loads_on_cpu_with_device_warning(fixture):

@@ -310,6 +310,18 @@ def _config(name: str, interpret: bool) -> tuple[dict, dict]:
     return cfg, ({} if interpret else {"num_warps": warps})
 
 
+def _gene_count(g: int, interpret: bool):
+    """The kernels' ``G`` argument: an int, or for the interpreter a ``tl.constexpr``.
+
+    The interpreter of triton 3.6 and older wraps an int argument in a one-element array and
+    turns it back with ``int()`` where it bounds a loop, which NumPy 2.4 and newer refuse
+    ("only 0-dimensional arrays can be converted to Python scalars"; fixed in triton 3.7).
+    A constexpr reaches the kernel unwrapped. The compiled kernels keep ``G`` a runtime
+    argument, so they are not specialised per gene count.
+    """
+    return tl.constexpr(g) if interpret else g
+
+
 def _launch_forward(q, k, v, need_grad: bool, interpret: bool):
     """Run the forward kernel on (N, G) tensors.
 
@@ -332,7 +344,8 @@ def _launch_forward(q, k, v, need_grad: bool, interpret: bool):
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
         _kernel("forward", interpret)[grid](
-            hi, lo, k, v, m2, cand, out, inv_z, t, g, NEED_GRAD=need_grad, **cfg, **launch)
+            hi, lo, k, v, m2, cand, out, inv_z, t, _gene_count(g, interpret),
+            NEED_GRAD=need_grad, **cfg, **launch)
     return out, inv_z, (t if need_grad else None), (hi, lo, m2)
 
 
@@ -344,7 +357,8 @@ def _launch_backward(q, k, v, scaled, out, inv_z, t, grad, interpret: bool):
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
         _kernel("backward", interpret)[grid](
-            hi, lo, q, k, v, m2, out, inv_z, t, grad, dq, dk, dv, g, **cfg, **launch)
+            hi, lo, q, k, v, m2, out, inv_z, t, grad, dq, dk, dv, _gene_count(g, interpret),
+            **cfg, **launch)
     return dq, dk, dv
 
 
