@@ -9,7 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tgem._attention as A
-from tests._oracle import assert_float32_rule, attention_and_grads, float32_errors
+from tests._oracle import (
+    assert_float32_rms_rule,
+    assert_float32_rule,
+    attention_and_grads,
+    float32_errors,
+)
 from tgem._attention import (
     attention_entropy_rows,
     attention_rows,
@@ -59,6 +64,12 @@ def test_exact_blocks_do_not_change_the_result(monkeypatch):
 def test_exact_float32_error_within_twice_the_reference_error(g, scale):
     q, k, v, grad = _qkv(16, 5, g, scale=scale, seed=g)
     assert_float32_rule(float32_errors(exact_attention, q, k, v, grad))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_exact_float32_rms_error_within_twice_the_reference_error(scale):
+    q, k, v, grad = _qkv(16, 5, 765, scale=scale, seed=765)
+    assert_float32_rms_rule(exact_attention, q, k, v, grad)
 
 
 @pytest.mark.slow

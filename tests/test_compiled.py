@@ -16,7 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._oracle import assert_float32_rule, attention_and_grads, float32_errors
+from tests._oracle import (
+    assert_float32_rms_rule,
+    assert_float32_rule,
+    attention_and_grads,
+    float32_errors,
+)
 from tgem import TGEMClassifier
 from tgem import _compiled as C
 from tgem._attention import (
@@ -63,6 +68,12 @@ def test_compiled_matches_reference_in_float64(g, scale):
 def test_compiled_float32_error_within_twice_the_reference_error(g, scale):
     q, k, v, grad = _qkv(16, 5, g, scale=scale, seed=g)
     assert_float32_rule(float32_errors(C.compiled_attention, q, k, v, grad))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_compiled_float32_rms_error_within_twice_the_reference_error(scale):
+    q, k, v, grad = _qkv(16, 5, 765, scale=scale, seed=765)
+    assert_float32_rms_rule(C.compiled_attention, q, k, v, grad)
 
 
 @pytest.mark.slow
@@ -122,7 +133,7 @@ def test_compile_failure_warns_once_and_falls_back_to_the_eager_path(monkeypatch
         return fail
 
     monkeypatch.setattr(C, "_compiled_fn", broken)
-    monkeypatch.setattr(C, "_failure", None)
+    monkeypatch.setattr(C, "_failures", {})
     q, k, v, grad = _qkv(2, 2, 9)
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*simulated"):
         got = attention_and_grads(C.compiled_attention, q, k, v, grad)
@@ -148,7 +159,7 @@ def test_backward_falls_back_when_only_the_backward_fails_to_compile(monkeypatch
         return fail
 
     monkeypatch.setattr(C, "_compiled_fn", forward_only)
-    monkeypatch.setattr(C, "_failure", None)
+    monkeypatch.setattr(C, "_failures", {})
     q, k, v, grad = _qkv(2, 2, 9)
     with pytest.warns(RuntimeWarning, match="simulated"):
         got = attention_and_grads(C.compiled_attention, q, k, v, grad)

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests._oracle import assert_float32_rule, float32_errors
+from tests._oracle import assert_float32_rms_rule, assert_float32_rule, float32_errors
 from tgem import _native as nat
 from tgem._attention import (
     backend_status,
@@ -129,6 +129,16 @@ def test_native_float32_rule_on_independent_gaussian_inputs(isa, genes, scale):
                for _ in range(3))
     grad = torch.randn(4, 5, genes, generator=gen, dtype=torch.float64)
     assert_float32_rule(float32_errors(nat.native_attention, q, k, v, grad))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_native_float32_rms_error_within_twice_the_reference_error(isa, scale):
+    """The rule without a floor, on the RMS error over 765 genes (tests/_oracle.py)."""
+    gen = torch.Generator().manual_seed(765)
+    q, k, v = (torch.randn(16, 5, 765, generator=gen, dtype=torch.float64) * scale
+               for _ in range(3))
+    grad = torch.randn(16, 5, 765, generator=gen, dtype=torch.float64)
+    assert_float32_rms_rule(nat.native_attention, q, k, v, grad)
 
 
 @pytest.mark.slow

@@ -182,7 +182,12 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
     # GEMV path (the (N, G, 1) column layout runs ~7x slower on CPU)
     w1_col = w1.unsqueeze(1).mT
     w2_col = w2.unsqueeze(1).mT
-    dq_sum = torch.zeros(n, 1, g, dtype=q.dtype, device=q.device)
+    # dq's row sums arrive one key block at a time; they are differences of large terms
+    # (covariances under the attention), so the running total is kept in float64 (N x G
+    # values: free next to the G^2 work), which keeps dq within the plain formulation's error
+    acc_dtype = torch.float64 if q.dtype == torch.float32 else q.dtype
+    dq_sum = torch.zeros(n, 1, g, dtype=acc_dtype, device=q.device)
+    dq_block = torch.empty(n, 1, g, dtype=q.dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     buf = torch.empty(n * step * g, dtype=q.dtype, device=q.device)
     diff_buf = torch.empty_like(buf)
@@ -195,9 +200,9 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
         diff = torch.sub(v[:, j0:j1, None], out_row, out=_buffer_view(diff_buf, n, j1 - j0, g))
         e.mul_(diff)  # D, transposed: rows j, columns i
         dk[:, j0:j1] = torch.bmm(e, w2_col).squeeze(-1)
-        dq_sum.baddbmm_(k[:, None, j0:j1], e)
+        dq_sum += torch.bmm(k[:, None, j0:j1], e, out=dq_block)
     diag = e_diag * out
-    dq = w1 * (dq_sum.squeeze(1) - diag * k)
+    dq = w1 * (dq_sum.squeeze(1).to(q.dtype) - diag * k)
     dk -= diag * w2
     return dq, dk, dv
 

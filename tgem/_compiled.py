@@ -40,7 +40,7 @@ from ._attention import (
 
 logger = logging.getLogger(__name__)
 
-_failure: str | None = None  # why compilation failed in this process, once it has
+_failures: dict[str, str] = {}  # device type -> why compilation failed there, once it has
 _compiled: dict = {}
 
 
@@ -95,12 +95,13 @@ def _compiled_fn(name: str):
     return fn
 
 
-def _fail(exc: BaseException) -> None:
-    global _failure
-    _failure = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+def _fail(device_type: str, exc: BaseException) -> None:
+    first = (str(exc).splitlines() or [""])[0][:300]
+    reason = _failures[device_type] = f"torch.compile failed: {type(exc).__name__}: {first}"
     warnings.warn(
-        f"attention_backend='compiled': {_failure}. Computing on the eager exact path "
-        "instead (same results, slower). Set TGEM_DISABLE_COMPILE=1 to skip the attempt.",
+        f"attention_backend='compiled' on {device_type}: {reason}. Computing on the eager "
+        "exact path instead (same results, slower). Set TGEM_DISABLE_COMPILE=1 to skip the "
+        "attempt.",
         RuntimeWarning, stacklevel=3)
 
 
@@ -125,7 +126,8 @@ def _compile_settings():
 
 def _run(name: str, *args):
     """The compiled function's result, or ``None`` once compilation has failed."""
-    if _failure is not None:
+    device_type = args[0].device.type
+    if device_type in _failures:
         return None
     try:
         with _compile_settings():
@@ -133,7 +135,9 @@ def _run(name: str, *args):
     except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a compiler problem must not stop a fit
-        _fail(exc)
+        if "CUDA error" in str(exc) or "AcceleratorError" in type(exc).__name__:
+            raise  # the device itself failed: falling back would only fail again, less clearly
+        _fail(device_type, exc)
         return None
 
 
@@ -199,7 +203,7 @@ def compiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     >>> torch.allclose(compiled_attention(q, k, v), reference_attention(q, k, v))
     True
     """
-    if _failure is not None:
+    if q.device.type in _failures:
         return exact_attention(q, k, v)
     return _CompiledAttention.apply(q, k, v)
 
@@ -221,8 +225,8 @@ def compiled_unavailable(device: torch.device, dtype: torch.dtype) -> str | None
     """``None`` when the compiled backend can run on ``device``/``dtype``, else why not."""
     if os.environ.get("TGEM_DISABLE_COMPILE", "") not in ("", "0"):
         return "disabled by TGEM_DISABLE_COMPILE"
-    if _failure is not None:
-        return _failure
+    if device.type in _failures:
+        return _failures[device.type]
     if dtype not in (torch.float32, torch.float64):
         return f"float32 and float64 only, not {dtype}"
     if device.type == "cpu":
@@ -230,10 +234,25 @@ def compiled_unavailable(device: torch.device, dtype: torch.dtype) -> str | None
             return "torch.compile needs a C++ compiler on CPU and none was found (set CXX)"
         return None
     if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "torch.compile needs Triton on CUDA (pip install triton)"
-        return None
+        return _cuda_unavailable(device)
     return f"not supported on {device.type}"
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return "TRITON_INTERPRET is set: Inductor's kernels would run in Triton's interpreter"
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile needs Triton on CUDA (pip install triton)"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton does not import: {type(exc).__name__}: {exc}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"Inductor needs compute capability 7.0 or newer, this GPU has {major}.{minor}"
+    return None
 
 
 register_backend(Backend("compiled", compiled_attention, compiled_unavailable, priority=5))
