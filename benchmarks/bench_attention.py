@@ -230,7 +230,11 @@ def run_config(args, backend, genes, mode) -> dict:
            "--mode", mode, "--threads", str(args.threads), "--device", args.device,
            "--batch", str(args.batch), "--infer-batch", str(args.infer_batch),
            "--repeats", str(args.repeats), "--budget-s", str(args.budget_s)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    except subprocess.TimeoutExpired:  # a row that says so, and the run goes on
+        return {"backend": backend, "genes": genes, "mode": mode,
+                "error": f"did not finish within --timeout-s {args.timeout_s:.0f} s"}
     if proc.returncode != 0:
         return {"backend": backend, "genes": genes, "mode": mode,
                 "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
