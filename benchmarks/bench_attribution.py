@@ -321,8 +321,8 @@ def pbmc(args) -> None:
         return
     clf = models[first][0]
     attr, delta, ig_s = test_attr[first]
-    table = gene_ranking(attr, yte)
-    table_abs = gene_ranking(attr, yte, absolute=True)
+    table = gene_ranking(attr, yte, genes=genes)
+    table_abs = gene_ranking(attr, yte, genes=genes, absolute=True)
     report["ig_test"] = {"samples": len(yte), "seconds": ig_s,
                          "max_abs_delta": float(np.max(np.abs(delta)))}
     print(f"\nIG on {len(yte)} held-out cells: {ig_s:.0f} s, max |convergence delta| "
