@@ -59,6 +59,23 @@ def test_exact_blocks_do_not_change_the_result(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_many_rows_are_split_into_even_chunks_of_wide_blocks(monkeypatch):
+    # 1195 rows (IG: 239 interpolated inputs x 5 heads) at 1708 genes: chunks of at most
+    # budget / (32 x genes) rows, of even size, covering every row once
+    chunks = A._row_chunks(1195, 1708)
+    sizes = [c.stop - c.start for c in chunks]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1195
+    assert max(sizes) * A.MIN_BLOCK_ROWS * 1708 <= A.BLOCK_ELEMENTS
+    assert A._row_chunks(80, 17) == [slice(0, 80)]
+    q, k, v, grad = _qkv(6, 5, 40)
+    whole = attention_and_grads(exact_attention, q, k, v, grad)
+    monkeypatch.setattr(A, "BLOCK_ELEMENTS", 40 * 32 * 7)  # 7 rows per chunk: 5 chunks
+    assert len(A._row_chunks(30, 40)) == 5
+    chunked = attention_and_grads(exact_attention, q, k, v, grad)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("g", [17, 765])
 @pytest.mark.parametrize("scale", [0.5, 3.0])
 def test_exact_float32_error_within_twice_the_reference_error(g, scale):
