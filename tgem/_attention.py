@@ -96,8 +96,11 @@ def _row_chunks(batch_heads: int, genes: int, block_elements: int | None = None)
     budget = BLOCK_ELEMENTS if block_elements is None else block_elements
     most = max(1, budget // (min(genes, MIN_BLOCK_ROWS) * max(1, genes)))
     count = -(-batch_heads // most)
-    size = -(-batch_heads // count)
-    return [slice(i, min(batch_heads, i + size)) for i in range(0, batch_heads, size)]
+    base, extra = divmod(batch_heads, count)
+    bounds = [0]
+    for i in range(count):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _by_row_chunks(fn, tensors, **kwargs):
