@@ -126,14 +126,24 @@ def test_auto_picks_compiled_between_native_and_eager(monkeypatch):
         resolve_backend("compiled", "cpu")
 
 
-def test_compile_failure_warns_once_and_falls_back_to_the_eager_path(monkeypatch):
-    def broken(name):
+def _break_compilation(monkeypatch, message, working=()):
+    """Make every compiled function except those named in ``working`` raise ``message``."""
+    real = C._compiled_fn
+
+    def compiled_fn(name):
+        if name in working:
+            return real(name)
+
         def fail(*args):
-            raise RuntimeError("no working C++ compiler (simulated)")
+            raise RuntimeError(message)
         return fail
 
-    monkeypatch.setattr(C, "_compiled_fn", broken)
+    monkeypatch.setattr(C, "_compiled_fn", compiled_fn)
     monkeypatch.setattr(C, "_failures", {})
+
+
+def test_compile_failure_warns_once_and_falls_back_to_the_eager_path(monkeypatch):
+    _break_compilation(monkeypatch, "no working C++ compiler (simulated)")
     q, k, v, grad = _qkv(2, 2, 9)
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*simulated"):
         got = attention_and_grads(C.compiled_attention, q, k, v, grad)
@@ -148,18 +158,8 @@ def test_compile_failure_warns_once_and_falls_back_to_the_eager_path(monkeypatch
 
 
 def test_backward_falls_back_when_only_the_backward_fails_to_compile(monkeypatch):
-    real = C._compiled_fn
-
-    def forward_only(name):
-        if name == "forward_rows":
-            return real(name)
-
-        def fail(*args):
-            raise RuntimeError("backward kernel failed (simulated)")
-        return fail
-
-    monkeypatch.setattr(C, "_compiled_fn", forward_only)
-    monkeypatch.setattr(C, "_failures", {})
+    _break_compilation(monkeypatch, "backward kernel failed (simulated)",
+                       working=("forward_rows",))
     q, k, v, grad = _qkv(2, 2, 9)
     with pytest.warns(RuntimeWarning, match="simulated"):
         got = attention_and_grads(C.compiled_attention, q, k, v, grad)
