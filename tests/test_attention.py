@@ -67,6 +67,7 @@ def test_many_rows_are_split_into_even_chunks_of_wide_blocks(monkeypatch):
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1195
     assert max(sizes) * A.MIN_BLOCK_ROWS * 1708 <= A.BLOCK_ELEMENTS
     assert A._row_chunks(80, 17) == [slice(0, 80)]
+    assert A._row_chunks(0, 1708) == [slice(0, 0)] and A._row_chunks(5, 0) == [slice(0, 5)]
     q, k, v, grad = _qkv(6, 5, 40)
     whole = attention_and_grads(exact_attention, q, k, v, grad)
     monkeypatch.setattr(A, "BLOCK_ELEMENTS", 40 * 32 * 7)  # 7 rows per chunk: 5 chunks
