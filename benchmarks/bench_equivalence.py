@@ -15,9 +15,12 @@ float32, then cast to the run's dtype), the same dropout and shuffling generator
 own training loop ``tgem._training.train`` with each batch cast to the run's dtype (the PBMC
 values are float32, so the float64 run sees the same numbers). The loop is called one epoch at
 a time with Adam's state carried over, so that every epoch is checkpointed (long runs resume
-where they stopped, ``--cache``) and compared. ``--check BACKEND=EPOCHS`` fits
-``TGEMClassifier`` itself and reports its largest parameter difference from the replica at
-that epoch (0.0: bit for bit the same fit).
+where they stopped, ``--cache``) and compared. Checkpoints are keyed by the run's settings and
+the model and training-loop code; before they are reused, the first training step is
+recomputed with the backend as it is now and its gradients must equal the stored ones bit for
+bit (else the run starts anew). ``--check BACKEND=EPOCHS`` fits ``TGEMClassifier`` itself and
+reports its largest parameter difference from the replica at that epoch (0.0: bit for bit the
+same fit).
 
     # one epoch, four backends, the float64 oracle and the classifier check (~15 min, 2 cores)
     python benchmarks/bench_equivalence.py --epochs 1 --float64 \\
@@ -65,10 +68,8 @@ def load_split(seed: int):
 
 
 def _digest(path: Path) -> bytes:
-    """Contents of a code file; for Python its syntax tree without docstrings (comments and
-    docstrings do not change the numbers, so editing them keeps a long run's checkpoints)."""
-    if path.suffix != ".py":
-        return path.read_bytes() if path.exists() else b""
+    """A Python file's syntax tree without docstrings (comments and docstrings do not change
+    the numbers, so editing them keeps a long run's checkpoints)."""
     return _py_digest(path.read_text())
 
 
@@ -83,37 +84,16 @@ def _py_digest(text: str) -> bytes:
     return ast.dump(tree).encode()
 
 
-def code_hashes(backends) -> dict[str, str]:
-    """A hash per backend of the code its numbers depend on, taken right after import.
+def loop_hash() -> str:
+    """Hash of the model and training-loop code (syntax trees without docstrings).
 
-    The model, the training loop and the backend's own code: for ``reference`` only the
-    function ``reference_attention``; for the others the files of the exact algorithm and
-    of their kernel (the native kernel's C sources and compiled library included). Runs are
-    checkpointed under this hash, so a change of that code starts them anew.
+    Part of every run's checkpoint key. The attention backends' code is not hashed: their
+    numbers are checked instead (:meth:`Run.validate`).
     """
-    import inspect
-    import textwrap
-
-    from tgem import _attention
-
-    tg = ROOT / "tgem"
-    own = {"exact": ["_attention.py"], "compiled": ["_attention.py", "_compiled.py"],
-           "native": ["_attention.py", "_native.py", "_csrc/tgem_kernels.c", "_csrc/module.c",
-                      *sorted(p.name for p in tg.glob("_tgem_kernels*.so"))],
-           "triton": ["_attention.py", "_triton_attention.py"]}
-    out = {}
-    for backend in backends:
-        h = hashlib.sha256()
-        for name in ("_model.py", "_training.py", "_distributed.py", *own.get(backend, [])):
-            h.update(name.encode() + b"\0" + _digest(tg / name))
-        if backend == "reference":
-            src = textwrap.dedent(inspect.getsource(_attention.reference_attention))
-            h.update(b"reference_attention\0" + _py_digest(src))
-        elif backend not in own:
-            h.update(_digest(Path(inspect.getfile(
-                _attention.resolve_backend(backend, "cpu").fn))))
-        out[backend] = h.hexdigest()[:12]
-    return out
+    h = hashlib.sha256()
+    for name in ("_model.py", "_training.py", "_distributed.py"):
+        h.update(name.encode() + b"\0" + _digest(ROOT / "tgem" / name))
+    return h.hexdigest()[:12]
 
 
 def git_state() -> dict:
@@ -186,10 +166,11 @@ class Run:
     """One backend in one dtype, trained epoch by epoch with a checkpoint per epoch."""
 
     def __init__(self, backend: str, dtype: str, data, *, seed: int, n_threads: int,
-                 cache: Path, code: str):
+                 cache: Path, code: str):  # code: loop_hash()
         self.backend, self.dtype_name = backend, dtype
         self.name = run_name(backend, dtype)
         self.data, self.seed, self.n_threads, self.code = data, seed, n_threads, code
+        self.status = "trained in this invocation"
         key = f"{self.name}-seed{seed}-threads{n_threads}-code{code}"
         self.dir = cache / key
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -210,21 +191,16 @@ class Run:
         out["meta"] = json.loads(str(out["meta"]))
         return out
 
-    def train_to(self, epochs: int) -> None:
-        """Train (or resume) up to ``epochs`` epochs, checkpointing each one."""
+    def _initial(self):
+        """What ``TGEMClassifier.fit`` sets up before its training loop, in the run's dtype."""
         import torch
         from sklearn.utils import check_random_state
 
         from tgem import TGEMClassifier
-        from tgem._classifier import _MAX_SEED, torch_threads
+        from tgem._classifier import _MAX_SEED
         from tgem._model import TGEMNet
-        from tgem._training import TrainState, train
 
-        start = self.done()
-        if start >= epochs:
-            return
-        Xtr, ytr, Xte, yte = self.data
-        dtype = getattr(torch, self.dtype_name)
+        Xtr, ytr, _, _ = self.data
         classes, y_enc = np.unique(ytr, return_inverse=True)
         p = TGEMClassifier(random_state=self.seed).get_params()
         seeds = check_random_state(self.seed).randint(0, _MAX_SEED, size=4)  # as fit draws them
@@ -232,9 +208,69 @@ class Run:
             n_genes=Xtr.shape[1], n_classes=len(classes), n_layers=p["n_layers"],
             n_heads=p["n_heads"], activation=p["activation"], dropout=p["dropout"],
             shared_norm=p["shared_norm"], attention_backend=self.backend,
-            generator=torch.Generator().manual_seed(int(seeds[1]))).to(dtype)
-        dropout_gen = torch.Generator().manual_seed(int(seeds[2]))
+            generator=torch.Generator().manual_seed(int(seeds[1]))).to(self.dtype)
+        module.dropout.generator = torch.Generator().manual_seed(int(seeds[2]))
         shuffle_gen = torch.Generator().manual_seed(int(seeds[3]))
+        weights = np.ones(Xtr.shape[0])  # fit's sample weights without class_weight
+        return module, shuffle_gen, p, classes, y_enc, weights
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    def validate(self) -> None:
+        """Recompute the first training step; set the checkpoints aside if its gradients
+        differ by one bit from those stored at epoch 1 (the backend's code changed its
+        numbers since)."""
+        import torch
+
+        from tgem import _training
+        from tgem._classifier import torch_threads
+        from tgem._distributed import local_epoch
+
+        if not self.done():
+            return
+        module, shuffle_gen, p, _, y_enc, weights = self._initial()
+        idx, source, _ = next(local_epoch(self.data[0], len(y_enc), p["batch_size"],
+                                          shuffle_gen))
+        module.train()
+        with torch_threads(self.n_threads), batches_as(self.dtype):
+            xb = _training.dense_batch(source, idx, torch.device("cpu"))
+            _training._accumulate_gradients(
+                module, xb, torch.as_tensor(y_enc)[idx],
+                torch.as_tensor(weights, dtype=torch.float32)[idx], 1)
+        stored = self.snapshot(1)
+        same = all(np.array_equal(v.grad.numpy(), stored[f"first_grad:{k}"])
+                   for k, v in module.named_parameters())
+        if not same:
+            aside = self.dir.with_name(f"{self.dir.name}.stale-{time.strftime('%Y%m%d%H%M%S')}")
+            self.dir.rename(aside)
+            self.dir.mkdir()
+            print(f"{self.name}: the backend's first step no longer gives the stored "
+                  f"gradients; old checkpoints moved to {aside}", flush=True)
+        else:
+            self.status = (f"reused from the cache, which holds {self.done()} epoch(s) (first "
+                           "step recomputed: identical bit for bit)")
+            print(f"{self.name}: {self.status}", flush=True)
+
+    def train_to(self, epochs: int) -> None:
+        """Train (or resume) up to ``epochs`` epochs, checkpointing each one."""
+        import torch
+
+        from tgem._classifier import torch_threads
+        from tgem._training import TrainState, train
+
+        start = self.done()
+        if start >= epochs:
+            return
+        if start:
+            self.status += f"; epochs {start + 1}-{epochs} trained in this invocation"
+        Xtr, ytr, Xte, yte = self.data
+        dtype = self.dtype
+        module, shuffle_gen, p, classes, y_enc, weights = self._initial()
+        dropout_gen = module.dropout.generator
         holder: dict = {"state": None}
         state = TrainState()
         if start:
@@ -249,8 +285,6 @@ class Run:
             state.history = self.snapshot(start)["meta"]["history"]
             state.best_loss = min(h["train_loss"] for h in state.history)
             print(f"{self.name}: resuming after epoch {start}", flush=True)
-        module.dropout.generator = dropout_gen
-        weights = np.ones(Xtr.shape[0])  # fit's sample weights without class_weight
         Xte_t = torch.as_tensor(Xte).to(dtype)
         with torch_threads(self.n_threads), batches_as(dtype), adam_carrying(holder):
             for epoch in range(start + 1, epochs + 1):
@@ -277,7 +311,7 @@ class Run:
                 if epoch == 1 and holder.get("first_grad") is not None:
                     for k, g in zip(params, holder["first_grad"]):
                         arrays[f"first_grad:{k}"] = g.numpy()
-                meta = {"epoch": epoch, "history": state.history, "code_hash": self.code,
+                meta = {"epoch": epoch, "history": state.history, "loop_hash": self.code,
                         "adam_steps": int(opt.state[next(iter(params.values()))]["step"]),
                         "test_accuracy": float(np.mean(pred == yte))}
                 np.savez(self.snapshot_path(epoch), pred=pred, log_proba=log_proba.numpy(),
@@ -297,7 +331,8 @@ def check_classifier(run: Run, epochs: int) -> dict:
     """Fit TGEMClassifier itself and compare with the replica's checkpoint at ``epochs``."""
     from tgem import TGEMClassifier
 
-    path = run.dir / f"classifier_epoch_{epochs:03d}.npz"
+    clf_code = hashlib.sha256(_digest(ROOT / "tgem" / "_classifier.py")).hexdigest()[:12]
+    path = run.dir / f"classifier_epoch_{epochs:03d}-code{clf_code}.npz"
     Xtr, ytr, Xte, yte = run.data
     if not path.exists():
         t0 = time.perf_counter()
@@ -467,7 +502,7 @@ def main(argv=None) -> int:
     from tgem._attention import backend_names
 
     backend_names()  # load every backend now, and hash the code just loaded
-    code = code_hashes(args.backends)
+    code = loop_hash()
     git = git_state()
     data = load_split(args.seed)
     cache = Path(args.cache)
@@ -481,7 +516,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for backend, dtype, epochs in plan:
         run = Run(backend, dtype, data, seed=args.seed, n_threads=args.n_threads, cache=cache,
-                  code=code[backend])
+                  code=code)
+        run.validate()
         run.train_to(epochs)
         runs[run.name], epochs_of[run.name] = run, epochs
     checks = {}
@@ -512,11 +548,14 @@ def main(argv=None) -> int:
                     f"(stratified 80/20, seed {args.seed}), {Xtr.shape[1]} genes, float32",
             "model": "TGEMClassifier defaults (3 layers, 5 heads, dropout 0.3, Adam lr 1e-4, "
                      f"batch 16), random_state={args.seed}",
-            "runs": {n: {"epochs": epochs_of[n], "fit_s": fit_s[n], "code_hash": r.code}
+            "runs": {n: {"epochs": epochs_of[n], "fit_s": fit_s[n], "checkpoints": r.status}
                      for n, r in runs.items()},
             "replica": "every run is TGEMClassifier.fit's computation replayed epoch by epoch "
                        "(see the script's docstring); 'classifier_check' compares it with "
                        "TGEMClassifier itself",
+            "loop_hash": code,
+            "fit_s": "sum of the epoch times of the checkpoints, possibly from several "
+                     "invocations at different machine loads",
             "tolerance": args.tol,
             "note": "the first epoch of 'compiled' includes torch.compile's compilation; "
                     "times were taken on a 2-core machine shared with other jobs",
