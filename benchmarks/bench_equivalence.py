@@ -572,13 +572,10 @@ def main(argv=None) -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_attention import cpu_model  # one /proc/cpuinfo reader for the benchmarks
+
+    return cpu_model()
 
 
 if __name__ == "__main__":
