@@ -4,6 +4,7 @@ Every test here starts processes (a Dask LocalCluster or two torch.distributed r
 are marked slow; CI runs them with ``-m slow``.
 """
 
+import gc
 import pickle
 import sys
 from pathlib import Path
@@ -167,6 +168,10 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
             out["seeded"] = _weights(clf.module_)
             out["reads"] = ds.reads
             out["history"] = clf.history_
+        # fit released its DistributedDataParallel wrapper (left to the interpreter's final
+        # collection, gloo's worker threads could abort the process at exit)
+        out["ddp_alive"] = any(isinstance(o, torch.nn.parallel.DistributedDataParallel)
+                               for o in gc.get_objects())
         with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
             pickle.dump(out, f)
     finally:
@@ -199,6 +204,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(pbmc, tmp_pat
         assert (h0["train_loss"], h0["train_accuracy"]) == (h1["train_loss"],
                                                             h1["train_accuracy"])
     assert ranks[0]["input_grad_finite"] and ranks[1]["input_grad_finite"]
+    assert not ranks[0]["ddp_alive"] and not ranks[1]["ddp_alive"]
     # only rank 0 writes files
     assert (tmp_path / "ckpt0.tgem").is_file() and not (tmp_path / "ckpt1.tgem").exists()
 
@@ -252,6 +258,7 @@ def test_h5ad_two_processes_read_each_row_once_per_epoch(sparse_h5ad, tmp_path):
                        dataset_kw=dict(chunk_size=50, chunks_per_read=4))
     n = X.shape[0]
     assert _max_abs_diff(ranks[0]["seeded"], ranks[1]["seeded"]) == 0.0
+    assert not ranks[0]["ddp_alive"] and not ranks[1]["ddp_alive"]
     for epoch in range(kw["max_epochs"]):
         r0, r1 = (np.asarray(r["reads"][epoch]) for r in ranks)
         assert len(r0) > 0 and len(r1) > 0

@@ -7,6 +7,7 @@ from the generators passed in; torch's global generator is never touched.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import time
@@ -266,6 +267,12 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
     finally:
         if bar is not None:
             bar.close()
+        if net is not module:
+            # DistributedDataParallel sits in reference cycles (its hooks); left to the
+            # interpreter's final collection, its process group's worker threads can still be
+            # releasing a collective's tensors then, and abort the process (SIGABRT).
+            del net
+            gc.collect()
     if valid is not None and state.best_state is not None:
         module.load_state_dict(state.best_state)
     return state
