@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import numbers
+import re
 import warnings
 
 import numpy as np
@@ -278,7 +279,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         _check_columns(X)
         kw = dict(accept_sparse=["csr", "csc"], dtype=[np.float32, np.float64],
                   ensure_min_samples=1, reset=reset)
-        return _check_magnitude(validate_data(self, X, **kw))
+        return _check_magnitude(_validate_data(self, X, **kw))
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -312,9 +313,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             X, y = h5ad_fit_input(self, X, y)
         else:
             _check_columns(X)
-            X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"],
-                                 dtype=[np.float32, np.float64], y_numeric=False,
-                                 multi_output=False)
+            X, y = _validate_data(self, X, y, accept_sparse=["csr", "csc"],
+                                  dtype=[np.float32, np.float64], y_numeric=False,
+                                  multi_output=False)
             _check_magnitude(X)
             check_log_scale(X, stacklevel=4)
         y = column_or_1d(y, warn=True)
@@ -508,6 +509,32 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Labels that the model never saw simply count as errors; labels of another kind than
+        the fitted classes (strings against integer classes, or the reverse) are an error.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+        y : array-like of shape (n_samples,)
+            True labels.
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        float
+        """
+        check_is_fitted(self, "classes_")
+        kind, fitted = _label_kind(y), _label_kind(self.classes_)
+        if kind != fitted:
+            raise ValueError(
+                f"y holds {kind} labels but the model was fitted on {fitted} classes "
+                f"{self.classes_[:5].tolist()}; pass labels of the same kind as in fit "
+                "(e.g. y.astype(str) or the integer codes).")
+        return super().score(X, y, sample_weight=sample_weight)
+
     # ------------------------------------------------------------------ analysis hooks
     @property
     def feature_importances_(self) -> np.ndarray:
@@ -601,6 +628,43 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 device = torch.device("cpu")
                 self.device_ = device
             self.module_ = module.to(device)
+
+
+#: What to do about scikit-learn's input errors: (pattern of its message, the fix appended).
+_INPUT_FIXES = (
+    ("could not convert|non-numeric|dtype='numeric' is not compatible",
+     "X must hold numbers only: convert it (e.g. X.astype(float), or pd.to_numeric per "
+     "column) and drop label or annotation columns before passing it."),
+    ("inconsistent numbers of samples",
+     "X and y must describe the same samples: pass one label in y per row of X."),
+    ("Found array with 0 sample",
+     "X is empty: pass at least one sample (row)."),
+    ("Found array with 0 feature",
+     "X has no genes: pass at least one gene (column)."),
+    ("features, but .* is expecting|feature names should match",
+     "Pass the genes the model was fitted on, in the same order; tgem.align_genes(X, model) "
+     "reorders a DataFrame's genes by name and reports missing and extra ones."),
+)
+
+
+def _label_kind(y) -> str:
+    """'string' or 'number': the kind of labels in y (as scikit-learn's metrics tell them)."""
+    values = np.asarray(y)
+    if values.dtype.kind in "OUS" and any(isinstance(v, str) for v in values.ravel()):
+        return "string"
+    return "number"
+
+
+def _validate_data(estimator, *args, **kw):
+    """scikit-learn's ``validate_data``, with the fix added to the messages of its errors."""
+    try:
+        return validate_data(estimator, *args, **kw)
+    except ValueError as exc:
+        message = str(exc)
+        for pattern, fix in _INPUT_FIXES:
+            if re.search(pattern, message) and fix not in message:
+                raise type(exc)(f"{message} {fix}") from exc
+        raise
 
 
 #: Largest |value| accepted in X: T-GEM multiplies pairs of values in float32 (max ~3.4e38).
