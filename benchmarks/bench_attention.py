@@ -342,6 +342,7 @@ def main(argv=None) -> int:
             out.write_text(json.dumps({"machine": machine, "bound": bound, "speed": rows,
                                        "partial": True}, indent=2))
     _add_ratios(rows)
+    _add_bound_percent(rows, bound, args.batch)
     acc = accuracy_rows(args.accuracy_genes, sorted(set(backends) | {"reference"}), args.device,
                         seeds=1 if args.quick else 4)
     report = {"machine": machine, "bound": bound, "speed": rows, "accuracy": acc,
@@ -361,6 +362,27 @@ def _add_ratios(rows):
             r["train_mem_ratio_vs_reference"] = base["train_mem_mb"] / max(r["train_mem_mb"], 1e-9)
 
 
+def _add_bound_percent(rows, bound, batch: int) -> None:
+    """Each CPU figure as a percentage of the machine's bound (fma_probe), per gene count.
+
+    The probe states the bound at its own gene count; the work grows with genes², so the bound
+    of a row is the probe's FMA rate applied to that row's gene pairs (same op counts).
+    """
+    if not bound or "fma_lane_ops_per_s" not in bound:
+        return
+    rate, ops = bound["fma_lane_ops_per_s"], bound["fma_ops_per_pair"]
+    for r in rows:
+        pairs = bound["heads"] * bound["layers"] * r["genes"] ** 2
+        train = pairs * (ops["train_forward"] + ops["backward"]) / rate
+        infer = pairs * ops["inference"] / rate
+        limits = {"train_s": train * batch, "infer_sps": 1.0 / infer,
+                  "ig_s": 50 * train + 2 * infer}
+        for key, limit in limits.items():
+            if key in r:
+                ratio = r[key] / limit if key == "infer_sps" else limit / r[key]
+                r[f"{key}_pct_of_bound"] = 100.0 * ratio
+
+
 def _slopes(rows) -> dict:
     """Least-squares slope of training peak memory against genes, per backend (MB/gene)."""
     out = {}
@@ -377,11 +399,12 @@ def _slopes(rows) -> dict:
 
 def format_tables(report) -> str:
     lines = ["| genes | backend | train step (s) | train peak MB | inference samples/s | "
-             "infer peak MB | IG s/sample | speed-up vs reference |",
-             "|---|---|---|---|---|---|---|---|"]
+             "infer peak MB | IG s/sample | speed-up vs reference | % of bound "
+             "(train / infer / IG) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["speed"]:
         if "error" in r:
-            lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | | |")
             continue
 
         def f(key, fmt, r=r):
@@ -393,7 +416,10 @@ def format_tables(report) -> str:
         lines.append(
             f"| {r['genes']} | {r['backend']} | {f('train_s', '.3f')} | "
             f"{f('train_mem_mb', '.0f')} | {f('infer_sps', '.1f')} | {f('infer_mem_mb', '.0f')} "
-            f"| {f('ig_s', '.3f')} | {f('train_speedup_vs_reference', '.1f')} |")
+            f"| {f('ig_s', '.3f')} | {f('train_speedup_vs_reference', '.1f')} | "
+            + " / ".join(format(r[k], ".0f") if k in r else "-" for k in (
+                "train_s_pct_of_bound", "infer_sps_pct_of_bound", "ig_s_pct_of_bound"))
+            + " |")
     lines += ["", "Training-memory slope (MB per gene): " + json.dumps(
         {k: round(v, 4) for k, v in report["memory_slope_mb_per_gene"].items() if v})]
     lines += ["", "| genes | backend | log-prob max err (f32 vs f64) | reference's own | "

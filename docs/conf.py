@@ -48,6 +48,7 @@ API_MODULES = [
     ("tgem.interpret", "Gene attributions and the ablation study"),
     ("tgem.attention", "Attention entropy, maps and gene networks"),
     ("tgem.plotting", "Figures (optional extra: pip install \"tgem[plot]\")"),
+    ("tgem.dask", "Inference and attributions on Dask (extra: pip install \"tgem[dask]\")"),
 ]
 
 

@@ -9,6 +9,22 @@ import torch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: The optional packages some tests import with ``pytest.importorskip``. The ``test`` extra
+#: installs them all; under ``TGEM_REQUIRE_EXTRAS=1`` (set by .ci/run) a missing one fails
+#: the run instead of silently skipping those tests.
+EXTRAS = ("anndata", "h5py", "matplotlib", "networkx", "skops", "dask", "distributed")
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("TGEM_REQUIRE_EXTRAS") == "1":
+        import importlib.util
+
+        missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+        if missing:
+            raise pytest.UsageError(
+                f"TGEM_REQUIRE_EXTRAS=1 but {missing} are not installed; install the test "
+                'extra: pip install -e ".[test]"')
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -177,6 +177,26 @@ def test_n_threads_is_applied_during_fit_and_restored():
     finally:
         training.dense_batch = real
     assert set(seen) == {1} and torch.get_num_threads() == 2
+    import tgem._classifier as classifier
+
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 1}).fit(X, y)
+    clf.set_params(n_threads=1)
+    seen.clear()
+    try:
+        classifier.dense_batch = lambda *a: seen.append(torch.get_num_threads()) or real(*a)
+        clf.predict(X)
+    finally:
+        classifier.dense_batch = real
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+
+
+def test_fit_on_raw_counts_warns_and_points_to_the_preprocessing_guide():
+    from tgem._scale import RawCountsWarning
+
+    counts = np.random.default_rng(0).poisson(30.0, size=(40, 8)).astype(np.float64)
+    y = np.arange(40) % 2
+    with pytest.warns(RawCountsWarning, match=r"raw counts.*preprocessing"):
+        TGEMClassifier(**{**FAST, "max_epochs": 1}).fit(counts, y)
 
 
 def test_cuda_device_without_gpu_is_a_clear_error():

@@ -354,6 +354,40 @@ def test_pickles_carry_importances_but_not_training_rows():
     assert X.tobytes() not in pickle.dumps(clf)
 
 
+def test_model_files_carry_importances_but_not_training_rows(tmp_path):
+    import zipfile
+
+    import tgem
+
+    X, y = _data()
+    clf = _fit(X, y, importance_n_samples=20, max_epochs=2)
+    clf.save(tmp_path / "before.tgem")
+    with pytest.raises(NotFittedError, match="training data is not kept"):
+        tgem.load(tmp_path / "before.tgem").feature_importances_
+    imp = clf.feature_importances_
+    clf.save(tmp_path / "after.tgem")
+    np.testing.assert_array_equal(tgem.load(tmp_path / "after.tgem").feature_importances_, imp)
+    for name in ("before.tgem", "after.tgem"):
+        with zipfile.ZipFile(tmp_path / name) as z:
+            content = b"".join(z.read(n) for n in z.namelist())
+        for row in X[:5]:  # no training row, in any layout, is in the file
+            assert row.astype(np.float32).tobytes() not in content
+            assert row.astype(np.float64).tobytes() not in content
+
+
+def test_importances_log_their_cost_before_computing(caplog):
+    import logging
+
+    X, y = _data()
+    clf = _fit(X, y, importance_n_samples=20, max_epochs=1)
+    with caplog.at_level(logging.INFO, logger="tgem.interpret"):
+        clf.feature_importances_
+    first = caplog.records[0].getMessage()
+    assert first.startswith("computing feature_importances_: Integrated Gradients on")
+    assert "gradient evaluations" in first
+    assert caplog.records[-1].getMessage().startswith("feature_importances_ computed in")
+
+
 # ----------------------------------------------------------------------------- rankings
 def test_gene_ranking_means_medians_and_ranks():
     attr = np.array([[1.0, -3.0, 0.0], [3.0, 1.0, 0.5], [5.0, -1.0, 2.0], [-1.0, 2.0, 0.0]])

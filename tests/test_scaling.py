@@ -162,6 +162,9 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
             x.requires_grad_(True)
             clf.module_(x).sum().backward()
             out["input_grad_finite"] = bool(torch.isfinite(x.grad).all())
+            # distributed=False inside the group: an independent fit on this rank's own rows
+            clf = TGEMClassifier(**dict(kw, distributed=False, max_epochs=1))
+            out["opt_out"] = _weights(clf.fit(X[rank::2], y[rank::2]).module_)
         else:
             ds = _CountingDataset(X, **dataset_kw)
             clf = TGEMClassifier(**kw).fit(ds, y=y)
@@ -204,6 +207,11 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(pbmc, tmp_pat
         assert (h0["train_loss"], h0["train_accuracy"]) == (h1["train_loss"],
                                                             h1["train_accuracy"])
     assert ranks[0]["input_grad_finite"] and ranks[1]["input_grad_finite"]
+    for rank in range(2):  # distributed=False: no collective, each rank fits its own rows
+        alone = TGEMClassifier(**dict(kw, batch_size=8, max_epochs=1)).fit(X[rank::2],
+                                                                         y[rank::2])
+        assert _max_abs_diff(ranks[rank]["opt_out"], _weights(alone.module_)) <= 1e-6
+    assert _max_abs_diff(ranks[0]["opt_out"], ranks[1]["opt_out"]) > 1e-3
     assert not ranks[0]["ddp_alive"] and not ranks[1]["ddp_alive"]
     # only rank 0 writes files
     assert (tmp_path / "ckpt0.tgem").is_file() and not (tmp_path / "ckpt1.tgem").exists()
@@ -248,6 +256,31 @@ def test_h5ad_backed_fit_equals_in_memory_fit(sparse_h5ad):
                                   from_path.predict_proba(X))
     assert from_path.score(path, labels) > 0.6
     backed.file.close()
+
+
+@pytest.mark.filterwarnings("ignore:X does not have valid feature names")
+def test_h5ad_dense_x_and_layers_stream_like_memory(sparse_h5ad, tmp_path):
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from tgem import dask as tdask
+
+    _, X, labels = sparse_h5ad
+    dense, lab = X[:300].toarray(), np.asarray(labels[:300])
+    adata = anndata.AnnData(X=dense, obs=pd.DataFrame({"cell_type": lab},
+                                                      index=[f"c{i}" for i in range(300)]))
+    adata.layers["half"] = sp.csr_matrix(dense * 0.5)
+    path = tmp_path / "dense.h5ad"
+    adata.write_h5ad(path)
+    kw = dict(n_layers=1, n_heads=2, dropout=0.1, learning_rate=1e-2, max_epochs=2,
+              batch_size=32, random_state=0, n_threads=1)
+    for layer, values in ((None, dense), ("half", dense * 0.5)):
+        in_memory = TGEMClassifier(**kw).fit(values, lab)
+        streamed = TGEMClassifier(**kw).fit(H5ADDataset(path, layer=layer, chunk_size=1),
+                                            y="cell_type")
+        assert _max_abs_diff(_weights(in_memory.module_), _weights(streamed.module_)) == 0.0
+        lazy = tdask.from_h5ad(path, layer=layer, chunk_rows=64)
+        np.testing.assert_array_equal(lazy.compute(), values)
 
 
 def test_h5ad_two_processes_read_each_row_once_per_epoch(sparse_h5ad, tmp_path):
@@ -340,3 +373,48 @@ def test_h5ad_input_errors_name_the_fix(sparse_h5ad, tmp_path):
     anndata.AnnData(X=X[:10, :7]).write_h5ad(narrow)
     with pytest.raises(ValueError, match="same genes"):
         clf.predict(narrow)
+
+
+# ----------------------------------------------------------------------------- the docs' recipes
+_DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _documented_output(command: str) -> str:
+    """The line that docs/scaling.rst shows under ``$ command``."""
+    lines = (_DOCS / "scaling.rst").read_text().splitlines()
+    at = [i for i, line in enumerate(lines) if line.strip() == f"$ {command}"]
+    assert len(at) == 1, f"docs/scaling.rst shows no (or several) '$ {command}'"
+    return lines[at[0] + 1].strip()
+
+
+def _same_output(printed: str, documented: str, tol: float = 0.05) -> None:
+    """Equal up to the floating-point figures, which may move a little between machines."""
+    import re
+
+    number = r"-?\d+\.\d+"
+    assert re.sub(number, "#", printed) == re.sub(number, "#", documented), (printed,
+                                                                            documented)
+    for a, b in zip(re.findall(number, printed), re.findall(number, documented), strict=True):
+        assert abs(float(a) - float(b)) <= tol, (printed, documented)
+
+
+def test_scaling_recipes_run_as_written(tmp_path):
+    """The four scripts of the "Scaling out" page, run with the commands it shows."""
+    import os
+    import shutil
+    import subprocess
+
+    for script in (_DOCS / "scaling").glob("*.py"):
+        shutil.copy(script, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    for command in ("python fit_h5ad.py", "python infer_dask.py", "python search_dask.py",
+                    "torchrun --standalone --nproc_per_node=2 train_ddp.py"):
+        argv = command.split()
+        argv = ([sys.executable] if argv[0] == "python" else torchrun) + argv[1:]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr[-3000:]}"
+        printed = [line for line in done.stdout.splitlines() if line.strip()]
+        _same_output(printed[-1].strip(), _documented_output(command))
+    assert (tmp_path / "pbmc_ddp.tgem").is_file()  # rank 0's checkpoint
