@@ -90,6 +90,25 @@ def test_exact_float32_rms_error_within_twice_the_reference_error(scale):
     assert_float32_rms_rule(exact_attention, q, k, v, grad)
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_exact_float64_sums_for_float32_meet_the_rule(scale, monkeypatch):
+    """The float64 gene sums used on CUDA (cuBLAS accumulates float32 sequentially), run on
+    the CPU here: float32 in and out, within the plain formulation's float32 error."""
+    monkeypatch.setattr(A, "FLOAT64_SUM_DEVICES", frozenset({"cpu", "cuda"}))
+    q, k, v, grad = _qkv(16, 5, 765, scale=scale, seed=765)
+    assert_float32_rms_rule(exact_attention, q, k, v, grad)
+    q32, k32, v32, g32 = (t.float().requires_grad_(True) for t in (q, k, v, grad))
+    out = exact_attention(q32, k32, v32)
+    out.backward(g32)
+    assert out.dtype == q32.grad.dtype == k32.grad.dtype == v32.grad.dtype == torch.float32
+    # the float64 sums are at least as close to float64 as the float32 ones
+    monkeypatch.setattr(A, "FLOAT64_SUM_DEVICES", frozenset())
+    plain = exact_attention(q.float(), k.float(), v.float())
+    exact64 = exact_attention(q, k, v)
+    assert (out.detach().double() - exact64).abs().max() <= (
+        (plain.double() - exact64).abs().max())
+
+
 @pytest.mark.slow
 def test_exact_float32_error_at_1708_genes():
     q, k, v, grad = _qkv(4, 5, 1708, scale=0.3, seed=3)

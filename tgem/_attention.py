@@ -155,6 +155,19 @@ def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, offset: int,
     return out
 
 
+#: Device types on which float32 attention has its gene sums (the products with the blocks of
+#: exponentials) computed in float64. cuBLAS accumulates a long float32 dot product in one
+#: sequence, which gave 4-5x the plain formulation's float32 error on an H200; on CPU the
+#: blocked float32 sums stay within it (and float64 would halve the speed).
+FLOAT64_SUM_DEVICES = frozenset({"cuda"})
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.dtype == torch.float32 and t.device.type in FLOAT64_SUM_DEVICES:
+        return torch.float64
+    return t.dtype
+
+
 def _buffer_view(buf: torch.Tensor, n: int, r: int, g: int) -> torch.Tensor:
     return buf[: n * r * g].view(n, r, g)
 
@@ -176,17 +189,19 @@ def exact_forward(q, k, v, block_elements: int | None = None):
     rows = torch.cat([q2, (-m2).unsqueeze(-1)], dim=-1)  # (N, G, K + 1)
     cols = torch.cat([k.unsqueeze(1).expand(n, q2.shape[-1], g), torch.ones_like(k).unsqueeze(1)],
                      dim=1)  # (N, K + 1, G)
-    rhs_t = torch.stack([torch.ones_like(v), v], dim=1)  # (N, 2, G); BLAS likes the .mT view
-    sums = torch.empty(n, g, 2, dtype=q.dtype, device=q.device)
+    sum_dtype = _sum_dtype(q)
+    # (N, 2, G); BLAS likes the .mT view
+    rhs_t = torch.stack([torch.ones_like(v), v], dim=1).to(sum_dtype)
+    sums = torch.empty(n, g, 2, dtype=sum_dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     buf = torch.empty(n * step * g, dtype=q.dtype, device=q.device)
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
         e = _exp2_block(rows[:, i0:i1], cols, i0, _buffer_view(buf, n, i1 - i0, g))
-        sums[:, i0:i1] = torch.bmm(e, rhs_t.mT)
+        sums[:, i0:i1] = torch.bmm(e.to(sum_dtype), rhs_t.mT)
     e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
     inv_z = (sums[..., 0] + e_diag).reciprocal()
-    return sums[..., 1] * inv_z, m2, inv_z, e_diag
+    return (sums[..., 1] * inv_z).to(q.dtype), m2, inv_z.to(q.dtype), e_diag
 
 
 def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | None = None):
@@ -216,14 +231,16 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
     dk = torch.empty_like(q)
     # matrix-vector products as (N, 1, G) rows seen through .mT: BLAS then takes the fast
     # GEMV path (the (N, G, 1) column layout runs ~7x slower on CPU)
-    w1_col = w1.unsqueeze(1).mT
-    w2_col = w2.unsqueeze(1).mT
+    sum_dtype = _sum_dtype(q)
+    w1_col = w1.unsqueeze(1).mT.to(sum_dtype)
+    w2_col = w2.unsqueeze(1).mT.to(sum_dtype)
+    k_sum = k.to(sum_dtype)
     # dq's row sums arrive one key block at a time; they are differences of large terms
     # (covariances under the attention), so the running total is kept in float64 (N x G
     # values: free next to the G^2 work), which keeps dq within the plain formulation's error
     acc_dtype = torch.float64 if q.dtype == torch.float32 else q.dtype
     dq_sum = torch.zeros(n, 1, g, dtype=acc_dtype, device=q.device)
-    dq_block = torch.empty(n, 1, g, dtype=q.dtype, device=q.device)
+    dq_block = torch.empty(n, 1, g, dtype=sum_dtype, device=q.device)
     step = _block_rows(n, g, block_elements)
     buf = torch.empty(n * step * g, dtype=q.dtype, device=q.device)
     diff_buf = torch.empty_like(buf)
@@ -232,11 +249,12 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
         j1 = min(g, j0 + step)
         # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i), own entry 0
         e = _exp2_block(rows[:, j0:j1], cols, j0, _buffer_view(buf, n, j1 - j0, g))
-        dv[:, j0:j1] = torch.bmm(e, w1_col).squeeze(-1)
+        dv[:, j0:j1] = torch.bmm(e.to(sum_dtype), w1_col).squeeze(-1)
         diff = torch.sub(v[:, j0:j1, None], out_row, out=_buffer_view(diff_buf, n, j1 - j0, g))
         e.mul_(diff)  # D, transposed: rows j, columns i
-        dk[:, j0:j1] = torch.bmm(e, w2_col).squeeze(-1)
-        dq_sum += torch.bmm(k[:, None, j0:j1], e, out=dq_block)
+        d = e.to(sum_dtype)
+        dk[:, j0:j1] = torch.bmm(d, w2_col).squeeze(-1)
+        dq_sum += torch.bmm(k_sum[:, None, j0:j1], d, out=dq_block)
     diag = e_diag * out
     dq = w1 * (dq_sum.squeeze(1).to(q.dtype) - diag * k)
     dk -= diag * w2
