@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import pickle
 import warnings
 import zipfile
@@ -264,6 +265,8 @@ def test_explicit_device_argument(fitted):
 @pytest.mark.cuda
 def test_cuda_model_round_trip_to_cpu(tmp_path):
     if not torch.cuda.is_available():
+        if os.environ.get("TGEM_REQUIRE_CUDA") == "1":
+            pytest.fail("TGEM_REQUIRE_CUDA=1 but no CUDA GPU is available")
         pytest.skip("needs CUDA")
     X, y = _data()
     clf = _fit(X, y, device="cuda", max_epochs=1)
