@@ -370,13 +370,11 @@ def _add_bound_percent(rows, bound, batch: int) -> None:
     """
     if not bound or "fma_lane_ops_per_s" not in bound:
         return
-    rate, ops = bound["fma_lane_ops_per_s"], bound["fma_ops_per_pair"]
+    from fma_probe import workload_bounds  # benchmarks/ is on sys.path (see main)
+
     for r in rows:
-        pairs = bound["heads"] * bound["layers"] * r["genes"] ** 2
-        train = pairs * (ops["train_forward"] + ops["backward"]) / rate
-        infer = pairs * ops["inference"] / rate
-        limits = {"train_s": train * batch, "infer_sps": 1.0 / infer,
-                  "ig_s": 50 * train + 2 * infer}
+        limits = workload_bounds(bound["fma_lane_ops_per_s"], r["genes"], bound["heads"],
+                                 bound["layers"], batch)
         for key, limit in limits.items():
             if key in r:
                 ratio = r[key] / limit if key == "infer_sps" else limit / r[key]

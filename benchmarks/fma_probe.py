@@ -120,18 +120,27 @@ def measure_bound(genes: int = 1708, heads: int = 5, layers: int = 3, train_batc
     True
     """
     res = probe(isa=isa, threads=threads, clock=clock)
-    rate = res["fma_lane_ops_per_s"]
-    pairs = heads * genes * genes * layers  # per sample
-    train = pairs * (FMA_OPS["train_forward"] + FMA_OPS["backward"]) / rate
-    infer = pairs * FMA_OPS["inference"] / rate
+    limits = workload_bounds(res["fma_lane_ops_per_s"], genes, heads, layers, train_batch)
     res.update({
         "genes": genes, "heads": heads, "layers": layers, "train_batch": train_batch,
         "fma_ops_per_pair": dict(FMA_OPS),
-        "train_step_ms": 1e3 * train * train_batch,
-        "inference_samples_per_s": 1.0 / infer,
-        "ig_sample_s": 50 * train + 2 * infer,
+        "train_step_ms": 1e3 * limits["train_s"],
+        "inference_samples_per_s": limits["infer_sps"],
+        "ig_sample_s": limits["ig_s"],
     })
     return res
+
+
+def workload_bounds(rate: float, genes: int, heads: int = 5, layers: int = 3,
+                    train_batch: int = 16) -> dict:
+    """Lowest times at ``rate`` lane-FMA/s: a training step of ``train_batch`` samples
+    (``train_s``), inference samples per second (``infer_sps``) and one 50-step Integrated
+    Gradients sample (``ig_s``: 50 training forwards and backwards and 2 inference forwards)."""
+    pairs = heads * genes * genes * layers  # per sample
+    train = pairs * (FMA_OPS["train_forward"] + FMA_OPS["backward"]) / rate
+    infer = pairs * FMA_OPS["inference"] / rate
+    return {"train_s": train * train_batch, "infer_sps": 1.0 / infer,
+            "ig_s": 50 * train + 2 * infer}
 
 
 def main(argv: list[str] | None = None) -> dict:
