@@ -12,9 +12,13 @@ counting the FMA-pipe operations per gene pair and head of the native kernel:
 * training forward: 10 (two more accumulations for the query gradient),
 * backward: 10 (score, polynomial, three column accumulations).
 
-These are the counts of the design note (``shared/design/attention.md``), which defines the bound;
-the kernel itself spends a few more operations per pair on accuracy (a two-term scaled query,
-element-wise centred gradient terms).
+These are the counts of the design note (``shared/design/attention.md``), which defines the bound.
+The kernel's own counts: forward 9 (score as one fused multiply-subtract, fraction, degree-5
+polynomial, scaling, one accumulation; the sum of exponentials on an add pipe), which serves
+both inference and training (the query gradient's sums are taken in the backward pass), and
+backward 12 (score, fraction, polynomial, scaling, the element-wise centred gradient term and
+three accumulations; its subtraction on an add pipe): 21 per pair for a training step against
+the bound's 20.
 
 Run ``python benchmarks/fma_probe.py --threads 2`` to print the table (``--json PATH`` saves it).
 """

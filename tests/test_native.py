@@ -226,9 +226,13 @@ def test_exp2_accuracy_over_the_whole_float_range(isa):
     normal = (exact >= tiny) & (y < 127.99)
     rel = ((got[normal] - exact[normal]) / exact[normal]).abs().max().item()
     assert rel <= 2 * EPS32, f"max relative error {rel:.3g} > 2 ulp"
-    sub = exact < tiny  # gradual underflow, then 0
-    abs_err = (got[sub] - exact[sub]).abs().max().item()
-    assert abs_err <= 2.0**-149, f"max absolute error {abs_err:.3g} in the subnormal range"
+    # gradual underflow, then 0: the polynomial's relative error (as above) carried into the
+    # subnormal range, plus the final rounding to its grid (half of 2^-149)
+    sub = exact < tiny
+    excess = (got[sub] - exact[sub]).abs() - (2.0**-150 + 2 * EPS32 * exact[sub])
+    assert excess.max().item() <= 0, (
+        f"error {excess.max().item() + 2.0**-150:.3g} beyond half a subnormal ulp + 2 ulp "
+        "relative in the subnormal range")
     assert (got[y <= -151] == 0).all()
     assert torch.isinf(got[y >= 128]).all()
     assert torch.isnan(got[torch.isnan(y)]).all()

@@ -5,12 +5,17 @@
  * ctypes and calls it on the raw float32 buffers of contiguous (N, G) tensors (N = batch x heads,
  * G = genes). For every row n, with scores s_ij = q_i k_j (no scaling):
  *
- *   q'_i     = q_i log2(e) = h_i + l_i  (h = float32 product, l = its rounding error, from
- *              double: one float32 log2(e) would bias every exponent the same way)
- *   s'_ij    = h_i k_j + l_i k_j, m_i = s'_i at the largest key if q_i >= 0, else at the
- *              smallest (closed-form base-2 row maximum); the score is rounded before the
- *              shift is subtracted, so the peak of a row gives exactly 2^0 = 1
- *   e_ij     = exp(q_i k_j - max_j q_i k_j) = 2^(s'_ij - m_i)
+ *   h_i      = q_i log2(e) rounded once to float32 (computed in double: a float32 log2(e)
+ *              is 1.3e-8 too small and would bias every exponent the same way, errors that
+ *              add up coherently in the key gradients)
+ *   m_i      = fl(h_i k*), k* the largest key if q_i >= 0, else the smallest (closed-form
+ *              base-2 row maximum)
+ *   e_ij     = exp(q_i k_j - max_j q_i k_j) = 2^(h_i k_j - m_i), the exponent as one fused
+ *              multiply-subtract (vector paths; the scalar path rounds the product first).
+ *              Rounding h_i scales a row's exponents by 1 + d_i (|d_i| <= 2^-24): the peak
+ *              term becomes 2^(d_i m_i) instead of 1, a factor common to the whole row that
+ *              cancels in out = N / Z and in the gradients; what remains is d_i (s_ij - m_i),
+ *              which is small where e_ij is not
  *   forward  : Z_i = sum_{j!=i} e_ij + e_ii, inv_z = 1 / Z, out_i = sum_{j!=i} e_ij v_j inv_z
  *   backward : w1 = grad inv_z, w2 = w1 q, D_ij = e_ij (v_j - out_i) for j != i (element by
  *              element, as the plain softmax backward: the gradients are covariances under
@@ -18,14 +23,20 @@
  *              dv_j = sum_{i!=j} e_ij w1_i,  dk_j = sum_{i!=j} D_ij w2_i - e_jj out_j w2_j,
  *              dq_i = w1_i (sum_{j!=i} D_ij k_j - e_ii out_i k_i)
  *
- * which is, operation for operation, exact_forward / exact_backward of tgem/_attention.py. The
+ * which is the algorithm of exact_forward / exact_backward in tgem/_attention.py (that path
+ * keeps q log2(e) as two float32 terms, because its exponents come out of a float32 matrix
+ * product rather than one fused multiply-subtract; its exponential is torch.exp2). The
  * diagonal is excluded inside the sums (not subtracted afterwards). The backward pass runs
  * over key blocks (columns); the query gradient's row sums are added key block by key block,
- * in block order, either by one task per row in place in dq (memory O(n g)) or, when there
- * are few rows per thread, from per-block partials at the end (the same additions).
+ * in block order, either by one task per row (memory O(n g) plus one g x lanes work buffer
+ * per running task) or, when there are few rows per thread, from per-block partials at the
+ * end (the same additions). The AVX-512 path keeps these partial row sums as 16-lane vectors,
+ * added lane by lane across key blocks and reduced across lanes once per row (a horizontal
+ * reduction per row and key block cost about 2 of the 14 vector operations per gene pair).
  *
- * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-6
- * polynomial (relative approximation error 2e-9; about 1 ulp after float32 rounding), with
+ * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-5
+ * polynomial (relative approximation error 8.2e-8; at most 1.2 ulp (1.4e-7) after the float32
+ * Horner evaluation with fused multiply-adds, 1.6e-7 without), with
  * exact power-of-two scaling that underflows gradually to zero and overflows to +inf. Sums are
  * accumulated in blocks of TGEM_JB terms that are then added to the running totals.
  *
@@ -69,18 +80,18 @@ enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
 
 #define TGEM_JB 128                  /* terms per partial sum (blocked accumulation) */
 #define TGEM_PARTIAL_BYTES (64.0 * 1024 * 1024) /* cap on the backward's per-block partials */
-#define TGEM_LOG2E 1.44269504088896340736f
 #define TGEM_EXP2_LO (-150.0f)       /* 2^-150 rounds to 0: everything below underflows */
 #define TGEM_EXP2_HI 128.0f          /* 2^128 overflows to +inf */
 
-/* 2^f on [0, 1): minimax relative error 2.0e-9 with these float32 coefficients (the float32
- * Horner evaluation adds about 1 ulp); p(0) = 1 exactly, so 2^integer is exact. */
-#define TGEM_P6 2.1612923592329025e-04f
-#define TGEM_P5 1.246784464456141e-03f
-#define TGEM_P4 9.675451554358006e-03f
-#define TGEM_P3 5.5485282093286514e-02f
-#define TGEM_P2 2.402293086051941e-01f
-#define TGEM_P1 6.931470632553101e-01f
+/* 2^f on [0, 1): near-minimax relative error 8.2e-8 with these float32 coefficients (fitted
+ * by iteratively reweighted least squares on the relative error); p(0) = 1 exactly, so
+ * 2^integer is exact. Degree 5 rather than 6: one fused multiply-add less per gene pair in
+ * each pass (about 5 % of the kernel's work) for 1.2 instead of 0.75 ulp. */
+#define TGEM_P5 1.8671263242140412e-03f
+#define TGEM_P4 9.0170381590724e-03f
+#define TGEM_P3 5.579990893602371e-02f
+#define TGEM_P2 2.4016445875167847e-01f
+#define TGEM_P1 6.931512951850891e-01f
 #define TGEM_P0 1.0f
 
 /* ------------------------------------------------------------------------------ threads */
@@ -135,7 +146,7 @@ static void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const v
 typedef struct {
     const float *q, *k, *v;
     int64_t n, g, blocks, rows;      /* rows per task, blocks = ceil(g / rows) */
-    float *scratch;                  /* per row n: h, l (2 g) */
+    float *scratch;                  /* per row n: h (g) */
     float *out, *m, *inv_z, *e_diag;
 } tgem_fwd_ctx;
 
@@ -143,10 +154,15 @@ typedef struct {
     const float *q, *k, *v, *m, *inv_z, *e_diag, *out, *grad;
     int64_t n, g, blocks, cols;
     int rowwise;                     /* one task per row n (dq summed in place) or per block */
-    float *scratch;                  /* per row n: h, l, w1, w2 (4 g) */
+    int lanes;                       /* lanes of a partial dq sum: the key-block function
+                                        leaves sum_j D_ij k_j as a vector of this many lanes
+                                        (added lane by lane across key blocks, reduced across
+                                        lanes once per row) */
+    float *scratch;                  /* per row n: h, w1, w2 (3 g) */
     float *dqpart;                   /* block tasks only: per row n and key block, the partial
-                                        sums_j D_ij k_j (g) */
+                                        sums_j D_ij k_j (g x lanes) */
     float *dq, *dk, *dv;
+    atomic_int *failed;              /* set by a task whose work buffer could not be allocated */
 } tgem_bwd_ctx;
 
 /* -0 and +0 compare equal; make the result independent of the reduction order */
@@ -163,33 +179,44 @@ static void tgem_minmax_scalar(const float *k, int64_t g, float *kmin, float *km
     *kmax = tgem_canon_zero(hi);
 }
 
-/* q log2(e) as h + l: h the float32 product (as float32 arithmetic gives it), l its error */
-static void tgem_split_queries(const float *q, int64_t g, float *h, float *l)
+/* h = q log2(e), each rounded once from the double product */
+static void tgem_scale_queries(const float *q, int64_t g, float *h)
 {
-    for (int64_t i = 0; i < g; ++i) {
-        h[i] = q[i] * TGEM_LOG2E;
-        l[i] = (float)((double)q[i] * 1.4426950408889634 - (double)h[i]);
-    }
+    for (int64_t i = 0; i < g; ++i)
+        h[i] = (float)((double)q[i] * 1.4426950408889634);
 }
 
 static void tgem_fwd_prologue(const void *vctx, int64_t n)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
-    float *s = c->scratch + 2 * n * c->g;
-    tgem_split_queries(c->q + n * c->g, c->g, s, s + c->g);
+    tgem_scale_queries(c->q + n * c->g, c->g, c->scratch + n * c->g);
 }
 
-/* Backward prologue for row n: split queries and the gradient weights. ISA-independent. */
+/* Backward prologue for row n: scaled queries and the gradient weights. ISA-independent. */
 static void tgem_bwd_prologue(const void *vctx, int64_t n)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
     const int64_t g = c->g, o = n * g;
-    float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
-    tgem_split_queries(c->q + o, g, hs, ls);
+    float *hs = c->scratch + 3 * o, *w1 = hs + g, *w2 = w1 + g;
+    tgem_scale_queries(c->q + o, g, hs);
     for (int64_t i = 0; i < g; ++i) {
         w1[i] = c->grad[o + i] * c->inv_z[o + i];
         w2[i] = w1[i] * c->q[o + i];
     }
+}
+
+#define TGEM_MAX_LANES 16
+
+/* Sum of `lanes` (a power of two, at most TGEM_MAX_LANES) partial sums in a fixed pairwise
+ * order; the row tasks and the epilogue both reduce with it. */
+static float tgem_lanesum(const float *x, int lanes)
+{
+    float t[TGEM_MAX_LANES];
+    memcpy(t, x, (size_t)lanes * sizeof(float));
+    for (int w = lanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l)
+            t[l] = t[l] + t[l + w];
+    return t[0];
 }
 
 /* Backward epilogue for row n: dq from the per-block partial sums, added in block order (by
@@ -197,42 +224,62 @@ static void tgem_bwd_prologue(const void *vctx, int64_t n)
 static void tgem_bwd_epilogue(const void *vctx, int64_t n)
 {
     const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;
-    const int64_t g = c->g, o = n * g;
-    const float *w1 = c->scratch + 4 * o + 2 * g;
-    const float *part = c->rowwise ? NULL : c->dqpart + n * c->blocks * g;
+    const int64_t g = c->g, o = n * g, lanes = c->lanes;
+    const float *w1 = c->scratch + 3 * o + g;
+    const float *part = c->rowwise ? NULL : c->dqpart + n * c->blocks * g * lanes;
     for (int64_t i = 0; i < g; ++i) {
         float s;
         if (c->rowwise) { /* the row task already added the blocks, in the same order */
             s = c->dq[o + i];
-        } else {
+        } else if (lanes == 1) {
             s = part[i];
             for (int64_t b = 1; b < c->blocks; ++b)
                 s += part[b * g + i];
+        } else {
+            float acc[TGEM_MAX_LANES];
+            memcpy(acc, part + i * lanes, (size_t)lanes * sizeof(float));
+            for (int64_t b = 1; b < c->blocks; ++b)
+                for (int64_t l = 0; l < lanes; ++l)
+                    acc[l] += part[(b * g + i) * lanes + l];
+            s = tgem_lanesum(acc, (int)lanes);
         }
         c->dq[o + i] = w1[i] * (s - (c->e_diag[o + i] * c->out[o + i]) * c->k[o + i]);
     }
 }
 
-/* One backward task: a whole row n (key blocks in order, dq summed in place in c->dq), or one
+/* One backward task: a whole row n (key blocks in order, dq summed in place in c->dq, or,
+ * for vector partials, in a work buffer of g x lanes reduced across lanes at the end), or one
  * (row, key block) whose partial dq sums go to c->dqpart. Both add the same numbers in the
  * same order, so the choice (made from the sizes and the thread count) never changes a bit. */
 #define TGEM_BWD_TASK(name, block_fn, attr)                                                    \
     attr static void name(const void *vctx, int64_t task)                                    \
     {                                                                                         \
         const tgem_bwd_ctx *c = (const tgem_bwd_ctx *)vctx;                                   \
+        const int64_t g = c->g, lanes = c->lanes;                                             \
         if (c->rowwise) {                                                                     \
+            float *dqv = lanes == 1 ? c->dq + task * g                                        \
+                                    : (float *)malloc((size_t)(g * lanes) * sizeof(float));   \
+            if (dqv == NULL) {                                                                \
+                atomic_store(c->failed, 1);                                                   \
+                return;                                                                       \
+            }                                                                                 \
             for (int64_t blk = 0; blk < c->blocks; ++blk)                                     \
-                block_fn(c, task, blk, c->dq + task * c->g, blk > 0);                         \
+                block_fn(c, task, blk, dqv, blk > 0);                                         \
+            if (lanes > 1) {                                                                  \
+                for (int64_t i = 0; i < g; ++i)                                               \
+                    c->dq[task * g + i] = tgem_lanesum(dqv + i * lanes, (int)lanes);          \
+                free(dqv);                                                                    \
+            }                                                                                 \
         } else {                                                                              \
             const int64_t n = task / c->blocks, blk = task % c->blocks;                       \
-            block_fn(c, n, blk, c->dqpart + (n * c->blocks + blk) * c->g, 0);                 \
+            block_fn(c, n, blk, c->dqpart + (n * c->blocks + blk) * g * lanes, 0);            \
         }                                                                                     \
     }
 
 /* dk of key j from its column sum (the same formula in every path) */
 TGEM_INLINE float tgem_dk_final(const tgem_bwd_ctx *c, int64_t j, float sum_dw2)
 {
-    const float *w2 = c->scratch + 4 * (j - j % c->g) + 3 * c->g;
+    const float *w2 = c->scratch + 3 * (j - j % c->g) + 2 * c->g;
     return sum_dw2 - (c->e_diag[j] * c->out[j]) * w2[j % c->g];
 }
 
@@ -254,8 +301,7 @@ TGEM_INLINE float tgem_exp2_scalar(float y)
     const float r = (y + 12582912.0f) - 12582912.0f; /* nearest integer, |y| < 2^22 */
     const float n = r > y ? r - 1.0f : r;              /* floor */
     const float f = y - n;
-    float p = TGEM_P6;
-    p = p * f + TGEM_P5;
+    float p = TGEM_P5;
     p = p * f + TGEM_P4;
     p = p * f + TGEM_P3;
     p = p * f + TGEM_P2;
@@ -274,15 +320,14 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * TGEM_SL;
     const int64_t o = n * g, nr = g - i0 < TGEM_SL ? g - i0 : TGEM_SL;
     const float *k = c->k + o, *v = c->v + o;
-    const float *hs = c->scratch + 2 * o, *ls = hs + g;
-    float kmin, kmax, qh[TGEM_SL], ql[TGEM_SL], ms[TGEM_SL];
+    const float *hs = c->scratch + o;
+    float kmin, kmax, qh[TGEM_SL], ms[TGEM_SL];
     float z[TGEM_SL] = {0}, s1[TGEM_SL] = {0};
     tgem_minmax_scalar(k, g, &kmin, &kmax);
     for (int64_t l = 0; l < nr; ++l) {
         const float kx = c->q[o + i0 + l] >= 0.0f ? kmax : kmin;
         qh[l] = hs[i0 + l];
-        ql[l] = ls[i0 + l];
-        ms[l] = qh[l] * kx + ql[l] * kx;
+        ms[l] = qh[l] * kx;
         c->m[o + i0 + l] = ms[l];
     }
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
@@ -291,7 +336,7 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
         for (int64_t j = jb; j < je; ++j) {
             const float kj = k[j], vj = v[j];
             for (int64_t l = 0; l < nr; ++l) {
-                float p = tgem_exp2_scalar((qh[l] * kj + ql[l] * kj) - ms[l]);
+                float p = tgem_exp2_scalar(qh[l] * kj - ms[l]);
                 p = (j == i0 + l) ? 0.0f : p;
                 pz[l] = pz[l] + p;
                 pn[l] = pn[l] + p * vj;
@@ -305,7 +350,7 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
     for (int64_t l = 0; l < nr; ++l) {
         const int64_t i = o + i0 + l;
         const float kr = k[i0 + l];
-        const float ed = tgem_exp2_scalar((qh[l] * kr + ql[l] * kr) - ms[l]);
+        const float ed = tgem_exp2_scalar(qh[l] * kr - ms[l]);
         const float iz = 1.0f / (z[l] + ed);
         c->e_diag[i] = ed;
         c->inv_z[i] = iz;
@@ -320,7 +365,7 @@ static void tgem_bwd_block_scalar(const tgem_bwd_ctx *c, int64_t n, int64_t blk,
 {
     const int64_t g = c->g, j0 = blk * TGEM_SL;
     const int64_t o = n * g, nc = g - j0 < TGEM_SL ? g - j0 : TGEM_SL;
-    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    const float *hs = c->scratch + 3 * o, *w1 = hs + g, *w2 = w1 + g;
     const float *ms = c->m + o, *out = c->out + o;
     float cv[TGEM_SL] = {0}, ck[TGEM_SL] = {0}, kc[TGEM_SL], vc[TGEM_SL];
     for (int64_t l = 0; l < nc; ++l) {
@@ -333,7 +378,7 @@ static void tgem_bwd_block_scalar(const tgem_bwd_ctx *c, int64_t n, int64_t blk,
         for (int64_t i = ib; i < ie; ++i) {
             float dq = 0.0f;
             for (int64_t l = 0; l < nc; ++l) {
-                float p = tgem_exp2_scalar((hs[i] * kc[l] + ls[i] * kc[l]) - ms[i]);
+                float p = tgem_exp2_scalar(hs[i] * kc[l] - ms[i]);
                 p = (i == j0 + l) ? 0.0f : p;
                 const float d = p * (vc[l] - out[i]);
                 pv[l] = pv[l] + p * w1[i];
@@ -384,9 +429,7 @@ TGEM_INLINE256 void tgem_exp2n_256(__m256 *y, int nv)
     for (int u = 0; u < nv; ++u)
         y[u] = _mm256_sub_ps(y[u], n[u]);
     for (int u = 0; u < nv; ++u)
-        p[u] = _mm256_fmadd_ps(_mm256_set1_ps(TGEM_P6), y[u], _mm256_set1_ps(TGEM_P5));
-    for (int u = 0; u < nv; ++u)
-        p[u] = _mm256_fmadd_ps(p[u], y[u], _mm256_set1_ps(TGEM_P4));
+        p[u] = _mm256_fmadd_ps(_mm256_set1_ps(TGEM_P5), y[u], _mm256_set1_ps(TGEM_P4));
     for (int u = 0; u < nv; ++u)
         p[u] = _mm256_fmadd_ps(p[u], y[u], _mm256_set1_ps(TGEM_P3));
     for (int u = 0; u < nv; ++u)
@@ -438,7 +481,7 @@ TGEM_INLINE256 void tgem_minmax_256(const float *k, int64_t g, float *kmin, floa
 }
 
 TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, int64_t jb, int64_t je,
-                                  const __m256 *qh, const __m256 *ql, const __m256 *ms,
+                                  const __m256 *qh, const __m256 *ms,
                                   const __m256i *rowidx, __m256 *az, __m256 *an, int masked)
 {
     for (int64_t j = jb; j < je; ++j) {
@@ -446,7 +489,7 @@ TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, int64_t jb, in
         const __m256i jj = _mm256_set1_epi32((int32_t)j);
         __m256 e[NVMAX256];
         for (int u = 0; u < NVI256; ++u)
-            e[u] = _mm256_sub_ps(_mm256_fmadd_ps(ql[u], kj, _mm256_mul_ps(qh[u], kj)), ms[u]);
+            e[u] = _mm256_fmsub_ps(qh[u], kj, ms[u]);
         tgem_exp2n_256(e, NVI256);
         if (masked)
             for (int u = 0; u < NVI256; ++u)
@@ -464,9 +507,9 @@ TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 8 * NVI256;
     const int64_t o = n * g;
-    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + 2 * o, *ls = hs + g;
+    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + o;
     float kmin, kmax;
-    __m256 qh[NVMAX256], ql[NVMAX256], ms[NVMAX256], z[NVMAX256], s1[NVMAX256];
+    __m256 qh[NVMAX256], ms[NVMAX256], z[NVMAX256], s1[NVMAX256];
     __m256i tm[NVMAX256], rowidx[NVMAX256];
     tgem_minmax_256(k, g, &kmin, &kmax);
     const __m256 vkmin = _mm256_set1_ps(kmin), vkmax = _mm256_set1_ps(kmax);
@@ -479,8 +522,7 @@ TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
         const __m256 q = r0 < g ? _mm256_maskload_ps(c->q + o + r0, tm[u]) : zero;
         const __m256 kx = _mm256_blendv_ps(vkmin, vkmax, _mm256_cmp_ps(q, zero, _CMP_GE_OQ));
         qh[u] = r0 < g ? _mm256_maskload_ps(hs + r0, tm[u]) : zero;
-        ql[u] = r0 < g ? _mm256_maskload_ps(ls + r0, tm[u]) : zero;
-        ms[u] = _mm256_fmadd_ps(ql[u], kx, _mm256_mul_ps(qh[u], kx));
+        ms[u] = _mm256_mul_ps(qh[u], kx);
         if (r0 < g)
             _mm256_maskstore_ps(c->m + o + r0, tm[u], ms[u]);
         z[u] = s1[u] = zero;
@@ -491,9 +533,9 @@ TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
         for (int u = 0; u < NVI256; ++u)
             az[u] = an[u] = zero;
         if (jb < i0 + 8 * NVI256 && je > i0)
-            tgem_rows_256(k, v, jb, je, qh, ql, ms, rowidx, az, an, 1);
+            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 1);
         else
-            tgem_rows_256(k, v, jb, je, qh, ql, ms, rowidx, az, an, 0);
+            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 0);
         for (int u = 0; u < NVI256; ++u) {
             z[u] = _mm256_add_ps(z[u], az[u]);
             s1[u] = _mm256_add_ps(s1[u], an[u]);
@@ -504,7 +546,7 @@ TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
         if (r0 >= g)
             break;
         const __m256 kr = _mm256_maskload_ps(k + r0, tm[u]);
-        __m256 ed = _mm256_sub_ps(_mm256_fmadd_ps(ql[u], kr, _mm256_mul_ps(qh[u], kr)), ms[u]);
+        __m256 ed = _mm256_fmsub_ps(qh[u], kr, ms[u]);
         tgem_exp2n_256(&ed, 1);
         const __m256 iz = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(z[u], ed));
         _mm256_maskstore_ps(c->e_diag + o + r0, tm[u], ed);
@@ -522,20 +564,20 @@ TGEM_INLINE256 float tgem_hsum_256(__m256 x)
 
 /* keys in lanes, queries i in [ib, ie): accumulates dv (av) and dk (ak) column sums and
  * writes the partial dq row sums of this key block */
-TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ls, const float *ms,
+TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ms,
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, const __m256 *kc, const __m256 *vc,
                                   const __m256i *colidx, const __m256i *tm, __m256 *av,
                                   __m256 *ak, float *dqp, int acc, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
-        const __m256 hi = _mm256_set1_ps(hs[i]), li = _mm256_set1_ps(ls[i]);
+        const __m256 hi = _mm256_set1_ps(hs[i]);
         const __m256 mi = _mm256_set1_ps(ms[i]), oi = _mm256_set1_ps(out[i]);
         const __m256 a = _mm256_set1_ps(w1[i]), b = _mm256_set1_ps(w2[i]);
         const __m256i ii = _mm256_set1_epi32((int32_t)i);
         __m256 e[NVMAX256], dsum = _mm256_setzero_ps();
         for (int u = 0; u < NVB256; ++u)
-            e[u] = _mm256_sub_ps(_mm256_fmadd_ps(li, kc[u], _mm256_mul_ps(hi, kc[u])), mi);
+            e[u] = _mm256_fmsub_ps(hi, kc[u], mi);
         tgem_exp2n_256(e, NVB256);
         if (masked)
             for (int u = 0; u < NVB256; ++u)
@@ -557,7 +599,7 @@ TGEM_T256 static void tgem_bwd_block_avx2(const tgem_bwd_ctx *c, int64_t n, int6
 {
     const int64_t g = c->g;
     const int64_t j0 = blk * 8 * NVB256, o = n * g;
-    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    const float *hs = c->scratch + 3 * o, *w1 = hs + g, *w2 = w1 + g;
     const int tail = j0 + 8 * NVB256 > g;
     const __m256 zero = _mm256_setzero_ps();
     __m256 kc[NVMAX256], vc[NVMAX256], cv[NVMAX256], ck[NVMAX256];
@@ -577,10 +619,10 @@ TGEM_T256 static void tgem_bwd_block_avx2(const tgem_bwd_ctx *c, int64_t n, int6
         for (int u = 0; u < NVB256; ++u)
             av[u] = ak[u] = zero;
         if (tail || (ib < j0 + 8 * NVB256 && ie > j0))
-            tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
+            tgem_cols_256(hs, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
                           ak, dqp, acc, 1);
         else
-            tgem_cols_256(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
+            tgem_cols_256(hs, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
                           ak, dqp, acc, 0);
         for (int u = 0; u < NVB256; ++u) {
             cv[u] = _mm256_add_ps(cv[u], av[u]);
@@ -653,9 +695,7 @@ TGEM_INLINE512 void tgem_exp2n_512(__m512 *y, int nv)
     for (int u = 0; u < nv; ++u)
         f[u] = _mm512_reduce_ps(y[u], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     for (int u = 0; u < nv; ++u)
-        p[u] = _mm512_fmadd_ps(_mm512_set1_ps(TGEM_P6), f[u], _mm512_set1_ps(TGEM_P5));
-    for (int u = 0; u < nv; ++u)
-        p[u] = _mm512_fmadd_ps(p[u], f[u], _mm512_set1_ps(TGEM_P4));
+        p[u] = _mm512_fmadd_ps(_mm512_set1_ps(TGEM_P5), f[u], _mm512_set1_ps(TGEM_P4));
     for (int u = 0; u < nv; ++u)
         p[u] = _mm512_fmadd_ps(p[u], f[u], _mm512_set1_ps(TGEM_P3));
     for (int u = 0; u < nv; ++u)
@@ -703,14 +743,14 @@ TGEM_INLINE512 void tgem_minmax_512(const float *k, int64_t g, float *kmin, floa
 }
 
 TGEM_INLINE512 void tgem_rows_512(const float *k, const float *v, int64_t jb, int64_t je,
-                                  int64_t i0, const __m512 *qh, const __m512 *ql,
-                                  const __m512 *ms, __m512 *az, __m512 *an, int masked)
+                                  int64_t i0, const __m512 *qh, const __m512 *ms,
+                                  __m512 *az, __m512 *an, int masked)
 {
     for (int64_t j = jb; j < je; ++j) {
         const __m512 kj = _mm512_set1_ps(k[j]), vj = _mm512_set1_ps(v[j]);
         __m512 e[NVMAX512];
         for (int u = 0; u < NVI512; ++u)
-            e[u] = _mm512_sub_ps(_mm512_fmadd_ps(ql[u], kj, _mm512_mul_ps(qh[u], kj)), ms[u]);
+            e[u] = _mm512_fmsub_ps(qh[u], kj, ms[u]);
         tgem_exp2n_512(e, NVI512);
         if (masked) {
             for (int u = 0; u < NVI512; ++u) {
@@ -731,9 +771,9 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 16 * NVI512;
     const int64_t o = n * g;
-    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + 2 * o, *ls = hs + g;
+    const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + o;
     float kmin, kmax;
-    __m512 qh[NVMAX512], ql[NVMAX512], ms[NVMAX512], z[NVMAX512], s1[NVMAX512];
+    __m512 qh[NVMAX512], ms[NVMAX512], z[NVMAX512], s1[NVMAX512];
     __mmask16 tm[NVMAX512];
     tgem_minmax_512(k, g, &kmin, &kmax);
     const __m512 vkmin = _mm512_set1_ps(kmin), vkmax = _mm512_set1_ps(kmax);
@@ -745,8 +785,7 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
         const __mmask16 pos = _mm512_cmp_ps_mask(q, zero, _CMP_GE_OQ);
         const __m512 kx = _mm512_mask_blend_ps(pos, vkmin, vkmax);
         qh[u] = _mm512_maskz_loadu_ps(tm[u], hs + r);
-        ql[u] = _mm512_maskz_loadu_ps(tm[u], ls + r);
-        ms[u] = _mm512_fmadd_ps(ql[u], kx, _mm512_mul_ps(qh[u], kx));
+        ms[u] = _mm512_mul_ps(qh[u], kx);
         _mm512_mask_storeu_ps(c->m + o + r, tm[u], ms[u]);
         z[u] = s1[u] = zero;
     }
@@ -756,9 +795,9 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
         for (int u = 0; u < NVI512; ++u)
             az[u] = an[u] = zero;
         if (jb < i0 + 16 * NVI512 && je > i0)
-            tgem_rows_512(k, v, jb, je, i0, qh, ql, ms, az, an, 1);
+            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 1);
         else
-            tgem_rows_512(k, v, jb, je, i0, qh, ql, ms, az, an, 0);
+            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 0);
         for (int u = 0; u < NVI512; ++u) {
             z[u] = _mm512_add_ps(z[u], az[u]);
             s1[u] = _mm512_add_ps(s1[u], an[u]);
@@ -769,7 +808,7 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
         if (r0 >= g)
             break;
         const __m512 kr = _mm512_maskz_loadu_ps(tm[u], k + r0);
-        __m512 ed = _mm512_sub_ps(_mm512_fmadd_ps(ql[u], kr, _mm512_mul_ps(qh[u], kr)), ms[u]);
+        __m512 ed = _mm512_fmsub_ps(qh[u], kr, ms[u]);
         tgem_exp2n_512(&ed, 1);
         const __m512 iz = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(z[u], ed));
         _mm512_mask_storeu_ps(c->e_diag + o + r0, tm[u], ed);
@@ -779,19 +818,19 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
 }
 
 /* keys in lanes, queries i in [ib, ie): see tgem_cols_256 */
-TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float *ms,
+TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ms,
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, int64_t j0, const __m512 *kc,
                                   const __m512 *vc, const __mmask16 *tm, __m512 *av,
                                   __m512 *ak, float *dqp, int acc, int masked)
 {
     for (int64_t i = ib; i < ie; ++i) {
-        const __m512 hi = _mm512_set1_ps(hs[i]), li = _mm512_set1_ps(ls[i]);
+        const __m512 hi = _mm512_set1_ps(hs[i]);
         const __m512 mi = _mm512_set1_ps(ms[i]), oi = _mm512_set1_ps(out[i]);
         const __m512 a = _mm512_set1_ps(w1[i]), b = _mm512_set1_ps(w2[i]);
         __m512 e[NVMAX512], dsum = _mm512_setzero_ps();
         for (int u = 0; u < NVB512; ++u)
-            e[u] = _mm512_sub_ps(_mm512_fmadd_ps(li, kc[u], _mm512_mul_ps(hi, kc[u])), mi);
+            e[u] = _mm512_fmsub_ps(hi, kc[u], mi);
         tgem_exp2n_512(e, NVB512);
         if (masked) {
             for (int u = 0; u < NVB512; ++u) {
@@ -806,8 +845,8 @@ TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ls, const float 
             ak[u] = _mm512_fmadd_ps(d, b, ak[u]);
             dsum = u == 0 ? _mm512_mul_ps(d, kc[0]) : _mm512_fmadd_ps(d, kc[u], dsum);
         }
-        const float r = _mm512_reduce_add_ps(dsum);
-        dqp[i] = acc ? dqp[i] + r : r;
+        float *dp = dqp + 16 * i; /* 16-lane partial, reduced once per row (tgem_lanesum) */
+        _mm512_storeu_ps(dp, acc ? _mm512_add_ps(_mm512_loadu_ps(dp), dsum) : dsum);
     }
 }
 
@@ -816,7 +855,7 @@ TGEM_T512 static void tgem_bwd_block_avx512(const tgem_bwd_ctx *c, int64_t n, in
 {
     const int64_t g = c->g;
     const int64_t j0 = blk * 16 * NVB512, o = n * g;
-    const float *hs = c->scratch + 4 * o, *ls = hs + g, *w1 = ls + g, *w2 = w1 + g;
+    const float *hs = c->scratch + 3 * o, *w1 = hs + g, *w2 = w1 + g;
     const int tail = j0 + 16 * NVB512 > g;
     const __m512 zero = _mm512_setzero_ps();
     __m512 kc[NVMAX512], vc[NVMAX512], cv[NVMAX512], ck[NVMAX512];
@@ -834,10 +873,10 @@ TGEM_T512 static void tgem_bwd_block_avx512(const tgem_bwd_ctx *c, int64_t n, in
         for (int u = 0; u < NVB512; ++u)
             av[u] = ak[u] = zero;
         if (tail || (ib < j0 + 16 * NVB512 && ie > j0))
-            tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
+            tgem_cols_512(hs, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
                           dqp, acc, 1);
         else
-            tgem_cols_512(hs, ls, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
+            tgem_cols_512(hs, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
                           dqp, acc, 0);
         for (int u = 0; u < NVB512; ++u) {
             cv[u] = _mm512_add_ps(cv[u], av[u]);
@@ -975,7 +1014,7 @@ TGEM_API int tgem_forward(const float *q, const float *k, const float *v, int64_
     c.rows = tgem_block(isa, 0);
     c.blocks = (g + c.rows - 1) / c.rows;
     c.out = out; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag;
-    c.scratch = (float *)malloc((size_t)(2 * n * g) * sizeof(float));
+    c.scratch = (float *)malloc((size_t)(n * g) * sizeof(float));
     if (c.scratch == NULL)
         return TGEM_ENOMEM;
     tgem_parallel(nthreads, n, tgem_fwd_prologue, &c);
@@ -1013,18 +1052,31 @@ TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const
     c.grad = grad; c.n = n; c.g = g; c.dq = dq; c.dk = dk; c.dv = dv;
     c.cols = tgem_block(isa, 1);
     c.blocks = (g + c.cols - 1) / c.cols;
+    c.lanes = 1;
+#if TGEM_X86
+    if (isa == ISA_AVX512)
+        c.lanes = 16;
+#endif
+    atomic_int failed;
+    atomic_init(&failed, 0);
+    c.failed = &failed;
     /* Row tasks need no partial sums (memory O(n g)); block tasks keep blocks x n x g partials
      * but give idle threads work when there are few rows. Block tasks only while there are
      * fewer than 4 rows per thread and their partials stay under TGEM_PARTIAL_BYTES. */
     c.rowwise = n >= 4 * (int64_t)nthreads ||
-                (double)c.blocks * (double)n * (double)g * sizeof(float) > TGEM_PARTIAL_BYTES;
-    c.scratch = (float *)malloc((size_t)((4 + (c.rowwise ? 0 : c.blocks)) * n * g) *
+                (double)c.blocks * (double)n * (double)g * (double)c.lanes * sizeof(float) >
+                    TGEM_PARTIAL_BYTES;
+    c.scratch = (float *)malloc((size_t)((3 + (c.rowwise ? 0 : c.blocks * c.lanes)) * n * g) *
                                 sizeof(float));
     if (c.scratch == NULL)
         return TGEM_ENOMEM;
-    c.dqpart = c.rowwise ? NULL : c.scratch + 4 * n * g;
+    c.dqpart = c.rowwise ? NULL : c.scratch + 3 * n * g;
     tgem_parallel(nthreads, n, tgem_bwd_prologue, &c);
     tgem_parallel(nthreads, c.rowwise ? n : n * c.blocks, fn, &c);
+    if (atomic_load(&failed)) {
+        free(c.scratch);
+        return TGEM_ENOMEM;
+    }
     tgem_parallel(nthreads, n, tgem_bwd_epilogue, &c);
     free(c.scratch);
     return TGEM_OK;

@@ -1,0 +1,188 @@
+"""Where a training step's time goes with the native kernel, against the machine's bound.
+
+Two measurements at one width (1708 genes by default), 2 threads:
+
+* the kernel alone: ``native_forward`` and ``native_backward`` on (batch x heads, genes)
+  float32 arrays shaped like the model's (queries, keys and values of inputs in [0, 4) and
+  Xavier-normal weights), best of ``--repeats`` calls, in milliseconds and in probe
+  operations per gene pair and head (time x the probe's lane-FMA rate / pairs: the bound
+  counts 10 for the training forward and 10 for the backward, see ``fma_probe.py``);
+* a full training step of ``TGEMNet`` (3 layers, 5 heads, dropout 0.3, Adam; as
+  ``bench_attention.py`` times it), with the time spent inside the kernel calls measured
+  separately: the rest is PyTorch's work around the attention (the q/k/v products, head
+  mixing, dropout, LayerNorm, the linear head, the loss, Adam).
+
+The FMA probe runs first and again last; the better of the two rates sets the bound. Prints a
+table and writes JSON (``--out``); it never asserts a time. Run it on an otherwise idle
+machine: other processes slow the kernel and the probe differently.
+
+Example::
+
+    PYTHONPATH=. python benchmarks/bench_native_kernel.py --genes 1708 \\
+        --out benchmarks/results/native_kernel_1708.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import fma_probe  # noqa: E402
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def kernel_alone(nat, genes: int, batch: int, heads: int, repeats: int) -> dict:
+    """Best forward and backward times of the kernel on model-shaped inputs (ms)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, genes, generator=gen) * 4
+    std = (2.0 / (genes + heads)) ** 0.5
+    q, k, v = ((x * (torch.randn(heads, genes, generator=gen) * std)).reshape(-1, genes)
+               .contiguous() for _ in range(3))
+    grad = torch.randn(batch * heads, genes, generator=gen)
+    out, m2, inv_z, e_diag = nat.native_forward(q, k, v)
+    fwd = _best(lambda: nat.native_forward(q, k, v), repeats)
+    bwd = _best(lambda: nat.native_backward(q, k, v, m2, inv_z, e_diag, out, grad), repeats)
+    return {"forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,
+            "pairs": batch * heads * genes * genes}
+
+
+def training_step(nat, genes: int, batch: int, heads: int, layers: int,
+                  repeats: int) -> dict:
+    """Median training step and the time inside the kernel calls (ms per step)."""
+    from tgem._model import TGEMNet
+
+    spent = {"forward": 0.0, "backward": 0.0}
+    forward, backward = nat.native_forward, nat.native_backward
+
+    def timed_forward(*args):
+        t0 = time.perf_counter()
+        res = forward(*args)
+        spent["forward"] += time.perf_counter() - t0
+        return res
+
+    def timed_backward(*args):
+        t0 = time.perf_counter()
+        res = backward(*args)
+        spent["backward"] += time.perf_counter() - t0
+        return res
+
+    original = nat._NativeAttention
+    nat._NativeAttention = nat.exact_function("native", timed_forward, timed_backward)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
+                      attention_backend="native", generator=gen)
+        x = torch.rand(batch, genes, generator=gen) * 4
+        y = torch.randint(0, 34, (batch,), generator=gen)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def step():
+            net.train()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.nll_loss(net(x), y).backward()
+            opt.step()
+
+        step()
+        rows = []
+        for _ in range(repeats):
+            spent["forward"] = spent["backward"] = 0.0
+            t0 = time.perf_counter()
+            step()
+            total = time.perf_counter() - t0
+            rows.append({"step_ms": 1e3 * total, "kernel_forward_ms": 1e3 * spent["forward"],
+                         "kernel_backward_ms": 1e3 * spent["backward"]})
+    finally:
+        nat._NativeAttention = original
+    rows.sort(key=lambda r: r["step_ms"])
+    med = dict(rows[len(rows) // 2])
+    med["other_ms"] = med["step_ms"] - med["kernel_forward_ms"] - med["kernel_backward_ms"]
+    med["best_step_ms"] = rows[0]["step_ms"]
+    return med
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--genes", type=int, default=1708)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--heads", type=int, default=5)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from tgem import _native as nat
+
+    if not nat.native_available():
+        raise SystemExit(f"the native kernel is not available: {nat.native_status()}")
+    rate0 = fma_probe.probe(threads=args.threads)["fma_lane_ops_per_s"]
+    kern = kernel_alone(nat, args.genes, args.batch, args.heads, args.repeats)
+    step = training_step(nat, args.genes, args.batch, args.heads, args.layers, args.repeats)
+    rate1 = fma_probe.probe(threads=args.threads)["fma_lane_ops_per_s"]
+    rate = max(rate0, rate1)
+    bound = fma_probe.workload_bounds(rate, args.genes, args.heads, args.layers, args.batch)
+    bound_step_ms = 1e3 * bound["train_s"]
+    per_pair = {k: rate * kern[f"{k}_ms"] / 1e3 / kern["pairs"] for k in ("forward", "backward")}
+    bound_layer_ms = bound_step_ms / args.layers
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "isa": nat._active_isa()[0],
+                    "date": time.strftime("%Y-%m-%d"),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+        "args": vars(args) | {"out": str(args.out) if args.out else None},
+        "probe_lane_fma_per_s": [rate0, rate1],
+        "bound_train_step_ms": bound_step_ms,
+        "kernel": kern | {"ops_per_pair": per_pair,
+                          "layer_ms": kern["forward_ms"] + kern["backward_ms"],
+                          "layer_pct_of_bound": 100 * bound_layer_ms
+                          / (kern["forward_ms"] + kern["backward_ms"])},
+        "train_step": step | {"pct_of_bound": 100 * bound_step_ms / step["step_ms"],
+                              "best_pct_of_bound": 100 * bound_step_ms / step["best_step_ms"]},
+    }
+    print(f"probe {rate0 / 1e9:.1f} / {rate1 / 1e9:.1f} G lane-FMA/s; bound "
+          f"{bound_step_ms:.1f} ms per training step ({args.genes} genes, batch {args.batch}, "
+          f"{args.layers} layers x {args.heads} heads)")
+    print("| part | ms | ops per pair (bound counts) | % of bound |")
+    print("|---|---|---|---|")
+    print(f"| kernel forward, one layer | {kern['forward_ms']:.1f} | "
+          f"{per_pair['forward']:.1f} (10) | |")
+    print(f"| kernel backward, one layer | {kern['backward_ms']:.1f} | "
+          f"{per_pair['backward']:.1f} (10) | |")
+    print(f"| kernel, one layer | {result['kernel']['layer_ms']:.1f} | | "
+          f"{result['kernel']['layer_pct_of_bound']:.0f} |")
+    print(f"| training step (median of {args.repeats}) | {step['step_ms']:.1f} | | "
+          f"{result['train_step']['pct_of_bound']:.0f} |")
+    print(f"| of which inside the kernel calls | "
+          f"{step['kernel_forward_ms'] + step['kernel_backward_ms']:.1f} | | |")
+    print(f"| of which PyTorch around them | {step['other_ms']:.1f} | | |")
+    print(f"| best training step | {step['best_step_ms']:.1f} | | "
+          f"{result['train_step']['best_pct_of_bound']:.0f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
