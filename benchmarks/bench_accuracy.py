@@ -381,9 +381,20 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_path(cache_file: Path, key: str) -> Path:
+    """Where the record of ``key`` lives: ``cache_file``, unless that holds another
+    configuration's record of the same model name and fold (e.g. other ``max_epochs``), in
+    which case ``<stem>.<key prefix>.json`` beside it, so that both stay cached."""
+    if cache_file.exists() and json.loads(cache_file.read_text()).get("key") != key:
+        return cache_file.with_name(f"{cache_file.stem}.{key[:8]}.json")
+    return cache_file
+
+
 def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None,
              key: str) -> dict:
     """Fit ``model`` on the training rows, score the test rows; cached in ``cache_file``."""
+    if cache_file is not None:
+        cache_file = _cache_path(cache_file, key)
     if cache_file is not None and cache_file.exists():
         record = json.loads(cache_file.read_text())
         if record.get("key") == key:

@@ -141,6 +141,16 @@ def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_p
     changed = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1e-3),
                            **kwargs)["toy"]["m1"]
     assert not any(r["cached"] for r in changed)
+    # ... and both configurations stay cached side by side (the first keeps its file names)
+    for c, expected in ((1.0, first["m1"]), (1e-3, changed)):
+        back = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(c),
+                            **kwargs)["toy"]["m1"]
+        assert all(r["cached"] for r in back)
+        assert [r["accuracy"] for r in back] == [r["accuracy"] for r in expected]
+    files = {p.name for p in (tmp_path / "toy" / "m1").iterdir()}
+    plain = {f"r{r}_f{f}.json" for r in range(2) for f in range(3)}
+    assert plain <= files and len(files - plain) == 6
+    assert all(f.count(".") == 2 for f in files - plain)  # r{r}_f{f}.<key prefix>.json
 
     summary = bench.summarise({"toy": {"tgem": first["m1"], "lr": changed}})
     test = summary["toy"]["paired"]["tgem vs lr"]["accuracy"]
