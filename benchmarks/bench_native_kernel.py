@@ -16,7 +16,8 @@ The FMA probe runs first and again last; the better of the two rates sets the bo
 table and writes JSON (``--out``); it never asserts a time. Run it on an otherwise idle
 machine: other processes slow the kernel and the probe differently.
 
-Example::
+Example (``--library`` measures another build of the kernel, e.g. an older version compiled
+with ``gcc -O3 -std=gnu11 -ffp-contract=off -fPIC -shared -pthread old.c -o old.so``)::
 
     PYTHONPATH=. python benchmarks/bench_native_kernel.py --genes 1708 \\
         --out benchmarks/results/native_kernel_1708.json
@@ -127,12 +128,20 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--library", type=Path,
+                   help="measure this build of the kernel library instead of tgem's own (e.g. "
+                        "one compiled from an older tgem_kernels.c, to compare versions)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     from tgem import _native as nat
 
+    if args.library is not None:
+        lib, _, error = nat._open_library(str(args.library))
+        if error is not None:
+            raise SystemExit(error)
+        nat._LIB = lib
     if not nat.native_available():
         raise SystemExit(f"the native kernel is not available: {nat.native_status()}")
     rate0 = fma_probe.probe(threads=args.threads)["fma_lane_ops_per_s"]
@@ -149,7 +158,8 @@ def main(argv=None) -> dict:
                     "torch": torch.__version__, "isa": nat._active_isa()[0],
                     "date": time.strftime("%Y-%m-%d"),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "args": vars(args) | {"out": str(args.out) if args.out else None},
+        "args": vars(args) | {"out": str(args.out) if args.out else None,
+                              "library": str(args.library) if args.library else None},
         "probe_lane_fma_per_s": [rate0, rate1],
         "bound_train_step_ms": bound_step_ms,
         "kernel": kern | {"ops_per_pair": per_pair,
