@@ -433,7 +433,7 @@ def test_memory_layouts_give_the_same_predictions(model, layout, tmp_path):
     expected = clf.predict_proba(X)
     np.testing.assert_array_equal(_unchanged(lambda: clf.predict_proba(Xl), Xl), expected)
     refit = _unchanged(lambda: _clf(max_epochs=1).fit(Xl, y), Xl, y)
-    np.testing.assert_array_equal(refit.predict_proba(X), expected)  # bitwise: see dense_batch
+    np.testing.assert_array_equal(refit.predict_proba(X), expected)  # bitwise (dense_batch)
 
 
 def test_dataframe_input_is_not_modified(model):

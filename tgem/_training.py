@@ -88,12 +88,13 @@ def dense_batch(X, idx, device: torch.device) -> torch.Tensor:
     rows = X[idx]
     if sp.issparse(rows):
         rows = rows.toarray()
-    # Always a fresh C-ordered copy: a view into X would start at whatever address the batch
-    # happens to have, and torch's vectorised reductions round differently at different
-    # alignments, so the same values would not always give bitwise the same fit (seen as
-    # 1e-7 differences between fits on an array and on its sparse copy). The batch is small.
-    rows = np.array(rows, dtype=np.float32, order="C", copy=True)
-    return torch.from_numpy(rows).to(device)
+    # C order always: a Fortran-ordered batch (CSC rows densify that way) would make torch's
+    # elementwise ops keep that layout and its sums over genes add in another order, so the
+    # same values would not give bitwise the same fit (1e-7 apart from the dense array's).
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if not rows.flags.writeable:  # e.g. np.memmap(mode="r"): torch needs memory of its own
+        rows = rows.copy()
+    return torch.as_tensor(rows, device=device)
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
