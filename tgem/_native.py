@@ -2,11 +2,12 @@
 
 The kernel library ``tgem._tgem_kernels`` is plain C (``tgem/_csrc/tgem_kernels.c``), built by
 the package's setuptools extension and loaded here with :mod:`ctypes` by path; it never links
-to PyTorch and works on the raw buffers of contiguous float32 tensors (no copy). It computes,
-operation for operation, what :func:`tgem._attention.exact_forward` and
-:func:`tgem._attention.exact_backward` compute, fused into one pass over the gene pairs each,
-with a polynomial base-2 exponential, blocked sums, and a fixed reduction order that makes the
-result bitwise independent of the number of threads (``torch.get_num_threads()``).
+to PyTorch and works on the raw buffers of contiguous float32 tensors (no copy). It computes
+the algorithm of :func:`tgem._attention.exact_forward` and
+:func:`tgem._attention.exact_backward`, fused into one pass over the gene pairs each: each
+exponent one fused multiply-subtract of the scaled query (``q log2 e``, rounded once), a
+degree-5 polynomial base-2 exponential, blocked sums, and a fixed reduction order that makes
+the result bitwise independent of the number of threads (``torch.get_num_threads()``).
 
 The instruction set is chosen at run time: AVX-512F, AVX2+FMA or portable scalar code. Force
 one with the environment variable ``TGEM_NATIVE_ISA=scalar|avx2|avx512`` or with
