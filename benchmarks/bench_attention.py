@@ -79,6 +79,7 @@ def worker(args) -> dict:
     import torch
 
     from tgem._model import TGEMNet
+    from tgem._training import make_optimizer
 
     torch.set_num_threads(args.threads)
     genes = args.genes[0]
@@ -92,7 +93,7 @@ def worker(args) -> dict:
         batch = 50
     x = (torch.rand(batch, genes, generator=gen) * 4).to(device)
     y = torch.randint(0, 34, (batch,), generator=gen).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = make_optimizer(net.parameters(), 1e-4)
     cuda = device.type == "cuda"
 
     def sync():

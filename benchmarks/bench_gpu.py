@@ -287,8 +287,10 @@ def _data(batch, genes, seed=0):
 
 def train_step_s(genes, backend, batch, reps, warmup) -> float:
     batch = batch if DEVICE == "cuda" else SMOKE_BATCH[batch]
+    from tgem._training import make_optimizer
+
     net = _model(genes, backend).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = make_optimizer(net.parameters(), 1e-4)
     x, y = _data(batch, genes)
 
     def step():

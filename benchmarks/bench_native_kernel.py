@@ -7,10 +7,12 @@ Two measurements at one width (1708 genes by default), 2 threads:
   Xavier-normal weights), best of ``--repeats`` calls, in milliseconds and in probe
   operations per gene pair and head (time x the probe's lane-FMA rate / pairs: the bound
   counts 10 for the training forward and 10 for the backward, see ``fma_probe.py``);
-* a full training step of ``TGEMNet`` (3 layers, 5 heads, dropout 0.3, Adam; as
-  ``bench_attention.py`` times it), with the time spent inside the kernel calls measured
-  separately: the rest is PyTorch's work around the attention (the q/k/v products, head
-  mixing, dropout, LayerNorm, the linear head, the loss, Adam).
+* a full training step of ``TGEMNet`` (3 layers, 5 heads, dropout 0.3, the training loop's
+  fused Adam; as ``bench_attention.py`` times it), with the time spent inside the native layer
+  calls measured separately (the kernels plus the q/k/v products, the head mixing and the
+  weight gradients, all done in C by ``tgem_layer_forward`` / ``tgem_layer_backward``): the
+  rest is PyTorch's work around the layers (dropout, LayerNorm, residuals, the linear head,
+  the loss, autograd's bookkeeping and Adam).
 
 The FMA probe runs first and again last; the better of the two rates sets the bound. Prints a
 table and writes JSON (``--out``); it never asserts a time. Run it on an otherwise idle
@@ -68,11 +70,12 @@ def kernel_alone(nat, genes: int, batch: int, heads: int, repeats: int) -> dict:
 
 def training_step(nat, genes: int, batch: int, heads: int, layers: int,
                   repeats: int) -> dict:
-    """Median training step and the time inside the kernel calls (ms per step)."""
+    """Median training step and the time inside the native layer calls (ms per step)."""
     from tgem._model import TGEMNet
+    from tgem._training import make_optimizer
 
     spent = {"forward": 0.0, "backward": 0.0}
-    forward, backward = nat.native_forward, nat.native_backward
+    forward, backward = nat.native_layer_forward, nat.native_layer_backward
 
     def timed_forward(*args):
         t0 = time.perf_counter()
@@ -86,15 +89,14 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
         spent["backward"] += time.perf_counter() - t0
         return res
 
-    original = nat._NativeAttention
-    nat._NativeAttention = nat.exact_function("native", timed_forward, timed_backward)
+    nat.native_layer_forward, nat.native_layer_backward = timed_forward, timed_backward
     try:
         gen = torch.Generator().manual_seed(0)
         net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
                       attention_backend="native", generator=gen)
         x = torch.rand(batch, genes, generator=gen) * 4
         y = torch.randint(0, 34, (batch,), generator=gen)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        opt = make_optimizer(net.parameters(), 1e-4)
 
         def step():
             net.train()
@@ -103,6 +105,7 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
             opt.step()
 
         step()
+        alone = layers_alone(nat, net, x, repeats)
         rows = []
         for _ in range(repeats):
             spent["forward"] = spent["backward"] = 0.0
@@ -112,12 +115,34 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
             rows.append({"step_ms": 1e3 * total, "kernel_forward_ms": 1e3 * spent["forward"],
                          "kernel_backward_ms": 1e3 * spent["backward"]})
     finally:
-        nat._NativeAttention = original
+        nat.native_layer_forward, nat.native_layer_backward = forward, backward
     rows.sort(key=lambda r: r["step_ms"])
     med = dict(rows[len(rows) // 2])
     med["other_ms"] = med["step_ms"] - med["kernel_forward_ms"] - med["kernel_backward_ms"]
     med["best_step_ms"] = rows[0]["step_ms"]
+    med["layers_alone_ms"] = alone
     return med
+
+
+def layers_alone(nat, net, x, repeats: int) -> float:
+    """Best time of every layer's native forward and backward call alone, summed (ms).
+
+    The calls a training step makes, on the step's own layer inputs, outside the step: the
+    kernels plus the C work around them (q/k/v products, head mixing, weight gradients) and
+    the buffers' allocation.
+    """
+    with torch.no_grad():
+        _, states = net(x, return_layers=True)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    total = 0.0
+    for layer, h in zip(net.layers, states):
+        w = [t.detach() for t in (layer.WQ, layer.WK, layer.WV, layer.W_0)]
+        h = h.contiguous()
+        saved = nat.native_layer_forward(h, *w)[1]
+        total += _best(lambda h=h, w=w: nat.native_layer_forward(h, *w), repeats)
+        total += _best(lambda h=h, w=w, saved=saved: nat.native_layer_backward(
+            h, *w, saved, grad), repeats)
+    return 1e3 * total
 
 
 def main(argv=None) -> dict:
@@ -182,9 +207,12 @@ def main(argv=None) -> dict:
           f"{result['kernel']['layer_pct_of_bound']:.0f} |")
     print(f"| training step (median of {args.repeats}) | {step['step_ms']:.1f} | | "
           f"{result['train_step']['pct_of_bound']:.0f} |")
-    print(f"| of which inside the kernel calls | "
+    print(f"| of which inside the native layer calls | "
           f"{step['kernel_forward_ms'] + step['kernel_backward_ms']:.1f} | | |")
     print(f"| of which PyTorch around them | {step['other_ms']:.1f} | | |")
+    print(f"| the step's native layer calls alone (best of {args.repeats} each) | "
+          f"{step['layers_alone_ms']:.1f} | | "
+          f"{100 * bound_step_ms / step['layers_alone_ms']:.0f} |")
     print(f"| best training step | {step['best_step_ms']:.1f} | | "
           f"{result['train_step']['best_pct_of_bound']:.0f} |")
     if args.out:

@@ -303,3 +303,157 @@ def test_unusable_isa_request_makes_backend_unavailable(monkeypatch):
         nat.native_attention(*torch.ones(3, 1, 1, 4))
     with pytest.raises(ValueError, match="neon"):
         nat.set_isa("neon")
+
+
+# ----------------------------------------------------------------------------- whole layer
+def _plain_layer(attention):
+    """A layer as the model writes it without ``layer_fn``: q/k/v products, attention, mix."""
+    def layer(x, wq, wk, wv, w0):
+        xb = x.unsqueeze(1)
+        heads = attention(xb * wq[..., 0], xb * wk[..., 0], xb * wv[..., 0])
+        return torch.einsum("bhg,h->bg", heads, w0)
+    return layer
+
+
+def _layer_inputs(batch: int, heads: int, genes: int, scale: float = 1.0, seed: int = 0):
+    """float64 (x, WQ, WK, WV, W_0, upstream gradient) shaped and scaled like the model's."""
+    gen = torch.Generator().manual_seed(seed + genes)
+    x = torch.rand(batch, genes, generator=gen, dtype=torch.float64) * 4
+    std = math.sqrt(2.0 / (genes + heads)) * scale
+    w = [torch.randn(heads, genes, 1, generator=gen, dtype=torch.float64) * std
+         for _ in range(3)]
+    w0 = torch.randn(heads, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch, genes, generator=gen, dtype=torch.float64)
+    return (x, *w, w0), grad
+
+
+def _layer_run(fn, inputs, grad, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    return [t.detach().double() for t in (out, *grads)]
+
+
+LAYER_NAMES = ("mixed", "dx", "dWQ", "dWK", "dWV", "dW_0")
+
+
+@pytest.mark.parametrize(("batch", "heads", "genes"), [(2, 1, 1), (3, 2, 2), (3, 5, 17),
+                                                        (4, 3, 300)])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_native_layer_matches_reference_layer(isa, batch, heads, genes, scale):
+    """Output and all five gradients against the plain formulation: float64 reference, and
+    at most twice the plain float32 formulation's own error, plus a floor of 4 ulp of the
+    scale of the terms each result sums (sqrt of their count times the largest), for results
+    the plain formulation gets exact by luck (as tests/_oracle.py does for the attention)."""
+    inputs, grad = _layer_inputs(batch, heads, genes, scale)
+    plain = _plain_layer(reference_attention)
+    ref64 = _layer_run(plain, inputs, grad, torch.float64)
+    ref32 = _layer_run(plain, inputs, grad, torch.float32)
+    got = _layer_run(nat.native_layer, inputs, grad, torch.float32)
+    mx, mwq, mwk, mwv, mw0, mgm = (float(t.abs().max()) for t in (*inputs, grad))
+    mq, mk, mv, mg = mx * mwq, mx * mwk, mx * mwv, mw0 * mgm  # the heads' q, k, v, gradient
+    dq, dk = mg * mv * mk, mg * mv * mq  # the attention's gradient terms (tests/_oracle.py)
+    scales = [math.sqrt(heads) * mw0 * mv,
+              math.sqrt(heads) * (dq * mwq + dk * mwk + mg * mwv),
+              math.sqrt(batch) * mx * dq, math.sqrt(batch) * mx * dk,
+              math.sqrt(batch) * mx * mg, math.sqrt(batch * genes) * mgm * mv]
+    for name, g32, r32, r64, term in zip(LAYER_NAMES, got, ref32, ref64, scales):
+        assert torch.isfinite(g32).all(), name
+        err, ref_err = float((g32 - r64).abs().max()), float((r32 - r64).abs().max())
+        floor = 4 * EPS32 * term
+        assert err <= 2 * ref_err + floor, (
+            f"{name}: float32 error {err:.3g} > 2 x reference error {ref_err:.3g} + {floor:.3g}")
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_native_layer_rms_error_within_twice_the_reference_error(isa, scale):
+    """The float32 rule without a floor on a model-sized layer (16 samples, 5 heads, 765)."""
+    inputs, grad = _layer_inputs(16, 5, 765, scale)
+    plain = _plain_layer(reference_attention)
+    ref64 = _layer_run(plain, inputs, grad, torch.float64)
+    ref32 = _layer_run(plain, inputs, grad, torch.float32)
+    got = _layer_run(nat.native_layer, inputs, grad, torch.float32)
+    for name, g32, r32, r64 in zip(LAYER_NAMES, got, ref32, ref64):
+        err = float((g32 - r64).pow(2).mean().sqrt())
+        ref_err = float((r32 - r64).pow(2).mean().sqrt())
+        assert err <= 2 * ref_err, f"{name}: RMS error {err:.3g} > 2 x {ref_err:.3g}"
+
+
+def test_native_layer_agrees_with_native_attention_composed(isa):
+    """The fused layer and the attention kernel wrapped in PyTorch's products agree closely
+    (the same kernel; only the head mix and the weight-gradient sums are added differently)."""
+    inputs, grad = _layer_inputs(4, 5, 200)
+    composed = _layer_run(_plain_layer(nat.native_attention), inputs, grad, torch.float32)
+    fused = _layer_run(nat.native_layer, inputs, grad, torch.float32)
+    for name, a, b in zip(LAYER_NAMES, fused, composed):
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS32 * scale, msg=name)
+
+
+def test_native_layer_results_do_not_depend_on_thread_count(isa, threads):
+    inputs, grad = _layer_inputs(3, 5, 300)
+    results = []
+    for n in (1, 2, 3, 4):
+        torch.set_num_threads(n)
+        results.append(_layer_run(nat.native_layer, inputs, grad, torch.float32))
+    for other in results[1:]:
+        for name, a, b in zip(LAYER_NAMES, results[0], other):
+            assert torch.equal(a, b), name
+
+
+def test_native_layer_keeps_inputs_and_accepts_views(isa):
+    inputs, grad = _layer_inputs(3, 2, 33)
+    x, wq, wk, wv, w0 = (t.float() for t in inputs)
+    x_view = x.t().contiguous().t()  # same values, not contiguous
+    before = [t.clone() for t in (x_view, wq, wk, wv, w0)]
+    out = nat.native_layer(x_view, wq, wk, wv, w0)
+    for a, b in zip(before, (x_view, wq, wk, wv, w0)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out, nat.native_layer(x, wq, wk, wv, w0), rtol=0, atol=0)
+
+
+def test_native_layer_rejects_bad_shapes_and_double_backward(isa):
+    x = torch.rand(2, 5)
+    wq, wk, wv = torch.randn(3, 4, 5, 1).unbind(0)
+    with pytest.raises(ValueError, match=r"\(heads, genes, 1\)"):
+        nat.native_layer(x, wq[..., 0], wk, wv, torch.ones(4))
+    with pytest.raises(ValueError, match="W_0"):
+        nat.native_layer(x, wq, wk, wv, torch.ones(3))
+    with pytest.raises(TypeError, match="float32"):
+        nat.native_layer(x.double(), wq, wk, wv, torch.ones(4))
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(nat.native_layer(x, wq, wk, wv, torch.ones(4)).sum(), x,
+                            create_graph=True)
+
+
+def test_model_uses_the_fused_layer_and_matches_the_composed_path(isa, monkeypatch):
+    """TGEMNet calls the backend's layer_fn; without it (the composed path) the log-probabilities
+    and every parameter gradient agree to float32 rounding."""
+    from dataclasses import replace
+
+    import tgem._attention as att
+    from tgem._model import TGEMNet
+
+    net = TGEMNet(40, 3, n_heads=3, dropout=0.0, attention_backend="native",
+                  generator=torch.Generator().manual_seed(0))
+    x = torch.rand(5, 40, generator=torch.Generator().manual_seed(1)) * 4
+    calls = []
+    original = nat.native_layer_forward
+    monkeypatch.setattr(nat, "native_layer_forward",
+                        lambda *a: calls.append(1) or original(*a))
+
+    def run():
+        net.zero_grad()
+        out = net(x)
+        out[:, 0].sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in net.parameters()]
+
+    fused = run()
+    assert len(calls) == 3
+    composed_backend = replace(att._BACKENDS["native"], layer_fn=None)
+    monkeypatch.setitem(att._BACKENDS, "native", composed_backend)
+    composed = run()
+    assert len(calls) == 3
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

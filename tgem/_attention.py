@@ -334,6 +334,10 @@ class Backend:
     ``unavailable(device, dtype)`` returns ``None`` when the backend can run on that device and
     dtype, otherwise the reason it cannot (shown by :func:`tgem.show_versions`). ``auto``
     picks, among the available ``exact`` backends, the one with the highest ``priority``.
+    ``layer_fn(x, WQ, WK, WV, W_0)``, when given, computes a whole layer's mixed attention
+    output ``(batch, genes)`` from its input ``(batch, genes)`` and weights (``(heads, genes,
+    1)`` and ``(heads,)``) in one differentiable call; it must equal ``fn`` applied to
+    ``x WQ, x WK, x WV`` mixed by ``W_0`` (to rounding). The model uses it when present.
     """
 
     name: str
@@ -341,6 +345,7 @@ class Backend:
     unavailable: Callable[[torch.device, torch.dtype], str | None]
     priority: int = 0
     exact: bool = True
+    layer_fn: Callable[..., torch.Tensor] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}

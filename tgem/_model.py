@@ -81,6 +81,9 @@ class GeneAttention(nn.Module):
         return torch.einsum("bhg,h->bg", heads_out, self.W_0)
 
     def forward(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """Mixed attention output (batch, genes) of input ``x`` (batch, genes)."""
+        if backend.layer_fn is not None:
+            return backend.layer_fn(x, self.WQ, self.WK, self.WV, self.W_0)
         q, k, v = self.qkv(x)
         return self.mix(backend.fn(q, k, v))
 
@@ -166,7 +169,11 @@ class TGEMNet(nn.Module):
 
     def block(self, index: int, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
         """Residual block of layer ``index`` given its (batch, heads, genes) attention output."""
-        return x + self.norm(index)(self.dropout(self.layers[index].mix(heads_out)))
+        return self.residual(index, x, self.layers[index].mix(heads_out))
+
+    def residual(self, index: int, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """``x + LayerNorm(dropout(mixed))`` for layer ``index``'s mixed attention output."""
+        return x + self.norm(index)(self.dropout(mixed))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Activation, linear layer and log-softmax applied to the last block's output."""
@@ -188,8 +195,7 @@ class TGEMNet(nn.Module):
         states = [x]
         h = x
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h)
-            h = self.block(i, h, backend.fn(q, k, v))
+            h = self.residual(i, h, layer(h, backend))
             states.append(h)
         out = self.head(h)
         return (out, states) if return_layers else out

@@ -73,7 +73,7 @@
 #define TGEM_INLINE static inline
 #endif
 
-#define TGEM_ABI_VERSION 2
+#define TGEM_ABI_VERSION 3
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
@@ -1080,6 +1080,190 @@ TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const
     tgem_parallel(nthreads, n, tgem_bwd_epilogue, &c);
     free(c.scratch);
     return TGEM_OK;
+}
+
+/* ------------------------------------------------------------------------------ layer */
+/*
+ * A whole attention layer around the kernels, so that the O(batch x heads x genes) work
+ * around the pair sums costs no PyTorch operator calls: x is (b, g), the per-gene weights
+ * wq, wk, wv are (h, g) and w0 is (h); rows n = bi h + hh of the (b h, g) arrays belong to
+ * sample bi and head hh. Forward: q = x wq, k = x wk, v = x wv (each product rounded once, as
+ * PyTorch's), the attention, and mixed = sum_hh w0_hh out_hh (summed in double in head order,
+ * then rounded). Backward: the heads' upstream gradient w0_hh grad_mixed (rounded once), the
+ * kernels' dq, dk, dv, then dx = sum_hh (dq wq + dk wk + dv wv), dwq = sum_bi dq x (and dk, dv
+ * alike) and dw0 = sum_{bi, i} grad_mixed out, every sum in double in a fixed order (heads,
+ * then samples, then genes), so the results stay independent of the thread count.
+ */
+typedef struct {
+    const float *x, *wq, *wk, *wv, *w0, *gm, *out;
+    const float *dq, *dk, *dv;
+    int64_t b, h, g;
+    float *q, *k, *v, *gh, *mixed, *dx, *dwq, *dwk, *dwv;
+    double *dw0part;                 /* per row n: sum_i grad_mixed out (backward) */
+} tgem_layer_ctx;
+
+static void tgem_layer_qkv(const void *vctx, int64_t n)
+{
+    const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
+    const int64_t g = c->g, hh = n % c->h;
+    const float *x = c->x + (n / c->h) * g;
+    const float *wq = c->wq + hh * g, *wk = c->wk + hh * g, *wv = c->wv + hh * g;
+    float *q = c->q + n * g, *k = c->k + n * g, *v = c->v + n * g;
+    for (int64_t i = 0; i < g; ++i) {
+        q[i] = x[i] * wq[i];
+        k[i] = x[i] * wk[i];
+        v[i] = x[i] * wv[i];
+    }
+}
+
+static void tgem_layer_mix(const void *vctx, int64_t bi)
+{
+    const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
+    const int64_t g = c->g, h = c->h;
+    const float *out = c->out + bi * h * g;
+    float *mixed = c->mixed + bi * g;
+    for (int64_t i = 0; i < g; ++i) {
+        double s = 0.0;
+        for (int64_t hh = 0; hh < h; ++hh)
+            s += (double)c->w0[hh] * (double)out[hh * g + i];
+        mixed[i] = (float)s;
+    }
+}
+
+static void tgem_layer_bwd_prologue(const void *vctx, int64_t n)
+{
+    const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
+    const int64_t g = c->g;
+    const float w0 = c->w0[n % c->h];
+    const float *gm = c->gm + (n / c->h) * g, *out = c->out + n * g;
+    float *gh = c->gh + n * g;
+    double s = 0.0;
+    for (int64_t i = 0; i < g; ++i) {
+        gh[i] = w0 * gm[i];
+        s += (double)gm[i] * (double)out[i];
+    }
+    c->dw0part[n] = s;
+}
+
+/* tasks 0 .. b-1: dx of sample bi; tasks b .. b+h-1: dwq, dwk, dwv of head hh */
+static void tgem_layer_bwd_epilogue(const void *vctx, int64_t task)
+{
+    const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
+    const int64_t g = c->g, h = c->h, b = c->b;
+    if (task < b) {
+        const int64_t o = task * h * g;
+        for (int64_t i = 0; i < g; ++i) {
+            double s = 0.0;
+            for (int64_t hh = 0; hh < h; ++hh) {
+                const int64_t r = o + hh * g + i, w = hh * g + i;
+                s += (double)c->dq[r] * (double)c->wq[w] + (double)c->dk[r] * (double)c->wk[w] +
+                     (double)c->dv[r] * (double)c->wv[w];
+            }
+            c->dx[task * g + i] = (float)s;
+        }
+        return;
+    }
+    const int64_t hh = task - b;
+    for (int64_t i = 0; i < g; ++i) {
+        double sq = 0.0, sk = 0.0, sv = 0.0;
+        for (int64_t bi = 0; bi < b; ++bi) {
+            const int64_t r = (bi * h + hh) * g + i;
+            const double xi = (double)c->x[bi * g + i];
+            sq += (double)c->dq[r] * xi;
+            sk += (double)c->dk[r] * xi;
+            sv += (double)c->dv[r] * xi;
+        }
+        c->dwq[hh * g + i] = (float)sq;
+        c->dwk[hh * g + i] = (float)sk;
+        c->dwv[hh * g + i] = (float)sv;
+    }
+}
+
+/*
+ * Layer forward: writes q, k, v, out, m, inv_z, e_diag (each (b h, g), kept for the backward
+ * pass) and mixed (b, g). Returns 0, or a negative error code.
+ */
+TGEM_API int tgem_layer_forward(const float *x, const float *wq, const float *wk,
+                                const float *wv, const float *w0, int64_t b, int64_t h,
+                                int64_t g, float *q, float *k, float *v, float *out, float *m,
+                                float *inv_z, float *e_diag, float *mixed, int isa, int nthreads)
+{
+    tgem_layer_ctx c;
+    int code;
+    if (b < 0 || h < 0 || g < 0 || nthreads < 1 || (h > 0 && b > INT64_MAX / h))
+        return TGEM_EARGS;
+    if (!tgem_isa_supported(isa))
+        return TGEM_EISA;
+    memset(&c, 0, sizeof c);
+    c.x = x; c.wq = wq; c.wk = wk; c.wv = wv; c.w0 = w0; c.b = b; c.h = h; c.g = g;
+    c.q = q; c.k = k; c.v = v; c.out = out; c.mixed = mixed;
+    if (b == 0 || g == 0)
+        return TGEM_OK;
+    tgem_parallel(nthreads, b * h, tgem_layer_qkv, &c);
+    code = tgem_forward(q, k, v, b * h, g, out, m, inv_z, e_diag, isa, nthreads);
+    if (code != TGEM_OK)
+        return code;
+    tgem_parallel(nthreads, b, tgem_layer_mix, &c);
+    return TGEM_OK;
+}
+
+/*
+ * Layer backward: from the layer's inputs, what tgem_layer_forward kept and the upstream
+ * gradient grad_mixed (b, g), writes dx (b, g), dwq, dwk, dwv (h, g) and dw0 (h). Returns 0,
+ * or a negative error code.
+ */
+TGEM_API int tgem_layer_backward(const float *x, const float *wq, const float *wk,
+                                 const float *wv, const float *w0, const float *q,
+                                 const float *k, const float *v, const float *m,
+                                 const float *inv_z, const float *e_diag, const float *out,
+                                 const float *grad_mixed, int64_t b, int64_t h, int64_t g,
+                                 float *dx, float *dwq, float *dwk, float *dwv, float *dw0,
+                                 int isa, int nthreads)
+{
+    tgem_layer_ctx c;
+    int code;
+    if (b < 0 || h < 0 || g < 0 || nthreads < 1 || (h > 0 && b > INT64_MAX / h))
+        return TGEM_EARGS;
+    if (!tgem_isa_supported(isa))
+        return TGEM_EISA;
+    for (int64_t hh = 0; hh < h; ++hh)
+        dw0[hh] = 0.0f;
+    if (b == 0 || h == 0 || g == 0) {
+        memset(dx, 0, (size_t)(b * g) * sizeof(float));
+        memset(dwq, 0, (size_t)(h * g) * sizeof(float));
+        memset(dwk, 0, (size_t)(h * g) * sizeof(float));
+        memset(dwv, 0, (size_t)(h * g) * sizeof(float));
+        return TGEM_OK;
+    }
+    const int64_t n = b * h;
+    float *work = (float *)malloc((size_t)(4 * n * g) * sizeof(float));
+    double *part = (double *)malloc((size_t)n * sizeof(double));
+    if (work == NULL || part == NULL) {
+        free(work);
+        free(part);
+        return TGEM_ENOMEM;
+    }
+    memset(&c, 0, sizeof c);
+    c.x = x; c.wq = wq; c.wk = wk; c.wv = wv; c.w0 = w0; c.gm = grad_mixed; c.out = out;
+    c.b = b; c.h = h; c.g = g; c.dx = dx; c.dwq = dwq; c.dwk = dwk; c.dwv = dwv;
+    c.gh = work;
+    c.dq = work + n * g; c.dk = work + 2 * n * g; c.dv = work + 3 * n * g;
+    c.dw0part = part;
+    tgem_parallel(nthreads, n, tgem_layer_bwd_prologue, &c);
+    code = tgem_backward(q, k, v, m, inv_z, e_diag, out, c.gh, n, g, work + n * g,
+                         work + 2 * n * g, work + 3 * n * g, isa, nthreads);
+    if (code == TGEM_OK) {
+        tgem_parallel(nthreads, b + h, tgem_layer_bwd_epilogue, &c);
+        for (int64_t hh = 0; hh < h; ++hh) {
+            double s = 0.0;
+            for (int64_t bi = 0; bi < b; ++bi)
+                s += part[bi * h + hh];
+            dw0[hh] = (float)s;
+        }
+    }
+    free(work);
+    free(part);
+    return code;
 }
 
 /* out[i] = 2^y[i] with the kernels' exponential (for accuracy tests). */
