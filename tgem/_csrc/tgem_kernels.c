@@ -1106,27 +1106,39 @@ static void tgem_layer_qkv(const void *vctx, int64_t n)
 {
     const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
     const int64_t g = c->g, hh = n % c->h;
-    const float *x = c->x + (n / c->h) * g;
-    const float *wq = c->wq + hh * g, *wk = c->wk + hh * g, *wv = c->wv + hh * g;
-    float *q = c->q + n * g, *k = c->k + n * g, *v = c->v + n * g;
-    for (int64_t i = 0; i < g; ++i) {
+    const float *restrict x = c->x + (n / c->h) * g;
+    const float *restrict wq = c->wq + hh * g, *restrict wk = c->wk + hh * g,
+                *restrict wv = c->wv + hh * g;
+    float *restrict q = c->q + n * g, *restrict k = c->k + n * g, *restrict v = c->v + n * g;
+    for (int64_t i = 0; i < g; ++i)
         q[i] = x[i] * wq[i];
+    for (int64_t i = 0; i < g; ++i)
         k[i] = x[i] * wk[i];
+    for (int64_t i = 0; i < g; ++i)
         v[i] = x[i] * wv[i];
-    }
 }
+
+/* genes per chunk of the head mix and the weight-gradient sums (a double accumulator each) */
+#define TGEM_LAYER_CHUNK 512
 
 static void tgem_layer_mix(const void *vctx, int64_t bi)
 {
     const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
     const int64_t g = c->g, h = c->h;
-    const float *out = c->out + bi * h * g;
-    float *mixed = c->mixed + bi * g;
-    for (int64_t i = 0; i < g; ++i) {
-        double s = 0.0;
-        for (int64_t hh = 0; hh < h; ++hh)
-            s += (double)c->w0[hh] * (double)out[hh * g + i];
-        mixed[i] = (float)s;
+    double acc[TGEM_LAYER_CHUNK];
+    for (int64_t i0 = 0; i0 < g; i0 += TGEM_LAYER_CHUNK) {
+        const int64_t len = g - i0 < TGEM_LAYER_CHUNK ? g - i0 : TGEM_LAYER_CHUNK;
+        for (int64_t i = 0; i < len; ++i)
+            acc[i] = 0.0;
+        for (int64_t hh = 0; hh < h; ++hh) { /* heads in order, each gene on its own */
+            const double w0 = (double)c->w0[hh];
+            const float *restrict out = c->out + (bi * h + hh) * g + i0;
+            for (int64_t i = 0; i < len; ++i)
+                acc[i] += w0 * (double)out[i];
+        }
+        float *restrict mixed = c->mixed + bi * g + i0;
+        for (int64_t i = 0; i < len; ++i)
+            mixed[i] = (float)acc[i];
     }
 }
 
@@ -1135,47 +1147,62 @@ static void tgem_layer_bwd_prologue(const void *vctx, int64_t n)
     const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
     const int64_t g = c->g;
     const float w0 = c->w0[n % c->h];
-    const float *gm = c->gm + (n / c->h) * g, *out = c->out + n * g;
-    float *gh = c->gh + n * g;
+    const float *restrict gm = c->gm + (n / c->h) * g, *restrict out = c->out + n * g;
+    float *restrict gh = c->gh + n * g;
     double s = 0.0;
-    for (int64_t i = 0; i < g; ++i) {
+    for (int64_t i = 0; i < g; ++i)
         gh[i] = w0 * gm[i];
+    for (int64_t i = 0; i < g; ++i)
         s += (double)gm[i] * (double)out[i];
-    }
     c->dw0part[n] = s;
 }
 
-/* tasks 0 .. b-1: dx of sample bi; tasks b .. b+h-1: dwq, dwk, dwv of head hh */
+/* tasks 0 .. b-1: dx of sample bi (heads in order); tasks b .. b+h-1: dwq, dwk, dwv of head
+ * hh (samples in order); each gene's sum in double, on its own */
 static void tgem_layer_bwd_epilogue(const void *vctx, int64_t task)
 {
     const tgem_layer_ctx *c = (const tgem_layer_ctx *)vctx;
     const int64_t g = c->g, h = c->h, b = c->b;
-    if (task < b) {
-        const int64_t o = task * h * g;
-        for (int64_t i = 0; i < g; ++i) {
-            double s = 0.0;
+    double acc[3][TGEM_LAYER_CHUNK];
+    for (int64_t i0 = 0; i0 < g; i0 += TGEM_LAYER_CHUNK) {
+        const int64_t len = g - i0 < TGEM_LAYER_CHUNK ? g - i0 : TGEM_LAYER_CHUNK;
+        double *restrict a0 = acc[0], *restrict a1 = acc[1], *restrict a2 = acc[2];
+        for (int64_t i = 0; i < len; ++i)
+            a0[i] = a1[i] = a2[i] = 0.0;
+        if (task < b) {
             for (int64_t hh = 0; hh < h; ++hh) {
-                const int64_t r = o + hh * g + i, w = hh * g + i;
-                s += (double)c->dq[r] * (double)c->wq[w] + (double)c->dk[r] * (double)c->wk[w] +
-                     (double)c->dv[r] * (double)c->wv[w];
+                const int64_t r = (task * h + hh) * g + i0, w = hh * g + i0;
+                const float *restrict dq = c->dq + r, *restrict dk = c->dk + r,
+                            *restrict dv = c->dv + r;
+                const float *restrict wq = c->wq + w, *restrict wk = c->wk + w,
+                            *restrict wv = c->wv + w;
+                for (int64_t i = 0; i < len; ++i)
+                    a0[i] += (double)dq[i] * (double)wq[i] + (double)dk[i] * (double)wk[i] +
+                             (double)dv[i] * (double)wv[i];
             }
-            c->dx[task * g + i] = (float)s;
+            float *restrict dx = c->dx + task * g + i0;
+            for (int64_t i = 0; i < len; ++i)
+                dx[i] = (float)a0[i];
+            continue;
         }
-        return;
-    }
-    const int64_t hh = task - b;
-    for (int64_t i = 0; i < g; ++i) {
-        double sq = 0.0, sk = 0.0, sv = 0.0;
+        const int64_t hh = task - b;
         for (int64_t bi = 0; bi < b; ++bi) {
-            const int64_t r = (bi * h + hh) * g + i;
-            const double xi = (double)c->x[bi * g + i];
-            sq += (double)c->dq[r] * xi;
-            sk += (double)c->dk[r] * xi;
-            sv += (double)c->dv[r] * xi;
+            const int64_t r = (bi * h + hh) * g + i0;
+            const float *restrict x = c->x + bi * g + i0;
+            const float *restrict dq = c->dq + r, *restrict dk = c->dk + r,
+                        *restrict dv = c->dv + r;
+            for (int64_t i = 0; i < len; ++i) {
+                const double xi = (double)x[i];
+                a0[i] += (double)dq[i] * xi;
+                a1[i] += (double)dk[i] * xi;
+                a2[i] += (double)dv[i] * xi;
+            }
         }
-        c->dwq[hh * g + i] = (float)sq;
-        c->dwk[hh * g + i] = (float)sk;
-        c->dwv[hh * g + i] = (float)sv;
+        for (int64_t i = 0; i < len; ++i) {
+            c->dwq[hh * g + i0 + i] = (float)a0[i];
+            c->dwk[hh * g + i0 + i] = (float)a1[i];
+            c->dwv[hh * g + i0 + i] = (float)a2[i];
+        }
     }
 }
 
