@@ -11,9 +11,10 @@ the result bitwise independent of the number of threads (``torch.get_num_threads
 
 The model calls the kernel one layer at a time (:func:`native_layer`, the backend's
 ``layer_fn``): the q/k/v products, the head mixing with ``W_0`` and, backwards, the input and
-weight gradients are done in C around the two passes, which removes some forty PyTorch
-operator calls per layer and training step (about 10 ms of a 150 ms step at 1708 genes on
-two cores). :func:`native_attention` is the attention alone, on given q, k and v.
+weight gradients are done in C around the two passes, which removes 48 PyTorch operator
+calls per layer and training step (7 ms of a 175 ms step at 1708 genes on two cores, see
+``benchmarks/bench_native_kernel.py --compare-composed``). :func:`native_attention` is the
+attention alone, on given q, k and v.
 
 The instruction set is chosen at run time: AVX-512F, AVX2+FMA or portable scalar code. Force
 one with the environment variable ``TGEM_NATIVE_ISA=scalar|avx2|avx512`` or with
