@@ -94,8 +94,7 @@ def _downstream(module, index: int, h_in: torch.Tensor, heads_out: torch.Tensor,
     """Log-probabilities when layer ``index`` outputs ``heads_out`` for input ``h_in``."""
     h = module.block(index, h_in, heads_out)
     for j in range(index + 1, len(module.layers)):
-        q, k, v = module.layers[j].qkv(h)
-        h = module.block(j, h, backend.fn(q, k, v))
+        h = module.residual(j, h, module.layers[j](h, backend))
     return module.head(h)
 
 
