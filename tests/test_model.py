@@ -153,3 +153,33 @@ def test_model_float32_error_at_scale(genes):
     for backend in ("exact", "auto"):
         for name, (err, ref_err) in _float32_rms_errors(genes, backend, 2, batch=8).items():
             assert err <= 2 * ref_err + 1e-9, f"{backend} {name}: {err:.3g} vs {ref_err:.3g}"
+
+
+def test_optimizer_is_fused_adam_with_a_fallback(monkeypatch):
+    """The training loop's Adam is PyTorch's fused one where it exists, the default otherwise,
+    and both make the same update to rounding."""
+    from tgem._training import make_optimizer
+
+    def two_steps(opt_params):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 7))
+        opt = make_optimizer([p], 1e-2, weight_decay=0.1)
+        for _ in range(2):
+            p.grad = torch.sin(3 * p.detach())
+            opt.step()
+        opt_params.append(opt.defaults.get("fused"))
+        return p.detach()
+
+    seen = []
+    fused = two_steps(seen)
+    original = torch.optim.Adam
+
+    def no_fused_adam(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point "
+                               "Tensors of supported devices: ['cuda']")
+        return original(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused_adam)
+    plain = two_steps(seen)
+    assert seen == [True, None]
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
