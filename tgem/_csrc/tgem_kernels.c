@@ -1206,6 +1206,20 @@ static void tgem_layer_bwd_epilogue(const void *vctx, int64_t task)
     }
 }
 
+/* Checks shared by the layer entry points; on success fills the context's inputs and sizes. */
+static int tgem_layer_init(tgem_layer_ctx *c, const float *x, const float *wq, const float *wk,
+                           const float *wv, const float *w0, int64_t b, int64_t h, int64_t g,
+                           int isa, int nthreads)
+{
+    if (b < 0 || h < 0 || g < 0 || nthreads < 1 || (h > 0 && b > INT64_MAX / h))
+        return TGEM_EARGS;
+    if (!tgem_isa_supported(isa))
+        return TGEM_EISA;
+    memset(c, 0, sizeof *c);
+    c->x = x; c->wq = wq; c->wk = wk; c->wv = wv; c->w0 = w0; c->b = b; c->h = h; c->g = g;
+    return TGEM_OK;
+}
+
 /*
  * Layer forward: writes q, k, v, out, m, inv_z, e_diag (each (b h, g), kept for the backward
  * pass) and mixed (b, g). Returns 0, or a negative error code.
@@ -1216,13 +1230,9 @@ TGEM_API int tgem_layer_forward(const float *x, const float *wq, const float *wk
                                 float *inv_z, float *e_diag, float *mixed, int isa, int nthreads)
 {
     tgem_layer_ctx c;
-    int code;
-    if (b < 0 || h < 0 || g < 0 || nthreads < 1 || (h > 0 && b > INT64_MAX / h))
-        return TGEM_EARGS;
-    if (!tgem_isa_supported(isa))
-        return TGEM_EISA;
-    memset(&c, 0, sizeof c);
-    c.x = x; c.wq = wq; c.wk = wk; c.wv = wv; c.w0 = w0; c.b = b; c.h = h; c.g = g;
+    int code = tgem_layer_init(&c, x, wq, wk, wv, w0, b, h, g, isa, nthreads);
+    if (code != TGEM_OK)
+        return code;
     c.q = q; c.k = k; c.v = v; c.out = out; c.mixed = mixed;
     if (b == 0 || g == 0)
         return TGEM_OK;
@@ -1248,11 +1258,9 @@ TGEM_API int tgem_layer_backward(const float *x, const float *wq, const float *w
                                  int isa, int nthreads)
 {
     tgem_layer_ctx c;
-    int code;
-    if (b < 0 || h < 0 || g < 0 || nthreads < 1 || (h > 0 && b > INT64_MAX / h))
-        return TGEM_EARGS;
-    if (!tgem_isa_supported(isa))
-        return TGEM_EISA;
+    int code = tgem_layer_init(&c, x, wq, wk, wv, w0, b, h, g, isa, nthreads);
+    if (code != TGEM_OK)
+        return code;
     for (int64_t hh = 0; hh < h; ++hh)
         dw0[hh] = 0.0f;
     if (b == 0 || h == 0 || g == 0) {
@@ -1270,9 +1278,7 @@ TGEM_API int tgem_layer_backward(const float *x, const float *wq, const float *w
         free(part);
         return TGEM_ENOMEM;
     }
-    memset(&c, 0, sizeof c);
-    c.x = x; c.wq = wq; c.wk = wk; c.wv = wv; c.w0 = w0; c.gm = grad_mixed; c.out = out;
-    c.b = b; c.h = h; c.g = g; c.dx = dx; c.dwq = dwq; c.dwk = dwk; c.dwv = dwv;
+    c.gm = grad_mixed; c.out = out; c.dx = dx; c.dwq = dwq; c.dwk = dwk; c.dwv = dwv;
     c.gh = work;
     c.dq = work + n * g; c.dk = work + 2 * n * g; c.dv = work + 3 * n * g;
     c.dw0part = part;
