@@ -146,7 +146,6 @@ def evaluate(module, X, y, w, device, batch_size: int) -> tuple[float, float]:
     return total / max(wsum, 1e-300), correct / max(1, X.shape[0])
 
 
-
 def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0):
     """The training loop's Adam, fused (one kernel for all parameters) where PyTorch has it.
 
@@ -172,6 +171,7 @@ def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0):
         except (RuntimeError, ValueError) as exc:  # e.g. no fused CPU Adam before PyTorch 2.4
             logger.debug("fused Adam unavailable (%s); using the default implementation", exc)
     return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+
 
 def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=None,
           device: torch.device, learning_rate: float, weight_decay: float, batch_size: int,
