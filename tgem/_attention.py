@@ -261,6 +261,15 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
     return dq, dk, dv
 
 
+def check_once_differentiable(name: str) -> None:
+    """Raise the exact backends' error when a backward pass is itself being differentiated."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"The {name} T-GEM attention is differentiable once; double backward "
+            "(create_graph=True) is not implemented. Use attention_backend='reference' "
+            "for higher-order gradients.")
+
+
 def exact_function(name: str, forward_sums, backward_sums) -> type[torch.autograd.Function]:
     """An autograd function for an implementation of the exact algorithm.
 
@@ -282,11 +291,7 @@ def exact_function(name: str, forward_sums, backward_sums) -> type[torch.autogra
         return out.reshape(shape)
 
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"The {name} T-GEM attention is differentiable once; double backward "
-                "(create_graph=True) is not implemented. Use attention_backend='reference' "
-                "for higher-order gradients.")
+        check_once_differentiable(name)
         q, k, v, m2, inv_z, e_diag, out = ctx.saved_tensors
         g = grad.reshape(q.shape).contiguous()
         dq, dk, dv = backward_sums(q, k, v, m2, inv_z, e_diag, out, g)

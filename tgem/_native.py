@@ -32,7 +32,12 @@ import os
 
 import torch
 
-from tgem._attention import Backend, exact_function, register_backend
+from tgem._attention import (
+    Backend,
+    check_once_differentiable,
+    exact_function,
+    register_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -396,11 +401,7 @@ class _NativeLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "The native T-GEM attention is differentiable once; double backward "
-                "(create_graph=True) is not implemented. Use attention_backend='reference' "
-                "for higher-order gradients.")
+        check_once_differentiable("native")
         x, wq, wk, wv, w0, *saved = ctx.saved_tensors
         grads = native_layer_backward(x, wq, wk, wv, w0, saved, grad.contiguous())
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
