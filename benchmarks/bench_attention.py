@@ -10,6 +10,13 @@ For each number of genes and each backend, one fresh process per configuration m
 * ``train_mem_mb`` / ``infer_mem_mb``: peak resident set minus the resident set right after
   imports and model construction (Linux ``ru_maxrss``; on CUDA: peak allocated GPU memory).
 
+On CPU each figure is also given as a percentage of the machine's bound (``fma_probe.py``) in
+two ways: the median against the bound of one full probe at the start of the run, and, as
+"paired", the median over the repeats of each repeat against the bound of the mean rate of
+two 40 ms probes run just before and just after it (on a machine shared with other tenants
+the processor's throughput moves from second to second; the paired figure compares each
+repeat with what the processor delivered at that moment).
+
 The reference formulation is run only where its predicted size is under half of the
 machine's memory; otherwise the table says how much it would need. The accuracy section
 compares every path's float32 error in log-probabilities and in all gradients against a
@@ -130,20 +137,55 @@ def worker(args) -> dict:
         base = _rss_mb()
     fn()  # warm-up (also allocates the working set)
     sync()
-    times = []
+    quick = _quick_probe(args.threads) if not cuda else None
+    rate_before = quick() if quick else None
+    times, paired = [], []
     deadline = time.perf_counter() + args.budget_s
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
+        if quick:  # the repeat against the bound of the probes just before and after it
+            rate_after = quick()
+            paired.append(_pct_of_bound((rate_before + rate_after) / 2, genes, args.mode,
+                                        args.batch, batch, times[-1]))
+            rate_before = rate_after
         if time.perf_counter() > deadline:
             break
     peak = (torch.cuda.max_memory_allocated(device) / 2**20) if cuda else _peak_mb()
     t = statistics.median(times)
-    return {"backend": backend_name, "genes": genes, "mode": args.mode, "batch": batch,
-            "seconds": t, "best_seconds": min(times), "repeats": len(times),
-            "mem_mb": peak - base}
+    res = {"backend": backend_name, "genes": genes, "mode": args.mode, "batch": batch,
+           "seconds": t, "best_seconds": min(times), "repeats": len(times),
+           "mem_mb": peak - base}
+    if paired:
+        res["paired_pct_of_bound"] = statistics.median(paired)
+    return res
+
+
+def _quick_probe(threads: int):
+    """A 40 ms FMA probe (``fma_probe.QuickProbe``), or None where the native kernel that
+    runs it is not built."""
+    sys.path.insert(0, str(HERE))
+    from fma_probe import QuickProbe
+
+    try:
+        return QuickProbe(seconds=0.04, threads=threads)
+    except Exception:  # no kernel library: the paired figure is left out, nothing else
+        return None
+
+
+def _pct_of_bound(rate: float, genes: int, mode: str, train_batch: int, batch: int,
+                  seconds: float) -> float:
+    """One timed repeat as a percentage of the bound at FMA rate ``rate``."""
+    from fma_probe import workload_bounds
+
+    limits = workload_bounds(rate, genes, 5, 3, train_batch)
+    if mode == "train":
+        return 100.0 * limits["train_s"] / seconds
+    if mode == "infer":
+        return 100.0 * (batch / seconds) / limits["infer_sps"]
+    return 100.0 * limits["ig_s"] / seconds
 
 
 # ------------------------------------------------------------------------------- accuracy
@@ -331,6 +373,8 @@ def main(argv=None) -> int:
                     res["error"] = r["error"]
                     break
                 res["backend"] = r["backend"]
+                if "paired_pct_of_bound" in r:
+                    res[f"{mode}_paired_pct_of_bound"] = r["paired_pct_of_bound"]
                 if mode == "train":
                     res.update(train_s=r["seconds"], train_mem_mb=r["mem_mb"])
                 elif mode == "infer":
@@ -399,11 +443,11 @@ def _slopes(rows) -> dict:
 def format_tables(report) -> str:
     lines = ["| genes | backend | train step (s) | train peak MB | inference samples/s | "
              "infer peak MB | IG s/sample | speed-up vs reference | % of bound "
-             "(train / infer / IG) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(train / infer / IG) | paired % of bound (train / infer / IG) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["speed"]:
         if "error" in r:
-            lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | | | |")
             continue
 
         def f(key, fmt, r=r):
@@ -418,6 +462,10 @@ def format_tables(report) -> str:
             f"| {f('ig_s', '.3f')} | {f('train_speedup_vs_reference', '.1f')} | "
             + " / ".join(format(r[k], ".0f") if k in r else "-" for k in (
                 "train_s_pct_of_bound", "infer_sps_pct_of_bound", "ig_s_pct_of_bound"))
+            + " | "
+            + " / ".join(format(r[k], ".0f") if k in r else "-" for k in (
+                "train_paired_pct_of_bound", "infer_paired_pct_of_bound",
+                "ig_paired_pct_of_bound"))
             + " |")
     lines += ["", "Training-memory slope (MB per gene): " + json.dumps(
         {k: round(v, 4) for k, v in report["memory_slope_mb_per_gene"].items() if v})]

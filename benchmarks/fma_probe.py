@@ -104,6 +104,58 @@ def probe(isa: str | None = None, threads: int | None = None, seconds: float = 0
             "all_runs_s": runs}
 
 
+class QuickProbe:
+    """A short FMA-throughput probe, calibrated once, to pair with other timings.
+
+    On a machine shared with other tenants the FMA rate moves from second to second; timing a
+    workload between two quick probes and dividing by their mean rate compares the workload
+    with what the processor delivered at that moment, which a single probe at the start of a
+    run does not.
+
+    Parameters
+    ----------
+    seconds : float
+        Approximate duration of one probe.
+    isa, threads
+        As :func:`probe`.
+
+    Examples
+    --------
+    >>> quick = QuickProbe(seconds=0.01, threads=1)  # doctest: +SKIP
+    >>> quick() > 0  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, seconds: float = 0.04, isa: str | None = None,
+                 threads: int | None = None):
+        nat = _library()
+        self._lib = nat._LIB
+        self._code = nat.ISAS.index(isa or nat.supported_isas()[-1])
+        self._threads = threads or torch.get_num_threads()
+        lanes = self._lib.tgem_isa_lanes(self._code)
+        chains = self._lib.tgem_probe_chains(self._code)
+        iters = 1 << 12
+        while True:
+            dt = self._run(iters)
+            if dt > seconds / 4 or iters > 1 << 34:
+                break
+            iters *= 4
+        self._iters = max(1, int(iters * seconds / max(dt, 1e-9)))
+        self._ops = self._iters * chains * lanes * self._threads
+
+    def _run(self, iters: int) -> float:
+        t0 = time.perf_counter()
+        check = self._lib.tgem_fma_probe(self._code, self._threads, iters, 1.0)
+        dt = time.perf_counter() - t0
+        if check != check:
+            raise RuntimeError("FMA probe failed.")
+        return dt
+
+    def __call__(self) -> float:
+        """One probe's lane-FMA operations per second."""
+        return self._ops / self._run(self._iters)
+
+
 def measure_bound(genes: int = 1708, heads: int = 5, layers: int = 3, train_batch: int = 16,
                   isa: str | None = None, threads: int | None = None,
                   clock: str = "wall") -> dict:
