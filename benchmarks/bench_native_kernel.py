@@ -74,12 +74,32 @@ def kernel_alone(nat, genes: int, batch: int, heads: int, repeats: int) -> dict:
             "pairs": batch * heads * genes * genes}
 
 
-def training_step(nat, genes: int, batch: int, heads: int, layers: int,
-                  repeats: int) -> dict:
-    """Median training step and the time inside the native layer calls (ms per step)."""
+def _benchmark_step(genes: int, batch: int, heads: int, layers: int, fused_adam: bool = True):
+    """The benchmark's model (34 classes, dropout 0.3, native backend, seed 0), its input and
+    a training-step function (forward, NLL loss, backward, Adam at 1e-4: the training loop's
+    fused Adam, or PyTorch's default one)."""
     from tgem._model import TGEMNet
     from tgem._training import make_optimizer
 
+    gen = torch.Generator().manual_seed(0)
+    net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
+                  attention_backend="native", generator=gen)
+    x = torch.rand(batch, genes, generator=gen) * 4
+    y = torch.randint(0, 34, (batch,), generator=gen)
+    opt = (make_optimizer(net.parameters(), 1e-4) if fused_adam
+           else torch.optim.Adam(net.parameters(), lr=1e-4))
+
+    def step():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.nll_loss(net(x), y).backward()
+        opt.step()
+    return net, x, step
+
+
+def training_step(nat, genes: int, batch: int, heads: int, layers: int,
+                  repeats: int) -> dict:
+    """Median training step and the time inside the native layer calls (ms per step)."""
     spent = {"forward": 0.0, "backward": 0.0}
     forward, backward = nat.native_layer_forward, nat.native_layer_backward
 
@@ -97,19 +117,7 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
 
     nat.native_layer_forward, nat.native_layer_backward = timed_forward, timed_backward
     try:
-        gen = torch.Generator().manual_seed(0)
-        net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
-                      attention_backend="native", generator=gen)
-        x = torch.rand(batch, genes, generator=gen) * 4
-        y = torch.randint(0, 34, (batch,), generator=gen)
-        opt = make_optimizer(net.parameters(), 1e-4)
-
-        def step():
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.nll_loss(net(x), y).backward()
-            opt.step()
-
+        net, x, step = _benchmark_step(genes, batch, heads, layers)
         step()
         alone = layers_alone(nat, net, x, repeats)
         quick = fma_probe.QuickProbe(seconds=0.04)
@@ -174,27 +182,16 @@ def compare_composed(genes: int, batch: int, heads: int, layers: int, repeats: i
     from dataclasses import replace
 
     import tgem._attention as att
-    from tgem._model import TGEMNet
-    from tgem._training import make_optimizer
 
     fused = att._BACKENDS["native"]
     composed = replace(fused, layer_fn=None)
 
     def make(as_tgem: bool):
-        gen = torch.Generator().manual_seed(0)
-        net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
-                      attention_backend="native", generator=gen)
-        x = torch.rand(batch, genes, generator=gen) * 4
-        y = torch.randint(0, 34, (batch,), generator=gen)
-        opt = (make_optimizer(net.parameters(), 1e-4) if as_tgem
-               else torch.optim.Adam(net.parameters(), lr=1e-4))
+        _, _, train_step = _benchmark_step(genes, batch, heads, layers, fused_adam=as_tgem)
 
         def step():
             att._BACKENDS["native"] = fused if as_tgem else composed
-            net.train()
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.nll_loss(net(x), y).backward()
-            opt.step()
+            train_step()
         return step
 
     steps = {"tgem": make(True), "composed": make(False)}
