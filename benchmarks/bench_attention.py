@@ -164,15 +164,19 @@ def worker(args) -> dict:
 
 
 def _quick_probe(threads: int):
-    """A 40 ms FMA probe (``fma_probe.QuickProbe``), or None where the native kernel that
-    runs it is not built."""
-    sys.path.insert(0, str(HERE))
+    """A 40 ms FMA probe (``fma_probe.QuickProbe``; the worker runs as a script, so this
+    folder is on ``sys.path``), or None where the native kernel that runs it is not built."""
     from fma_probe import QuickProbe
 
     try:
         return QuickProbe(seconds=0.04, threads=threads)
-    except Exception:  # no kernel library: the paired figure is left out, nothing else
+    except RuntimeError:  # no kernel library: the paired figure is left out, nothing else
         return None
+
+
+def _percent(key: str, value: float, limit: float) -> float:
+    """A figure as a percentage of its bound (a rate for ``infer_sps``, else a time)."""
+    return 100.0 * (value / limit if key == "infer_sps" else limit / value)
 
 
 def _pct_of_bound(rate: float, genes: int, mode: str, train_batch: int, batch: int,
@@ -181,11 +185,8 @@ def _pct_of_bound(rate: float, genes: int, mode: str, train_batch: int, batch: i
     from fma_probe import workload_bounds
 
     limits = workload_bounds(rate, genes, 5, 3, train_batch)
-    if mode == "train":
-        return 100.0 * limits["train_s"] / seconds
-    if mode == "infer":
-        return 100.0 * (batch / seconds) / limits["infer_sps"]
-    return 100.0 * limits["ig_s"] / seconds
+    key = {"train": "train_s", "infer": "infer_sps", "ig": "ig_s"}[mode]
+    return _percent(key, batch / seconds if mode == "infer" else seconds, limits[key])
 
 
 # ------------------------------------------------------------------------------- accuracy
@@ -422,8 +423,7 @@ def _add_bound_percent(rows, bound, batch: int) -> None:
                                  bound["layers"], batch)
         for key, limit in limits.items():
             if key in r:
-                ratio = r[key] / limit if key == "infer_sps" else limit / r[key]
-                r[f"{key}_pct_of_bound"] = 100.0 * ratio
+                r[f"{key}_pct_of_bound"] = _percent(key, r[key], limit)
 
 
 def _slopes(rows) -> dict:
