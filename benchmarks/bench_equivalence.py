@@ -275,6 +275,8 @@ class Run:
         state = TrainState()
         if start:
             r = torch.load(self.dir / "resume.pt", weights_only=True)
+            if r["epoch"] == start - 1:  # killed between the two files: redo that epoch
+                start = r["epoch"]
             if r["epoch"] != start:
                 raise RuntimeError(f"{self.dir}: resume.pt is at epoch {r['epoch']}, "
                                    f"snapshots at {start}; delete the folder")
@@ -314,8 +316,13 @@ class Run:
                 meta = {"epoch": epoch, "history": state.history, "loop_hash": self.code,
                         "adam_steps": int(opt.state[next(iter(params.values()))]["step"]),
                         "test_accuracy": float(np.mean(pred == yte))}
-                np.savez(self.snapshot_path(epoch), pred=pred, log_proba=log_proba.numpy(),
-                         meta=json.dumps(meta), **arrays)
+                # both files written aside and renamed: a run killed mid-write leaves the
+                # previous epoch's checkpoint whole
+                tmp = self.dir / "epoch.npz.tmp"
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, pred=pred, log_proba=log_proba.numpy(),
+                             meta=json.dumps(meta), **arrays)
+                tmp.replace(self.snapshot_path(epoch))
                 tmp = self.dir / "resume.pt.tmp"
                 torch.save({"epoch": epoch, "module": module.state_dict(),
                             "optimizer": holder["state"], "dropout_gen": dropout_gen.get_state(),
