@@ -25,6 +25,9 @@ from tgem._attention import (
 )
 
 REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
+# instruction-set paths that must run here, e.g. "avx512" on a machine known to have it
+# (not set by CI, whose processors differ from one machine to the next)
+REQUIRE_ISAS = {s.strip() for s in os.environ.get("TGEM_REQUIRE_ISA", "").split(",") if s.strip()}
 EPS32 = torch.finfo(torch.float32).eps
 PURE = ("compiled", "exact")  # the pure-PyTorch exact paths "auto" falls back to
 
@@ -45,7 +48,10 @@ def isa(request):
     """Each instruction-set path the processor supports, forced for the test."""
     needs_native()
     if request.param not in nat.supported_isas():
-        pytest.skip(f"this CPU does not support the {request.param} path")
+        msg = f"this CPU does not support the {request.param} path"
+        if request.param in REQUIRE_ISAS:
+            pytest.fail(f"TGEM_REQUIRE_ISA names {request.param!r} but {msg}")
+        pytest.skip(msg)
     previous = nat.set_isa(request.param)
     yield request.param
     nat.set_isa(previous)
