@@ -114,9 +114,10 @@ def test_model_paths_match_reference_in_float64(genes, backend):
         assert diff <= 1e-10 * max(1.0, float(r.abs().max())), (name, diff)
 
 
-def _float32_rms_errors(genes, backend, seeds, batch=16):
-    """Relative RMS error over `seeds` models of each output/gradient, path and reference."""
-    acc = {}
+def _float32_rms_errors(genes, backends, seeds, batch=16):
+    """Relative RMS error over `seeds` models of each output/gradient, per path and for the
+    plain float32 formulation: ``{backend: {name: (err, ref_err)}}``."""
+    acc = {b: {} for b in backends}
     for seed in range(seeds):
         gen = torch.Generator().manual_seed(seed)
         x = torch.rand(batch, genes, generator=gen, dtype=torch.float64) * 4
@@ -124,13 +125,16 @@ def _float32_rms_errors(genes, backend, seeds, batch=16):
         exact = _forward_and_grads(_same_weights(genes, "reference", torch.float64, seed), x, y)
         ref = _forward_and_grads(_same_weights(genes, "reference", torch.float32, seed),
                                  x.float(), y)
-        path = _forward_and_grads(_same_weights(genes, backend, torch.float32, seed), x.float(), y)
-        for name, e in exact.items():
-            s = acc.setdefault(name, [0.0, 0.0, 0.0])
-            s[0] += float(((path[name].double() - e) ** 2).sum())
-            s[1] += float(((ref[name].double() - e) ** 2).sum())
-            s[2] += float((e ** 2).sum())
-    return {n: (math.sqrt(p / t), math.sqrt(r / t)) for n, (p, r, t) in acc.items()}
+        for backend in backends:
+            path = _forward_and_grads(_same_weights(genes, backend, torch.float32, seed),
+                                      x.float(), y)
+            for name, e in exact.items():
+                s = acc[backend].setdefault(name, [0.0, 0.0, 0.0])
+                s[0] += float(((path[name].double() - e) ** 2).sum())
+                s[1] += float(((ref[name].double() - e) ** 2).sum())
+                s[2] += float((e ** 2).sum())
+    return {b: {n: (math.sqrt(p / t), math.sqrt(r / t)) for n, (p, r, t) in a.items()}
+            for b, a in acc.items()}
 
 
 @pytest.mark.parametrize("genes,seeds", [(17, 6), (200, 2)])
@@ -143,15 +147,24 @@ def test_model_float32_error_within_twice_the_reference_error(genes, seeds, back
     over a handful of numbers, as for the 5 head-mixing weights at 17 genes, is decided by
     one lucky rounding of the reference and is not a stable yardstick).
     """
-    for name, (err, ref_err) in _float32_rms_errors(genes, backend, seeds).items():
+    errors = _float32_rms_errors(genes, [backend], seeds)[backend]
+    for name, (err, ref_err) in errors.items():
         assert err <= 2 * ref_err + 1e-9, f"{name}: {err:.3g} vs reference {ref_err:.3g}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("genes", [765, 1708])
-def test_model_float32_error_at_scale(genes):
-    for backend in ("exact", "auto"):
-        for name, (err, ref_err) in _float32_rms_errors(genes, backend, 2, batch=8).items():
+@pytest.mark.parametrize("genes,seeds", [(765, 8), (1708, 3)])
+def test_model_float32_error_at_scale(genes, seeds):
+    """As above at the sizes of the bundled PBMC set and of the published model.
+
+    Eight models at 765 genes: per model, the ratio for the first layer's 5 head-mixing
+    gradients ranges from 0.4 to 2.8 on one and the same path (AVX2 kernel), so two models
+    are too few to tell a path from its luck (2.00 over the first two); over eight the worst
+    tensor's ratio is 1.17 on the AVX2 kernel, 0.85 on the scalar one, 1.20 for "exact".
+    """
+    for backend, errors in _float32_rms_errors(genes, ["exact", "auto"], seeds,
+                                               batch=8).items():
+        for name, (err, ref_err) in errors.items():
             assert err <= 2 * ref_err + 1e-9, f"{backend} {name}: {err:.3g} vs {ref_err:.3g}"
 
 
