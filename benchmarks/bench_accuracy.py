@@ -20,8 +20,10 @@ Models, each a Pipeline with the preprocessing it needs (``TopVariance`` first o
 
 Every model sees the same folds (``RepeatedStratifiedKFold`` with a fixed seed). Per fold the
 script records accuracy, balanced accuracy, macro-F1, MCC, ROC-AUC one-vs-rest (macro, and the
-micro average over the binarised labels the T-GEM paper reports), fit and predict time; each
-fold's record is cached as JSON (keyed by data set, model configuration and fold indices) so an
+micro average over the binarised labels the T-GEM paper reports), fit and predict time, and
+the host the fit ran on (CPU model, native kernel instruction set, 1-minute load average before
+and after), so that a table built from folds fitted on different machines or beside other work
+says so under its fit-time column; each fold's record is cached as JSON (keyed by data set, model configuration and fold indices) so an
 interrupted run resumes where it stopped. T-GEM is compared with each baseline fold by fold
 with the Nadeau-Bengio corrected resampled t-test. A second table gives T-GEM's training time
 per epoch against the number of genes, measured on synthetic data of that width.
@@ -401,6 +403,7 @@ def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None,
             record["cached"] = True
             return record
     est = clone(model)
+    load_before = os.getloadavg()[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         t0 = time.perf_counter()
@@ -411,7 +414,8 @@ def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None,
         predict_s = time.perf_counter() - t0
     record = {"key": key, "n_train": int(len(train)), "n_test": int(len(test)),
               "fit_s": fit_s, "predict_s": predict_s,
-              **fold_metrics(dataset.y[test], proba, est.classes_), **_details(est)}
+              **fold_metrics(dataset.y[test], proba, est.classes_), **_details(est),
+              "host": host(load_before)}
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -583,6 +587,75 @@ def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int
 
 
 # --------------------------------------------------------------------------- reporting
+def _cpu_model() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu
+
+
+def _native_isa() -> str | None:
+    """The instruction-set path the native attention kernel runs, or None without it."""
+    from tgem import _native
+
+    if _native._disabled():
+        return None
+    return _native._active_isa()[0]
+
+
+def host(load_before: float | None = None) -> dict:
+    """What a fold's fit time depends on besides the model: CPU, cores, kernel path, load.
+
+    The 1-minute load average is read before the fit and after it; with ``n_threads``
+    busy threads of its own the fit itself adds about that much, so a value well above
+    ``--threads`` means other work shared the cores (see :func:`fit_time_notes`).
+    """
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "native_isa": _native_isa(),
+            "load_1min_before": None if load_before is None else round(load_before, 2),
+            "load_1min_after": round(os.getloadavg()[0], 2),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def fit_time_notes(results: dict, threads: int | None) -> dict:
+    """Per data set and model, why its fit-time column is not one machine's measurement.
+
+    Returns ``{dataset: {model: note}}`` for models whose folds were fitted on more than one
+    kind of host (CPU model or native kernel path), include folds without a host record
+    (cached by an older version of this script), or ran where the 1-minute load average after
+    the fit exceeded the script's own threads by more than one (other work on the cores).
+    """
+    busy = (threads or os.cpu_count() or 1) + 1.0
+    notes: dict = {}
+    for ds, by_model in results.items():
+        for name, recs in by_model.items():
+            hosts: dict = {}
+            missing = loaded = 0
+            for r in recs:
+                h = r.get("host")
+                if h is None:
+                    missing += 1
+                    continue
+                kind = f"{h['cpu']} / {h['native_isa'] or 'no native kernel'}"
+                hosts[kind] = hosts.get(kind, 0) + 1
+                if h.get("load_1min_after") is not None and h["load_1min_after"] > busy:
+                    loaded += 1
+            parts = []
+            if len(hosts) > 1 or (hosts and missing):
+                parts.append("hosts: " + ", ".join(f"{k} ({n})" for k, n in hosts.items()))
+            if missing and (hosts or len(recs) > missing):
+                parts.append(f"{missing} fold(s) without a host record (cached before "
+                             "hosts were recorded)")
+            if loaded:
+                parts.append(f"{loaded} fold(s) fitted under a 1-min load above {busy:g}")
+            if parts:
+                notes.setdefault(ds, {})[name] = "; ".join(parts)
+    return notes
+
+
 def machine() -> dict:
     """Cores, CPU model (from /proc/cpuinfo), versions and the date."""
     import sklearn
@@ -591,16 +664,9 @@ def machine() -> dict:
     import tgem
     from tgem._attention import resolve_backend
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "cpu": _cpu_model(), "cores": os.cpu_count(), "native_isa": _native_isa(),
+            "python": sys.version.split()[0],
             "tgem": tgem.__version__, "torch": torch.__version__,
             "scikit-learn": sklearn.__version__, "numpy": np.__version__,
             "attention_backend_auto_cpu": resolve_backend("auto", "cpu").name,
@@ -637,6 +703,11 @@ def to_markdown(summary: dict, timing: list, meta: dict) -> str:
             cells = [_pm(row[m]) for m in METRICS]
             lines.append(f"| {name} | {row['n_folds']} | " + " | ".join(cells)
                          + f" | {_pm(row['fit_s'], 1)} | {_pm(row['predict_s'], 2)} |")
+        notes = meta.get("fit_time_notes", {}).get(ds, {})
+        if notes:
+            lines += ["", "Fit times not measured on one quiet machine (compare them with "
+                      "care):", ""]
+            lines += [f"- {name}: {note}" for name, note in notes.items()]
         if block["paired"]:
             lines += ["", "Paired comparison (fold-wise difference A minus B over the same "
                       "folds; Nadeau-Bengio corrected t-test, two-sided; verdict for A at "
@@ -804,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(), "protocol": protocol,
             "datasets": {d.name: f"{d.description}; {d.shape[0]} samples, "
                                  f"{len(np.unique(d.y))} classes." for d in loaded},
+            "fit_time_notes": fit_time_notes(results, args.threads),
             "wall_s": {"cv": cv_s, "timing": timing_s}}
     stem = results_dir / args.tag
     payload = {"meta": meta, "summary": summary, "epoch_timing": timing,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -158,6 +159,45 @@ def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_p
     expected = bench.nadeau_bengio(diffs, n_train=24, n_test=12)
     assert test["mean"] == pytest.approx(expected["mean"])
     assert summary["toy"]["models"]["tgem"]["n_folds"] == 6
+
+
+def test_folds_record_their_host_and_mixed_or_loaded_fit_times_are_flagged(tmp_path):
+    ds = _toy_dataset()
+    recs = bench.run_cv([ds], ["m1"], bench.Settings(seed=3), n_splits=3, n_repeats=1,
+                        cache_dir=tmp_path, model_factory=_lr_factory(1.0))["toy"]["m1"]
+    host = recs[0]["host"]
+    assert host["cores"] == os.cpu_count() and host["cpu"]
+    assert host["native_isa"] in (None, "scalar", "avx2", "avx512")
+    assert host["load_1min_before"] >= 0 and host["load_1min_after"] >= 0
+    # one host, and a load bar this run cannot reach however busy the machine is
+    assert bench.fit_time_notes({"toy": {"m1": recs}}, threads=10_000) == {}
+
+    def rec(cpu="EPYC", isa="avx2", load=1.0):
+        return {"host": {"cpu": cpu, "native_isa": isa, "load_1min_after": load}}
+
+    notes = bench.fit_time_notes({"toy": {
+        "same": [rec(), rec()],
+        "old": [{}, {}],  # all cached before hosts were recorded: nothing to compare
+        "mixed": [rec(), rec(isa="avx512"), {}],
+        "loaded": [rec(), rec(load=3.5)],
+    }}, threads=2)["toy"]
+    assert set(notes) == {"mixed", "loaded"}
+    assert "EPYC / avx2 (1)" in notes["mixed"] and "EPYC / avx512 (1)" in notes["mixed"]
+    assert "1 fold(s) without a host record" in notes["mixed"]
+    assert notes["loaded"] == "1 fold(s) fitted under a 1-min load above 3"
+
+    meta = {"datasets": {"toy": ""}, "command": "c", "protocol": "p",
+            "machine": bench.machine(), "fit_time_notes": {"toy": notes}}
+    summary = bench.summarise({"toy": {"mixed": [dict(r, repeat=0, fold=0, **_scores())
+                                                 for r in [rec()]]}})
+    md = bench.to_markdown(summary, [], meta)
+    assert "Fit times not measured on one quiet machine" in md
+    assert "- loaded: 1 fold(s) fitted under a 1-min load above 3" in md
+
+
+def _scores():
+    return {"n_train": 10, "n_test": 5, "fit_s": 1.0, "predict_s": 0.1,
+            **{m: 0.5 for m in bench.METRICS}}
 
 
 def test_split_indices_are_stratified_and_reproducible():
