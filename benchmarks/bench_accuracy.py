@@ -23,9 +23,10 @@ script records accuracy, balanced accuracy, macro-F1, MCC, ROC-AUC one-vs-rest (
 micro average over the binarised labels the T-GEM paper reports), fit and predict time, and
 the host the fit ran on (CPU model, native kernel instruction set, 1-minute load average before
 and after), so that a table built from folds fitted on different machines or beside other work
-says so under its fit-time column; each fold's record is cached as JSON (keyed by data set, model configuration and fold indices) so an
-interrupted run resumes where it stopped. T-GEM is compared with each baseline fold by fold
-with the Nadeau-Bengio corrected resampled t-test. A second table gives T-GEM's training time
+says so under its fit-time column; each fold's record is cached as JSON (keyed by data set,
+model configuration and fold indices) so an interrupted run resumes where it stopped. T-GEM
+is compared with each baseline fold by fold with the Nadeau-Bengio corrected resampled
+t-test. A second table gives T-GEM's training time
 per epoch against the number of genes, measured on synthetic data of that width.
 
 Outputs (``--results-dir``, default ``benchmarks/results``): ``accuracy.md``,
@@ -588,14 +589,11 @@ def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int
 
 # --------------------------------------------------------------------------- reporting
 def _cpu_model() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu
+    """The CPU model, from the benchmarks' one /proc/cpuinfo reader."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_attention import cpu_model
+
+    return cpu_model()
 
 
 def _native_isa() -> str | None:
