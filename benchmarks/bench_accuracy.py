@@ -20,14 +20,14 @@ Models, each a Pipeline with the preprocessing it needs (``TopVariance`` first o
 
 Every model sees the same folds (``RepeatedStratifiedKFold`` with a fixed seed). Per fold the
 script records accuracy, balanced accuracy, macro-F1, MCC, ROC-AUC one-vs-rest (macro, and the
-micro average over the binarised labels the T-GEM paper reports), fit and predict time, and
-the host the fit ran on (CPU model, native kernel instruction set, 1-minute load average before
-and after), so that a table built from folds fitted on different machines or beside other work
-says so under its fit-time column; each fold's record is cached as JSON (keyed by data set,
-model configuration and fold indices) so an interrupted run resumes where it stopped. T-GEM
-is compared with each baseline fold by fold with the Nadeau-Bengio corrected resampled
-t-test. A second table gives T-GEM's training time
-per epoch against the number of genes, measured on synthetic data of that width.
+micro average over the binarised labels the T-GEM paper reports), fit and predict time, and the
+host the fit ran on (CPU model, native kernel instruction set, torch threads, 1-minute load
+average before and after), so that a table built from folds fitted on different machines or
+beside other work says so under its fit-time column; each fold's record is cached as JSON (keyed
+by data set, model configuration and fold indices) so an interrupted run resumes where it
+stopped. T-GEM is compared with each baseline fold by fold with the Nadeau-Bengio corrected
+resampled t-test. A second table gives T-GEM's training time per epoch against the number of
+genes, measured on synthetic data of that width.
 
 Outputs (``--results-dir``, default ``benchmarks/results``): ``accuracy.md``,
 ``accuracy.json``, ``accuracy_folds.png`` and the per-fold cache in ``cache/``.
@@ -42,6 +42,15 @@ and the CI smoke run (one small data set, 2 folds, 2 epochs; about a minute) wit
 
 Options cut the protocol for a run by hand (``--n-repeats``, ``--datasets``, ``--models``,
 ``--tgem-max-epochs``, ``--grid-max-epochs``); whatever was run is written into the outputs.
+``--shard I/N`` splits the folds between N runs (processes or machines) that share the
+results folder; a last run without it builds the full table from the cache::
+
+    python benchmarks/bench_accuracy.py --datasets pbmc --shard 0/2 --tag part0 &
+    python benchmarks/bench_accuracy.py --datasets pbmc --shard 1/2 --tag part1
+    python benchmarks/bench_accuracy.py --datasets pbmc
+
+The thread count is part of T-GEM's configuration and so of the cache key: shards must use
+the ``--threads`` of the final run, or their folds are fitted again.
 """
 
 from __future__ import annotations
@@ -450,17 +459,26 @@ def _json_default(value):
 
 def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Settings, *,
            n_splits: int, n_repeats: int, cache_dir: Path | None,
-           max_folds: int | None = None,
+           max_folds: int | None = None, shard: tuple[int, int] | None = None,
            model_factory: Callable = make_model) -> dict:
     """Every model on every data set and fold; returns ``{dataset: {model: [records]}}``.
 
-    A model given as ``"name@ds1+ds2"`` runs on those data sets only.
+    A model given as ``"name@ds1+ds2"`` runs on those data sets only. ``shard=(i, n)`` runs
+    only the folds whose position in the repeated CV (after ``max_folds``) is ``i`` modulo
+    ``n``, so that ``n`` processes or machines sharing the cache folder fill it together.
     """
+    if shard is not None:
+        i, n = shard
+        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}; "
+                             "e.g. (0, 2) and (1, 2) split the folds between two runs")
     results: dict = {}
     for ds in datasets:
         folds = split_indices(ds.y, n_splits, n_repeats, settings.seed)
         if max_folds is not None:
             folds = folds[:max_folds]
+        if shard is not None:
+            folds = folds[shard[0]::shard[1]]
         results[ds.name] = {}
         for spec in models:
             name, _, where = spec.partition("@")
@@ -606,13 +624,17 @@ def _native_isa() -> str | None:
 
 
 def host(load_before: float | None = None) -> dict:
-    """What a fold's fit time depends on besides the model: CPU, cores, kernel path, load.
+    """What a fold's fit time depends on besides the model: CPU, cores, kernel path,
+    torch threads, load.
 
-    The 1-minute load average is read before the fit and after it; with ``n_threads``
-    busy threads of its own the fit itself adds about that much, so a value well above
-    ``--threads`` means other work shared the cores (see :func:`fit_time_notes`).
+    The 1-minute load average is read before the fit and after it; the fit's own busy
+    threads add about their number, so a value above the core count means threads waited
+    for a core (see :func:`fit_time_notes`).
     """
+    import torch
+
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "native_isa": _native_isa(),
+            "torch_threads": torch.get_num_threads(),
             "load_1min_before": None if load_before is None else round(load_before, 2),
             "load_1min_after": round(os.getloadavg()[0], 2),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -622,25 +644,34 @@ def fit_time_notes(results: dict, threads: int | None) -> dict:
     """Per data set and model, why its fit-time column is not one machine's measurement.
 
     Returns ``{dataset: {model: note}}`` for models whose folds were fitted on more than one
-    kind of host (CPU model or native kernel path), include folds without a host record
-    (cached by an older version of this script), or ran where the 1-minute load average after
-    the fit exceeded the script's own threads by more than one (other work on the cores).
+    kind of host (CPU model, native kernel path or torch threads, where recorded), include
+    folds without a host record (cached by an older version of this script), or ran where the
+    1-minute load average after the fit exceeded by more than one the larger of ``threads``
+    and the fold's recorded core count (more runnable threads than cores: other work
+    delayed the fit). Folds of parallel single-threaded shards (``--shard``) on as many
+    cores as shards are therefore not flagged as loaded, but their thread count marks them
+    as another kind of host than folds fitted with more threads.
     """
-    busy = (threads or os.cpu_count() or 1) + 1.0
+    base = threads or os.cpu_count() or 1
     notes: dict = {}
     for ds, by_model in results.items():
         for name, recs in by_model.items():
             hosts: dict = {}
             missing = loaded = 0
+            worst = 0.0
             for r in recs:
                 h = r.get("host")
                 if h is None:
                     missing += 1
                     continue
                 kind = f"{h['cpu']} / {h['native_isa'] or 'no native kernel'}"
+                if h.get("torch_threads") is not None:
+                    kind += f" / {h['torch_threads']} thread(s)"
                 hosts[kind] = hosts.get(kind, 0) + 1
+                busy = max(base, h.get("cores") or 0) + 1.0
                 if h.get("load_1min_after") is not None and h["load_1min_after"] > busy:
                     loaded += 1
+                    worst = max(worst, busy)
             parts = []
             if len(hosts) > 1 or (hosts and missing):
                 parts.append("hosts: " + ", ".join(f"{k} ({n})" for k, n in hosts.items()))
@@ -648,7 +679,7 @@ def fit_time_notes(results: dict, threads: int | None) -> dict:
                 parts.append(f"{missing} fold(s) without a host record (cached before "
                              "hosts were recorded)")
             if loaded:
-                parts.append(f"{loaded} fold(s) fitted under a 1-min load above {busy:g}")
+                parts.append(f"{loaded} fold(s) fitted under a 1-min load above {worst:g}")
             if parts:
                 notes.setdefault(ds, {})[name] = "; ".join(parts)
     return notes
@@ -788,6 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-repeats", type=int, default=3)
     p.add_argument("--max-folds", type=int, default=None,
                    help="run only the first N folds of the repeated CV of each data set")
+    p.add_argument("--shard", type=_parse_shard, default=None, metavar="I/N",
+                   help="run only every N-th fold starting at fold I (0-based), e.g. 0/2 "
+                        "and 1/2 in two processes or machines sharing --results-dir; "
+                        "then rerun without it to build the full table from the cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for T-GEM")
     p.add_argument("--top-k", type=int, default=2000, help="top-variance probes for ALL")
@@ -804,6 +839,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="accuracy", help="file stem of the outputs")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     return p
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise argparse.ArgumentTypeError(
+            f"expected I/N with 0 <= I < N (e.g. 0/2), got {text!r}")
+    return shard
 
 
 def _parse_tgem_params(items) -> dict:
@@ -852,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = [load_dataset(d, args.data_dir, top_k=top_k) for d in datasets]
     t0 = time.perf_counter()
     results = run_cv(loaded, models, settings, n_splits=n_splits, n_repeats=n_repeats,
-                     cache_dir=cache_dir, max_folds=args.max_folds)
+                     cache_dir=cache_dir, max_folds=args.max_folds, shard=args.shard)
     cv_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     timing = epoch_timing(timing_genes, threads=args.threads, seed=args.seed,
@@ -861,8 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results)
     folds = n_splits * n_repeats if args.max_folds is None else min(
         args.max_folds, n_splits * n_repeats)
+    if args.shard is not None:
+        folds = len(range(args.shard[0], folds, args.shard[1]))
     protocol = (f"{n_repeats} x stratified {n_splits}-fold CV (seed {args.seed}; "
-                f"{folds} fold(s) run per data set), same folds for every model; "
+                f"{folds} fold(s) run per data set"
+                + ("" if args.shard is None else
+                   f", shard {args.shard[0]}/{args.shard[1]}: every {args.shard[1]}-th fold "
+                   f"from fold {args.shard[0]}")
+                + "), same folds for every model; "
                 f"T-GEM parameters overridden: {settings.tgem_params or 'none'}; "
                 f"inner grid-search overrides: {settings.grid_params or 'none'}; "
                 f"inner folds {settings.grid_folds}; RF trees {settings.rf_trees}; "

@@ -195,6 +195,46 @@ def test_folds_record_their_host_and_mixed_or_loaded_fit_times_are_flagged(tmp_p
     assert "- loaded: 1 fold(s) fitted under a 1-min load above 3" in md
 
 
+def test_shards_split_the_folds_and_together_fill_the_cache(tmp_path):
+    ds = _toy_dataset()
+    kwargs = dict(n_splits=3, n_repeats=2, cache_dir=tmp_path, model_factory=_lr_factory(1.0))
+    settings = bench.Settings(seed=3)
+    parts = [bench.run_cv([ds], ["m1"], settings, shard=(i, 2), **kwargs)["toy"]["m1"]
+             for i in range(2)]
+    assert [(r["repeat"], r["fold"]) for r in parts[0]] == [(0, 0), (0, 2), (1, 1)]
+    assert [(r["repeat"], r["fold"]) for r in parts[1]] == [(0, 1), (1, 0), (1, 2)]
+    assert not any(r["cached"] for p in parts for r in p)
+    assert parts[0][0]["host"]["torch_threads"] >= 1
+    whole = bench.run_cv([ds], ["m1"], settings, **kwargs)["toy"]["m1"]
+    assert len(whole) == 6 and all(r["cached"] for r in whole)
+    by_fold = {(r["repeat"], r["fold"]): r["accuracy"] for p in parts for r in p}
+    assert [by_fold[(r["repeat"], r["fold"])] for r in whole] == [r["accuracy"] for r in whole]
+    for bad in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="0 <= i < n"):
+            bench.run_cv([ds], ["m1"], settings, shard=bad, **kwargs)
+    parser = bench.build_parser()
+    assert parser.parse_args(["--shard", "1/3"]).shard == (1, 3)
+    for bad in ("3/3", "a/2", "1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--shard", bad])
+
+
+def test_parallel_single_thread_shards_are_not_flagged_as_loaded_but_as_another_host():
+    def rec(threads, load, cores=2):
+        return {"host": {"cpu": "EPYC", "native_isa": "avx2", "cores": cores,
+                         "torch_threads": threads, "load_1min_after": load}}
+
+    notes = bench.fit_time_notes({"toy": {
+        "shards": [rec(1, 2.2), rec(1, 2.9)],      # two 1-thread shards on 2 cores
+        "mixed": [rec(2, 2.1), rec(1, 2.2)],
+        "oversubscribed": [rec(1, 4.5)],
+    }}, threads=1)["toy"]
+    assert set(notes) == {"mixed", "oversubscribed"}
+    assert "EPYC / avx2 / 2 thread(s) (1)" in notes["mixed"]
+    assert "EPYC / avx2 / 1 thread(s) (1)" in notes["mixed"]
+    assert notes["oversubscribed"] == "1 fold(s) fitted under a 1-min load above 3"
+
+
 def _scores():
     return {"n_train": 10, "n_test": 5, "fit_s": 1.0, "predict_s": 0.1,
             **{m: 0.5 for m in bench.METRICS}}
