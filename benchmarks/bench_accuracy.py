@@ -468,10 +468,7 @@ def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Setting
     ``n``, so that ``n`` processes or machines sharing the cache folder fill it together.
     """
     if shard is not None:
-        i, n = shard
-        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}; "
-                             "e.g. (0, 2) and (1, 2) split the folds between two runs")
+        _check_shard(shard)
     results: dict = {}
     for ds in datasets:
         folds = split_indices(ds.y, n_splits, n_repeats, settings.seed)
@@ -841,16 +838,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
-    i, sep, n = text.partition("/")
-    try:
-        shard = int(i), int(n)
-    except ValueError:
-        shard = None
-    if not sep or shard is None or not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise argparse.ArgumentTypeError(
-            f"expected I/N with 0 <= I < N (e.g. 0/2), got {text!r}")
+def _check_shard(shard) -> tuple[int, int]:
+    """``shard`` if it is ``(i, n)`` with ``0 <= i < n``; a ValueError naming the fix if not."""
+    ok = (isinstance(shard, tuple) and len(shard) == 2
+          and all(isinstance(v, int) for v in shard) and 0 <= shard[0] < shard[1])
+    if not ok:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}; "
+                         "e.g. (0, 2) and (1, 2) split the folds between two runs")
     return shard
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` as ``(I, N)``; an argparse usage error otherwise."""
+    i, _, n = text.partition("/")
+    try:
+        return _check_shard((int(i), int(n)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected I/N with 0 <= I < N (e.g. 0/2), got {text!r}") from None
 
 
 def _parse_tgem_params(items) -> dict:
