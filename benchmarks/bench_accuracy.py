@@ -708,6 +708,41 @@ def _pm(cell: dict, digits: int = 3) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
+def at_a_glance(summary: dict, reference: str = "tgem") -> list[str]:
+    """Markdown lines comparing the data sets side by side (empty for fewer than two).
+
+    One table of mean accuracy per model and data set, and one of the paired verdicts of
+    every T-GEM model (a name starting with ``reference``) against the baselines, counted
+    as wins / ties / losses on accuracy.
+    """
+    blocks = {ds: block for ds, block in summary.items() if block["models"]}
+    if len(blocks) < 2:
+        return []
+    names = list(dict.fromkeys(n for block in blocks.values() for n in block["models"]))
+    head = "| model | " + " | ".join(blocks) + " |"
+    rule = "|---|" + "---|" * len(blocks)
+    lines = ["## At a glance", "", "Mean accuracy ± std over the folds of each data set:", "",
+             head, rule]
+    for name in names:
+        cells = [_pm(block["models"][name]["accuracy"]) if name in block["models"] else "-"
+                 for block in blocks.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    refs = [n for n in names if n.startswith(reference)]
+    if refs:
+        lines += ["", "Paired accuracy against the baselines (p < 0.05), as wins / ties / "
+                  "losses of the T-GEM model:", "", head, rule]
+        for ref in refs:
+            cells = []
+            for block in blocks.values():
+                verdicts = [verdict(tests["accuracy"]) for comp, tests in block["paired"].items()
+                            if comp.startswith(f"{ref} vs ")
+                            and not comp.split(" vs ", 1)[1].startswith(reference)]
+                cells.append(" / ".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
+                             if verdicts else "-")
+            lines.append(f"| {ref} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def to_markdown(summary: dict, timing: list, meta: dict) -> str:
     """The results as markdown tables."""
     lines = ["# T-GEM vs baselines: cross-validated accuracy and cost", "",
@@ -718,6 +753,7 @@ def to_markdown(summary: dict, timing: list, meta: dict) -> str:
              f"{meta['machine']['attention_backend_auto_cpu']}; load average 1/5/15 min at "
              f"the end: {meta['machine']['load_average_1_5_15min']}).", "",
              f"Protocol: {meta['protocol']}", ""]
+    lines += at_a_glance(summary)
     for ds, block in summary.items():
         if not block["models"]:
             continue

@@ -240,6 +240,30 @@ def _scores():
             **{m: 0.5 for m in bench.METRICS}}
 
 
+def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
+    def recs(accs):
+        return [dict(_scores(), repeat=0, fold=i, accuracy=a) for i, a in enumerate(accs)]
+
+    noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
+    summary = bench.summarise({
+        "ds1": {"tgem": recs(0.5 + noise), "tgem_x": recs(0.9 - noise),
+                "rf": recs(0.9 + noise[::-1])},
+        "ds2": {"tgem": recs(0.7 + noise), "rf": recs(0.7 - noise)},
+    })
+    lines = bench.at_a_glance(summary)
+    assert lines[0] == "## At a glance"
+    assert "| model | ds1 | ds2 |" in lines
+    assert "| tgem_x | 0.900 ± 0.017 | - |" in lines
+    # tgem loses clearly on ds1 and ties on ds2; tgem_x vs tgem is not a baseline verdict
+    assert "| tgem | 0 / 0 / 1 | 0 / 1 / 0 |" in lines
+    assert "| tgem_x | 0 / 1 / 0 | - |" in lines
+    assert "| rf |" in "\n".join(lines) and lines.count("| model | ds1 | ds2 |") == 2
+    assert bench.at_a_glance({"ds1": summary["ds1"]}) == []
+    meta = {"datasets": {}, "command": "c", "protocol": "p", "machine": bench.machine()}
+    md = bench.to_markdown(summary, [], meta)
+    assert md.index("## At a glance") < md.index("## ds1")
+
+
 def test_split_indices_are_stratified_and_reproducible():
     y = np.repeat(["a", "b"], [10, 5])
     a = bench.split_indices(y, 5, 2, seed=0)
