@@ -105,7 +105,8 @@ MODELS = ("tgem", "tgem_tuned", "random_forest", "logistic_regression", "mlp",
 #: name -> (StandardScaler in front?, TGEMClassifier parameters changed from the defaults).
 VARIANTS = {"tgem_scaled": (True, {}),
             "tgem_lr1e-3": (False, {"learning_rate": 1e-3}),
-            "tgem_scaled_lr1e-3": (True, {"learning_rate": 1e-3})}
+            "tgem_scaled_lr1e-3": (True, {"learning_rate": 1e-3}),
+            "tgem_scaled_lr1e-3_es": (True, {"learning_rate": 1e-3, "early_stopping": True})}
 DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 TIMING_GENES = (765, 1708, 5000, 12625, 22283)
 TGEM_GRID = {"n_heads": [1, 3, 5], "activation": ["leakyrelu", None]}
