@@ -502,7 +502,11 @@ def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Setting
 
 # --------------------------------------------------------------------------- summaries
 def summarise(results: dict, reference: str = "tgem") -> dict:
-    """Mean/std of every metric and time per model, and paired tests against ``reference``."""
+    """Mean/std of every metric and time per model, and paired tests.
+
+    Each T-GEM model (name starting with ``reference``) is tested against every baseline and
+    against ``reference``; each other T-GEM model against those listed before it.
+    """
     summary: dict = {}
     for ds, by_model in results.items():
         table = {}
@@ -517,6 +521,10 @@ def summarise(results: dict, reference: str = "tgem") -> dict:
         refs = [r for r in by_model if r.startswith(reference)]
         pairs = [(r, b) for r in refs for b in by_model if not b.startswith(reference)]
         pairs += [(r, reference) for r in refs if r != reference and reference in by_model]
+        # and each later T-GEM variant against each earlier one (the order of --models), so
+        # that e.g. tgem_scaled_lr1e-3 vs tgem_scaled isolates the learning rate
+        variants = [r for r in refs if r != reference]
+        pairs += [(a, b) for i, a in enumerate(variants) for b in variants[:i]]
         for ref, name in pairs:
             a = {(r["repeat"], r["fold"]): r for r in by_model[ref]}
             b = {(r["repeat"], r["fold"]): r for r in by_model[name]}

@@ -259,9 +259,24 @@ def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
     assert "| tgem_x | 0 / 1 / 0 | - |" in lines
     assert "| rf |" in "\n".join(lines) and lines.count("| model | ds1 | ds2 |") == 2
     assert bench.at_a_glance({"ds1": summary["ds1"]}) == []
+    assert set(summary["ds1"]["paired"]) == {"tgem vs rf", "tgem_x vs rf", "tgem_x vs tgem"}
     meta = {"datasets": {}, "command": "c", "protocol": "p", "machine": bench.machine()}
     md = bench.to_markdown(summary, [], meta)
     assert md.index("## At a glance") < md.index("## ds1")
+
+
+def test_later_tgem_variants_are_paired_with_earlier_ones():
+    def recs(accs):
+        return [dict(_scores(), repeat=0, fold=i, accuracy=a) for i, a in enumerate(accs)]
+
+    noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
+    summary = bench.summarise({"ds": {"tgem": recs(0.5 + noise), "tgem_a": recs(0.6 + noise),
+                                      "tgem_b": recs(0.8 + noise[::-1]),
+                                      "rf": recs(0.7 + noise)}})
+    paired = summary["ds"]["paired"]
+    assert "tgem_b vs tgem_a" in paired and "tgem_a vs tgem_b" not in paired
+    assert "tgem vs tgem_a" not in paired and len(paired) == 3 + 2 + 1
+    assert paired["tgem_b vs tgem_a"]["accuracy"]["mean"] == pytest.approx(0.2)
 
 
 def test_split_indices_are_stratified_and_reproducible():
