@@ -240,15 +240,17 @@ def _scores():
             **{m: 0.5 for m in bench.METRICS}}
 
 
-def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
-    def recs(accs):
-        return [dict(_scores(), repeat=0, fold=i, accuracy=a) for i, a in enumerate(accs)]
+def _recs(accs):
+    """One record per fold with the given accuracies (other metrics fixed)."""
+    return [dict(_scores(), repeat=0, fold=i, accuracy=a) for i, a in enumerate(accs)]
 
+
+def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
     noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
     summary = bench.summarise({
-        "ds1": {"tgem": recs(0.5 + noise), "tgem_x": recs(0.9 - noise),
-                "rf": recs(0.9 + noise[::-1])},
-        "ds2": {"tgem": recs(0.7 + noise), "rf": recs(0.7 - noise)},
+        "ds1": {"tgem": _recs(0.5 + noise), "tgem_x": _recs(0.9 - noise),
+                "rf": _recs(0.9 + noise[::-1])},
+        "ds2": {"tgem": _recs(0.7 + noise), "rf": _recs(0.7 - noise)},
     })
     lines = bench.at_a_glance(summary)
     assert lines[0] == "## At a glance"
@@ -266,13 +268,10 @@ def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
 
 
 def test_later_tgem_variants_are_paired_with_earlier_ones():
-    def recs(accs):
-        return [dict(_scores(), repeat=0, fold=i, accuracy=a) for i, a in enumerate(accs)]
-
     noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
-    summary = bench.summarise({"ds": {"tgem": recs(0.5 + noise), "tgem_a": recs(0.6 + noise),
-                                      "tgem_b": recs(0.8 + noise[::-1]),
-                                      "rf": recs(0.7 + noise)}})
+    summary = bench.summarise({"ds": {"tgem": _recs(0.5 + noise), "tgem_a": _recs(0.6 + noise),
+                                      "tgem_b": _recs(0.8 + noise[::-1]),
+                                      "rf": _recs(0.7 + noise)}})
     paired = summary["ds"]["paired"]
     assert "tgem_b vs tgem_a" in paired and "tgem_a vs tgem_b" not in paired
     assert "tgem vs tgem_a" not in paired and len(paired) == 3 + 2 + 1
