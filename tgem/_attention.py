@@ -158,8 +158,11 @@ def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, offset: int,
 #: Device types on which float32 attention has its gene sums (the products with the blocks of
 #: exponentials) computed in float64. cuBLAS accumulates a long float32 dot product in one
 #: sequence, which gave 4-5x the plain formulation's float32 error on an H200; on CPU the
-#: blocked float32 sums stay within it (and float64 would halve the speed).
-FLOAT64_SUM_DEVICES = frozenset({"cuda"})
+#: blocked float32 sums met the rule on AMD EPYC but not on an AVX-512 Intel Xeon, where the
+#: plain formulation's BLAS is more accurate (2.5-2.7x its error in dq and dk). float64 sums
+#: make this eager path (the no-compiler fallback; native and compiled do not use it) about
+#: 2.4x slower, the price of meeting the rule on every machine.
+FLOAT64_SUM_DEVICES = frozenset({"cpu", "cuda"})
 
 
 def _sum_dtype(t: torch.Tensor) -> torch.dtype:
