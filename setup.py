@@ -26,8 +26,11 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001 - any failure means: no native kernel
-            logger.warning("tgem: native attention kernel not built (%s); tgem will use its "
-                           "pure-PyTorch exact path.", exc)
+            logger.warning(
+                "tgem: native attention kernel not built (%s); tgem will use its "
+                "pure-PyTorch exact path.",
+                exc,
+            )
 
 
 setup(

@@ -28,18 +28,24 @@ def readme_commands(text: str) -> list[str]:
     """
     blocks = BLOCK.findall(text)
     if len(blocks) < 2:
-        raise ValueError(f"README.md has {len(blocks)} ```console block(s); CI needs two at its "
-                         "top: the main job, then the tests.")
+        raise ValueError(
+            f"README.md has {len(blocks)} ```console block(s); CI needs two at its "
+            "top: the main job, then the tests."
+        )
     commands = []
     for n, (block, last) in enumerate(zip(blocks[:2], LAST_STEP, strict=True), start=1):
         lines = [line for line in block.splitlines() if line.strip()]
         if len(lines) != 1:
-            raise ValueError(f"README command {n} spans {len(lines)} lines; CI runs it as one "
-                             "line. Keep it on one line joined with '&&'.")
+            raise ValueError(
+                f"README command {n} spans {len(lines)} lines; CI runs it as one "
+                "line. Keep it on one line joined with '&&'."
+            )
         command = lines[0].strip()
         if not command.startswith(VENV):
-            raise ValueError(f"README command {n} does not start with {VENV!r} (a fresh virtual "
-                             f"environment); got {command!r}.")
+            raise ValueError(
+                f"README command {n} does not start with {VENV!r} (a fresh virtual "
+                f"environment); got {command!r}."
+            )
         if not last.search(command):
             what = "'tgem demo'" if n == 1 else "a pytest run"
             raise ValueError(f"README command {n} does not end with {what}; got {command!r}.")

@@ -97,16 +97,23 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE.parents[0].parent / "shared" / "data"
 RESULTS_DIR = HERE / "results"
 
-METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc_ovr_macro",
-           "roc_auc_micro")
-MODELS = ("tgem", "tgem_tuned", "random_forest", "logistic_regression", "mlp",
-          "hist_gradient_boosting")
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc_ovr_macro", "roc_auc_micro")
+MODELS = (
+    "tgem",
+    "tgem_tuned",
+    "random_forest",
+    "logistic_regression",
+    "mlp",
+    "hist_gradient_boosting",
+)
 #: T-GEM variants for the investigation of the defaults (run with ``--models``):
 #: name -> (StandardScaler in front?, TGEMClassifier parameters changed from the defaults).
-VARIANTS = {"tgem_scaled": (True, {}),
-            "tgem_lr1e-3": (False, {"learning_rate": 1e-3}),
-            "tgem_scaled_lr1e-3": (True, {"learning_rate": 1e-3}),
-            "tgem_scaled_lr1e-3_es": (True, {"learning_rate": 1e-3, "early_stopping": True})}
+VARIANTS = {
+    "tgem_scaled": (True, {}),
+    "tgem_lr1e-3": (False, {"learning_rate": 1e-3}),
+    "tgem_scaled_lr1e-3": (True, {"learning_rate": 1e-3}),
+    "tgem_scaled_lr1e-3_es": (True, {"learning_rate": 1e-3, "early_stopping": True}),
+}
 DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 TIMING_GENES = (765, 1708, 5000, 12625, 22283)
 TGEM_GRID = {"n_heads": [1, 3, 5], "activation": ["leakyrelu", None]}
@@ -141,8 +148,10 @@ class TopVariance(SelectorMixin, BaseEstimator):
     def fit(self, X, y=None):
         X = validate_data(self, X, dtype=[np.float64, np.float32])
         if not (isinstance(self.k, int | np.integer) and self.k >= 1):
-            raise ValueError(f"TopVariance needs k >= 1 (an int); got k={self.k!r}. "
-                             "Pass the number of columns to keep.")
+            raise ValueError(
+                f"TopVariance needs k >= 1 (an int); got k={self.k!r}. "
+                "Pass the number of columns to keep."
+            )
         self.variances_ = X.var(axis=0, dtype=np.float64)
         order = np.argsort(-self.variances_, kind="stable")
         self.selected_ = np.sort(order[: min(self.k, X.shape[1])])
@@ -182,16 +191,22 @@ def load_dataset(name: str, data_dir: Path = DATA_DIR, *, top_k: int = 2000) -> 
     if name == "pbmc":
         with np.load(data_dir / "pbmc68k_reduced.npz", allow_pickle=False) as d:
             X, y = d["X"], d["y_cell_type"].astype(str)
-        return Dataset(name, X, y, None,
-                       "PBMC 68k reduced: 10 cell types, 765 genes, log1p normalised counts")
+        return Dataset(
+            name, X, y, None, "PBMC 68k reduced: 10 cell types, 765 genes, log1p normalised counts"
+        )
     if name in ("all_mol_biol", "all_bt"):
         column = {"all_mol_biol": "y_mol_biol", "all_bt": "y_BT"}[name]
         with np.load(data_dir / "all_leukemia.npz", allow_pickle=False) as d:
             X, y = d["X"], d[column].astype(str)
         X, y, dropped = _min_class(X, y, 5)
-        return Dataset(name, X, y, top_k,
-                       f"ALL leukaemia, {column} (classes with >= 5 samples; dropped "
-                       f"{dropped}), RMA log2, top {top_k} variance probes of 12625 per fold")
+        return Dataset(
+            name,
+            X,
+            y,
+            top_k,
+            f"ALL leukaemia, {column} (classes with >= 5 samples; dropped "
+            f"{dropped}), RMA log2, top {top_k} variance probes of 12625 per fold",
+        )
     raise ValueError(f"unknown data set {name!r}; choose from {DATASETS}.")
 
 
@@ -213,8 +228,12 @@ class Settings:
 def _tgem(settings: Settings, extra: dict):
     from tgem import TGEMClassifier
 
-    params = {"random_state": settings.seed, "n_threads": settings.threads,
-              **settings.tgem_params, **extra}
+    params = {
+        "random_state": settings.seed,
+        "n_threads": settings.threads,
+        **settings.tgem_params,
+        **extra,
+    }
     return TGEMClassifier(**params)
 
 
@@ -238,21 +257,21 @@ def make_model(name: str, dataset: Dataset, settings: Settings):
         grid = {f"clf__{k}": v for k, v in TGEM_GRID.items()}
         return _TunedT(inner, grid, _inner_cv(settings), full)
     if name == "random_forest":
-        clf = RandomForestClassifier(n_estimators=settings.rf_trees, random_state=seed,
-                                     n_jobs=1)
+        clf = RandomForestClassifier(n_estimators=settings.rf_trees, random_state=seed, n_jobs=1)
         return Pipeline(head + [("clf", clf)])
     if name == "logistic_regression":
-        pipe = Pipeline(head + [("scale", StandardScaler()),
-                                ("clf", LogisticRegression(max_iter=5000))])
+        pipe = Pipeline(
+            head + [("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=5000))]
+        )
         grid = {f"clf__{k}": v for k, v in LR_GRID.items()}
         return GridSearchCV(pipe, grid, cv=_inner_cv(settings), scoring="accuracy", n_jobs=1)
     if name == "mlp":
-        clf = MLPClassifier(hidden_layer_sizes=(256,), max_iter=settings.mlp_max_iter,
-                            random_state=seed)
+        clf = MLPClassifier(
+            hidden_layer_sizes=(256,), max_iter=settings.mlp_max_iter, random_state=seed
+        )
         return Pipeline(head + [("scale", StandardScaler()), ("clf", clf)])
     if name == "hist_gradient_boosting":
-        clf = HistGradientBoostingClassifier(max_iter=settings.hgb_max_iter,
-                                             random_state=seed)
+        clf = HistGradientBoostingClassifier(max_iter=settings.hgb_max_iter, random_state=seed)
         return Pipeline(head + [("clf", clf)])
     raise ValueError(f"unknown model {name!r}; choose from {MODELS + tuple(VARIANTS)}.")
 
@@ -266,8 +285,7 @@ class _TunedT(GridSearchCV):
     """
 
     def __init__(self, estimator, param_grid, cv, refit_estimator):
-        super().__init__(estimator, param_grid, cv=cv, scoring="accuracy", n_jobs=1,
-                         refit=False)
+        super().__init__(estimator, param_grid, cv=cv, scoring="accuracy", n_jobs=1, refit=False)
         self.refit_estimator = refit_estimator
 
     def fit(self, X, y=None, **params):
@@ -292,8 +310,14 @@ class _TunedT(GridSearchCV):
 def model_key(model) -> str:
     """A stable text description of an estimator's configuration (for the cache key)."""
     params = model.get_params(deep=True)
-    flat = {k: (v if isinstance(v, str | int | float | bool | type(None) | list | tuple | dict)
-                else type(v).__name__) for k, v in sorted(params.items())}
+    flat = {
+        k: (
+            v
+            if isinstance(v, str | int | float | bool | type(None) | list | tuple | dict)
+            else type(v).__name__
+        )
+        for k, v in sorted(params.items())
+    }
     return json.dumps(flat, sort_keys=True, default=repr)
 
 
@@ -319,15 +343,15 @@ def fold_metrics(y_true, proba: np.ndarray, classes) -> dict:
         onehot = np.column_stack([1 - onehot[:, 0], onehot[:, 0]])
         macro = roc_auc_score(onehot[:, 1], proba[:, 1])
     elif np.isin(classes, y_true).all():
-        macro = roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
-                              labels=classes)
+        macro = roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=classes)
     else:
         macro = math.nan  # a class absent from the test fold: OvR AUC undefined
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=classes, average="macro",
-                                   zero_division=0)),
+        "f1_macro": float(
+            f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+        ),
         "mcc": float(matthews_corrcoef(y_true, y_pred)),
         "roc_auc_ovr_macro": float(macro),
         "roc_auc_micro": float(roc_auc_score(onehot.ravel(), proba.ravel())),
@@ -403,8 +427,7 @@ def _cache_path(cache_file: Path, key: str) -> Path:
     return cache_file
 
 
-def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None,
-             key: str) -> dict:
+def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None, key: str) -> dict:
     """Fit ``model`` on the training rows, score the test rows; cached in ``cache_file``."""
     if cache_file is not None:
         cache_file = _cache_path(cache_file, key)
@@ -423,10 +446,16 @@ def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None,
         t0 = time.perf_counter()
         proba = est.predict_proba(dataset.X[test])
         predict_s = time.perf_counter() - t0
-    record = {"key": key, "n_train": int(len(train)), "n_test": int(len(test)),
-              "fit_s": fit_s, "predict_s": predict_s,
-              **fold_metrics(dataset.y[test], proba, est.classes_), **_details(est),
-              "host": host(load_before)}
+    record = {
+        "key": key,
+        "n_train": int(len(train)),
+        "n_test": int(len(test)),
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        **fold_metrics(dataset.y[test], proba, est.classes_),
+        **_details(est),
+        "host": host(load_before),
+    }
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -445,10 +474,13 @@ def _details(est) -> dict:
     last = est.steps[-1][1] if isinstance(est, Pipeline) else est
     if hasattr(last, "history_"):
         durations = [h["duration_s"] for h in last.history_]
-        out["tgem"] = {"epochs": int(last.n_iter_), "backend": last.attention_backend_,
-                       "epoch_s_median": float(np.median(durations)),
-                       "final_train_loss": float(last.history_[-1]["train_loss"]),
-                       "final_train_accuracy": float(last.history_[-1]["train_accuracy"])}
+        out["tgem"] = {
+            "epochs": int(last.n_iter_),
+            "backend": last.attention_backend_,
+            "epoch_s_median": float(np.median(durations)),
+            "final_train_loss": float(last.history_[-1]["train_loss"]),
+            "final_train_accuracy": float(last.history_[-1]["train_accuracy"]),
+        }
     return out
 
 
@@ -458,10 +490,18 @@ def _json_default(value):
     return repr(value)
 
 
-def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Settings, *,
-           n_splits: int, n_repeats: int, cache_dir: Path | None,
-           max_folds: int | None = None, shard: tuple[int, int] | None = None,
-           model_factory: Callable = make_model) -> dict:
+def run_cv(
+    datasets: Sequence[Dataset],
+    models: Sequence[str],
+    settings: Settings,
+    *,
+    n_splits: int,
+    n_repeats: int,
+    cache_dir: Path | None,
+    max_folds: int | None = None,
+    shard: tuple[int, int] | None = None,
+    model_factory: Callable = make_model,
+) -> dict:
     """Every model on every data set and fold; returns ``{dataset: {model: [records]}}``.
 
     A model given as ``"name@ds1+ds2"`` runs on those data sets only. ``shard=(i, n)`` runs
@@ -476,7 +516,7 @@ def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Setting
         if max_folds is not None:
             folds = folds[:max_folds]
         if shard is not None:
-            folds = folds[shard[0]::shard[1]]
+            folds = folds[shard[0] :: shard[1]]
         results[ds.name] = {}
         for spec in models:
             name, _, where = spec.partition("@")
@@ -486,15 +526,27 @@ def run_cv(datasets: Sequence[Dataset], models: Sequence[str], settings: Setting
             config = model_key(model)
             records = []
             for repeat, fold, tr, te in folds:
-                key = _digest(CACHE_VERSION, ds.name, ds.X.shape, config, tr.tobytes(),
-                              te.tobytes())
-                cache_file = (None if cache_dir is None else
-                              cache_dir / ds.name / name / f"r{repeat}_f{fold}.json")
+                key = _digest(
+                    CACHE_VERSION, ds.name, ds.X.shape, config, tr.tobytes(), te.tobytes()
+                )
+                cache_file = (
+                    None
+                    if cache_dir is None
+                    else cache_dir / ds.name / name / f"r{repeat}_f{fold}.json"
+                )
                 rec = run_fold(model, ds, tr, te, cache_file, key)
                 rec.update(repeat=repeat, fold=fold)
-                logger.info("%s %s r%d f%d: acc %.3f bacc %.3f fit %.1fs%s", ds.name, name,
-                            repeat, fold, rec["accuracy"], rec["balanced_accuracy"],
-                            rec["fit_s"], " (cached)" if rec["cached"] else "")
+                logger.info(
+                    "%s %s r%d f%d: acc %.3f bacc %.3f fit %.1fs%s",
+                    ds.name,
+                    name,
+                    repeat,
+                    fold,
+                    rec["accuracy"],
+                    rec["balanced_accuracy"],
+                    rec["fit_s"],
+                    " (cached)" if rec["cached"] else "",
+                )
                 records.append(rec)
             results[ds.name][name] = records
     return results
@@ -514,8 +566,10 @@ def summarise(results: dict, reference: str = "tgem") -> dict:
             row = {"n_folds": len(recs)}
             for m in (*METRICS, "fit_s", "predict_s"):
                 vals = np.array([r[m] for r in recs], dtype=np.float64)
-                row[m] = {"mean": float(np.nanmean(vals)) if len(vals) else math.nan,
-                          "std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else math.nan}
+                row[m] = {
+                    "mean": float(np.nanmean(vals)) if len(vals) else math.nan,
+                    "std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else math.nan,
+                }
             table[name] = row
         paired = {}
         refs = [r for r in by_model if r.startswith(reference)]
@@ -535,7 +589,8 @@ def summarise(results: dict, reference: str = "tgem") -> dict:
             n_test = int(np.mean([a[k]["n_test"] for k in common]))
             paired[f"{ref} vs {name}"] = {
                 m: nadeau_bengio([a[k][m] - b[k][m] for k in common], n_train, n_test)
-                for m in ("accuracy", "balanced_accuracy", "f1_macro")}
+                for m in ("accuracy", "balanced_accuracy", "f1_macro")
+            }
         summary[ds] = {"models": table, "paired": paired}
     return summary
 
@@ -548,9 +603,17 @@ def verdict(test: dict, alpha: float = 0.05) -> str:
 
 
 # --------------------------------------------------------------------------- epoch timing
-def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int = 16,
-                 steps: int = 2, threads: int = 2, seed: int = 0,
-                 max_pairs_per_step: float = 5e8, cache_dir: Path | None = None) -> list:
+def epoch_timing(
+    genes: Sequence[int],
+    *,
+    n_samples: int = 1000,
+    batch_size: int = 16,
+    steps: int = 2,
+    threads: int = 2,
+    seed: int = 0,
+    max_pairs_per_step: float = 5e8,
+    cache_dir: Path | None = None,
+) -> list:
     """Seconds per training epoch of default T-GEM against the number of genes.
 
     Synthetic log-scale data of each width (the cost depends on the shape only). For each
@@ -579,9 +642,17 @@ def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int
         torch.set_num_threads(threads)
         try:
             gen = torch.Generator().manual_seed(seed)
-            net = TGEMNet(n_genes=g, n_classes=10, n_layers=3, n_heads=5,
-                          activation="leakyrelu", dropout=0.3, shared_norm=True,
-                          attention_backend="auto", generator=gen)
+            net = TGEMNet(
+                n_genes=g,
+                n_classes=10,
+                n_layers=3,
+                n_heads=5,
+                activation="leakyrelu",
+                dropout=0.3,
+                shared_norm=True,
+                attention_backend="auto",
+                generator=gen,
+            )
             opt = torch.optim.Adam(net.parameters(), lr=1e-4)
             x = torch.rand(b, g, generator=gen) * 4.0
             target = torch.randint(0, 10, (b,), generator=gen)
@@ -598,12 +669,18 @@ def epoch_timing(genes: Sequence[int], *, n_samples: int = 1000, batch_size: int
         finally:
             torch.set_num_threads(before)
         per_sample = float(np.min(times)) / b
-        rec = {"key": key, "genes": g, "batch": b, "steps_timed": steps,
-               "step_s_min": float(np.min(times)), "s_per_sample": per_sample,
-               "epoch_s_per_1000_samples": per_sample * 1000, "backend": backend,
-               "threads": threads}
-        logger.info("epoch timing: %d genes, batch %d: %.3f s/step", g, b,
-                    rec["step_s_min"])
+        rec = {
+            "key": key,
+            "genes": g,
+            "batch": b,
+            "steps_timed": steps,
+            "step_s_min": float(np.min(times)),
+            "s_per_sample": per_sample,
+            "epoch_s_per_1000_samples": per_sample * 1000,
+            "backend": backend,
+            "threads": threads,
+        }
+        logger.info("epoch timing: %d genes, batch %d: %.3f s/step", g, b, rec["step_s_min"])
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(rec, indent=1))
@@ -639,11 +716,15 @@ def host(load_before: float | None = None) -> dict:
     """
     import torch
 
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "native_isa": _native_isa(),
-            "torch_threads": torch.get_num_threads(),
-            "load_1min_before": None if load_before is None else round(load_before, 2),
-            "load_1min_after": round(os.getloadavg()[0], 2),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "native_isa": _native_isa(),
+        "torch_threads": torch.get_num_threads(),
+        "load_1min_before": None if load_before is None else round(load_before, 2),
+        "load_1min_after": round(os.getloadavg()[0], 2),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def fit_time_notes(results: dict, threads: int | None) -> dict:
@@ -682,8 +763,9 @@ def fit_time_notes(results: dict, threads: int | None) -> dict:
             if len(hosts) > 1 or (hosts and missing):
                 parts.append("hosts: " + ", ".join(f"{k} ({n})" for k, n in hosts.items()))
             if missing and (hosts or len(recs) > missing):
-                parts.append(f"{missing} fold(s) without a host record (cached before "
-                             "hosts were recorded)")
+                parts.append(
+                    f"{missing} fold(s) without a host record (cached before hosts were recorded)"
+                )
             if loaded:
                 parts.append(f"{loaded} fold(s) fitted under a 1-min load above {worst:g}")
             if parts:
@@ -699,14 +781,20 @@ def machine() -> dict:
     import tgem
     from tgem._attention import resolve_backend
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": _cpu_model(), "cores": os.cpu_count(), "native_isa": _native_isa(),
-            "python": sys.version.split()[0],
-            "tgem": tgem.__version__, "torch": torch.__version__,
-            "scikit-learn": sklearn.__version__, "numpy": np.__version__,
-            "attention_backend_auto_cpu": resolve_backend("auto", "cpu").name,
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform()}
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "native_isa": _native_isa(),
+        "python": sys.version.split()[0],
+        "tgem": tgem.__version__,
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "attention_backend_auto_cpu": resolve_backend("auto", "cpu").name,
+        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+    }
 
 
 def _pm(cell: dict, digits: int = 3) -> str:
@@ -730,83 +818,132 @@ def at_a_glance(summary: dict, reference: str = "tgem") -> list[str]:
     names = list(dict.fromkeys(n for block in blocks.values() for n in block["models"]))
     head = "| model | " + " | ".join(blocks) + " |"
     rule = "|---|" + "---|" * len(blocks)
-    lines = ["## At a glance", "", "Mean accuracy ± std over the folds of each data set:", "",
-             head, rule]
+    lines = [
+        "## At a glance",
+        "",
+        "Mean accuracy ± std over the folds of each data set:",
+        "",
+        head,
+        rule,
+    ]
     for name in names:
-        cells = [_pm(block["models"][name]["accuracy"]) if name in block["models"] else "-"
-                 for block in blocks.values()]
+        cells = [
+            _pm(block["models"][name]["accuracy"]) if name in block["models"] else "-"
+            for block in blocks.values()
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     refs = [n for n in names if n.startswith(reference)]
     if refs:
-        lines += ["", "Paired accuracy against the baselines (p < 0.05), as wins / ties / "
-                  "losses of the T-GEM model:", "", head, rule]
+        lines += [
+            "",
+            "Paired accuracy against the baselines (p < 0.05), as wins / ties / "
+            "losses of the T-GEM model:",
+            "",
+            head,
+            rule,
+        ]
         for ref in refs:
             cells = []
             for block in blocks.values():
-                verdicts = [verdict(tests["accuracy"]) for comp, tests in block["paired"].items()
-                            if comp.startswith(f"{ref} vs ")
-                            and not comp.split(" vs ", 1)[1].startswith(reference)]
-                cells.append(" / ".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
-                             if verdicts else "-")
+                verdicts = [
+                    verdict(tests["accuracy"])
+                    for comp, tests in block["paired"].items()
+                    if comp.startswith(f"{ref} vs ")
+                    and not comp.split(" vs ", 1)[1].startswith(reference)
+                ]
+                cells.append(
+                    " / ".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
+                    if verdicts
+                    else "-"
+                )
             lines.append(f"| {ref} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def to_markdown(summary: dict, timing: list, meta: dict) -> str:
     """The results as markdown tables."""
-    lines = ["# T-GEM vs baselines: cross-validated accuracy and cost", "",
-             f"Generated by `{meta['command']}` on {meta['machine']['date']} "
-             f"({meta['machine']['cpu']}, {meta['machine']['cores']} cores; tgem "
-             f"{meta['machine']['tgem']}, torch {meta['machine']['torch']}, scikit-learn "
-             f"{meta['machine']['scikit-learn']}; attention backend "
-             f"{meta['machine']['attention_backend_auto_cpu']}; load average 1/5/15 min at "
-             f"the end: {meta['machine']['load_average_1_5_15min']}).", "",
-             f"Protocol: {meta['protocol']}", ""]
+    lines = [
+        "# T-GEM vs baselines: cross-validated accuracy and cost",
+        "",
+        f"Generated by `{meta['command']}` on {meta['machine']['date']} "
+        f"({meta['machine']['cpu']}, {meta['machine']['cores']} cores; tgem "
+        f"{meta['machine']['tgem']}, torch {meta['machine']['torch']}, scikit-learn "
+        f"{meta['machine']['scikit-learn']}; attention backend "
+        f"{meta['machine']['attention_backend_auto_cpu']}; load average 1/5/15 min at "
+        f"the end: {meta['machine']['load_average_1_5_15min']}).",
+        "",
+        f"Protocol: {meta['protocol']}",
+        "",
+    ]
     lines += at_a_glance(summary)
     for ds, block in summary.items():
         if not block["models"]:
             continue
-        lines += [f"## {ds}", "", meta["datasets"].get(ds, ""), "",
-                  "| model | folds | accuracy | balanced acc. | macro-F1 | MCC | "
-                  "ROC-AUC OvR macro | ROC-AUC micro | fit s | predict s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {ds}",
+            "",
+            meta["datasets"].get(ds, ""),
+            "",
+            "| model | folds | accuracy | balanced acc. | macro-F1 | MCC | "
+            "ROC-AUC OvR macro | ROC-AUC micro | fit s | predict s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in block["models"].items():
             cells = [_pm(row[m]) for m in METRICS]
-            lines.append(f"| {name} | {row['n_folds']} | " + " | ".join(cells)
-                         + f" | {_pm(row['fit_s'], 1)} | {_pm(row['predict_s'], 2)} |")
+            lines.append(
+                f"| {name} | {row['n_folds']} | "
+                + " | ".join(cells)
+                + f" | {_pm(row['fit_s'], 1)} | {_pm(row['predict_s'], 2)} |"
+            )
         notes = meta.get("fit_time_notes", {}).get(ds, {})
         if notes:
-            lines += ["", "Fit times not measured on one quiet machine (compare them with "
-                      "care):", ""]
+            lines += [
+                "",
+                "Fit times not measured on one quiet machine (compare them with care):",
+                "",
+            ]
             lines += [f"- {name}: {note}" for name, note in notes.items()]
         if block["paired"]:
-            lines += ["", "Paired comparison (fold-wise difference A minus B over the same "
-                      "folds; Nadeau-Bengio corrected t-test, two-sided; verdict for A at "
-                      "p < 0.05):", "",
-                      "| A vs B | Δ accuracy | p | Δ balanced acc. | p | Δ macro-F1 | p "
-                      "| verdict (accuracy) |", "|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Paired comparison (fold-wise difference A minus B over the same "
+                "folds; Nadeau-Bengio corrected t-test, two-sided; verdict for A at "
+                "p < 0.05):",
+                "",
+                "| A vs B | Δ accuracy | p | Δ balanced acc. | p | Δ macro-F1 | p "
+                "| verdict (accuracy) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for comp, tests in block["paired"].items():
                 cells = []
                 for m in ("accuracy", "balanced_accuracy", "f1_macro"):
                     cells += [f"{tests[m]['mean']:+.3f}", f"{tests[m]['p']:.3f}"]
-                lines.append(f"| {comp} | " + " | ".join(cells)
-                             + f" | {verdict(tests['accuracy'])} |")
+                lines.append(
+                    f"| {comp} | " + " | ".join(cells) + f" | {verdict(tests['accuracy'])} |"
+                )
         lines.append("")
     if timing:
-        lines += ["## T-GEM training time per epoch vs number of genes", "",
-                  "Default architecture (3 layers, 5 heads), synthetic data of each width "
-                  "(the cost depends on the shape only); the faster of 2 optimisation "
-                  "steps (forward, backward, Adam) after a warm-up step; the epoch time is "
-                  "extrapolated linearly to 1,000 samples from the time per sample. On a "
-                  "machine shared with other work (see the load average above) these are "
-                  "upper bounds.", "",
-                  "| genes | batch timed | s / step (best of 2) | ms / sample "
-                  "| s / epoch (1,000 samples) "
-                  "| backend |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## T-GEM training time per epoch vs number of genes",
+            "",
+            "Default architecture (3 layers, 5 heads), synthetic data of each width "
+            "(the cost depends on the shape only); the faster of 2 optimisation "
+            "steps (forward, backward, Adam) after a warm-up step; the epoch time is "
+            "extrapolated linearly to 1,000 samples from the time per sample. On a "
+            "machine shared with other work (see the load average above) these are "
+            "upper bounds.",
+            "",
+            "| genes | batch timed | s / step (best of 2) | ms / sample "
+            "| s / epoch (1,000 samples) "
+            "| backend |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in timing:
-            lines.append(f"| {r['genes']} | {r['batch']} | {r['step_s_min']:.3f} | "
-                         f"{1000 * r['s_per_sample']:.1f} | "
-                         f"{r['epoch_s_per_1000_samples']:.1f} | {r['backend']} |")
+            lines.append(
+                f"| {r['genes']} | {r['batch']} | {r['step_s_min']:.3f} | "
+                f"{1000 * r['s_per_sample']:.1f} | "
+                f"{r['epoch_s_per_1000_samples']:.1f} | {r['backend']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -819,20 +956,24 @@ def plot_folds(results: dict, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is missing; no figure (pip install \"tgem[plot]\")")
+        logger.warning('matplotlib is missing; no figure (pip install "tgem[plot]")')
         return None
     results = {ds: by for ds, by in results.items() if by}
     if not results:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, (ds, by_model) in zip(axes[0], results.items(), strict=True):
         names = list(by_model)
         for i, name in enumerate(names):
             acc = np.array([r["accuracy"] for r in by_model[name]])
-            ax.scatter(i + rng.uniform(-0.12, 0.12, acc.size), acc, s=18, alpha=0.7,
-                       color="C3" if name.startswith("tgem") else "C0")
+            ax.scatter(
+                i + rng.uniform(-0.12, 0.12, acc.size),
+                acc,
+                s=18,
+                alpha=0.7,
+                color="C3" if name.startswith("tgem") else "C0",
+            )
             if acc.size:
                 ax.hlines(acc.mean(), i - 0.3, i + 0.3, color="k", lw=1.5)
         ax.set_xticks(range(len(names)))
@@ -849,34 +990,65 @@ def plot_folds(results: dict, path: Path) -> Path | None:
 # --------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: all_mol_biol with 200 probes, 2 folds, 2 epochs, "
-                        "small baselines, narrow timing table; writes to a temporary folder "
-                        "unless --results-dir is given")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: all_mol_biol with 200 probes, 2 folds, 2 epochs, "
+        "small baselines, narrow timing table; writes to a temporary folder "
+        "unless --results-dir is given",
+    )
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated; NAME@DS1+DS2 runs NAME on those data sets only; "
-                        f"also available: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated; NAME@DS1+DS2 runs NAME on those data sets only; "
+        f"also available: {', '.join(VARIANTS)}",
+    )
     p.add_argument("--n-splits", type=int, default=5)
     p.add_argument("--n-repeats", type=int, default=3)
-    p.add_argument("--max-folds", type=int, default=None,
-                   help="run only the first N folds of the repeated CV of each data set")
-    p.add_argument("--shard", type=_parse_shard, default=None, metavar="I/N",
-                   help="run only every N-th fold starting at fold I (0-based), e.g. 0/2 "
-                        "and 1/2 in two processes or machines sharing --results-dir; "
-                        "then rerun without it to build the full table from the cache")
+    p.add_argument(
+        "--max-folds",
+        type=int,
+        default=None,
+        help="run only the first N folds of the repeated CV of each data set",
+    )
+    p.add_argument(
+        "--shard",
+        type=_parse_shard,
+        default=None,
+        metavar="I/N",
+        help="run only every N-th fold starting at fold I (0-based), e.g. 0/2 "
+        "and 1/2 in two processes or machines sharing --results-dir; "
+        "then rerun without it to build the full table from the cache",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for T-GEM")
     p.add_argument("--top-k", type=int, default=2000, help="top-variance probes for ALL")
-    p.add_argument("--tgem-max-epochs", type=int, default=None,
-                   help="override max_epochs of every T-GEM fit (default: the library's)")
-    p.add_argument("--tgem-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="override any TGEMClassifier parameter (JSON value), repeatable")
-    p.add_argument("--grid-max-epochs", type=int, default=None,
-                   help="max_epochs of the inner grid-search fits of tgem_tuned only "
-                        "(the refit keeps the full epochs)")
-    p.add_argument("--timing-genes", default=",".join(map(str, TIMING_GENES)),
-                   help="widths of the epoch-time table; empty to skip it")
+    p.add_argument(
+        "--tgem-max-epochs",
+        type=int,
+        default=None,
+        help="override max_epochs of every T-GEM fit (default: the library's)",
+    )
+    p.add_argument(
+        "--tgem-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override any TGEMClassifier parameter (JSON value), repeatable",
+    )
+    p.add_argument(
+        "--grid-max-epochs",
+        type=int,
+        default=None,
+        help="max_epochs of the inner grid-search fits of tgem_tuned only "
+        "(the refit keeps the full epochs)",
+    )
+    p.add_argument(
+        "--timing-genes",
+        default=",".join(map(str, TIMING_GENES)),
+        help="widths of the epoch-time table; empty to skip it",
+    )
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--tag", default="accuracy", help="file stem of the outputs")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -885,11 +1057,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_shard(shard) -> tuple[int, int]:
     """``shard`` if it is ``(i, n)`` with ``0 <= i < n``; a ValueError naming the fix if not."""
-    ok = (isinstance(shard, tuple) and len(shard) == 2
-          and all(isinstance(v, int) for v in shard) and 0 <= shard[0] < shard[1])
+    ok = (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(v, int) for v in shard)
+        and 0 <= shard[0] < shard[1]
+    )
     if not ok:
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}; "
-                         "e.g. (0, 2) and (1, 2) split the folds between two runs")
+        raise ValueError(
+            f"shard must be (i, n) with 0 <= i < n, got {shard!r}; "
+            "e.g. (0, 2) and (1, 2) split the folds between two runs"
+        )
     return shard
 
 
@@ -900,7 +1078,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
         return _check_shard((int(i), int(n)))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected I/N with 0 <= I < N (e.g. 0/2), got {text!r}") from None
+            f"expected I/N with 0 <= I < N (e.g. 0/2), got {text!r}"
+        ) from None
 
 
 def _parse_tgem_params(items) -> dict:
@@ -948,41 +1127,73 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = [load_dataset(d, args.data_dir, top_k=top_k) for d in datasets]
     t0 = time.perf_counter()
-    results = run_cv(loaded, models, settings, n_splits=n_splits, n_repeats=n_repeats,
-                     cache_dir=cache_dir, max_folds=args.max_folds, shard=args.shard)
+    results = run_cv(
+        loaded,
+        models,
+        settings,
+        n_splits=n_splits,
+        n_repeats=n_repeats,
+        cache_dir=cache_dir,
+        max_folds=args.max_folds,
+        shard=args.shard,
+    )
     cv_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    timing = epoch_timing(timing_genes, threads=args.threads, seed=args.seed,
-                          cache_dir=cache_dir) if timing_genes else []
+    timing = (
+        epoch_timing(timing_genes, threads=args.threads, seed=args.seed, cache_dir=cache_dir)
+        if timing_genes
+        else []
+    )
     timing_s = time.perf_counter() - t0
     summary = summarise(results)
-    folds = n_splits * n_repeats if args.max_folds is None else min(
-        args.max_folds, n_splits * n_repeats)
+    folds = (
+        n_splits * n_repeats
+        if args.max_folds is None
+        else min(args.max_folds, n_splits * n_repeats)
+    )
     if args.shard is not None:
         folds = len(range(args.shard[0], folds, args.shard[1]))
-    protocol = (f"{n_repeats} x stratified {n_splits}-fold CV (seed {args.seed}; "
-                f"{folds} fold(s) run per data set"
-                + ("" if args.shard is None else
-                   f", shard {args.shard[0]}/{args.shard[1]}: every {args.shard[1]}-th fold "
-                   f"from fold {args.shard[0]}")
-                + "), same folds for every model; "
-                f"T-GEM parameters overridden: {settings.tgem_params or 'none'}; "
-                f"inner grid-search overrides: {settings.grid_params or 'none'}; "
-                f"inner folds {settings.grid_folds}; RF trees {settings.rf_trees}; "
-                f"HGB max_iter {settings.hgb_max_iter}; MLP max_iter "
-                f"{settings.mlp_max_iter}; torch threads {args.threads}, n_jobs=1.")
-    meta = {"command": "python benchmarks/bench_accuracy.py "
-                       + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine(), "protocol": protocol,
-            "datasets": {d.name: f"{d.description}; {d.shape[0]} samples, "
-                                 f"{len(np.unique(d.y))} classes." for d in loaded},
-            "fit_time_notes": fit_time_notes(results, args.threads),
-            "wall_s": {"cv": cv_s, "timing": timing_s}}
+    protocol = (
+        f"{n_repeats} x stratified {n_splits}-fold CV (seed {args.seed}; "
+        f"{folds} fold(s) run per data set"
+        + (
+            ""
+            if args.shard is None
+            else f", shard {args.shard[0]}/{args.shard[1]}: every {args.shard[1]}-th fold "
+            f"from fold {args.shard[0]}"
+        )
+        + "), same folds for every model; "
+        f"T-GEM parameters overridden: {settings.tgem_params or 'none'}; "
+        f"inner grid-search overrides: {settings.grid_params or 'none'}; "
+        f"inner folds {settings.grid_folds}; RF trees {settings.rf_trees}; "
+        f"HGB max_iter {settings.hgb_max_iter}; MLP max_iter "
+        f"{settings.mlp_max_iter}; torch threads {args.threads}, n_jobs=1."
+    )
+    meta = {
+        "command": "python benchmarks/bench_accuracy.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "protocol": protocol,
+        "datasets": {
+            d.name: f"{d.description}; {d.shape[0]} samples, {len(np.unique(d.y))} classes."
+            for d in loaded
+        },
+        "fit_time_notes": fit_time_notes(results, args.threads),
+        "wall_s": {"cv": cv_s, "timing": timing_s},
+    }
     stem = results_dir / args.tag
-    payload = {"meta": meta, "summary": summary, "epoch_timing": timing,
-               "folds": {ds: {m: [{k: v for k, v in r.items() if k not in ("key", "cached")}
-                                  for r in recs] for m, recs in by.items()}
-                         for ds, by in results.items()}}
+    payload = {
+        "meta": meta,
+        "summary": summary,
+        "epoch_timing": timing,
+        "folds": {
+            ds: {
+                m: [{k: v for k, v in r.items() if k not in ("key", "cached")} for r in recs]
+                for m, recs in by.items()
+            }
+            for ds, by in results.items()
+        },
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=_json_default))
     md = to_markdown(summary, timing, meta)
     stem.with_suffix(".md").write_text(md)

@@ -92,8 +92,9 @@ def worker(args) -> dict:
     genes = args.genes[0]
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    net = TGEMNet(genes, 34, n_layers=3, n_heads=5, dropout=0.3,
-                  attention_backend=args.backend, generator=gen).to(device)
+    net = TGEMNet(
+        genes, 34, n_layers=3, n_heads=5, dropout=0.3, attention_backend=args.backend, generator=gen
+    ).to(device)
     backend_name = net.backend(torch.empty(0, device=device)).name
     batch = args.batch if args.mode == "train" else args.infer_batch
     if args.mode == "ig":
@@ -148,16 +149,26 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - t0)
         if quick:  # the repeat against the bound of the probes just before and after it
             rate_after = quick()
-            paired.append(_pct_of_bound((rate_before + rate_after) / 2, genes, args.mode,
-                                        args.batch, batch, times[-1]))
+            paired.append(
+                _pct_of_bound(
+                    (rate_before + rate_after) / 2, genes, args.mode, args.batch, batch, times[-1]
+                )
+            )
             rate_before = rate_after
         if time.perf_counter() > deadline:
             break
     peak = (torch.cuda.max_memory_allocated(device) / 2**20) if cuda else _peak_mb()
     t = statistics.median(times)
-    res = {"backend": backend_name, "genes": genes, "mode": args.mode, "batch": batch,
-           "seconds": t, "best_seconds": min(times), "repeats": len(times),
-           "mem_mb": peak - base}
+    res = {
+        "backend": backend_name,
+        "genes": genes,
+        "mode": args.mode,
+        "batch": batch,
+        "seconds": t,
+        "best_seconds": min(times),
+        "repeats": len(times),
+        "mem_mb": peak - base,
+    }
     if paired:
         res["paired_pct_of_bound"] = statistics.median(paired)
     return res
@@ -179,8 +190,9 @@ def _percent(key: str, value: float, limit: float) -> float:
     return 100.0 * (value / limit if key == "infer_sps" else limit / value)
 
 
-def _pct_of_bound(rate: float, genes: int, mode: str, train_batch: int, batch: int,
-                  seconds: float) -> float:
+def _pct_of_bound(
+    rate: float, genes: int, mode: str, train_batch: int, batch: int, seconds: float
+) -> float:
     """One timed repeat as a percentage of the bound at FMA rate ``rate``."""
     from fma_probe import workload_bounds
 
@@ -214,8 +226,7 @@ def accuracy_rows(genes_list, backends, device, seeds: int = 4, batch: int = 16)
             gen = torch.Generator().manual_seed(1000 * genes + seed)
             x = torch.rand(batch, genes, generator=gen, dtype=torch.float64) * 4
             y = torch.randint(0, 10, (batch,), generator=gen)
-            base = TGEMNet(genes, 10, dropout=0.0, attention_backend="reference",
-                           generator=gen)
+            base = TGEMNet(genes, 10, dropout=0.0, attention_backend="reference", generator=gen)
             state = {k: v.double() for k, v in base.state_dict().items()}
             names = ["log_proba", "input"] + list(state)
 
@@ -238,7 +249,7 @@ def accuracy_rows(genes_list, backends, device, seeds: int = 4, batch: int = 16)
                 for tname, p, e in zip(names, p32, exact64):
                     a = acc.setdefault((name, tname), [0.0, 0.0, 0.0])
                     a[0] += float(((p - e) ** 2).sum())
-                    a[1] += float((e ** 2).sum())
+                    a[1] += float((e**2).sum())
                     a[2] = max(a[2], float((p - e).abs().max()))
                 if name != "reference":
                     try:
@@ -246,8 +257,10 @@ def accuracy_rows(genes_list, backends, device, seeds: int = 4, batch: int = 16)
                     except ValueError:  # float32-only kernels
                         continue
                     p64 = run(name, torch.float64, "cpu")
-                    f64_diff[name] = max(f64_diff.get(name, 0.0), max(
-                        float((a - b).abs().max()) for a, b in zip(p64, exact64)))
+                    f64_diff[name] = max(
+                        f64_diff.get(name, 0.0),
+                        max(float((a - b).abs().max()) for a, b in zip(p64, exact64)),
+                    )
         for name in backends:
             if (name, "log_proba") not in acc:
                 continue
@@ -257,31 +270,66 @@ def accuracy_rows(genes_list, backends, device, seeds: int = 4, batch: int = 16)
                 ref = math.sqrt(acc[("reference", tname)][0] / acc[("reference", tname)][1])
                 ratios[tname] = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
             worst = max(ratios, key=ratios.get)
-            rows.append({
-                "genes": genes, "backend": name, "seeds": seeds, "batch": batch,
-                "logprob_err": acc[(name, "log_proba")][2],
-                "reference_logprob_err": acc[("reference", "log_proba")][2],
-                "input_grad_err": acc[(name, "input")][2],
-                "max_param_grad_err": max(acc[(name, t)][2] for t in names[2:]),
-                "worst_rms_ratio_to_reference": ratios[worst], "worst_tensor": worst,
-                "rms_ratios": ratios, "float64_max_diff": f64_diff.get(name)})
+            rows.append(
+                {
+                    "genes": genes,
+                    "backend": name,
+                    "seeds": seeds,
+                    "batch": batch,
+                    "logprob_err": acc[(name, "log_proba")][2],
+                    "reference_logprob_err": acc[("reference", "log_proba")][2],
+                    "input_grad_err": acc[(name, "input")][2],
+                    "max_param_grad_err": max(acc[(name, t)][2] for t in names[2:]),
+                    "worst_rms_ratio_to_reference": ratios[worst],
+                    "worst_tensor": worst,
+                    "rms_ratios": ratios,
+                    "float64_max_diff": f64_diff.get(name),
+                }
+            )
     return rows
 
 
 # ------------------------------------------------------------------------------- driver
 def run_config(args, backend, genes, mode) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--genes", str(genes),
-           "--mode", mode, "--threads", str(args.threads), "--device", args.device,
-           "--batch", str(args.batch), "--infer-batch", str(args.infer_batch),
-           "--repeats", str(args.repeats), "--budget-s", str(args.budget_s)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--backend",
+        backend,
+        "--genes",
+        str(genes),
+        "--mode",
+        mode,
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--infer-batch",
+        str(args.infer_batch),
+        "--repeats",
+        str(args.repeats),
+        "--budget-s",
+        str(args.budget_s),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
     except subprocess.TimeoutExpired:  # a row that says so, and the run goes on
-        return {"backend": backend, "genes": genes, "mode": mode,
-                "error": f"did not finish within --timeout-s {args.timeout_s:.0f} s"}
+        return {
+            "backend": backend,
+            "genes": genes,
+            "mode": mode,
+            "error": f"did not finish within --timeout-s {args.timeout_s:.0f} s",
+        }
     if proc.returncode != 0:
-        return {"backend": backend, "genes": genes, "mode": mode,
-                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+        return {
+            "backend": backend,
+            "genes": genes,
+            "mode": mode,
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed",
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -291,30 +339,43 @@ def available_backends(device) -> list[str]:
     from tgem._attention import backend_status
 
     status = backend_status(device, torch.float32)
-    return [name for name, reason in status.items()
-            if reason is None and not name.startswith("tgem.")]
+    return [
+        name for name, reason in status.items() if reason is None and not name.startswith("tgem.")
+    ]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--genes", type=int, nargs="+", default=[765, 1708, 5000, 12625, 22283])
-    p.add_argument("--backends", nargs="+", default=None,
-                   help="default: every backend available on the device")
+    p.add_argument(
+        "--backends", nargs="+", default=None, help="default: every backend available on the device"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--infer-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=60.0,
-                   help="stop repeating a configuration after this many seconds")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=60.0,
+        help="stop repeating a configuration after this many seconds",
+    )
     p.add_argument("--timeout-s", type=float, default=3600.0)
     p.add_argument("--modes", nargs="+", default=["train", "infer", "ig"])
-    p.add_argument("--all-modes-up-to", type=int, default=5000,
-                   help="above this many genes only the training step is measured")
+    p.add_argument(
+        "--all-modes-up-to",
+        type=int,
+        default=5000,
+        help="above this many genes only the training step is measured",
+    )
     p.add_argument("--accuracy-genes", type=int, nargs="*", default=[17, 765, 1708])
     p.add_argument("--quick", action="store_true", help="CI smoke run: small sizes only")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the plain formulation (accuracy rows still use it as oracle)")
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the plain formulation (accuracy rows still use it as oracle)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="exact", help=argparse.SUPPRESS)
@@ -334,10 +395,16 @@ def main(argv=None) -> int:
     backends = args.backends or available_backends(args.device)
     if "reference" not in backends and not args.no_reference:
         backends = ["reference", *backends]
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
-               "memory_gb": round(total_memory_gb(), 1), "torch": torch.__version__,
-               "tgem": tgem.__version__, "device": args.device,
-               "date": time.strftime("%Y-%m-%d")}
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "memory_gb": round(total_memory_gb(), 1),
+        "torch": torch.__version__,
+        "tgem": tgem.__version__,
+        "device": args.device,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     bound = None
@@ -355,8 +422,12 @@ def main(argv=None) -> int:
     half = total_memory_gb() / 2
     if args.device.startswith("cuda"):
         half = torch.cuda.get_device_properties(torch.device(args.device)).total_memory / 2**31
-    out = Path(args.out) if args.out else RESULTS / (
-        f"attention_{'quick_' if args.quick else ''}{args.device.replace(':', '')}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS
+        / (f"attention_{'quick_' if args.quick else ''}{args.device.replace(':', '')}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     for genes in args.genes:
         modes = args.modes if genes <= args.all_modes_up_to else ["train"]
@@ -385,14 +456,27 @@ def main(argv=None) -> int:
             rows.append(res)
             sys.stdout.write(json.dumps(res) + "\n")
             sys.stdout.flush()
-            out.write_text(json.dumps({"machine": machine, "bound": bound, "speed": rows,
-                                       "partial": True}, indent=2))
+            out.write_text(
+                json.dumps(
+                    {"machine": machine, "bound": bound, "speed": rows, "partial": True}, indent=2
+                )
+            )
     _add_ratios(rows)
     _add_bound_percent(rows, bound, args.batch)
-    acc = accuracy_rows(args.accuracy_genes, sorted(set(backends) | {"reference"}), args.device,
-                        seeds=1 if args.quick else 4)
-    report = {"machine": machine, "bound": bound, "speed": rows, "accuracy": acc,
-              "memory_slope_mb_per_gene": _slopes(rows), "args": vars(args)}
+    acc = accuracy_rows(
+        args.accuracy_genes,
+        sorted(set(backends) | {"reference"}),
+        args.device,
+        seeds=1 if args.quick else 4,
+    )
+    report = {
+        "machine": machine,
+        "bound": bound,
+        "speed": rows,
+        "accuracy": acc,
+        "memory_slope_mb_per_gene": _slopes(rows),
+        "args": vars(args),
+    }
     sys.stdout.write("\n" + format_tables(report) + "\n")
     out.write_text(json.dumps(report, indent=2))
     sys.stdout.write(f"\nwrote {out}\n")
@@ -419,8 +503,9 @@ def _add_bound_percent(rows, bound, batch: int) -> None:
     from fma_probe import workload_bounds  # benchmarks/ is on sys.path (see main)
 
     for r in rows:
-        limits = workload_bounds(bound["fma_lane_ops_per_s"], r["genes"], bound["heads"],
-                                 bound["layers"], batch)
+        limits = workload_bounds(
+            bound["fma_lane_ops_per_s"], r["genes"], bound["heads"], bound["layers"], batch
+        )
         for key, limit in limits.items():
             if key in r:
                 r[f"{key}_pct_of_bound"] = _percent(key, r[key], limit)
@@ -430,8 +515,11 @@ def _slopes(rows) -> dict:
     """Least-squares slope of training peak memory against genes, per backend (MB/gene)."""
     out = {}
     for backend in {r["backend"] for r in rows}:
-        pts = [(r["genes"], r["train_mem_mb"]) for r in rows
-               if r["backend"] == backend and "train_mem_mb" in r]
+        pts = [
+            (r["genes"], r["train_mem_mb"])
+            for r in rows
+            if r["backend"] == backend and "train_mem_mb" in r
+        ]
         if len(pts) >= 2:
             mg = statistics.fmean(g for g, _ in pts)
             mm = statistics.fmean(m for _, m in pts)
@@ -441,10 +529,12 @@ def _slopes(rows) -> dict:
 
 
 def format_tables(report) -> str:
-    lines = ["| genes | backend | train step (s) | train peak MB | inference samples/s | "
-             "infer peak MB | IG s/sample | speed-up vs reference | % of bound "
-             "(train / infer / IG) | paired % of bound (train / infer / IG) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| genes | backend | train step (s) | train peak MB | inference samples/s | "
+        "infer peak MB | IG s/sample | speed-up vs reference | % of bound "
+        "(train / infer / IG) | paired % of bound (train / infer / IG) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["speed"]:
         if "error" in r:
             lines.append(f"| {r['genes']} | {r['backend']} | {r['error']} | | | | | | | |")
@@ -460,26 +550,41 @@ def format_tables(report) -> str:
             f"| {r['genes']} | {r['backend']} | {f('train_s', '.3f')} | "
             f"{f('train_mem_mb', '.0f')} | {f('infer_sps', '.1f')} | {f('infer_mem_mb', '.0f')} "
             f"| {f('ig_s', '.3f')} | {f('train_speedup_vs_reference', '.1f')} | "
-            + " / ".join(format(r[k], ".0f") if k in r else "-" for k in (
-                "train_s_pct_of_bound", "infer_sps_pct_of_bound", "ig_s_pct_of_bound"))
+            + " / ".join(
+                format(r[k], ".0f") if k in r else "-"
+                for k in ("train_s_pct_of_bound", "infer_sps_pct_of_bound", "ig_s_pct_of_bound")
+            )
             + " | "
-            + " / ".join(format(r[k], ".0f") if k in r else "-" for k in (
-                "train_paired_pct_of_bound", "infer_paired_pct_of_bound",
-                "ig_paired_pct_of_bound"))
-            + " |")
-    lines += ["", "Training-memory slope (MB per gene): " + json.dumps(
-        {k: round(v, 4) for k, v in report["memory_slope_mb_per_gene"].items() if v})]
-    lines += ["", "| genes | backend | log-prob max err (f32 vs f64) | reference's own | "
-              "input-grad max err | param-grad max err | worst RMS ratio to reference (tensor) "
-              "| f64 max diff |",
-              "|---|---|---|---|---|---|---|---|"]
+            + " / ".join(
+                format(r[k], ".0f") if k in r else "-"
+                for k in (
+                    "train_paired_pct_of_bound",
+                    "infer_paired_pct_of_bound",
+                    "ig_paired_pct_of_bound",
+                )
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Training-memory slope (MB per gene): "
+        + json.dumps({k: round(v, 4) for k, v in report["memory_slope_mb_per_gene"].items() if v}),
+    ]
+    lines += [
+        "",
+        "| genes | backend | log-prob max err (f32 vs f64) | reference's own | "
+        "input-grad max err | param-grad max err | worst RMS ratio to reference (tensor) "
+        "| f64 max diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["accuracy"]:
         f64 = r.get("float64_max_diff")
         lines.append(
             f"| {r['genes']} | {r['backend']} | {r['logprob_err']:.2e} | "
             f"{r['reference_logprob_err']:.2e} | {r['input_grad_err']:.2e} | "
             f"{r['max_param_grad_err']:.2e} | {r['worst_rms_ratio_to_reference']:.2f} "
-            f"({r['worst_tensor']}) | {'' if f64 is None else format(f64, '.1e')} |")
+            f"({r['worst_tensor']}) | {'' if f64 is None else format(f64, '.1e')} |"
+        )
     return "\n".join(lines)
 
 

@@ -80,27 +80,52 @@ def attribute_child(args) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    scores, delta = attention_attribution(clf, Xc, args.target, n_steps=args.n_steps,
-                                          return_convergence_delta=True)
+    scores, delta = attention_attribution(
+        clf, Xc, args.target, n_steps=args.n_steps, return_convergence_delta=True
+    )
     attr_s = time.perf_counter() - t0
     attr_cpu_s = time.process_time() - cpu0
     t1 = time.perf_counter()
     edges = attention_edges(scores, probes, top_fraction=0.001)
     hubs = hub_genes(edges, top=5)
     edges_s = time.perf_counter() - t1
-    return {"n_samples": int(Xc.shape[0]), "attribution_s": attr_s,
-            "s_per_sample": attr_s / Xc.shape[0], "cpu_s": attr_cpu_s,
-            "cpu_s_per_sample": attr_cpu_s / Xc.shape[0], "edges_s": edges_s,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rss_before_gib": rss0 / 2**20, "scores_gib": scores.nbytes / 2**30,
-            "max_abs_delta": float(np.abs(delta).max()), "n_edges": int(len(edges)),
-            "top_hubs": hubs["gene"].tolist()}
+    return {
+        "n_samples": int(Xc.shape[0]),
+        "attribution_s": attr_s,
+        "s_per_sample": attr_s / Xc.shape[0],
+        "cpu_s": attr_cpu_s,
+        "cpu_s_per_sample": attr_cpu_s / Xc.shape[0],
+        "edges_s": edges_s,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_before_gib": rss0 / 2**20,
+        "scores_gib": scores.nbytes / 2**30,
+        "max_abs_delta": float(np.abs(delta).max()),
+        "n_edges": int(len(edges)),
+        "top_hubs": hubs["gene"].tolist(),
+    }
 
 
 def run_child(stage: str, args, genes: int, model: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", stage, "--genes", str(genes), "--model", model,
-           "--threads", str(args.threads), "--epochs", str(args.epochs), "--target",
-           args.target, "--n-samples", str(args.n_samples), "--n-steps", str(args.n_steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        stage,
+        "--genes",
+        str(genes),
+        "--model",
+        model,
+        "--threads",
+        str(args.threads),
+        "--epochs",
+        str(args.epochs),
+        "--target",
+        args.target,
+        "--n-samples",
+        str(args.n_samples),
+        "--n-steps",
+        str(args.n_steps),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,8 +139,9 @@ def main() -> None:
     p.add_argument("--n-steps", type=int, default=50)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"
-                                         / "bench_attention_attribution.json"))
+    p.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "bench_attention_attribution.json")
+    )
     p.add_argument("--child", choices=["train", "attribute"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -128,26 +154,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for genes in args.genes:
             model = str(Path(tmp) / f"model_{genes}.pkl")
-            row = {"genes": genes, "target": args.target, "n_steps": args.n_steps,
-                   **run_child("train", args, genes, model),
-                   **run_child("attribute", args, genes, model)}
+            row = {
+                "genes": genes,
+                "target": args.target,
+                "n_steps": args.n_steps,
+                **run_child("train", args, genes, model),
+                **run_child("attribute", args, genes, model),
+            }
             rows.append(row)
             print(f"done {genes} genes: {row['attribution_s']:.1f} s", file=sys.stderr)
-    header = (f"{'genes':>6} {'samples':>7} {'attr s':>8} {'s/sample':>8} {'cpu s/smp':>9} "
-              f"{'edges s':>7} "
-              f"{'peak RSS GiB':>12} {'scores GiB':>10} {'max|delta|':>10} {'edges':>7}")
-    print(f"attention attribution of class {args.target!r}, {args.n_steps} steps, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}")
+    header = (
+        f"{'genes':>6} {'samples':>7} {'attr s':>8} {'s/sample':>8} {'cpu s/smp':>9} "
+        f"{'edges s':>7} "
+        f"{'peak RSS GiB':>12} {'scores GiB':>10} {'max|delta|':>10} {'edges':>7}"
+    )
+    print(
+        f"attention attribution of class {args.target!r}, {args.n_steps} steps, "
+        f"{args.threads} threads, {platform.processor() or platform.machine()}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['genes']:>6} {r['n_samples']:>7} {r['attribution_s']:>8.1f} "
-              f"{r['s_per_sample']:>8.2f} {r['cpu_s_per_sample']:>9.2f} {r['edges_s']:>7.1f} "
-              f"{r['peak_rss_gib']:>12.2f} "
-              f"{r['scores_gib']:>10.2f} {r['max_abs_delta']:>10.2e} {r['n_edges']:>7}")
+        print(
+            f"{r['genes']:>6} {r['n_samples']:>7} {r['attribution_s']:>8.1f} "
+            f"{r['s_per_sample']:>8.2f} {r['cpu_s_per_sample']:>9.2f} {r['edges_s']:>7.1f} "
+            f"{r['peak_rss_gib']:>12.2f} "
+            f"{r['scores_gib']:>10.2f} {r['max_abs_delta']:>10.2e} {r['n_edges']:>7}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"note": "wall times depend on other load: compare cpu_s (process CPU time)",
-            "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(), "python": platform.python_version()}
+    meta = {
+        "note": "wall times depend on other load: compare cpu_s (process CPU time)",
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"saved {args.out}")
 

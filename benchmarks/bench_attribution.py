@@ -55,8 +55,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DATA = HERE.parents[1] / "shared" / "data"
-MARKERS = {"CD19+ B": ["CD79A", "MS4A1", "CD79B"], "CD56+ NK": ["NKG7", "GNLY"],
-           "CD14+ Monocyte": ["CD14", "LYZ"]}
+MARKERS = {
+    "CD19+ B": ["CD79A", "MS4A1", "CD79B"],
+    "CD56+ NK": ["NKG7", "GNLY"],
+    "CD14+ Monocyte": ["CD14", "LYZ"],
+}
 
 
 def _rss_mb() -> float:
@@ -87,8 +90,15 @@ def _peak_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- speed
-def _worker(backend: str, genes: int, threads: int, repeats: int,
-            adaptive_samples: int, batch: int, warmup: bool = True) -> dict:
+def _worker(
+    backend: str,
+    genes: int,
+    threads: int,
+    repeats: int,
+    adaptive_samples: int,
+    batch: int,
+    warmup: bool = True,
+) -> dict:
     """Run in a fresh process: time and memory of IG for one backend, after a warm-up."""
     import numpy as np
     import torch
@@ -99,8 +109,12 @@ def _worker(backend: str, genes: int, threads: int, repeats: int,
 
     torch.set_num_threads(threads)
     peak_after_import = _peak_mb()
-    net = TGEMNet(n_genes=genes, n_classes=10, attention_backend=backend,
-                  generator=torch.Generator().manual_seed(0)).eval()
+    net = TGEMNet(
+        n_genes=genes,
+        n_classes=10,
+        attention_backend=backend,
+        generator=torch.Generator().manual_seed(0),
+    ).eval()
     resolved = net.backend(torch.empty(0)).name
     rng = np.random.default_rng(0)
     n_all = max(batch, 8, adaptive_samples)
@@ -109,8 +123,9 @@ def _worker(backend: str, genes: int, threads: int, repeats: int,
     ev = _ig.Evaluator(net, _ig.rows_budget(genes, 5, 3, MEMORY_BUDGET))
 
     def run(x, t, quadrature):
-        return _ig.integrated_gradients(ev, x, torch.zeros_like(x), t, 50, quadrature,
-                                        need_delta=False)
+        return _ig.integrated_gradients(
+            ev, x, torch.zeros_like(x), t, 50, quadrature, need_delta=False
+        )
 
     # warm-up, not timed: the first calls compile (backend "compiled": 10-20 s of
     # torch.compile), load kernels and grow the allocator. One full pass and one partial one,
@@ -144,25 +159,51 @@ def _worker(backend: str, genes: int, threads: int, repeats: int,
         _, _, n_grads, _ = run(x_all[:adaptive_samples], t_all[:adaptive_samples], "adaptive")
         adaptive = (time.perf_counter() - t0) / adaptive_samples
         grads = float(np.mean(n_grads))
-    return {"backend": backend, "resolved": resolved, "genes": genes, "threads": threads,
-            "batch": batch, "batch_rows": ev.batch_rows, "warmup": warmup, "warmup_s": warmup_s,
-            "s_per_sample": min(times), "s_per_sample_all": times,
-            "s_per_sample_batch": per_batch, "cpu_s_per_sample_batch": cpu_batch,
-            "adaptive_s_per_sample": adaptive, "adaptive_grads": grads,
-            # peak resident memory while attributing the batch: above the resident memory
-            # just before it (after imports, model, warm-up), and of the whole process
-            "peak_mb_batch": peak_batch - base_rss if reset else float("nan"),
-            "peak_total_mb_batch": peak_batch if reset else float("nan"),
-            "rss_before_batch_mb": base_rss, "peak_mb_after_import": peak_after_import,
-            "peak_mb_warmup": peak_warmup, "peak_mb_process": max(peak_warmup, _peak_mb())}
+    return {
+        "backend": backend,
+        "resolved": resolved,
+        "genes": genes,
+        "threads": threads,
+        "batch": batch,
+        "batch_rows": ev.batch_rows,
+        "warmup": warmup,
+        "warmup_s": warmup_s,
+        "s_per_sample": min(times),
+        "s_per_sample_all": times,
+        "s_per_sample_batch": per_batch,
+        "cpu_s_per_sample_batch": cpu_batch,
+        "adaptive_s_per_sample": adaptive,
+        "adaptive_grads": grads,
+        # peak resident memory while attributing the batch: above the resident memory
+        # just before it (after imports, model, warm-up), and of the whole process
+        "peak_mb_batch": peak_batch - base_rss if reset else float("nan"),
+        "peak_total_mb_batch": peak_batch if reset else float("nan"),
+        "rss_before_batch_mb": base_rss,
+        "peak_mb_after_import": peak_after_import,
+        "peak_mb_warmup": peak_warmup,
+        "peak_mb_process": max(peak_warmup, _peak_mb()),
+    }
 
 
 def speed(args) -> None:
     rows = []
     for backend in args.backends:
-        cmd = [sys.executable, __file__, "--worker", backend, "--genes", str(args.genes),
-               "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--adaptive-samples", str(args.adaptive_samples), "--batch", str(args.batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            backend,
+            "--genes",
+            str(args.genes),
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+            "--adaptive-samples",
+            str(args.adaptive_samples),
+            "--batch",
+            str(args.batch),
+        ]
         if args.no_warmup:
             cmd.append("--no-warmup")
         env = dict(os.environ, PYTHONPATH=str(HERE.parent))
@@ -178,27 +219,37 @@ def speed(args) -> None:
         row["process_wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"{backend}: done in {row['process_wall_s']:.0f} s", flush=True)
-    print(f"\nIntegrated Gradients, {args.genes} genes, 3 layers x 5 heads, 50 steps, "
-          f"{args.threads} threads, {'cold' if args.no_warmup else 'after warm-up'} "
-          f"(best of {args.repeats}: batch of "
-          f"{args.batch}, then 8-sample batches; original: 44 s/sample, 17.9 GB)")
-    head = (f"{'backend':>8} {'runs as':>8} {'warm-up s':>9} {'s/sample':>9} "
-            f"{'s/sample@' + str(args.batch):>12} {'CPU s/smp':>9} {'adapt s/smp':>11} "
-            f"{'adapt grads':>11} {'peak MB +':>9} {'peak MB':>8}")
+    print(
+        f"\nIntegrated Gradients, {args.genes} genes, 3 layers x 5 heads, 50 steps, "
+        f"{args.threads} threads, {'cold' if args.no_warmup else 'after warm-up'} "
+        f"(best of {args.repeats}: batch of "
+        f"{args.batch}, then 8-sample batches; original: 44 s/sample, 17.9 GB)"
+    )
+    head = (
+        f"{'backend':>8} {'runs as':>8} {'warm-up s':>9} {'s/sample':>9} "
+        f"{'s/sample@' + str(args.batch):>12} {'CPU s/smp':>9} {'adapt s/smp':>11} "
+        f"{'adapt grads':>11} {'peak MB +':>9} {'peak MB':>8}"
+    )
     print(head)
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:>8} failed: {r['error']}")
             continue
-        print(f"{r['backend']:>8} {r['resolved']:>8} {r['warmup_s']:9.1f} "
-              f"{r['s_per_sample']:9.3f} {r['s_per_sample_batch']:12.3f} "
-              f"{r['cpu_s_per_sample_batch']:9.3f} {r['adaptive_s_per_sample']:11.3f} "
-              f"{r['adaptive_grads']:11.1f} {r['peak_mb_batch']:9.0f} "
-              f"{r['peak_total_mb_batch']:8.0f}")
-    print("peak MB +: peak resident memory during the batch above the resident memory "
-          "before it; peak MB: the whole process's (Python, torch, model) during the batch")
-    _save(args.output or "attribution_speed", {"machine": _machine(), "args": vars(args),
-                                                "results": rows})
+        print(
+            f"{r['backend']:>8} {r['resolved']:>8} {r['warmup_s']:9.1f} "
+            f"{r['s_per_sample']:9.3f} {r['s_per_sample_batch']:12.3f} "
+            f"{r['cpu_s_per_sample_batch']:9.3f} {r['adaptive_s_per_sample']:11.3f} "
+            f"{r['adaptive_grads']:11.1f} {r['peak_mb_batch']:9.0f} "
+            f"{r['peak_total_mb_batch']:8.0f}"
+        )
+    print(
+        "peak MB +: peak resident memory during the batch above the resident memory "
+        "before it; peak MB: the whole process's (Python, torch, model) during the batch"
+    )
+    _save(
+        args.output or "attribution_speed",
+        {"machine": _machine(), "args": vars(args), "results": rows},
+    )
 
 
 # ----------------------------------------------------------------------------- PBMC
@@ -247,13 +298,23 @@ def pbmc(args) -> None:
             imp_s = imp_s_cached[0]
         acc = clf.score(Xte, yte)
         models[seed] = (clf, imp)
-        report["models"].append({"seed": seed, "fit_s": fit_s, "test_accuracy": acc,
-                                 "importances_s": imp_s, "importances_cached": cached,
-                                 "model_from_cache": from_cache,
-                                 "backend": clf.attention_backend_})
-        print(f"seed {seed}: fit {fit_s:.0f} s ({clf.attention_backend_}"
-              f"{', cached' if from_cache else ''}), held-out accuracy {acc:.3f}, "
-              f"feature_importances_ {imp_s:.0f} s{' (cached)' if cached else ''}", flush=True)
+        report["models"].append(
+            {
+                "seed": seed,
+                "fit_s": fit_s,
+                "test_accuracy": acc,
+                "importances_s": imp_s,
+                "importances_cached": cached,
+                "model_from_cache": from_cache,
+                "backend": clf.attention_backend_,
+            }
+        )
+        print(
+            f"seed {seed}: fit {fit_s:.0f} s ({clf.attention_backend_}"
+            f"{', cached' if from_cache else ''}), held-out accuracy {acc:.3f}, "
+            f"feature_importances_ {imp_s:.0f} s{' (cached)' if cached else ''}",
+            flush=True,
+        )
 
     genes = np.asarray(X.columns)
     seeds = list(models)
@@ -266,40 +327,56 @@ def pbmc(args) -> None:
     if jac:
         report[f"top{k}_jaccard_mean"] = float(np.mean(list(jac.values())))
         report[f"top{k}_jaccard_min"] = float(np.min(list(jac.values())))
-        print(f"\ntop-{k} feature_importances_ Jaccard across random states:",
-              ", ".join(f"{a}: {v:.2f}" for a, v in jac.items()),
-              f"(mean {np.mean(list(jac.values())):.2f}, min {np.min(list(jac.values())):.2f};"
-              f" two random {k}-gene sets: {report['chance_jaccard']:.3f})")
+        print(
+            f"\ntop-{k} feature_importances_ Jaccard across random states:",
+            ", ".join(f"{a}: {v:.2f}" for a, v in jac.items()),
+            f"(mean {np.mean(list(jac.values())):.2f}, min {np.min(list(jac.values())):.2f};"
+            f" two random {k}-gene sets: {report['chance_jaccard']:.3f})",
+        )
     if len(seeds) > 1:
         from scipy.stats import spearmanr
 
-        rho = {f"{a}-{b}": float(spearmanr(models[a][1], models[b][1])[0])
-               for i, a in enumerate(seeds) for b in seeds[i + 1:]}
+        rho = {
+            f"{a}-{b}": float(spearmanr(models[a][1], models[b][1])[0])
+            for i, a in enumerate(seeds)
+            for b in seeds[i + 1 :]
+        }
         report["importances_spearman"] = rho
-        print("Spearman correlation of the whole feature_importances_ across random states:",
-              ", ".join(f"{a}: {v:.2f}" for a, v in rho.items()))
+        print(
+            "Spearman correlation of the whole feature_importances_ across random states:",
+            ", ".join(f"{a}: {v:.2f}" for a, v in rho.items()),
+        )
     first = seeds[0]
-    print(f"top-15 by feature_importances_ (seed {first}):",
-          ", ".join(genes[np.argsort(-models[first][1])[:15]]))
+    print(
+        f"top-15 by feature_importances_ (seed {first}):",
+        ", ".join(genes[np.argsort(-models[first][1])[:15]]),
+    )
 
     test_attr = {}
     if args.class_jaccard or not args.skip_analysis:
-        for seed in (seeds if args.class_jaccard else [first]):
-            test_attr[seed] = _test_attributions(models[seed][0], Xte, yte, cache /
-                                                 f"pbmc_ig_test_{seed}.npz", args.verbose)
+        for seed in seeds if args.class_jaccard else [first]:
+            test_attr[seed] = _test_attributions(
+                models[seed][0], Xte, yte, cache / f"pbmc_ig_test_{seed}.npz", args.verbose
+            )
     if args.class_jaccard and len(seeds) > 1:
         report["class_jaccard"] = {}
-        print(f"\nper-class top-{k} genes of held-out IG (mean per cell type, true class): "
-              "Jaccard across random states, mean [min] over the pairs")
+        print(
+            f"\nper-class top-{k} genes of held-out IG (mean per cell type, true class): "
+            "Jaccard across random states, mean [min] over the pairs"
+        )
         print(f"{'cell type':<32} {'cells':>5} {'signed':>13} {'absolute':>13}")
         for absolute in (False, True):
             name = "absolute" if absolute else "signed"
-            tables = {seed: gene_ranking(test_attr[seed][0], yte, genes=genes,
-                                         absolute=absolute) for seed in seeds}
+            tables = {
+                seed: gene_ranking(test_attr[seed][0], yte, genes=genes, absolute=absolute)
+                for seed in seeds
+            }
             per = {}
             for cls in np.unique(yte):
-                tops_c = {seed: set(t[(t["class"] == cls) & (t["rank"] <= k)]["gene"])
-                          for seed, t in tables.items()}
+                tops_c = {
+                    seed: set(t[(t["class"] == cls) & (t["rank"] <= k)]["gene"])
+                    for seed, t in tables.items()
+                }
                 per[str(cls)] = _pairwise_jaccard(tops_c, seeds)
             report["class_jaccard"][name] = per
         for cls in np.unique(yte):
@@ -323,10 +400,15 @@ def pbmc(args) -> None:
     attr, delta, ig_s = test_attr[first]
     table = gene_ranking(attr, yte, genes=genes)
     table_abs = gene_ranking(attr, yte, genes=genes, absolute=True)
-    report["ig_test"] = {"samples": len(yte), "seconds": ig_s,
-                         "max_abs_delta": float(np.max(np.abs(delta)))}
-    print(f"\nIG on {len(yte)} held-out cells: {ig_s:.0f} s, max |convergence delta| "
-          f"{np.max(np.abs(delta)):.2e}")
+    report["ig_test"] = {
+        "samples": len(yte),
+        "seconds": ig_s,
+        "max_abs_delta": float(np.max(np.abs(delta))),
+    }
+    print(
+        f"\nIG on {len(yte)} held-out cells: {ig_s:.0f} s, max |convergence delta| "
+        f"{np.max(np.abs(delta)):.2e}"
+    )
     report["top_genes"] = {}
     print("\ntop 10 genes per cell type (signed mean IG, true class):")
     for cls, part in table.groupby("class"):
@@ -334,16 +416,16 @@ def pbmc(args) -> None:
         report["top_genes"][cls] = top10
         print(f"  {cls:<32} {', '.join(top10)}")
     report["markers"] = {}
-    print("\nknown markers: rank in their cell type (signed / absolute), of "
-          f"{len(genes)} genes")
+    print(f"\nknown markers: rank in their cell type (signed / absolute), of {len(genes)} genes")
     for cls, marks in MARKERS.items():
         for m in marks:
             if m not in set(genes):
                 print(f"  {cls:<16} {m:<7} not in the data")
                 continue
             r = int(table[(table["class"] == cls) & (table["gene"] == m)]["rank"].iloc[0])
-            ra = int(table_abs[(table_abs["class"] == cls) & (table_abs["gene"] == m)]
-                     ["rank"].iloc[0])
+            ra = int(
+                table_abs[(table_abs["class"] == cls) & (table_abs["gene"] == m)]["rank"].iloc[0]
+            )
             report["markers"][f"{cls}/{m}"] = {"rank_signed": r, "rank_abs": ra}
             print(f"  {cls:<16} {m:<7} {r:>4} / {ra:>4}")
 
@@ -355,8 +437,10 @@ def pbmc(args) -> None:
     overall = abl[abl["overall"]]
     print(f"{'grid':>7} {'%':>5} {'genes':>5} {'top':>7} {'random (mean +- sd)':>20}")
     for _, r in overall.iterrows():
-        print(f"{r['grid']:>7} {r['percent']:5.1f} {r['n_genes']:5d} {r['drop_top']:7.3f} "
-              f"{r['drop_random_mean']:11.3f} +- {r['drop_random_std']:.3f}")
+        print(
+            f"{r['grid']:>7} {r['percent']:5.1f} {r['n_genes']:5d} {r['drop_top']:7.3f} "
+            f"{r['drop_random_mean']:11.3f} +- {r['drop_random_std']:.3f}"
+        )
     if args.plot:
         import matplotlib
 
@@ -364,8 +448,9 @@ def pbmc(args) -> None:
         from tgem.plotting import plot_ablation
 
         axes = plot_ablation(abl)
-        axes[0].figure.savefig(RESULTS / "attribution_pbmc_ablation.png", dpi=120,
-                               bbox_inches="tight")
+        axes[0].figure.savefig(
+            RESULTS / "attribution_pbmc_ablation.png", dpi=120, bbox_inches="tight"
+        )
     _save(args.output or "attribution_pbmc", report)
 
 
@@ -389,8 +474,11 @@ def _test_attributions(clf, Xte, yte, path: Path, verbose: int):
 
 
 def _pairwise_jaccard(sets: dict, keys: list) -> dict:
-    return {f"{a}-{b}": len(sets[a] & sets[b]) / len(sets[a] | sets[b])
-            for i, a in enumerate(keys) for b in keys[i + 1:]}
+    return {
+        f"{a}-{b}": len(sets[a] & sets[b]) / len(sets[a] | sets[b])
+        for i, a in enumerate(keys)
+        for b in keys[i + 1 :]
+    }
 
 
 def _chance_jaccard(n: int, k: int) -> float:
@@ -398,16 +486,19 @@ def _chance_jaccard(n: int, k: int) -> float:
     from math import comb
 
     total = comb(n, k)
-    return sum(comb(k, i) * comb(n - k, k - i) / total * i / (2 * k - i)
-               for i in range(0, k + 1))
+    return sum(comb(k, i) * comb(n - k, k - i) / total * i / (2 * k - i) for i in range(0, k + 1))
 
 
 def _machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_avg_1min": os.getloadavg()[0]}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
 
 
 def _save(name: str, obj) -> None:
@@ -422,36 +513,74 @@ def main(argv=None) -> None:
     p.add_argument("--genes", type=int, default=1708)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--backends", nargs="+", default=["exact", "compiled", "auto"],
-                   help="attention backends, each in a fresh process (auto: tgem's choice)")
-    p.add_argument("--batch", type=int, default=64,
-                   help="samples in the batch timed and measured for memory")
-    p.add_argument("--adaptive-samples", type=int, default=4,
-                   help="samples timed with the adaptive rule (0: skip)")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="time and measure the first call of a fresh process (compilation "
-                   "included): its peak memory is the cold cost of one batch")
-    p.add_argument("--output", help="results file name in benchmarks/results/ (no .json); "
-                   "default attribution_speed, attribution_pbmc or attribution_pbmc_stability")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["exact", "compiled", "auto"],
+        help="attention backends, each in a fresh process (auto: tgem's choice)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=64, help="samples in the batch timed and measured for memory"
+    )
+    p.add_argument(
+        "--adaptive-samples",
+        type=int,
+        default=4,
+        help="samples timed with the adaptive rule (0: skip)",
+    )
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time and measure the first call of a fresh process (compilation "
+        "included): its peak memory is the cold cost of one batch",
+    )
+    p.add_argument(
+        "--output",
+        help="results file name in benchmarks/results/ (no .json); "
+        "default attribution_speed, attribution_pbmc or attribution_pbmc_stability",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--pbmc", action="store_true", help="run the PBMC sanity check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--cache", default=str(RESULTS / "tmp" / "attribution"),
-                   help="fitted PBMC models are kept here between runs")
-    p.add_argument("--skip-analysis", action="store_true",
-                   help="PBMC: only fit, importances and their stability")
-    p.add_argument("--class-jaccard", action="store_true",
-                   help="PBMC: also the stability of the per-class rankings of held-out IG "
-                   "(one IG run on the held-out cells per random state)")
+    p.add_argument(
+        "--cache",
+        default=str(RESULTS / "tmp" / "attribution"),
+        help="fitted PBMC models are kept here between runs",
+    )
+    p.add_argument(
+        "--skip-analysis",
+        action="store_true",
+        help="PBMC: only fit, importances and their stability",
+    )
+    p.add_argument(
+        "--class-jaccard",
+        action="store_true",
+        help="PBMC: also the stability of the per-class rankings of held-out IG "
+        "(one IG run on the held-out cells per random state)",
+    )
     p.add_argument("--top", type=int, default=50, help="PBMC: genes in the top sets compared")
-    p.add_argument("--refit", action="store_true",
-                   help="PBMC: fit again even if a cached model exists (overwrites it)")
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="PBMC: fit again even if a cached model exists (overwrites it)",
+    )
     p.add_argument("--plot", action="store_true", help="save the ablation figure")
     p.add_argument("--verbose", type=int, default=0)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.genes, args.threads, args.repeats,
-                                 args.adaptive_samples, args.batch, not args.no_warmup)))
+        print(
+            json.dumps(
+                _worker(
+                    args.worker,
+                    args.genes,
+                    args.threads,
+                    args.repeats,
+                    args.adaptive_samples,
+                    args.batch,
+                    not args.no_warmup,
+                )
+            )
+        )
     elif args.pbmc:
         pbmc(args)
     else:

@@ -77,9 +77,13 @@ def _py_digest(text: str) -> bytes:
     tree = ast.parse(text)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree).encode()
 
@@ -99,14 +103,17 @@ def loop_hash() -> str:
 def git_state() -> dict:
     def git(*a):
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *a], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
     dirty = git("status", "--porcelain", "--", "tgem")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "tgem_files_modified": [line[3:] for line in (dirty or "").splitlines()]}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "tgem_files_modified": [line[3:] for line in (dirty or "").splitlines()],
+    }
 
 
 def run_name(backend: str, dtype: str) -> str:
@@ -150,8 +157,9 @@ def adam_carrying(holder: dict):
 
         def step(self, closure=None):
             if "first_grad" not in holder:
-                holder["first_grad"] = [p.grad.detach().clone()
-                                        for g in self.param_groups for p in g["params"]]
+                holder["first_grad"] = [
+                    p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                ]
             return super().step(closure)
 
     torch.optim.Adam = Adam
@@ -165,8 +173,9 @@ def adam_carrying(holder: dict):
 class Run:
     """One backend in one dtype, trained epoch by epoch with a checkpoint per epoch."""
 
-    def __init__(self, backend: str, dtype: str, data, *, seed: int, n_threads: int,
-                 cache: Path, code: str):  # code: loop_hash()
+    def __init__(
+        self, backend: str, dtype: str, data, *, seed: int, n_threads: int, cache: Path, code: str
+    ):  # code: loop_hash()
         self.backend, self.dtype_name = backend, dtype
         self.name = run_name(backend, dtype)
         self.data, self.seed, self.n_threads, self.code = data, seed, n_threads, code
@@ -205,10 +214,16 @@ class Run:
         p = TGEMClassifier(random_state=self.seed).get_params()
         seeds = check_random_state(self.seed).randint(0, _MAX_SEED, size=4)  # as fit draws them
         module = TGEMNet(
-            n_genes=Xtr.shape[1], n_classes=len(classes), n_layers=p["n_layers"],
-            n_heads=p["n_heads"], activation=p["activation"], dropout=p["dropout"],
-            shared_norm=p["shared_norm"], attention_backend=self.backend,
-            generator=torch.Generator().manual_seed(int(seeds[1]))).to(self.dtype)
+            n_genes=Xtr.shape[1],
+            n_classes=len(classes),
+            n_layers=p["n_layers"],
+            n_heads=p["n_heads"],
+            activation=p["activation"],
+            dropout=p["dropout"],
+            shared_norm=p["shared_norm"],
+            attention_backend=self.backend,
+            generator=torch.Generator().manual_seed(int(seeds[1])),
+        ).to(self.dtype)
         module.dropout.generator = torch.Generator().manual_seed(int(seeds[2]))
         shuffle_gen = torch.Generator().manual_seed(int(seeds[3]))
         weights = np.ones(Xtr.shape[0])  # fit's sample weights without class_weight
@@ -233,26 +248,36 @@ class Run:
         if not self.done():
             return
         module, shuffle_gen, p, _, y_enc, weights = self._initial()
-        idx, source, _ = next(local_epoch(self.data[0], len(y_enc), p["batch_size"],
-                                          shuffle_gen))
+        idx, source, _ = next(local_epoch(self.data[0], len(y_enc), p["batch_size"], shuffle_gen))
         module.train()
         with torch_threads(self.n_threads), batches_as(self.dtype):
             xb = _training.dense_batch(source, idx, torch.device("cpu"))
             _training._accumulate_gradients(
-                module, xb, torch.as_tensor(y_enc)[idx],
-                torch.as_tensor(weights, dtype=torch.float32)[idx], 1)
+                module,
+                xb,
+                torch.as_tensor(y_enc)[idx],
+                torch.as_tensor(weights, dtype=torch.float32)[idx],
+                1,
+            )
         stored = self.snapshot(1)
-        same = all(np.array_equal(v.grad.numpy(), stored[f"first_grad:{k}"])
-                   for k, v in module.named_parameters())
+        same = all(
+            np.array_equal(v.grad.numpy(), stored[f"first_grad:{k}"])
+            for k, v in module.named_parameters()
+        )
         if not same:
             aside = self.dir.with_name(f"{self.dir.name}.stale-{time.strftime('%Y%m%d%H%M%S')}")
             self.dir.rename(aside)
             self.dir.mkdir()
-            print(f"{self.name}: the backend's first step no longer gives the stored "
-                  f"gradients; old checkpoints moved to {aside}", flush=True)
+            print(
+                f"{self.name}: the backend's first step no longer gives the stored "
+                f"gradients; old checkpoints moved to {aside}",
+                flush=True,
+            )
         else:
-            self.status = (f"reused from the cache, which holds {self.done()} epoch(s) (first "
-                           "step recomputed: identical bit for bit)")
+            self.status = (
+                f"reused from the cache, which holds {self.done()} epoch(s) (first "
+                "step recomputed: identical bit for bit)"
+            )
             print(f"{self.name}: {self.status}", flush=True)
 
     def train_to(self, epochs: int) -> None:
@@ -278,8 +303,10 @@ class Run:
             if r["epoch"] == start - 1:  # killed between the two files: redo that epoch
                 start = r["epoch"]
             if r["epoch"] != start:
-                raise RuntimeError(f"{self.dir}: resume.pt is at epoch {r['epoch']}, "
-                                   f"snapshots at {start}; delete the folder")
+                raise RuntimeError(
+                    f"{self.dir}: resume.pt is at epoch {r['epoch']}, "
+                    f"snapshots at {start}; delete the folder"
+                )
             module.load_state_dict(r["module"])
             holder["state"] = r["optimizer"]
             dropout_gen.set_state(r["dropout_gen"])
@@ -293,17 +320,30 @@ class Run:
                 if epoch > 1:
                     holder["first_grad"] = None  # only the first step of epoch 1
                 state = train(
-                    module, Xtr, y_enc, weights, valid=None, device=torch.device("cpu"),
-                    learning_rate=p["learning_rate"], weight_decay=p["weight_decay"],
-                    batch_size=p["batch_size"], max_epochs=1,
-                    n_iter_no_change=p["n_iter_no_change"], shuffle_generator=shuffle_gen,
-                    state=state)
+                    module,
+                    Xtr,
+                    y_enc,
+                    weights,
+                    valid=None,
+                    device=torch.device("cpu"),
+                    learning_rate=p["learning_rate"],
+                    weight_decay=p["weight_decay"],
+                    batch_size=p["batch_size"],
+                    max_epochs=1,
+                    n_iter_no_change=p["n_iter_no_change"],
+                    shuffle_generator=shuffle_gen,
+                    state=state,
+                )
                 opt = holder["optimizer"]
                 holder["state"] = opt.state_dict()
                 module.eval()
                 with torch.no_grad():
-                    log_proba = torch.cat([module(Xte_t[i:i + PREDICT_ROWS])
-                                           for i in range(0, len(Xte_t), PREDICT_ROWS)])
+                    log_proba = torch.cat(
+                        [
+                            module(Xte_t[i : i + PREDICT_ROWS])
+                            for i in range(0, len(Xte_t), PREDICT_ROWS)
+                        ]
+                    )
                 module.train()
                 pred = classes[log_proba.argmax(1).numpy()]
                 params = dict(module.named_parameters())
@@ -313,25 +353,39 @@ class Run:
                 if epoch == 1 and holder.get("first_grad") is not None:
                     for k, g in zip(params, holder["first_grad"]):
                         arrays[f"first_grad:{k}"] = g.numpy()
-                meta = {"epoch": epoch, "history": state.history, "loop_hash": self.code,
-                        "adam_steps": int(opt.state[next(iter(params.values()))]["step"]),
-                        "test_accuracy": float(np.mean(pred == yte))}
+                meta = {
+                    "epoch": epoch,
+                    "history": state.history,
+                    "loop_hash": self.code,
+                    "adam_steps": int(opt.state[next(iter(params.values()))]["step"]),
+                    "test_accuracy": float(np.mean(pred == yte)),
+                }
                 # both files written aside and renamed: a run killed mid-write leaves the
                 # previous epoch's checkpoint whole
                 tmp = self.dir / "epoch.npz.tmp"
                 with open(tmp, "wb") as fh:
-                    np.savez(fh, pred=pred, log_proba=log_proba.numpy(),
-                             meta=json.dumps(meta), **arrays)
+                    np.savez(
+                        fh, pred=pred, log_proba=log_proba.numpy(), meta=json.dumps(meta), **arrays
+                    )
                 tmp.replace(self.snapshot_path(epoch))
                 tmp = self.dir / "resume.pt.tmp"
-                torch.save({"epoch": epoch, "module": module.state_dict(),
-                            "optimizer": holder["state"], "dropout_gen": dropout_gen.get_state(),
-                            "shuffle_gen": shuffle_gen.get_state()}, tmp)
+                torch.save(
+                    {
+                        "epoch": epoch,
+                        "module": module.state_dict(),
+                        "optimizer": holder["state"],
+                        "dropout_gen": dropout_gen.get_state(),
+                        "shuffle_gen": shuffle_gen.get_state(),
+                    },
+                    tmp,
+                )
                 tmp.replace(self.dir / "resume.pt")
                 h = state.history[-1]
-                print(f"{self.name}: epoch {epoch} train_loss {h['train_loss']:.5f} "
-                      f"test_accuracy {meta['test_accuracy']:.4f} ({h['duration_s']:.1f} s)",
-                      flush=True)
+                print(
+                    f"{self.name}: epoch {epoch} train_loss {h['train_loss']:.5f} "
+                    f"test_accuracy {meta['test_accuracy']:.4f} ({h['duration_s']:.1f} s)",
+                    flush=True,
+                )
 
 
 def check_classifier(run: Run, epochs: int) -> dict:
@@ -343,36 +397,50 @@ def check_classifier(run: Run, epochs: int) -> dict:
     Xtr, ytr, Xte, yte = run.data
     if not path.exists():
         t0 = time.perf_counter()
-        clf = TGEMClassifier(max_epochs=epochs, random_state=run.seed,
-                             attention_backend=run.backend, n_threads=run.n_threads)
+        clf = TGEMClassifier(
+            max_epochs=epochs,
+            random_state=run.seed,
+            attention_backend=run.backend,
+            n_threads=run.n_threads,
+        )
         clf.fit(Xtr, ytr)
         secs = time.perf_counter() - t0
         clf.predict_batch_size = PREDICT_ROWS
         pred = clf.predict(Xte)
-        np.savez(path, pred=pred, fit_s=secs,
-                 **{f"param:{k}": v.detach().numpy()
-                    for k, v in clf.module_.named_parameters()})
+        np.savez(
+            path,
+            pred=pred,
+            fit_s=secs,
+            **{f"param:{k}": v.detach().numpy() for k, v in clf.module_.named_parameters()},
+        )
     with np.load(path, allow_pickle=False) as z:
         clf_params = {k[6:]: z[k] for k in z.files if k.startswith("param:")}
         pred, secs = z["pred"], float(z["fit_s"])
     snap = run.snapshot(epochs)
     diff = max(float(np.max(np.abs(v - snap[f"param:{k}"]))) for k, v in clf_params.items())
-    return {"epochs": epochs, "max_param_diff_classifier_vs_replica": diff,
-            "identical_test_predictions": float(np.mean(pred == snap["pred"])),
-            "classifier_fit_s": round(secs, 1)}
+    return {
+        "epochs": epochs,
+        "max_param_diff_classifier_vs_replica": diff,
+        "identical_test_predictions": float(np.mean(pred == snap["pred"])),
+        "classifier_fit_s": round(secs, 1),
+    }
 
 
 # ----------------------------------------------------------------------------- comparisons
 def flat(snap: dict, prefix: str = "param:") -> np.ndarray:
-    return np.concatenate([snap[k].astype(np.float64).ravel()
-                           for k in sorted(snap) if k.startswith(prefix)])
+    return np.concatenate(
+        [snap[k].astype(np.float64).ravel() for k in sorted(snap) if k.startswith(prefix)]
+    )
 
 
 def compare(a: dict, b: dict, tol: float) -> dict:
     d = np.abs(flat(a) - flat(b))
-    return {"max_param_diff": float(d.max()), "rms_param_diff": float(np.sqrt(np.mean(d ** 2))),
-            f"share_params_diff_gt_{tol:g}": float(np.mean(d > tol)),
-            "identical_test_predictions": float(np.mean(a["pred"] == b["pred"]))}
+    return {
+        "max_param_diff": float(d.max()),
+        "rms_param_diff": float(np.sqrt(np.mean(d**2))),
+        f"share_params_diff_gt_{tol:g}": float(np.mean(d > tol)),
+        "identical_test_predictions": float(np.mean(a["pred"] == b["pred"])),
+    }
 
 
 def large_difference_analysis(snaps: dict, lr: float, tol: float) -> dict:
@@ -391,14 +459,17 @@ def large_difference_analysis(snaps: dict, lr: float, tol: float) -> dict:
         return {}
     g64 = flat(oracle, "first_grad:")
     steps = oracle["meta"]["adam_steps"]
-    rms_grad = np.sqrt(flat(oracle, "adam_v:") / (1 - 0.999 ** steps))
+    rms_grad = np.sqrt(flat(oracle, "adam_v:") / (1 - 0.999**steps))
     rank = np.argsort(np.argsort(rms_grad)) / (len(rms_grad) - 1)  # percentile rank 0..1
     names = [k[6:] for k in sorted(oracle) if k.startswith("param:")]
     sizes = [oracle[f"param:{k}"].size for k in names]
     owner = np.repeat(np.arange(len(names)), sizes)
-    out = {"n_params": int(g64.size),
-           "median_abs_first_grad_float64": float(np.median(np.abs(g64))),
-           "median_rms_grad_float64": float(np.median(rms_grad)), "runs": {}}
+    out = {
+        "n_params": int(g64.size),
+        "median_abs_first_grad_float64": float(np.median(np.abs(g64))),
+        "median_rms_grad_float64": float(np.median(rms_grad)),
+        "runs": {},
+    }
     for name, snap in snaps.items():
         if name == ORACLE or not any(k.startswith("first_grad:") for k in snap):
             continue
@@ -406,22 +477,25 @@ def large_difference_analysis(snaps: dict, lr: float, tol: float) -> dict:
         flip = np.sign(g) != np.sign(g64)
         far = np.abs(flat(snap) - flat(oracle)) > tol
         rel = np.abs(g - g64) / np.maximum(np.abs(g64), np.finfo(np.float64).tiny)
-        per_tensor = {names[i]: int(c) for i, c in enumerate(np.bincount(owner[far],
-                                                                          minlength=len(names)))
-                      if c}
+        per_tensor = {
+            names[i]: int(c)
+            for i, c in enumerate(np.bincount(owner[far], minlength=len(names)))
+            if c
+        }
         out["runs"][name] = {
             "first_step_sign_flips": int(flip.sum()),
             "max_abs_first_grad_float64_of_flipped": float(np.abs(g64[flip]).max())
-            if flip.any() else None,
-            "max_rel_first_grad_error": float(np.max(np.abs(g - g64))
-                                              / np.max(np.abs(g64))),
+            if flip.any()
+            else None,
+            "max_rel_first_grad_error": float(np.max(np.abs(g - g64)) / np.max(np.abs(g64))),
             "median_elementwise_rel_first_grad_error": float(np.median(rel)),
             f"n_params_diff_gt_{tol:g}": int(far.sum()),
             "of_which_flipped_on_first_step": int((far & flip).sum()),
             "median_rms_grad_rank_of_those": float(np.median(rank[far])) if far.any() else None,
             "median_rms_grad_of_those": float(np.median(rms_grad[far])) if far.any() else None,
             "median_elementwise_rel_first_grad_error_of_those": float(np.median(rel[far]))
-            if far.any() else None,
+            if far.any()
+            else None,
             "tensors_holding_them": per_tensor,
         }
     return out
@@ -433,33 +507,45 @@ def summarise(runs: dict[str, Run], epochs_of: dict[str, int], tol: float, lr: f
     out = {}
     for e in at:
         snaps = {n: r.snapshot(e) for n, r in runs.items() if epochs_of[n] >= e}
-        block = {"runs": {n: {"train_loss": s["meta"]["history"][-1]["train_loss"],
-                              "test_accuracy": s["meta"]["test_accuracy"],
-                              "epoch_s": round(s["meta"]["history"][-1]["duration_s"], 1)}
-                          for n, s in snaps.items()}}
+        block = {
+            "runs": {
+                n: {
+                    "train_loss": s["meta"]["history"][-1]["train_loss"],
+                    "test_accuracy": s["meta"]["test_accuracy"],
+                    "epoch_s": round(s["meta"]["history"][-1]["duration_s"], 1),
+                }
+                for n, s in snaps.items()
+            }
+        }
         for base in (REFERENCE, ORACLE, "exact-float32"):
             if base not in snaps:
                 continue
-            block[f"vs_{base}"] = {n: compare(s, snaps[base], tol)
-                                   for n, s in snaps.items() if n != base}
+            block[f"vs_{base}"] = {
+                n: compare(s, snaps[base], tol) for n, s in snaps.items() if n != base
+            }
         names = list(snaps)
         block["identical_test_predictions_pairwise"] = {
-            a: {b: float(np.mean(snaps[a]["pred"] == snaps[b]["pred"])) for b in names[i + 1:]}
-            for i, a in enumerate(names[:-1])}
+            a: {b: float(np.mean(snaps[a]["pred"] == snaps[b]["pred"])) for b in names[i + 1 :]}
+            for i, a in enumerate(names[:-1])
+        }
         if REFERENCE in snaps and ORACLE in snaps:
             own = compare(snaps[REFERENCE], snaps[ORACLE], tol)
             block["standard_2x"] = {
                 "rule": "float32 error against float64 <= 2 x reference-float32's own",
-                "reference_float32_vs_float64": {k: own[k] for k in ("max_param_diff",
-                                                                     "rms_param_diff")}}
+                "reference_float32_vs_float64": {
+                    k: own[k] for k in ("max_param_diff", "rms_param_diff")
+                },
+            }
             for n, c in block[f"vs_{ORACLE}"].items():
                 if n == REFERENCE:
                     continue
                 ratio_max = c["max_param_diff"] / own["max_param_diff"]
                 ratio_rms = c["rms_param_diff"] / own["rms_param_diff"]
-                block["standard_2x"][n] = {"ratio_max": round(ratio_max, 3),
-                                           "ratio_rms": round(ratio_rms, 3),
-                                           "meets": bool(ratio_max <= 2 and ratio_rms <= 2)}
+                block["standard_2x"][n] = {
+                    "ratio_max": round(ratio_max, 3),
+                    "ratio_rms": round(ratio_rms, 3),
+                    "meets": bool(ratio_max <= 2 and ratio_rms <= 2),
+                }
         if e == 1:
             block["large_differences"] = large_difference_analysis(snaps, lr, tol)
         out[str(e)] = block
@@ -470,18 +556,25 @@ def print_tables(summary: dict) -> None:
     for e, block in summary.items():
         print(f"\n== after epoch {e}")
         bases = [k for k in block if k.startswith("vs_")]
-        print(f"{'run':22s} {'test acc':>8s} " + " ".join(
-            f"{'max d ' + k[3:]:>28s} {'same pred':>9s}" for k in bases))
+        print(
+            f"{'run':22s} {'test acc':>8s} "
+            + " ".join(f"{'max d ' + k[3:]:>28s} {'same pred':>9s}" for k in bases)
+        )
         for n, r in block["runs"].items():
             cells = []
             for k in bases:
                 c = block[k].get(n)
-                cells.append(f"{c['max_param_diff']:28.3e} {c['identical_test_predictions']:9.4f}"
-                             if c else f"{'-':>28s} {'-':>9s}")
+                cells.append(
+                    f"{c['max_param_diff']:28.3e} {c['identical_test_predictions']:9.4f}"
+                    if c
+                    else f"{'-':>28s} {'-':>9s}"
+                )
             print(f"{n:22s} {r['test_accuracy']:8.4f} " + " ".join(cells))
         if "standard_2x" in block:
-            print("standard (<= 2x reference-float32's error vs float64):",
-                  json.dumps({k: v for k, v in block["standard_2x"].items() if k != "rule"}))
+            print(
+                "standard (<= 2x reference-float32's error vs float64):",
+                json.dumps({k: v for k, v in block["standard_2x"].items() if k != "rule"}),
+            )
 
 
 # ----------------------------------------------------------------------------- main
@@ -489,12 +582,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=1, help="epochs of every float32 run")
     p.add_argument("--backends", nargs="+", default=["reference", "exact", "compiled", "native"])
-    p.add_argument("--reference-epochs", type=int, default=None,
-                   help="cap the (slow) reference runs at this many epochs (default: --epochs)")
-    p.add_argument("--float64", action="store_true",
-                   help="also train the reference formulation in float64 (the oracle)")
-    p.add_argument("--check", nargs="*", default=[], metavar="BACKEND=EPOCHS",
-                   help="fit TGEMClassifier itself and compare it with the replica")
+    p.add_argument(
+        "--reference-epochs",
+        type=int,
+        default=None,
+        help="cap the (slow) reference runs at this many epochs (default: --epochs)",
+    )
+    p.add_argument(
+        "--float64",
+        action="store_true",
+        help="also train the reference formulation in float64 (the oracle)",
+    )
+    p.add_argument(
+        "--check",
+        nargs="*",
+        default=[],
+        metavar="BACKEND=EPOCHS",
+        help="fit TGEMClassifier itself and compare it with the replica",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-threads", type=int, default=2)
     p.add_argument("--tol", type=float, default=1e-4, help="parameter tolerance of issue 3")
@@ -514,16 +619,17 @@ def main(argv=None) -> int:
     data = load_split(args.seed)
     cache = Path(args.cache)
     ref_epochs = min(args.epochs, args.reference_epochs or args.epochs)
-    plan = [(b, "float32", ref_epochs if b == "reference" else args.epochs)
-            for b in args.backends]
+    plan = [(b, "float32", ref_epochs if b == "reference" else args.epochs) for b in args.backends]
     if args.float64:
-        plan.insert(1 if plan and plan[0][0] == "reference" else 0,
-                    ("reference", "float64", ref_epochs))
+        plan.insert(
+            1 if plan and plan[0][0] == "reference" else 0, ("reference", "float64", ref_epochs)
+        )
     runs, epochs_of = {}, {}
     t_start = time.perf_counter()
     for backend, dtype, epochs in plan:
-        run = Run(backend, dtype, data, seed=args.seed, n_threads=args.n_threads, cache=cache,
-                  code=code)
+        run = Run(
+            backend, dtype, data, seed=args.seed, n_threads=args.n_threads, cache=cache, code=code
+        )
         run.validate()
         run.train_to(epochs)
         runs[run.name], epochs_of[run.name] = run, epochs
@@ -537,35 +643,43 @@ def main(argv=None) -> int:
     lr = TGEMClassifier().learning_rate
     summary = summarise(runs, epochs_of, args.tol, lr)
     print_tables(summary)
-    fit_s = {n: round(sum(h["duration_s"] for h in r.snapshot(epochs_of[n])["meta"]["history"]),
-                      1) for n, r in runs.items()}
+    fit_s = {
+        n: round(sum(h["duration_s"] for h in r.snapshot(epochs_of[n])["meta"]["history"]), 1)
+        for n, r in runs.items()
+    }
     Xtr, _, Xte, _ = data
     result = {
         "what": "parameters and PBMC test predictions of the same T-GEM fit with each "
-                "attention backend (issue 3: no accuracy change)",
+        "attention backend (issue 3: no accuracy change)",
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/bench_equivalence.py "
-                   + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                         else sys.argv[1:])),
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
-                    "torch": torch.__version__, "tgem": tgem.__version__,
-                    "torch_threads": args.n_threads, **git},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_name(),
+            "torch": torch.__version__,
+            "tgem": tgem.__version__,
+            "torch_threads": args.n_threads,
+            **git,
+        },
         "protocol": {
             "data": f"load_pbmc68k: {Xtr.shape[0]} training / {Xte.shape[0]} test cells "
-                    f"(stratified 80/20, seed {args.seed}), {Xtr.shape[1]} genes, float32",
+            f"(stratified 80/20, seed {args.seed}), {Xtr.shape[1]} genes, float32",
             "model": "TGEMClassifier defaults (3 layers, 5 heads, dropout 0.3, Adam lr 1e-4, "
-                     f"batch 16), random_state={args.seed}",
-            "runs": {n: {"epochs": epochs_of[n], "fit_s": fit_s[n], "checkpoints": r.status}
-                     for n, r in runs.items()},
+            f"batch 16), random_state={args.seed}",
+            "runs": {
+                n: {"epochs": epochs_of[n], "fit_s": fit_s[n], "checkpoints": r.status}
+                for n, r in runs.items()
+            },
             "replica": "every run is TGEMClassifier.fit's computation replayed epoch by epoch "
-                       "(see the script's docstring); 'classifier_check' compares it with "
-                       "TGEMClassifier itself",
+            "(see the script's docstring); 'classifier_check' compares it with "
+            "TGEMClassifier itself",
             "loop_hash": code,
             "fit_s": "sum of the epoch times of the checkpoints, possibly from several "
-                     "invocations at different machine loads",
+            "invocations at different machine loads",
             "tolerance": args.tol,
             "note": "the first epoch of 'compiled' includes torch.compile's compilation; "
-                    "times were taken on a 2-core machine shared with other jobs",
+            "times were taken on a 2-core machine shared with other jobs",
         },
         "classifier_check": checks,
         "after_epoch": summary,

@@ -70,18 +70,29 @@ def _probe_kernels():
     import triton.language as tl
 
     @triton.jit
-    def exp2_probe(x_ptr, out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
-                   FAST: tl.constexpr):
+    def exp2_probe(x_ptr, out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         a = tl.load(x_ptr + offs)
         b = a * 0.5
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for _ in range(ITERS):  # two independent chains, one FADD per exp2
             if FAST:
-                ea = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [a],
-                                               dtype=tl.float32, is_pure=True, pack=1)
-                eb = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [b],
-                                               dtype=tl.float32, is_pure=True, pack=1)
+                ea = tl.inline_asm_elementwise(
+                    "ex2.approx.ftz.f32 $0, $1;",
+                    "=f,f",
+                    [a],
+                    dtype=tl.float32,
+                    is_pure=True,
+                    pack=1,
+                )
+                eb = tl.inline_asm_elementwise(
+                    "ex2.approx.ftz.f32 $0, $1;",
+                    "=f,f",
+                    [b],
+                    dtype=tl.float32,
+                    is_pure=True,
+                    pack=1,
+                )
             else:
                 ea = tl.exp2(a)
                 eb = tl.exp2(b)
@@ -121,13 +132,17 @@ def probe_rates() -> dict:
     res = {}
     for fast in (False, True) if not INTERPRET else (False,):
         try:
-            ms = _bench_ms(lambda f=fast: exp2_probe[grid](x, out, ITERS=iters, BLOCK=block,
-                                                           FAST=f, num_warps=4), 50, 300)
+            ms = _bench_ms(
+                lambda f=fast: exp2_probe[grid](
+                    x, out, ITERS=iters, BLOCK=block, FAST=f, num_warps=4
+                ),
+                50,
+                300,
+            )
             res[f"exp2_per_s{'_ftz_asm' if fast else ''}"] = 2 * n * iters / (ms * 1e-3)
         except Exception as exc:  # inline PTX unsupported: record and go on
             res[f"exp2_error{'_ftz_asm' if fast else ''}"] = repr(exc)[:300]
-    ms = _bench_ms(lambda: fma_probe[grid](x, out, ITERS=iters, BLOCK=block, num_warps=4),
-                   50, 300)
+    ms = _bench_ms(lambda: fma_probe[grid](x, out, ITERS=iters, BLOCK=block, num_warps=4), 50, 300)
     res["fp32_flops_per_s"] = 4 * 2 * n * iters / (ms * 1e-3)
     res["exp2_peak_per_s"] = max(v for k, v in res.items() if k.startswith("exp2_per_s"))
     return res
@@ -152,15 +167,17 @@ def time_kernels(rows: int, genes: int) -> dict:
     calls = {
         "forward": lambda: ta._launch_forward(q, k, v, True, INTERPRET),
         "forward_nograd": lambda: ta._launch_forward(q, k, v, False, INTERPRET),
-        "backward": lambda: ta._launch_backward(q, k, v, scaled, out, inv_z, t, grad,
-                                                INTERPRET),
+        "backward": lambda: ta._launch_backward(q, k, v, scaled, out, inv_z, t, grad, INTERPRET),
     }
     res = {}
     for name, fn in calls.items():
         ms = _bench_ms(fn)
         pairs = rows * genes * genes
-        res[name] = {"ms": ms, "exp2_per_s": pairs / (ms * 1e-3),
-                     "flops_per_s": FLOPS_PER_PAIR[name] * pairs / (ms * 1e-3)}
+        res[name] = {
+            "ms": ms,
+            "exp2_per_s": pairs / (ms * 1e-3),
+            "flops_per_s": FLOPS_PER_PAIR[name] * pairs / (ms * 1e-3),
+        }
     return res
 
 
@@ -208,15 +225,19 @@ def kernel_info(genes=1708, rows=320) -> dict:
         cfg, launch = ta._config(name, False)
         grid = (rows, triton.cdiv(genes, cfg["BLOCK_M"]))
         if need is None:
-            ck = ta._kernel("backward", False)[grid](hi, lo, q, k, v, m2, out, inv_z, t, q,
-                                                     *bufs[3:], genes, **cfg, **launch)
+            ck = ta._kernel("backward", False)[grid](
+                hi, lo, q, k, v, m2, out, inv_z, t, q, *bufs[3:], genes, **cfg, **launch
+            )
         else:
-            ck = ta._kernel("forward", False)[grid](hi, lo, k, v, m2, cand, *bufs[:3], genes,
-                                                    NEED_GRAD=need, **cfg, **launch)
+            ck = ta._kernel("forward", False)[grid](
+                hi, lo, k, v, m2, cand, *bufs[:3], genes, NEED_GRAD=need, **cfg, **launch
+            )
         ptx = ck.asm.get("ptx", "")
-        info[name] = {"n_regs": getattr(ck, "n_regs", None),
-                      "n_spills": getattr(ck, "n_spills", None),
-                      "ex2_in_ptx": sorted(set(re.findall(r"ex2\.approx[.a-z0-9]*", ptx)))}
+        info[name] = {
+            "n_regs": getattr(ck, "n_regs", None),
+            "n_spills": getattr(ck, "n_spills", None),
+            "ex2_in_ptx": sorted(set(re.findall(r"ex2\.approx[.a-z0-9]*", ptx))),
+        }
     return info
 
 
@@ -229,16 +250,20 @@ def kernel_accuracy(genes=1708) -> dict:
     g = torch.randn(2, 2, genes, generator=gen, device=DEVICE)
     res = {}
     outs = {}
-    for name, fn, dt in (("float64", reference_attention, torch.float64),
-                         ("reference32", reference_attention, torch.float32),
-                         ("exact32", exact_attention, torch.float32),
-                         ("triton32", triton_attention, torch.float32)):
+    for name, fn, dt in (
+        ("float64", reference_attention, torch.float64),
+        ("reference32", reference_attention, torch.float32),
+        ("exact32", exact_attention, torch.float32),
+        ("triton32", triton_attention, torch.float32),
+    ):
         xs = [x.to(dt).requires_grad_() for x in (q, k, v)]
         o = fn(*xs)
         outs[name] = [o.detach(), *torch.autograd.grad(o, xs, g.to(dt))]
     for name in ("reference32", "exact32", "triton32"):
-        res[name] = {w: (a.double() - b).abs().max().item() for w, a, b in
-                     zip(("out", "dq", "dk", "dv"), outs[name], outs["float64"])}
+        res[name] = {
+            w: (a.double() - b).abs().max().item()
+            for w, a, b in zip(("out", "dq", "dk", "dv"), outs[name], outs["float64"])
+        }
     return res
 
 
@@ -272,9 +297,14 @@ def _bench_ms(fn, warmup_ms=25, rep_ms=200) -> float:
 def _model(genes, backend):
     from tgem._model import TGEMNet
 
-    net = TGEMNet(n_genes=genes, n_classes=10, n_layers=3, n_heads=5,
-                  attention_backend=BACKEND_NAMES.get(backend, backend),
-                  generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    net = TGEMNet(
+        n_genes=genes,
+        n_classes=10,
+        n_layers=3,
+        n_heads=5,
+        attention_backend=BACKEND_NAMES.get(backend, backend),
+        generator=torch.Generator().manual_seed(0),
+    ).to(DEVICE)
     return net
 
 
@@ -340,13 +370,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
     parser.add_argument("--genes", type=int, nargs="+", default=[1708, 22283])
-    parser.add_argument("--max-seconds", type=float, default=15.0,
-                        help="skip a measurement predicted to take longer than this")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=15.0,
+        help="skip a measurement predicted to take longer than this",
+    )
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--sweep-configs", type=json.loads, default=None,
-                        help='JSON list of {"BLOCK_M", "BLOCK_N", "num_warps"} to sweep')
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny CPU run through Triton's interpreter (TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--sweep-configs",
+        type=json.loads,
+        default=None,
+        help='JSON list of {"BLOCK_M", "BLOCK_N", "num_warps"} to sweep',
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny CPU run through Triton's interpreter (TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import triton
@@ -360,16 +401,24 @@ def main(argv=None):
         global IG_STEPS
         DEVICE, INTERPRET, IG_STEPS = "cpu", True, 2
         args.genes = [24, 48]
-        register_backend(Backend(
-            "triton_interpreter", lambda q, k, v: ta.triton_attention(q, k, v, interpret=True),
-            lambda device, dtype: None, priority=-10))
+        register_backend(
+            Backend(
+                "triton_interpreter",
+                lambda q, k, v: ta.triton_attention(q, k, v, interpret=True),
+                lambda device, dtype: None,
+                priority=-10,
+            )
+        )
         BACKEND_NAMES["triton"] = "triton_interpreter"
     on_gpu = DEVICE == "cuda"
-    result = {"gpu": torch.cuda.get_device_name(0) if on_gpu else "none (smoke test)",
-              "sms": torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 0,
-              "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "command": " ".join(
-                  ["python", "benchmarks/bench_gpu.py", *(argv or [])])}
+    result = {
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else "none (smoke test)",
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 0,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["python", "benchmarks/bench_gpu.py", *(argv or [])]),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -407,8 +456,12 @@ def main(argv=None):
             r["pct_of_exp2_peak"] = 100 * r["exp2_per_s"] / peak_exp
             r["pct_of_fp32_peak_67T"] = 100 * r["flops_per_s"] / 67e12
         result["kernels"][f"G{g}_rows{n}"] = timed
-        logger.info("kernels G=%d rows=%d: %s", g, n, {
-            k: (round(v["ms"], 3), round(v["pct_of_roofline"], 1)) for k, v in timed.items()})
+        logger.info(
+            "kernels G=%d rows=%d: %s",
+            g,
+            n,
+            {k: (round(v["ms"], 3), round(v["pct_of_roofline"], 1)) for k, v in timed.items()},
+        )
         save()
     result["accuracy_G1708"] = kernel_accuracy(1708 if on_gpu else 24)
     save()
@@ -423,10 +476,12 @@ def main(argv=None):
             items = {
                 "train_step_s_batch64": lambda r, w, g=g, b=backend: train_step_s(g, b, 64, r, w),
                 "train_step_s_batch16": lambda r, w, g=g, b=backend: train_step_s(g, b, 16, r, w),
-                "inference_samples_per_s_batch64":
-                    lambda r, w, g=g, b=backend: inference_samples_per_s(g, b, 64, r, w),
+                "inference_samples_per_s_batch64": lambda r, w, g=g, b=backend: (
+                    inference_samples_per_s(g, b, 64, r, w)
+                ),
                 "ig_s_per_sample": lambda r, w, g=g, b=backend, n=ig_samples: ig_s_per_sample(
-                    g, b, n, r, warmup=w),
+                    g, b, n, r, warmup=w
+                ),
             }
             for key, fn in items.items():
                 reps, warmup = (3, 1) if "ig" in key else (5, 2)
@@ -437,8 +492,10 @@ def main(argv=None):
                     if "ig" in key:
                         predicted *= ig_samples / 4
                     if predicted > args.max_seconds:
-                        rec[key] = {"skipped": f"predicted {predicted:.1f} s per repetition "
-                                               f"(> --max-seconds {args.max_seconds})"}
+                        rec[key] = {
+                            "skipped": f"predicted {predicted:.1f} s per repetition "
+                            f"(> --max-seconds {args.max_seconds})"
+                        }
                         continue
                     reps, warmup = (3, 1) if predicted < 1.0 else (1, 0)
                 t0 = time.perf_counter()
@@ -450,10 +507,12 @@ def main(argv=None):
                     continue
                 rec[key] = value
                 if g == first_g:
-                    per_rep[(backend, key)] = (64 / value if "inference" in key else
-                                               value * (4 if "ig" in key else 1))
-                logger.info("G=%d %s %s: %.5g (%.1f s)", g, backend, key, value,
-                            time.perf_counter() - t0)
+                    per_rep[(backend, key)] = (
+                        64 / value if "inference" in key else value * (4 if "ig" in key else 1)
+                    )
+                logger.info(
+                    "G=%d %s %s: %.5g (%.1f s)", g, backend, key, value, time.perf_counter() - t0
+                )
                 save()
         m = result["model"][f"G{g}"]
         for backend in ("triton", "exact"):
@@ -463,10 +522,13 @@ def main(argv=None):
         tri, ex = m["triton"], m["exact"]
         m["speedup_triton_over_exact"] = {
             k: (tri[k] / ex[k] if "samples_per_s" in k else ex[k] / tri[k])
-            for k in tri if isinstance(tri.get(k), float) and isinstance(ex.get(k), float)}
+            for k in tri
+            if isinstance(tri.get(k), float) and isinstance(ex.get(k), float)
+        }
         if g == 1708 and "train_samples_per_s_batch64" in tri:
-            m["train_speedup_vs_cpu_native_2core"] = (tri["train_samples_per_s_batch64"]
-                                                       / CPU_NATIVE_TRAIN_SAMPLES_PER_S)
+            m["train_speedup_vs_cpu_native_2core"] = (
+                tri["train_samples_per_s_batch64"] / CPU_NATIVE_TRAIN_SAMPLES_PER_S
+            )
         save()
     result["wall_s"] = time.perf_counter() - t_start
     save()
@@ -474,22 +536,32 @@ def main(argv=None):
 
 
 def _print_table(result):
-    print(f"\nGPU: {result['gpu']} ({result['sms']} SMs), torch {result['torch']}, "
-          f"triton {result['triton']}")
+    print(
+        f"\nGPU: {result['gpu']} ({result['sms']} SMs), torch {result['torch']}, "
+        f"triton {result['triton']}"
+    )
     p = result["probes"]
-    print(f"probes: exp2 {p['exp2_peak_per_s'] / 1e12:.2f} T/s, "
-          f"fp32 FMA {p['fp32_flops_per_s'] / 1e12:.1f} TFLOP/s")
+    print(
+        f"probes: exp2 {p['exp2_peak_per_s'] / 1e12:.2f} T/s, "
+        f"fp32 FMA {p['fp32_flops_per_s'] / 1e12:.1f} TFLOP/s"
+    )
     for shape, ks in result["kernels"].items():
         for name, r in ks.items():
-            print(f"kernel {shape:>16} {name:>15}: {r['ms']:8.3f} ms  "
-                  f"{r['exp2_per_s'] / 1e12:5.2f} Texp/s  {r['pct_of_roofline']:5.1f}% roofline"
-                  f"  {r['pct_of_fp32_peak_67T']:5.1f}% of 67 TFLOP/s")
+            print(
+                f"kernel {shape:>16} {name:>15}: {r['ms']:8.3f} ms  "
+                f"{r['exp2_per_s'] / 1e12:5.2f} Texp/s  {r['pct_of_roofline']:5.1f}% roofline"
+                f"  {r['pct_of_fp32_peak_67T']:5.1f}% of 67 TFLOP/s"
+            )
     for g, backends in result["model"].items():
         for backend, rec in backends.items():
             if isinstance(rec, dict):
-                print(f"model {g} {backend:>7}: " + ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in rec.items()))
+                print(
+                    f"model {g} {backend:>7}: "
+                    + ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in rec.items()
+                    )
+                )
             else:
                 print(f"model {g} {backend}: {rec}")
 

@@ -47,11 +47,15 @@ def write_h5ad(path: Path, size_gb: float, n_genes: int, density: float, seed: i
     rng = np.random.default_rng(seed)
     types = np.array(["T", "B", "NK", "Mono"])
     labels = rng.integers(0, len(types), size=n_cells).astype(np.int8)
-    obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(labels, types)},
-                       index=pd.RangeIndex(n_cells).astype(str))
-    skeleton = anndata.AnnData(X=sp.csr_matrix((n_cells, n_genes), dtype=np.float32),
-                               obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in
-                                                                range(n_genes)]))
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical.from_codes(labels, types)},
+        index=pd.RangeIndex(n_cells).astype(str),
+    )
+    skeleton = anndata.AnnData(
+        X=sp.csr_matrix((n_cells, n_genes), dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    )
     skeleton.write_h5ad(path)
     del skeleton, obs
     shift = rng.normal(0, 1.0, size=(len(types), n_genes)).astype(np.float32)
@@ -63,20 +67,25 @@ def write_h5ad(path: Path, size_gb: float, n_genes: int, density: float, seed: i
         X.attrs["shape"] = (n_cells, n_genes)
         total = n_cells * nnz_row
         data = X.create_dataset("data", shape=(total,), dtype="float32", chunks=(1 << 20,))
-        indices = X.create_dataset("indices", shape=(total,), dtype="int32",
-                                   chunks=(1 << 20,))
+        indices = X.create_dataset("indices", shape=(total,), dtype="int32", chunks=(1 << 20,))
         X.create_dataset("indptr", data=np.arange(n_cells + 1, dtype=np.int64) * nnz_row)
         block = 1 << 17
         for start in range(0, n_cells, block):
             stop = min(n_cells, start + block)
             m = stop - start
             cols = np.sort(np.argsort(rng.random((m, n_genes)), axis=1)[:, :nnz_row], axis=1)
-            vals = np.abs(rng.normal(1.0, 0.5, size=(m, nnz_row)).astype(np.float32)
-                          + shift[labels[start:stop, None], cols])
-            data[start * nnz_row:stop * nnz_row] = vals.ravel()
-            indices[start * nnz_row:stop * nnz_row] = cols.ravel().astype(np.int32)
-    return {"n_cells": n_cells, "n_genes": n_genes, "nnz_per_cell": nnz_row,
-            "file_bytes": path.stat().st_size}
+            vals = np.abs(
+                rng.normal(1.0, 0.5, size=(m, nnz_row)).astype(np.float32)
+                + shift[labels[start:stop, None], cols]
+            )
+            data[start * nnz_row : stop * nnz_row] = vals.ravel()
+            indices[start * nnz_row : stop * nnz_row] = cols.ravel().astype(np.int32)
+    return {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "nnz_per_cell": nnz_row,
+        "file_bytes": path.stat().st_size,
+    }
 
 
 def child(args) -> None:
@@ -93,18 +102,30 @@ def child(args) -> None:
     torch.set_num_threads(1)
     # warm-up on 64 in-memory cells: everything a fit imports or allocates once is baseline
     warm = np.random.default_rng(0).random((64, 8), dtype=np.float32)
-    TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, n_threads=1).fit(warm, warm[:, 0] > .5)
+    TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, n_threads=1).fit(warm, warm[:, 0] > 0.5)
     base_vm, base_rss = _status_kib("VmSize") * 1024, _status_kib("VmRSS") * 1024
     cap = base_vm + int(args.allow_gb * GiB)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    out = {"mode": args.child, "baseline_vm_bytes": base_vm, "baseline_rss_bytes": base_rss,
-           "cap_bytes": cap, "allow_bytes": int(args.allow_gb * GiB)}
+    out = {
+        "mode": args.child,
+        "baseline_vm_bytes": base_vm,
+        "baseline_rss_bytes": base_rss,
+        "cap_bytes": cap,
+        "allow_bytes": int(args.allow_gb * GiB),
+    }
     t0 = time.perf_counter()
     try:
         if args.child == "fit":
-            clf = TGEMClassifier(n_layers=1, n_heads=1, dropout=0.0, max_epochs=1,
-                                 batch_size=args.batch_size, learning_rate=1e-2,
-                                 n_threads=1, random_state=0)
+            clf = TGEMClassifier(
+                n_layers=1,
+                n_heads=1,
+                dropout=0.0,
+                max_epochs=1,
+                batch_size=args.batch_size,
+                learning_rate=1e-2,
+                n_threads=1,
+                random_state=0,
+            )
             clf.fit(args.path, y="cell_type")
             out["train_loss"] = clf.history_[-1]["train_loss"]
             out["train_accuracy"] = clf.history_[-1]["train_accuracy"]
@@ -148,34 +169,57 @@ def main() -> None:
     runs = []
     try:
         for mode in ("fit", "load"):
-            cmd = [sys.executable, __file__, "--child", mode, "--path", str(path),
-                   "--allow-gb", str(args.allow_gb), "--batch-size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--path",
+                str(path),
+                "--allow-gb",
+                str(args.allow_gb),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            run = json.loads(lines[-1]) if lines else {
-                "mode": mode, "completed": False, "returncode": proc.returncode,
-                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""}
+            run = (
+                json.loads(lines[-1])
+                if lines
+                else {
+                    "mode": mode,
+                    "completed": False,
+                    "returncode": proc.returncode,
+                    "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
+                }
+            )
             runs.append(run)
     finally:
         if args.delete:
             path.unlink(missing_ok=True)
     result = {"file": meta, "runs": runs, "python": sys.version.split()[0]}
     mb = 1e6
-    print(f"file: {meta['file_bytes'] / mb:,.0f} MB, {meta['n_cells']:,} cells x "
-          f"{meta['n_genes']} genes (CSR, {meta['nnz_per_cell']} stored values per cell)")
-    print(f"{'process':8} {'done':5} {'seconds':>8} {'cap over base MB':>17} "
-          f"{'base RSS MB':>12} {'peak RSS MB':>12} {'RSS over base MB':>17} "
-          f"{'VM over base MB':>16}")
+    print(
+        f"file: {meta['file_bytes'] / mb:,.0f} MB, {meta['n_cells']:,} cells x "
+        f"{meta['n_genes']} genes (CSR, {meta['nnz_per_cell']} stored values per cell)"
+    )
+    print(
+        f"{'process':8} {'done':5} {'seconds':>8} {'cap over base MB':>17} "
+        f"{'base RSS MB':>12} {'peak RSS MB':>12} {'RSS over base MB':>17} "
+        f"{'VM over base MB':>16}"
+    )
     for r in runs:
         if "cap_bytes" not in r:
             print(f"{r['mode']:8} {str(r['completed']):5} {r.get('error', '')}")
             continue
-        print(f"{r['mode']:8} {str(r['completed']):5} {r['seconds']:8.1f} "
-              f"{r['allow_bytes'] / mb:17,.0f} {r['baseline_rss_bytes'] / mb:12,.0f} "
-              f"{r['peak_rss_bytes'] / mb:12,.0f} "
-              f"{r['peak_rss_over_baseline_bytes'] / mb:17,.0f} "
-              f"{r['peak_vm_over_baseline_bytes'] / mb:16,.0f}"
-              + (f"  ({r['error']})" if not r["completed"] else ""))
+        print(
+            f"{r['mode']:8} {str(r['completed']):5} {r['seconds']:8.1f} "
+            f"{r['allow_bytes'] / mb:17,.0f} {r['baseline_rss_bytes'] / mb:12,.0f} "
+            f"{r['peak_rss_bytes'] / mb:12,.0f} "
+            f"{r['peak_rss_over_baseline_bytes'] / mb:17,.0f} "
+            f"{r['peak_vm_over_baseline_bytes'] / mb:16,.0f}"
+            + (f"  ({r['error']})" if not r["completed"] else "")
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -64,14 +64,19 @@ def kernel_alone(nat, genes: int, batch: int, heads: int, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, genes, generator=gen) * 4
     std = (2.0 / (genes + heads)) ** 0.5
-    q, k, v = ((x * (torch.randn(heads, genes, generator=gen) * std)).reshape(-1, genes)
-               .contiguous() for _ in range(3))
+    q, k, v = (
+        (x * (torch.randn(heads, genes, generator=gen) * std)).reshape(-1, genes).contiguous()
+        for _ in range(3)
+    )
     grad = torch.randn(batch * heads, genes, generator=gen)
     out, m2, inv_z, e_diag = nat.native_forward(q, k, v)
     fwd = _best(lambda: nat.native_forward(q, k, v), repeats)
     bwd = _best(lambda: nat.native_backward(q, k, v, m2, inv_z, e_diag, out, grad), repeats)
-    return {"forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,
-            "pairs": batch * heads * genes * genes}
+    return {
+        "forward_ms": 1e3 * fwd,
+        "backward_ms": 1e3 * bwd,
+        "pairs": batch * heads * genes * genes,
+    }
 
 
 def _benchmark_step(genes: int, batch: int, heads: int, layers: int, fused_adam: bool = True):
@@ -82,23 +87,33 @@ def _benchmark_step(genes: int, batch: int, heads: int, layers: int, fused_adam:
     from tgem._training import make_optimizer
 
     gen = torch.Generator().manual_seed(0)
-    net = TGEMNet(genes, 34, n_layers=layers, n_heads=heads, dropout=0.3,
-                  attention_backend="native", generator=gen)
+    net = TGEMNet(
+        genes,
+        34,
+        n_layers=layers,
+        n_heads=heads,
+        dropout=0.3,
+        attention_backend="native",
+        generator=gen,
+    )
     x = torch.rand(batch, genes, generator=gen) * 4
     y = torch.randint(0, 34, (batch,), generator=gen)
-    opt = (make_optimizer(net.parameters(), 1e-4) if fused_adam
-           else torch.optim.Adam(net.parameters(), lr=1e-4))
+    opt = (
+        make_optimizer(net.parameters(), 1e-4)
+        if fused_adam
+        else torch.optim.Adam(net.parameters(), lr=1e-4)
+    )
 
     def step():
         net.train()
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.nll_loss(net(x), y).backward()
         opt.step()
+
     return net, x, step
 
 
-def training_step(nat, genes: int, batch: int, heads: int, layers: int,
-                  repeats: int) -> dict:
+def training_step(nat, genes: int, batch: int, heads: int, layers: int, repeats: int) -> dict:
     """Median training step and the time inside the native layer calls (ms per step)."""
     spent = {"forward": 0.0, "backward": 0.0}
     forward, backward = nat.native_layer_forward, nat.native_layer_backward
@@ -130,11 +145,21 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
             total = time.perf_counter() - t0
             rate_after = quick()
             # the bound at that moment: the mean rate of the probes just before and after
-            bound_ms = 1e3 * fma_probe.workload_bounds(
-                (rate_before + rate_after) / 2, genes, heads, layers, batch)["train_s"]
-            rows.append({"step_ms": 1e3 * total, "kernel_forward_ms": 1e3 * spent["forward"],
-                         "kernel_backward_ms": 1e3 * spent["backward"],
-                         "paired_bound_ms": bound_ms, "probe_lane_fma_per_s": rate_after})
+            bound_ms = (
+                1e3
+                * fma_probe.workload_bounds(
+                    (rate_before + rate_after) / 2, genes, heads, layers, batch
+                )["train_s"]
+            )
+            rows.append(
+                {
+                    "step_ms": 1e3 * total,
+                    "kernel_forward_ms": 1e3 * spent["forward"],
+                    "kernel_backward_ms": 1e3 * spent["backward"],
+                    "paired_bound_ms": bound_ms,
+                    "probe_lane_fma_per_s": rate_after,
+                }
+            )
             rate_before = rate_after
     finally:
         nat.native_layer_forward, nat.native_layer_backward = forward, backward
@@ -147,8 +172,11 @@ def training_step(nat, genes: int, batch: int, heads: int, layers: int,
     med["layers_alone_ms"] = alone
     med["paired_pct_of_bound_median"] = pct[len(pct) // 2]
     med["paired_pct_of_bound_all"] = pct
-    med["probe_between_steps"] = {"min": rates[0], "median": rates[len(rates) // 2],
-                                  "max": rates[-1]}
+    med["probe_between_steps"] = {
+        "min": rates[0],
+        "median": rates[len(rates) // 2],
+        "max": rates[-1],
+    }
     return med
 
 
@@ -168,8 +196,9 @@ def layers_alone(nat, net, x, repeats: int) -> float:
         h = h.contiguous()
         saved = nat.native_layer_forward(h, *w)[1]
         total += _best(lambda h=h, w=w: nat.native_layer_forward(h, *w), repeats)
-        total += _best(lambda h=h, w=w, saved=saved: nat.native_layer_backward(
-            h, *w, saved, grad), repeats)
+        total += _best(
+            lambda h=h, w=w, saved=saved: nat.native_layer_backward(h, *w, saved, grad), repeats
+        )
     return 1e3 * total
 
 
@@ -192,6 +221,7 @@ def compare_composed(genes: int, batch: int, heads: int, layers: int, repeats: i
         def step():
             att._BACKENDS["native"] = fused if as_tgem else composed
             train_step()
+
         return step
 
     steps = {"tgem": make(True), "composed": make(False)}
@@ -208,9 +238,9 @@ def compare_composed(genes: int, batch: int, heads: int, layers: int, repeats: i
     finally:
         att._BACKENDS["native"] = fused
     diffs = [c - t for c, t in zip(times["composed"], times["tgem"])]
-    return {name: {"median_ms": statistics.median(ts), "best_ms": min(ts)}
-            for name, ts in times.items()} | {"paired_saving_median_ms":
-                                               statistics.median(diffs)}
+    return {
+        name: {"median_ms": statistics.median(ts), "best_ms": min(ts)} for name, ts in times.items()
+    } | {"paired_saving_median_ms": statistics.median(diffs)}
 
 
 def main(argv=None) -> dict:
@@ -221,13 +251,21 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--library", type=Path,
-                   help="measure this build of the kernel library instead of tgem's own (e.g. "
-                        "one compiled from an older tgem_kernels.c, to compare versions)")
-    p.add_argument("--compare-composed", type=int, default=0, metavar="N",
-                   help="also time N alternating training steps of the composed path (the "
-                        "attention kernel inside PyTorch's q/k/v products and head mixing, "
-                        "PyTorch's default Adam) against tgem's")
+    p.add_argument(
+        "--library",
+        type=Path,
+        help="measure this build of the kernel library instead of tgem's own (e.g. "
+        "one compiled from an older tgem_kernels.c, to compare versions)",
+    )
+    p.add_argument(
+        "--compare-composed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N alternating training steps of the composed path (the "
+        "attention kernel inside PyTorch's q/k/v products and head mixing, "
+        "PyTorch's default Adam) against tgem's",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -251,58 +289,95 @@ def main(argv=None) -> dict:
     per_pair = {k: rate * kern[f"{k}_ms"] / 1e3 / kern["pairs"] for k in ("forward", "backward")}
     bound_layer_ms = bound_step_ms / args.layers
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "isa": nat._active_isa()[0],
-                    "date": time.strftime("%Y-%m-%d"),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "args": vars(args) | {"out": str(args.out) if args.out else None,
-                              "library": str(args.library) if args.library else None},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "isa": nat._active_isa()[0],
+            "date": time.strftime("%Y-%m-%d"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "args": vars(args)
+        | {
+            "out": str(args.out) if args.out else None,
+            "library": str(args.library) if args.library else None,
+        },
         "probe_lane_fma_per_s": [rate0, rate1],
         "bound_train_step_ms": bound_step_ms,
-        "kernel": kern | {"ops_per_pair": per_pair,
-                          "layer_ms": kern["forward_ms"] + kern["backward_ms"],
-                          "layer_pct_of_bound": 100 * bound_layer_ms
-                          / (kern["forward_ms"] + kern["backward_ms"])},
-        "train_step": step | {"pct_of_bound": 100 * bound_step_ms / step["step_ms"],
-                              "best_pct_of_bound": 100 * bound_step_ms / step["best_step_ms"]},
+        "kernel": kern
+        | {
+            "ops_per_pair": per_pair,
+            "layer_ms": kern["forward_ms"] + kern["backward_ms"],
+            "layer_pct_of_bound": 100 * bound_layer_ms / (kern["forward_ms"] + kern["backward_ms"]),
+        },
+        "train_step": step
+        | {
+            "pct_of_bound": 100 * bound_step_ms / step["step_ms"],
+            "best_pct_of_bound": 100 * bound_step_ms / step["best_step_ms"],
+        },
     }
-    print(f"probe {rate0 / 1e9:.1f} / {rate1 / 1e9:.1f} G lane-FMA/s; bound "
-          f"{bound_step_ms:.1f} ms per training step ({args.genes} genes, batch {args.batch}, "
-          f"{args.layers} layers x {args.heads} heads)")
+    print(
+        f"probe {rate0 / 1e9:.1f} / {rate1 / 1e9:.1f} G lane-FMA/s; bound "
+        f"{bound_step_ms:.1f} ms per training step ({args.genes} genes, batch {args.batch}, "
+        f"{args.layers} layers x {args.heads} heads)"
+    )
     print("| part | ms | ops per pair (bound counts) | % of bound |")
     print("|---|---|---|---|")
-    print(f"| kernel forward, one layer | {kern['forward_ms']:.1f} | "
-          f"{per_pair['forward']:.1f} (10) | |")
-    print(f"| kernel backward, one layer | {kern['backward_ms']:.1f} | "
-          f"{per_pair['backward']:.1f} (10) | |")
-    print(f"| kernel, one layer | {result['kernel']['layer_ms']:.1f} | | "
-          f"{result['kernel']['layer_pct_of_bound']:.0f} |")
-    print(f"| training step (median of {args.repeats}) | {step['step_ms']:.1f} | | "
-          f"{result['train_step']['pct_of_bound']:.0f} |")
-    print(f"| of which inside the native layer calls | "
-          f"{step['kernel_forward_ms'] + step['kernel_backward_ms']:.1f} | | |")
+    print(
+        f"| kernel forward, one layer | {kern['forward_ms']:.1f} | "
+        f"{per_pair['forward']:.1f} (10) | |"
+    )
+    print(
+        f"| kernel backward, one layer | {kern['backward_ms']:.1f} | "
+        f"{per_pair['backward']:.1f} (10) | |"
+    )
+    print(
+        f"| kernel, one layer | {result['kernel']['layer_ms']:.1f} | | "
+        f"{result['kernel']['layer_pct_of_bound']:.0f} |"
+    )
+    print(
+        f"| training step (median of {args.repeats}) | {step['step_ms']:.1f} | | "
+        f"{result['train_step']['pct_of_bound']:.0f} |"
+    )
+    print(
+        f"| of which inside the native layer calls | "
+        f"{step['kernel_forward_ms'] + step['kernel_backward_ms']:.1f} | | |"
+    )
     print(f"| of which PyTorch around them | {step['other_ms']:.1f} | | |")
-    print(f"| the step's native layer calls alone (best of {args.repeats} each) | "
-          f"{step['layers_alone_ms']:.1f} | | "
-          f"{100 * bound_step_ms / step['layers_alone_ms']:.0f} |")
-    print(f"| best training step | {step['best_step_ms']:.1f} | | "
-          f"{result['train_step']['best_pct_of_bound']:.0f} |")
+    print(
+        f"| the step's native layer calls alone (best of {args.repeats} each) | "
+        f"{step['layers_alone_ms']:.1f} | | "
+        f"{100 * bound_step_ms / step['layers_alone_ms']:.0f} |"
+    )
+    print(
+        f"| best training step | {step['best_step_ms']:.1f} | | "
+        f"{result['train_step']['best_pct_of_bound']:.0f} |"
+    )
     probes = step["probe_between_steps"]
-    print(f"| training step against the probes just before and after it (median of "
-          f"{args.repeats} ratios) | | | {step['paired_pct_of_bound_median']:.0f} |")
-    print(f"probes between the steps: {probes['min'] / 1e9:.1f} / {probes['median'] / 1e9:.1f} / "
-          f"{probes['max'] / 1e9:.1f} G lane-FMA/s (min / median / max)")
+    print(
+        f"| training step against the probes just before and after it (median of "
+        f"{args.repeats} ratios) | | | {step['paired_pct_of_bound_median']:.0f} |"
+    )
+    print(
+        f"probes between the steps: {probes['min'] / 1e9:.1f} / {probes['median'] / 1e9:.1f} / "
+        f"{probes['max'] / 1e9:.1f} G lane-FMA/s (min / median / max)"
+    )
     if args.compare_composed:
-        comp = compare_composed(args.genes, args.batch, args.heads, args.layers,
-                                args.compare_composed)
+        comp = compare_composed(
+            args.genes, args.batch, args.heads, args.layers, args.compare_composed
+        )
         result["compare_composed"] = comp
         print(f"\n{args.compare_composed} alternating training steps (ms, median / best):")
         print("| path | median | best |")
         print("|---|---|---|")
-        print(f"| tgem (one native call per layer, fused Adam) | {comp['tgem']['median_ms']:.1f}"
-              f" | {comp['tgem']['best_ms']:.1f} |")
-        print(f"| composed (kernel inside PyTorch's q/k/v products and head mix, default Adam)"
-              f" | {comp['composed']['median_ms']:.1f} | {comp['composed']['best_ms']:.1f} |")
+        print(
+            f"| tgem (one native call per layer, fused Adam) | {comp['tgem']['median_ms']:.1f}"
+            f" | {comp['tgem']['best_ms']:.1f} |"
+        )
+        print(
+            f"| composed (kernel inside PyTorch's q/k/v products and head mix, default Adam)"
+            f" | {comp['composed']['median_ms']:.1f} | {comp['composed']['best_ms']:.1f} |"
+        )
         print(f"median paired saving: {comp['paired_saving_median_ms']:.1f} ms per step")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

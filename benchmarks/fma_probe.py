@@ -41,13 +41,20 @@ def _library():
     from tgem import _native
 
     if _native._LIB is None:
-        raise RuntimeError(f"tgem's native kernel is not available: {_native.native_status()}. "
-                           "Build it with `pip install -e .` (a C compiler is needed).")
+        raise RuntimeError(
+            f"tgem's native kernel is not available: {_native.native_status()}. "
+            "Build it with `pip install -e .` (a C compiler is needed)."
+        )
     return _native
 
 
-def probe(isa: str | None = None, threads: int | None = None, seconds: float = 0.25,
-          repeats: int = 5, clock: str = "wall") -> dict:
+def probe(
+    isa: str | None = None,
+    threads: int | None = None,
+    seconds: float = 0.25,
+    repeats: int = 5,
+    clock: str = "wall",
+) -> dict:
     """Best measured FMA throughput of one instruction-set path.
 
     Parameters
@@ -99,9 +106,15 @@ def probe(isa: str | None = None, threads: int | None = None, seconds: float = 0
             raise RuntimeError(f"FMA probe failed for isa={isa}, threads={threads}.")
     best = min(runs)
     ops = iters * chains * lanes * threads
-    return {"isa": isa, "threads": threads, "clock": clock, "lanes": lanes,
-            "fma_lane_ops_per_s": ops / best, "gflops": 2 * ops / best / 1e9,
-            "all_runs_s": runs}
+    return {
+        "isa": isa,
+        "threads": threads,
+        "clock": clock,
+        "lanes": lanes,
+        "fma_lane_ops_per_s": ops / best,
+        "gflops": 2 * ops / best / 1e9,
+        "all_runs_s": runs,
+    }
 
 
 class QuickProbe:
@@ -126,8 +139,7 @@ class QuickProbe:
     True
     """
 
-    def __init__(self, seconds: float = 0.04, isa: str | None = None,
-                 threads: int | None = None):
+    def __init__(self, seconds: float = 0.04, isa: str | None = None, threads: int | None = None):
         nat = _library()
         self._lib = nat._LIB
         self._code = nat.ISAS.index(isa or nat.supported_isas()[-1])
@@ -156,9 +168,15 @@ class QuickProbe:
         return self._ops / self._run(self._iters)
 
 
-def measure_bound(genes: int = 1708, heads: int = 5, layers: int = 3, train_batch: int = 16,
-                  isa: str | None = None, threads: int | None = None,
-                  clock: str = "wall") -> dict:
+def measure_bound(
+    genes: int = 1708,
+    heads: int = 5,
+    layers: int = 3,
+    train_batch: int = 16,
+    isa: str | None = None,
+    threads: int | None = None,
+    clock: str = "wall",
+) -> dict:
     """The machine's FMA throughput and the T-GEM time bounds it implies.
 
     Returns
@@ -177,26 +195,35 @@ def measure_bound(genes: int = 1708, heads: int = 5, layers: int = 3, train_batc
     """
     res = probe(isa=isa, threads=threads, clock=clock)
     limits = workload_bounds(res["fma_lane_ops_per_s"], genes, heads, layers, train_batch)
-    res.update({
-        "genes": genes, "heads": heads, "layers": layers, "train_batch": train_batch,
-        "fma_ops_per_pair": dict(FMA_OPS),
-        "train_step_ms": 1e3 * limits["train_s"],
-        "inference_samples_per_s": limits["infer_sps"],
-        "ig_sample_s": limits["ig_s"],
-    })
+    res.update(
+        {
+            "genes": genes,
+            "heads": heads,
+            "layers": layers,
+            "train_batch": train_batch,
+            "fma_ops_per_pair": dict(FMA_OPS),
+            "train_step_ms": 1e3 * limits["train_s"],
+            "inference_samples_per_s": limits["infer_sps"],
+            "ig_sample_s": limits["ig_s"],
+        }
+    )
     return res
 
 
-def workload_bounds(rate: float, genes: int, heads: int = 5, layers: int = 3,
-                    train_batch: int = 16) -> dict:
+def workload_bounds(
+    rate: float, genes: int, heads: int = 5, layers: int = 3, train_batch: int = 16
+) -> dict:
     """Lowest times at ``rate`` lane-FMA/s: a training step of ``train_batch`` samples
     (``train_s``), inference samples per second (``infer_sps``) and one 50-step Integrated
     Gradients sample (``ig_s``: 50 training forwards and backwards and 2 inference forwards)."""
     pairs = heads * genes * genes * layers  # per sample
     train = pairs * (FMA_OPS["train_forward"] + FMA_OPS["backward"]) / rate
     infer = pairs * FMA_OPS["inference"] / rate
-    return {"train_s": train * train_batch, "infer_sps": 1.0 / infer,
-            "ig_s": 50 * train + 2 * infer}
+    return {
+        "train_s": train * train_batch,
+        "infer_sps": 1.0 / infer,
+        "ig_s": 50 * train + 2 * infer,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -204,21 +231,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--genes", type=int, default=1708)
     parser.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None)
-    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                        help="'thread': one thread's CPU time x threads (on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="'thread': one thread's CPU time x threads (on a shared machine)",
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     nat = _library()
     rows = []
-    for isa in ([args.isa] if args.isa else nat.supported_isas()):
-        rows.append(measure_bound(genes=args.genes, isa=isa, threads=args.threads,
-                                  clock=args.clock))
-    print(f"{'isa':8} {'threads':>7} {'G lane-FMA/s':>13} {'GFLOP/s':>8} "
-          f"{'train ms':>9} {'infer/s':>8} {'IG s':>6}")
+    for isa in [args.isa] if args.isa else nat.supported_isas():
+        rows.append(
+            measure_bound(genes=args.genes, isa=isa, threads=args.threads, clock=args.clock)
+        )
+    print(
+        f"{'isa':8} {'threads':>7} {'G lane-FMA/s':>13} {'GFLOP/s':>8} "
+        f"{'train ms':>9} {'infer/s':>8} {'IG s':>6}"
+    )
     for r in rows:
-        print(f"{r['isa']:8} {r['threads']:7d} {r['fma_lane_ops_per_s'] / 1e9:13.1f} "
-              f"{r['gflops']:8.1f} {r['train_step_ms']:9.1f} "
-              f"{r['inference_samples_per_s']:8.1f} {r['ig_sample_s']:6.3f}")
+        print(
+            f"{r['isa']:8} {r['threads']:7d} {r['fma_lane_ops_per_s'] / 1e9:13.1f} "
+            f"{r['gflops']:8.1f} {r['train_step_ms']:9.1f} "
+            f"{r['inference_samples_per_s']:8.1f} {r['ig_sample_s']:6.3f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

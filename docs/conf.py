@@ -33,8 +33,10 @@ exclude_patterns = ["_build"]
 templates_path = ["_templates"]
 html_theme = "alabaster"
 html_static_path = []
-html_theme_options = {"description": "T-GEM as an interpretable scikit-learn estimator",
-                      "fixed_sidebar": True}
+html_theme_options = {
+    "description": "T-GEM as an interpretable scikit-learn estimator",
+    "fixed_sidebar": True,
+}
 # MathJax is loaded by the reader's browser; the build itself needs no network.
 nitpicky = False
 
@@ -47,8 +49,8 @@ API_MODULES = [
     ("tgem.datasets", "Bundled data and readers"),
     ("tgem.interpret", "Gene attributions and the ablation study"),
     ("tgem.attention", "Attention entropy, maps and gene networks"),
-    ("tgem.plotting", "Figures (optional extra: pip install \"tgem[plot]\")"),
-    ("tgem.dask", "Inference and attributions on Dask (extra: pip install \"tgem[dask]\")"),
+    ("tgem.plotting", 'Figures (optional extra: pip install "tgem[plot]")'),
+    ("tgem.dask", 'Inference and attributions on Dask (extra: pip install "tgem[dask]")'),
 ]
 
 
@@ -58,8 +60,13 @@ def _available(module_name: str, name: str, module) -> bool:
 
 
 def _write_api_page() -> None:
-    lines = ["API reference", "=============", "",
-             "Generated from the docstrings: each public module's ``__all__``.", ""]
+    lines = [
+        "API reference",
+        "=============",
+        "",
+        "Generated from the docstrings: each public module's ``__all__``.",
+        "",
+    ]
     for module_name, title in API_MODULES:
         if importlib.util.find_spec(module_name) is None:
             continue
@@ -68,9 +75,18 @@ def _write_api_page() -> None:
         names = [n for n in names if _available(module_name, n, module)]
         if not names:
             continue
-        lines += [f"``{module_name}``: {title}", "-" * (len(module_name) + len(title) + 6), "",
-                  f".. currentmodule:: {module_name}", "", ".. autosummary::",
-                  "   :toctree: .", "", *[f"   {n}" for n in sorted(names)], ""]
+        lines += [
+            f"``{module_name}``: {title}",
+            "-" * (len(module_name) + len(title) + 6),
+            "",
+            f".. currentmodule:: {module_name}",
+            "",
+            ".. autosummary::",
+            "   :toctree: .",
+            "",
+            *[f"   {n}" for n in sorted(names)],
+            "",
+        ]
     out = HERE / "generated" / "api.rst"
     out.parent.mkdir(exist_ok=True)
     text = "\n".join(lines)
@@ -90,8 +106,11 @@ MARKER = "   OTHER_PAGES\n"
 
 def _other_pages(index_source: str) -> list[str]:
     listed = {line.strip() for line in index_source.splitlines()}
-    pages = [p.relative_to(HERE).with_suffix("").as_posix()
-             for pattern in ("*.rst", "user_guide/*.rst") for p in sorted(HERE.glob(pattern))]
+    pages = [
+        p.relative_to(HERE).with_suffix("").as_posix()
+        for pattern in ("*.rst", "user_guide/*.rst")
+        for p in sorted(HERE.glob(pattern))
+    ]
     return [p for p in pages if p != "index" and p not in listed]
 
 

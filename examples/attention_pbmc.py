@@ -54,15 +54,23 @@ CELL_TYPES = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "Dendritic"]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="tgem_attention_output")
-    p.add_argument("--recipe", choices=["default", "scaled"], default="default",
-                   help="default: TGEMClassifier(random_state=0) on the log-normalised data; "
-                        "scaled: genes standardised on the training cells, learning_rate=1e-3")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's own setting)")
+    p.add_argument(
+        "--recipe",
+        choices=["default", "scaled"],
+        default="default",
+        help="default: TGEMClassifier(random_state=0) on the log-normalised data; "
+        "scaled: genes standardised on the training cells, learning_rate=1e-3",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own setting)"
+    )
     p.add_argument("--cell-types", nargs="+", default=CELL_TYPES)
     p.add_argument("--test-size", type=float, default=0.25)
-    p.add_argument("--model", help="a model file (.tgem) written by an earlier run of this "
-                                    "script with the same recipe, analysed instead of fitting")
+    p.add_argument(
+        "--model",
+        help="a model file (.tgem) written by an earlier run of this "
+        "script with the same recipe, analysed instead of fitting",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,12 +78,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     X, y = load_pbmc68k(return_X_y=True, as_frame=True)
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=args.test_size,
-                                                        stratify=y, random_state=0)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=args.test_size, stratify=y, random_state=0
+    )
     if args.recipe == "scaled":  # standardise each gene with the training cells' statistics
         scaler = StandardScaler().fit(X_train)
-        X_train, X_test = (pd.DataFrame(scaler.transform(part), index=part.index,
-                                        columns=part.columns) for part in (X_train, X_test))
+        X_train, X_test = (
+            pd.DataFrame(scaler.transform(part), index=part.index, columns=part.columns)
+            for part in (X_train, X_test)
+        )
     t0 = time.perf_counter()
     if args.model:
         clf = tgem.load(args.model)
@@ -89,9 +100,11 @@ def main() -> None:
 
     # 1. entropy per layer and head, and its distribution over the test cells
     per_cell = attention_entropy(clf, X_test, per_sample=True)
-    table = pd.DataFrame(per_cell.mean(0),
-                         index=[f"layer {i + 1}" for i in range(per_cell.shape[1])],
-                         columns=[f"head {h + 1}" for h in range(per_cell.shape[2])])
+    table = pd.DataFrame(
+        per_cell.mean(0),
+        index=[f"layer {i + 1}" for i in range(per_cell.shape[1])],
+        columns=[f"head {h + 1}" for h in range(per_cell.shape[2])],
+    )
     table["mean"] = table.mean(axis=1)
     table.to_csv(out / "entropy.csv")
     log_g = np.log(X.shape[1])
@@ -100,8 +113,10 @@ def main() -> None:
     print("\nits distance to uniform, log G - entropy (millinats):")
     print((1000 * (log_g - table)).round(3).to_string())
     first, last = table["mean"].iloc[0], table["mean"].iloc[-1]
-    print(f"first layer {first:.5f} vs last layer {last:.5f}: first "
-          f"{'higher' if first > last else 'not higher'} than last")
+    print(
+        f"first layer {first:.5f} vs last layer {last:.5f}: first "
+        f"{'higher' if first > last else 'not higher'} than last"
+    )
 
     import matplotlib
 
@@ -117,18 +132,18 @@ def main() -> None:
 
     # 2. gene networks and hub genes of a few cell types (held-out cells of each type)
     t0 = time.perf_counter()
-    edges = attention_network(clf, X_test, y_test, target=args.cell_types,
-                              top_fraction=0.001)
-    print(f"\nattention networks of {len(args.cell_types)} cell types: "
-          f"{time.perf_counter() - t0:.0f} s, {len(edges)} links")
+    edges = attention_network(clf, X_test, y_test, target=args.cell_types, top_fraction=0.001)
+    print(
+        f"\nattention networks of {len(args.cell_types)} cell types: "
+        f"{time.perf_counter() - t0:.0f} s, {len(edges)} links"
+    )
     write_edges(edges, out / "network.tsv")
     write_graphml(edges, out / "network.graphml")
     hubs = hub_genes(edges, top=20)
     hubs.to_csv(out / "hub_genes.csv", index=False)
     for cell_type, group in hubs.groupby("class", sort=False):
         print(f"\ntop-20 hub genes, {cell_type} ({(y_test == cell_type).sum()} test cells):")
-        print(", ".join(f"{g} ({d})" for g, d in zip(group["gene"], group["degree"],
-                                                      strict=True)))
+        print(", ".join(f"{g} ({d})" for g, d in zip(group["gene"], group["degree"], strict=True)))
     label = args.cell_types[0]
     ax = plot_network(edges, label=label, top=20)
     ax.set_title(f"hub-gene subnetwork, {label}")
@@ -137,8 +152,7 @@ def main() -> None:
 
     # 3. mean first-layer attention among the hub genes of that cell type
     genes = hubs.loc[hubs["class"] == label, "gene"].tolist()
-    amap = attention_map(clf, X_test[(y_test == label).to_numpy()], layer=0, head=None,
-                         genes=genes)
+    amap = attention_map(clf, X_test[(y_test == label).to_numpy()], layer=0, head=None, genes=genes)
     ax = plot_attention_map(amap, genes)
     ax.set_title(f"mean layer-1 attention among hub genes, {label}")
     ax.figure.savefig(out / "attention_map_hubs.png", dpi=150)

@@ -24,24 +24,36 @@ out = Path("tgem_examples_output") / "grid_search"
 out.mkdir(parents=True, exist_ok=True)
 
 X, y = load_pbmc68k(return_X_y=True, as_frame=True)
-X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y,
-                                                    random_state=0)
+X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
 
-pipeline = Pipeline([
-    ("genes", SelectKBest(f_classif, k=200)),
-    ("tgem", TGEMClassifier(learning_rate=1e-3, max_epochs=10, random_state=0)),
-])
+pipeline = Pipeline(
+    [
+        ("genes", SelectKBest(f_classif, k=200)),
+        ("tgem", TGEMClassifier(learning_rate=1e-3, max_epochs=10, random_state=0)),
+    ]
+)
 grid = {
     "tgem__n_heads": [2, 5],
-    "tgem__activation": ["leakyrelu", None],   # None: no activation before the output layer
+    "tgem__activation": ["leakyrelu", None],  # None: no activation before the output layer
 }
-search = GridSearchCV(pipeline, grid, cv=StratifiedKFold(3, shuffle=True, random_state=0),
-                      scoring="accuracy", n_jobs=1)
+search = GridSearchCV(
+    pipeline,
+    grid,
+    cv=StratifiedKFold(3, shuffle=True, random_state=0),
+    scoring="accuracy",
+    n_jobs=1,
+)
 search.fit(X_train, y_train)
 
 results = pd.DataFrame(search.cv_results_)[
-    ["param_tgem__n_heads", "param_tgem__activation", "mean_test_score", "std_test_score",
-     "mean_fit_time"]].sort_values("mean_test_score", ascending=False)
+    [
+        "param_tgem__n_heads",
+        "param_tgem__activation",
+        "mean_test_score",
+        "std_test_score",
+        "mean_fit_time",
+    ]
+].sort_values("mean_test_score", ascending=False)
 print(results.to_string(index=False))
 results.to_csv(out / "cv_results.csv", index=False)
 

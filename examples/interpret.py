@@ -28,8 +28,7 @@ out = Path("tgem_examples_output") / "interpret"
 out.mkdir(parents=True, exist_ok=True)
 
 X, y = load_pbmc68k(return_X_y=True, as_frame=True)
-X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y,
-                                                    random_state=0)
+X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
 clf = TGEMClassifier(learning_rate=1e-3, max_epochs=20, random_state=0).fit(X_train, y_train)
 print(f"held-out accuracy: {clf.score(X_test, y_test):.3f}")
 
@@ -37,8 +36,11 @@ print(f"held-out accuracy: {clf.score(X_test, y_test):.3f}")
 attributions = attribute(clf, X_test, target="true", y=y_test, random_state=0)
 ranking = gene_ranking(attributions, y_test)
 ranking.to_csv(out / "gene_rankings.csv", index=False)
-markers = {"CD19+ B": ["CD79A", "CD79B", "MS4A1"], "CD56+ NK": ["NKG7", "GNLY", "PRF1"],
-           "CD14+ Monocyte": ["LYZ", "S100A8", "S100A9"]}
+markers = {
+    "CD19+ B": ["CD79A", "CD79B", "MS4A1"],
+    "CD56+ NK": ["NKG7", "GNLY", "PRF1"],
+    "CD14+ Monocyte": ["LYZ", "S100A8", "S100A9"],
+}
 for cell_type, known in markers.items():
     rows = ranking[ranking["class"] == cell_type].set_index("gene")
     top = rows.index[:8].tolist()
@@ -54,8 +56,11 @@ fig.savefig(out / "top_genes.png", dpi=120)
 ablation = ablation_study(clf, X_test, y_test, ranking=ranking, random_state=0)
 ablation.to_csv(out / "ablation.csv", index=False)
 overall = ablation[ablation["class"] == "all"]
-print(overall[["grid", "percent", "n_genes", "accuracy_top", "accuracy_random_mean"]]
-      .round(3).to_string(index=False))
+print(
+    overall[["grid", "percent", "n_genes", "accuracy_top", "accuracy_random_mean"]]
+    .round(3)
+    .to_string(index=False)
+)
 axes = plot_ablation(ablation)
 axes[0].figure.savefig(out / "ablation.png", dpi=120)
 
@@ -68,6 +73,6 @@ ax.figure.savefig(out / "entropy.png", dpi=120)
 # 4. Attention-attribution network of B cells and its hub genes.
 b_cells = X_test[y_test == "CD19+ B"]
 edges = attention_network(clf, b_cells, target="CD19+ B", top_fraction=0.001, n_steps=20)
-write_edges(edges, out / "network_B.tsv")   # open in Cytoscape: File > Import > Network
+write_edges(edges, out / "network_B.tsv")  # open in Cytoscape: File > Import > Network
 print(hub_genes(edges, top=10).to_string(index=False))
 print(f"tables and figures in {out}/")

@@ -23,8 +23,7 @@ out.mkdir(parents=True, exist_ok=True)
 
 # 700 cells x 765 genes (log-normalised), 10 cell types; a DataFrame keeps the gene names.
 X, y = load_pbmc68k(return_X_y=True, as_frame=True)
-X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y,
-                                                    random_state=0)
+X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
 
 # The default architecture (3 layers, 5 heads); a learning rate of 1e-3 converges in a few
 # epochs on this small data set (the default, 1e-4, is the original's for large data).

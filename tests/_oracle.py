@@ -28,8 +28,9 @@ def float32_errors(fn, q, k, v, g, ref=reference_attention):
     scales = [mv, mg * mv * mk, mg * mv * mq, mg]
     rows = []
     for e, r, p, scale in zip(exact64, ref32, path32, scales):
-        rows.append((float((p.double() - e).abs().max()), float((r.double() - e).abs().max()),
-                     scale))
+        rows.append(
+            (float((p.double() - e).abs().max()), float((r.double() - e).abs().max()), scale)
+        )
     return rows
 
 
@@ -40,7 +41,8 @@ def assert_float32_rule(rows, floor_ulps=4):
         bound = 2 * ref_err + floor_ulps * eps * max(scale, 1e-30)
         assert err <= bound, (
             f"{name}: float32 error {err:.3g} exceeds 2 x reference error {ref_err:.3g} "
-            f"(+ floor) at scale {scale:.3g}")
+            f"(+ floor) at scale {scale:.3g}"
+        )
 
 
 def assert_float32_rms_rule(fn, q, k, v, g, ref=reference_attention, factor=2.0):
@@ -57,4 +59,5 @@ def assert_float32_rms_rule(fn, q, k, v, g, ref=reference_attention, factor=2.0)
         err = float((p.double() - e).pow(2).mean().sqrt())
         ref_err = float((r.double() - e).pow(2).mean().sqrt())
         assert err <= factor * ref_err, (
-            f"{name}: float32 RMS error {err:.3g} exceeds {factor} x the reference's {ref_err:.3g}")
+            f"{name}: float32 RMS error {err:.3g} exceeds {factor} x the reference's {ref_err:.3g}"
+        )

@@ -23,7 +23,8 @@ def pytest_sessionstart(session):
         if missing:
             raise pytest.UsageError(
                 f"TGEM_REQUIRE_EXTRAS=1 but {missing} are not installed; install the test "
-                'extra: pip install -e ".[test]"')
+                'extra: pip install -e ".[test]"'
+            )
 
 
 @pytest.fixture(scope="session")

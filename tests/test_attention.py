@@ -105,8 +105,7 @@ def test_exact_float64_sums_for_float32_meet_the_rule(scale, monkeypatch):
     monkeypatch.setattr(A, "FLOAT64_SUM_DEVICES", frozenset())
     plain = exact_attention(q.float(), k.float(), v.float())
     exact64 = exact_attention(q, k, v)
-    assert (out.detach().double() - exact64).abs().max() <= (
-        (plain.double() - exact64).abs().max())
+    assert (out.detach().double() - exact64).abs().max() <= ((plain.double() - exact64).abs().max())
 
 
 @pytest.mark.slow
@@ -135,9 +134,14 @@ def test_row_max_is_the_exact_maximum_of_computed_scores():
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 3), g=st.integers(1, 40),
-       scale=st.sampled_from([1e-3, 0.3, 1.0, 5.0, 30.0]), seed=st.integers(0, 2**16),
-       equal=st.booleans())
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 3),
+    g=st.integers(1, 40),
+    scale=st.sampled_from([1e-3, 0.3, 1.0, 5.0, 30.0]),
+    seed=st.integers(0, 2**16),
+    equal=st.booleans(),
+)
 def test_exact_matches_reference_property(b, h, g, scale, seed, equal):
     q, k, v, grad = _qkv(b, h, g, scale, seed)
     if equal:  # all-equal inputs: every score of a row is the same

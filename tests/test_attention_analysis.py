@@ -36,9 +36,15 @@ def _fit(n_genes=6, n_layers=2, n_heads=3, activation="leakyrelu", n=40, seed=0,
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, n_genes)).astype(np.float32)
     y = np.where(X[:, 0] + 0.5 * X[:, 1] > 0, "up", "down")
-    clf = TGEMClassifier(n_layers=n_layers, n_heads=n_heads, activation=activation,
-                         learning_rate=1e-2, max_epochs=epochs, random_state=seed,
-                         device="cpu").fit(X, y)
+    clf = TGEMClassifier(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        activation=activation,
+        learning_rate=1e-2,
+        max_epochs=epochs,
+        random_state=seed,
+        device="cpu",
+    ).fit(X, y)
     return clf, X, y
 
 
@@ -75,16 +81,15 @@ def test_entropy_reductions_are_means_of_the_full_array(fitted):
     full = attention_entropy(clf, X, per_sample=True, per_gene=True)
     assert full.shape == (40, 2, 3, 6)
     np.testing.assert_allclose(attention_entropy(clf, X), full.mean((0, 3)), rtol=1e-6)
-    np.testing.assert_allclose(attention_entropy(clf, X, per_sample=True), full.mean(3),
-                               rtol=1e-6)
-    np.testing.assert_allclose(attention_entropy(clf, X, per_gene=True), full.mean(0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(attention_entropy(clf, X, per_sample=True), full.mean(3), rtol=1e-6)
+    np.testing.assert_allclose(attention_entropy(clf, X, per_gene=True), full.mean(0), rtol=1e-6)
 
 
 def test_classifier_method_delegates(fitted):
     clf, X, _ = fitted
-    np.testing.assert_array_equal(clf.attention_entropy(X, per_sample=True),
-                                  attention_entropy(clf, X, per_sample=True))
+    np.testing.assert_array_equal(
+        clf.attention_entropy(X, per_sample=True), attention_entropy(clf, X, per_sample=True)
+    )
 
 
 @settings(max_examples=15, deadline=None)
@@ -129,8 +134,9 @@ def test_entropy_table_is_long_and_matches_the_array(fitted):
     assert len(table) == ent.size
     row = table[(table["sample"] == 3) & (table["layer"] == 1) & (table["head"] == 2)]
     assert row["entropy"].item() == ent[3, 1, 2]
-    per_gene = entropy_table(attention_entropy(clf, X, per_gene=True), per_gene=True,
-                             genes=list("abcdef"))
+    per_gene = entropy_table(
+        attention_entropy(clf, X, per_gene=True), per_gene=True, genes=list("abcdef")
+    )
     assert list(per_gene.columns) == ["layer", "head", "gene", "entropy"]
     assert set(per_gene["gene"]) == set("abcdef")
     with pytest.raises(ValueError, match="per_gene=True"):
@@ -154,15 +160,17 @@ def test_attention_map_gene_subset_is_the_submatrix(fitted):
     clf, X, _ = fitted
     full = attention_map(clf, X, layer=0, head=1)
     idx = [4, 1, 3]
-    np.testing.assert_allclose(attention_map(clf, X, layer=0, head=1, genes=idx),
-                               full[np.ix_(idx, idx)], atol=1e-6)
+    np.testing.assert_allclose(
+        attention_map(clf, X, layer=0, head=1, genes=idx), full[np.ix_(idx, idx)], atol=1e-6
+    )
 
 
 def test_attention_map_gene_names_from_dataframe():
     clf, X, y = _fit(n_genes=5, n_layers=1, n_heads=1, epochs=1)
     cols = [f"g{i}" for i in range(5)]
-    clf_df = TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, random_state=0,
-                            device="cpu").fit(pd.DataFrame(X, columns=cols), y)
+    clf_df = TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, random_state=0, device="cpu").fit(
+        pd.DataFrame(X, columns=cols), y
+    )
     Xdf = pd.DataFrame(X, columns=cols)
     by_name = attention_map(clf_df, Xdf, genes=["g3", "g0"])
     by_pos = attention_map(clf_df, Xdf, genes=[3, 0])
@@ -242,8 +250,7 @@ def _captum_scores(clf, X, target, layer, n_steps, method):
     ref = _ReferenceNet(clf.module_).eval()
     lig = LayerIntegratedGradients(ref, ref.maps[layer])
     t = int(np.flatnonzero(clf.classes_ == target)[0])
-    a = lig.attribute(torch.as_tensor(X), baselines=0, target=t, n_steps=n_steps,
-                      method=method)
+    a = lig.attribute(torch.as_tensor(X), baselines=0, target=t, n_steps=n_steps, method=method)
     return a.sum(1).mean(0).detach().numpy()
 
 
@@ -277,8 +284,9 @@ def test_attribution_does_not_depend_on_batch_size(fitted):
 
 def test_attribution_completeness_without_activation_kinks():
     clf, X, _ = _fit(activation=None)
-    scores, delta = attention_attribution(clf, X[:8], "up", n_steps=30,
-                                          return_convergence_delta=True)
+    scores, delta = attention_attribution(
+        clf, X[:8], "up", n_steps=30, return_convergence_delta=True
+    )
     assert delta.shape == (8, 2)
     assert np.abs(delta).max() < 1e-5
     assert np.all(np.diagonal(scores, axis1=1, axis2=2) == 0)
@@ -286,10 +294,19 @@ def test_attribution_completeness_without_activation_kinks():
 
 def test_attribution_completeness_gap_shrinks_with_steps():
     clf, X, _ = _fit(activation="leakyrelu")
-    gaps = [np.abs(attention_attribution(clf, X[:8], "up", n_steps=n,
-                                         method="riemann_trapezoid",
-                                         return_convergence_delta=True)[1]).max()
-            for n in (4, 64)]
+    gaps = [
+        np.abs(
+            attention_attribution(
+                clf,
+                X[:8],
+                "up",
+                n_steps=n,
+                method="riemann_trapezoid",
+                return_convergence_delta=True,
+            )[1]
+        ).max()
+        for n in (4, 64)
+    ]
     assert gaps[1] < gaps[0] / 4
 
 
@@ -314,8 +331,7 @@ def _original_selection(scores, fraction):
 @given(seed=st.integers(0, 2**16), fraction=st.sampled_from([0.01, 0.05, 0.2]))
 def test_edges_follow_the_original_selection(seed, fraction):
     rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(3, 8, 8)).astype(np.float32) * np.array([1, 10, 0.1])[:, None,
-                                                                                   None]
+    scores = rng.normal(size=(3, 8, 8)).astype(np.float32) * np.array([1, 10, 0.1])[:, None, None]
     for s in scores:
         np.fill_diagonal(s, 0.0)
     edges = attention_edges(scores, [f"g{i}" for i in range(8)], top_fraction=fraction)
@@ -339,16 +355,25 @@ def test_edges_threshold_normalises_each_layer():
     s = np.zeros((2, 3, 3))
     s[0, 0, 1], s[0, 1, 0], s[1, 2, 1], s[1, 0, 2] = 2.0, 1.0, 100.0, -100.0
     edges = attention_edges(s, ["a", "b", "c"], threshold=0.4)
-    assert edges[["layer", "query", "key"]].values.tolist() == [[0, "a", "b"], [1, "c", "b"],
-                                                                [0, "b", "a"]]
+    assert edges[["layer", "query", "key"]].values.tolist() == [
+        [0, "a", "b"],
+        [1, "c", "b"],
+        [0, "b", "a"],
+    ]
     np.testing.assert_allclose(edges["score"], [1.0, 1.0, 0.5])
     assert len(attention_edges(s, top_fraction=0.0)) == 0
 
 
 def test_hub_genes_count_degrees_per_class():
-    edges = pd.DataFrame({"class": ["x", "x", "x", "y"], "layer": [0, 1, 0, 0],
-                          "query": ["a", "a", "b", "c"], "key": ["b", "b", "c", "a"],
-                          "score": [1.0, 0.5, 0.25, 1.0]})
+    edges = pd.DataFrame(
+        {
+            "class": ["x", "x", "x", "y"],
+            "layer": [0, 1, 0, 0],
+            "query": ["a", "a", "b", "c"],
+            "key": ["b", "b", "c", "a"],
+            "score": [1.0, 0.5, 0.25, 1.0],
+        }
+    )
     hubs = hub_genes(edges, top=None)
     x = hubs[hubs["class"] == "x"].set_index("gene")
     assert x.loc["b", "degree"] == 3 and x.loc["b", "in_degree"] == 2
@@ -360,9 +385,15 @@ def test_hub_genes_count_degrees_per_class():
 
 def test_tsv_and_graphml_export_round_trip(tmp_path):
     nx = pytest.importorskip("networkx")
-    edges = pd.DataFrame({"class": ["T&1", "T&1"], "layer": [0, 2],
-                          "query": ["CD3<E>", "CD3<E>"], "key": ["LCK", "LCK"],
-                          "score": [1.0, 0.25]})
+    edges = pd.DataFrame(
+        {
+            "class": ["T&1", "T&1"],
+            "layer": [0, 2],
+            "query": ["CD3<E>", "CD3<E>"],
+            "key": ["LCK", "LCK"],
+            "score": [1.0, 0.25],
+        }
+    )
     write_edges(edges, tmp_path / "net.tsv")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "net.tsv", sep="\t"), edges)
     write_graphml(edges, tmp_path / "net.graphml")
@@ -430,13 +461,15 @@ def test_plots_name_the_extra_when_matplotlib_is_missing(monkeypatch):
 def test_entropy_and_attribution_on_pbmc_genes():
     with np.load(DATA / "pbmc68k_reduced.npz") as d:
         X, y = d["X"][::10], d["y_cell_type"][::10]
-    clf = TGEMClassifier(n_layers=2, n_heads=2, max_epochs=1, random_state=0,
-                         device="cpu").fit(X, y)
+    clf = TGEMClassifier(n_layers=2, n_heads=2, max_epochs=1, random_state=0, device="cpu").fit(
+        X, y
+    )
     ent = attention_entropy(clf, X)
     assert ent.shape == (2, 2)
     assert np.all(ent > 0) and np.all(ent <= math.log(X.shape[1]) + 1e-6)
     target = "CD14+ Monocyte"
-    scores, delta = attention_attribution(clf, X[y == target][:2], target, n_steps=4,
-                                          return_convergence_delta=True)
+    scores, delta = attention_attribution(
+        clf, X[y == target][:2], target, n_steps=4, return_convergence_delta=True
+    )
     assert scores.shape == (2, 765, 765) and np.isfinite(scores).all()
     assert np.abs(scores).max() > 0

@@ -65,9 +65,10 @@ def test_nadeau_bengio_degenerate_inputs():
     assert zero["t"] == 0.0 and zero["p"] == 1.0
 
 
-@pytest.mark.parametrize(("p", "mean", "expected"),
-                         [(0.01, 0.1, "win"), (0.01, -0.1, "loss"), (0.2, -0.3, "tie"),
-                          (math.nan, 0.1, "tie")])
+@pytest.mark.parametrize(
+    ("p", "mean", "expected"),
+    [(0.01, 0.1, "win"), (0.01, -0.1, "loss"), (0.2, -0.3, "tie"), (math.nan, 0.1, "tie")],
+)
 def test_verdict(p, mean, expected):
     assert bench.verdict({"p": p, "mean": mean}) == expected
 
@@ -117,6 +118,7 @@ def _toy_dataset():
 def _lr_factory(c):
     def factory(name, dataset, settings):
         return Pipeline([("clf", LogisticRegression(C=c, max_iter=500))])
+
     return factory
 
 
@@ -124,8 +126,9 @@ def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_p
     ds = _toy_dataset()
     settings = bench.Settings(seed=3)
     kwargs = dict(n_splits=3, n_repeats=2, cache_dir=tmp_path)
-    first = bench.run_cv([ds], ["m1", "m2"], settings, model_factory=_lr_factory(1.0),
-                         **kwargs)["toy"]
+    first = bench.run_cv([ds], ["m1", "m2"], settings, model_factory=_lr_factory(1.0), **kwargs)[
+        "toy"
+    ]
     assert [len(first[m]) for m in ("m1", "m2")] == [6, 6]
     assert not any(r["cached"] for r in first["m1"])
     # same model, same folds -> identical scores
@@ -133,19 +136,22 @@ def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_p
     files = sorted(p.name for p in (tmp_path / "toy" / "m1").iterdir())
     assert files == [f"r{r}_f{f}.json" for r in range(2) for f in range(3)]
 
-    again = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1.0),
-                         **kwargs)["toy"]["m1"]
+    again = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1.0), **kwargs)["toy"][
+        "m1"
+    ]
     assert all(r["cached"] for r in again)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first["m1"]]
 
     # another configuration must not reuse the cached folds
-    changed = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1e-3),
-                           **kwargs)["toy"]["m1"]
+    changed = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(1e-3), **kwargs)[
+        "toy"
+    ]["m1"]
     assert not any(r["cached"] for r in changed)
     # ... and both configurations stay cached side by side (the first keeps its file names)
     for c, expected in ((1.0, first["m1"]), (1e-3, changed)):
-        back = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(c),
-                            **kwargs)["toy"]["m1"]
+        back = bench.run_cv([ds], ["m1"], settings, model_factory=_lr_factory(c), **kwargs)["toy"][
+            "m1"
+        ]
         assert all(r["cached"] for r in back)
         assert [r["accuracy"] for r in back] == [r["accuracy"] for r in expected]
     files = {p.name for p in (tmp_path / "toy" / "m1").iterdir()}
@@ -163,8 +169,15 @@ def test_run_cv_uses_the_same_folds_for_every_model_and_resumes_from_cache(tmp_p
 
 def test_folds_record_their_host_and_mixed_or_loaded_fit_times_are_flagged(tmp_path):
     ds = _toy_dataset()
-    recs = bench.run_cv([ds], ["m1"], bench.Settings(seed=3), n_splits=3, n_repeats=1,
-                        cache_dir=tmp_path, model_factory=_lr_factory(1.0))["toy"]["m1"]
+    recs = bench.run_cv(
+        [ds],
+        ["m1"],
+        bench.Settings(seed=3),
+        n_splits=3,
+        n_repeats=1,
+        cache_dir=tmp_path,
+        model_factory=_lr_factory(1.0),
+    )["toy"]["m1"]
     host = recs[0]["host"]
     assert host["cores"] == os.cpu_count() and host["cpu"]
     assert host["native_isa"] in (None, "scalar", "avx2", "avx512")
@@ -175,21 +188,32 @@ def test_folds_record_their_host_and_mixed_or_loaded_fit_times_are_flagged(tmp_p
     def rec(cpu="EPYC", isa="avx2", load=1.0):
         return {"host": {"cpu": cpu, "native_isa": isa, "load_1min_after": load}}
 
-    notes = bench.fit_time_notes({"toy": {
-        "same": [rec(), rec()],
-        "old": [{}, {}],  # all cached before hosts were recorded: nothing to compare
-        "mixed": [rec(), rec(isa="avx512"), {}],
-        "loaded": [rec(), rec(load=3.5)],
-    }}, threads=2)["toy"]
+    notes = bench.fit_time_notes(
+        {
+            "toy": {
+                "same": [rec(), rec()],
+                "old": [{}, {}],  # all cached before hosts were recorded: nothing to compare
+                "mixed": [rec(), rec(isa="avx512"), {}],
+                "loaded": [rec(), rec(load=3.5)],
+            }
+        },
+        threads=2,
+    )["toy"]
     assert set(notes) == {"mixed", "loaded"}
     assert "EPYC / avx2 (1)" in notes["mixed"] and "EPYC / avx512 (1)" in notes["mixed"]
     assert "1 fold(s) without a host record" in notes["mixed"]
     assert notes["loaded"] == "1 fold(s) fitted under a 1-min load above 3"
 
-    meta = {"datasets": {"toy": ""}, "command": "c", "protocol": "p",
-            "machine": bench.machine(), "fit_time_notes": {"toy": notes}}
-    summary = bench.summarise({"toy": {"mixed": [dict(r, repeat=0, fold=0, **_scores())
-                                                 for r in [rec()]]}})
+    meta = {
+        "datasets": {"toy": ""},
+        "command": "c",
+        "protocol": "p",
+        "machine": bench.machine(),
+        "fit_time_notes": {"toy": notes},
+    }
+    summary = bench.summarise(
+        {"toy": {"mixed": [dict(r, repeat=0, fold=0, **_scores()) for r in [rec()]]}}
+    )
     md = bench.to_markdown(summary, [], meta)
     assert "Fit times not measured on one quiet machine" in md
     assert "- loaded: 1 fold(s) fitted under a 1-min load above 3" in md
@@ -199,8 +223,9 @@ def test_shards_split_the_folds_and_together_fill_the_cache(tmp_path):
     ds = _toy_dataset()
     kwargs = dict(n_splits=3, n_repeats=2, cache_dir=tmp_path, model_factory=_lr_factory(1.0))
     settings = bench.Settings(seed=3)
-    parts = [bench.run_cv([ds], ["m1"], settings, shard=(i, 2), **kwargs)["toy"]["m1"]
-             for i in range(2)]
+    parts = [
+        bench.run_cv([ds], ["m1"], settings, shard=(i, 2), **kwargs)["toy"]["m1"] for i in range(2)
+    ]
     assert [(r["repeat"], r["fold"]) for r in parts[0]] == [(0, 0), (0, 2), (1, 1)]
     assert [(r["repeat"], r["fold"]) for r in parts[1]] == [(0, 1), (1, 0), (1, 2)]
     assert not any(r["cached"] for p in parts for r in p)
@@ -221,14 +246,26 @@ def test_shards_split_the_folds_and_together_fill_the_cache(tmp_path):
 
 def test_parallel_single_thread_shards_are_not_flagged_as_loaded_but_as_another_host():
     def rec(threads, load, cores=2):
-        return {"host": {"cpu": "EPYC", "native_isa": "avx2", "cores": cores,
-                         "torch_threads": threads, "load_1min_after": load}}
+        return {
+            "host": {
+                "cpu": "EPYC",
+                "native_isa": "avx2",
+                "cores": cores,
+                "torch_threads": threads,
+                "load_1min_after": load,
+            }
+        }
 
-    notes = bench.fit_time_notes({"toy": {
-        "shards": [rec(1, 2.2), rec(1, 2.9)],      # two 1-thread shards on 2 cores
-        "mixed": [rec(2, 2.1), rec(1, 2.2)],
-        "oversubscribed": [rec(1, 4.5)],
-    }}, threads=1)["toy"]
+    notes = bench.fit_time_notes(
+        {
+            "toy": {
+                "shards": [rec(1, 2.2), rec(1, 2.9)],  # two 1-thread shards on 2 cores
+                "mixed": [rec(2, 2.1), rec(1, 2.2)],
+                "oversubscribed": [rec(1, 4.5)],
+            }
+        },
+        threads=1,
+    )["toy"]
     assert set(notes) == {"mixed", "oversubscribed"}
     assert "EPYC / avx2 / 2 thread(s) (1)" in notes["mixed"]
     assert "EPYC / avx2 / 1 thread(s) (1)" in notes["mixed"]
@@ -236,8 +273,13 @@ def test_parallel_single_thread_shards_are_not_flagged_as_loaded_but_as_another_
 
 
 def _scores():
-    return {"n_train": 10, "n_test": 5, "fit_s": 1.0, "predict_s": 0.1,
-            **{m: 0.5 for m in bench.METRICS}}
+    return {
+        "n_train": 10,
+        "n_test": 5,
+        "fit_s": 1.0,
+        "predict_s": 0.1,
+        **{m: 0.5 for m in bench.METRICS},
+    }
 
 
 def _recs(accs):
@@ -247,11 +289,16 @@ def _recs(accs):
 
 def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
     noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
-    summary = bench.summarise({
-        "ds1": {"tgem": _recs(0.5 + noise), "tgem_x": _recs(0.9 - noise),
-                "rf": _recs(0.9 + noise[::-1])},
-        "ds2": {"tgem": _recs(0.7 + noise), "rf": _recs(0.7 - noise)},
-    })
+    summary = bench.summarise(
+        {
+            "ds1": {
+                "tgem": _recs(0.5 + noise),
+                "tgem_x": _recs(0.9 - noise),
+                "rf": _recs(0.9 + noise[::-1]),
+            },
+            "ds2": {"tgem": _recs(0.7 + noise), "rf": _recs(0.7 - noise)},
+        }
+    )
     lines = bench.at_a_glance(summary)
     assert lines[0] == "## At a glance"
     assert "| model | ds1 | ds2 |" in lines
@@ -269,9 +316,16 @@ def test_at_a_glance_sets_data_sets_side_by_side_and_counts_verdicts():
 
 def test_later_tgem_variants_are_paired_with_earlier_ones():
     noise = np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
-    summary = bench.summarise({"ds": {"tgem": _recs(0.5 + noise), "tgem_a": _recs(0.6 + noise),
-                                      "tgem_b": _recs(0.8 + noise[::-1]),
-                                      "rf": _recs(0.7 + noise)}})
+    summary = bench.summarise(
+        {
+            "ds": {
+                "tgem": _recs(0.5 + noise),
+                "tgem_a": _recs(0.6 + noise),
+                "tgem_b": _recs(0.8 + noise[::-1]),
+                "rf": _recs(0.7 + noise),
+            }
+        }
+    )
     paired = summary["ds"]["paired"]
     assert "tgem_b vs tgem_a" in paired and "tgem_a vs tgem_b" not in paired
     assert "tgem vs tgem_a" not in paired and len(paired) == 3 + 2 + 1
@@ -297,11 +351,12 @@ def test_tgem_fold_on_real_all_data_records_training_facts(tmp_path):
     ds = bench.load_dataset("all_mol_biol", data_dir, top_k=40)
     assert ds.X.shape == (126, 12625)
     assert set(np.unique(ds.y)) == {"NEG", "BCR/ABL", "ALL1/AF4", "E2A/PBX1"}
-    settings = bench.Settings(seed=0, threads=2,
-                              tgem_params={"max_epochs": 1, "n_layers": 1, "n_heads": 1})
+    settings = bench.Settings(
+        seed=0, threads=2, tgem_params={"max_epochs": 1, "n_layers": 1, "n_heads": 1}
+    )
     model = bench.make_model("tgem", ds, settings)
     assert model.named_steps["top_variance"].k == 40
-    (_, _, tr, te), = bench.split_indices(ds.y, 5, 1, seed=0)[:1]
+    ((_, _, tr, te),) = bench.split_indices(ds.y, 5, 1, seed=0)[:1]
     rec = bench.run_fold(model, ds, tr, te, tmp_path / "f.json", key="k")
     assert rec["tgem"]["epochs"] == 1
     assert rec["n_train"] + rec["n_test"] == 126
@@ -311,9 +366,13 @@ def test_tgem_fold_on_real_all_data_records_training_facts(tmp_path):
 
 def test_tuned_tgem_refits_with_full_settings_after_a_cheap_inner_search():
     ds = _toy_dataset()
-    settings = bench.Settings(seed=0, threads=1, grid_folds=2,
-                              tgem_params={"max_epochs": 2, "n_layers": 1},
-                              grid_params={"max_epochs": 1})
+    settings = bench.Settings(
+        seed=0,
+        threads=1,
+        grid_folds=2,
+        tgem_params={"max_epochs": 2, "n_layers": 1},
+        grid_params={"max_epochs": 1},
+    )
     model = bench.make_model("tgem_tuned", ds, settings)
     model.set_params(param_grid={"clf__n_heads": [1, 2]})
     model.fit(ds.X, ds.y)

@@ -62,7 +62,8 @@ def test_fitted_attributes(fitted):
     assert clf.attention_backend_ in ("exact", "compiled", "native")
     assert len(clf.history_) == clf.n_iter_ == FAST["max_epochs"]
     assert {"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy"} <= set(
-        clf.history_[0])
+        clf.history_[0]
+    )
     assert not hasattr(clf, "feature_names_in_")
 
 
@@ -77,8 +78,11 @@ def test_dataframe_feature_names_are_checked():
 
 def test_wrong_number_of_features_names_both_counts(fitted):
     clf, X, _ = fitted
-    with pytest.raises(ValueError, match="has 5 features, but TGEMClassifier is expecting 6"
-                                         ".*the genes the model was fitted on"):
+    with pytest.raises(
+        ValueError,
+        match="has 5 features, but TGEMClassifier is expecting 6"
+        ".*the genes the model was fitted on",
+    ):
         clf.predict(X[:, :5])
 
 
@@ -107,9 +111,10 @@ def test_prediction_in_batches_never_sends_all_rows(monkeypatch, fitted):
     monkeypatch.setattr(TGEMClassifier, "predict_batch_size", 7)
     sizes = []
     real = training.dense_batch
-    monkeypatch.setattr("tgem._classifier.dense_batch",
-                        lambda X_, i, d: sizes.append(len(range(*i.indices(X_.shape[0]))))
-                        or real(X_, i, d))
+    monkeypatch.setattr(
+        "tgem._classifier.dense_batch",
+        lambda X_, i, d: sizes.append(len(range(*i.indices(X_.shape[0])))) or real(X_, i, d),
+    )
     big = np.vstack([X, X, X])
     proba = clf.predict_proba(big)
     assert max(sizes) == 7 and sum(sizes) == len(big)
@@ -133,8 +138,12 @@ def test_random_state_makes_fits_bit_for_bit_repeatable_without_global_seed():
 
 def test_early_stopping_restores_the_best_weights_and_records_validation():
     X, y = _data(n=120)
-    clf = TGEMClassifier(**{**FAST, "max_epochs": 60}, early_stopping=True,
-                         n_iter_no_change=3, validation_fraction=0.25).fit(X, y)
+    clf = TGEMClassifier(
+        **{**FAST, "max_epochs": 60},
+        early_stopping=True,
+        n_iter_no_change=3,
+        validation_fraction=0.25,
+    ).fit(X, y)
     losses = [h["valid_loss"] for h in clf.history_]
     assert np.all(np.isfinite(losses))
     assert clf.best_epoch_ == 1 + int(np.argmin(losses))
@@ -215,8 +224,7 @@ def test_verbose_shows_a_progress_bar(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("dump,load", [(pickle.dumps, pickle.loads),
-                                       (lambda m: m, lambda m: m)])
+@pytest.mark.parametrize("dump,load", [(pickle.dumps, pickle.loads), (lambda m: m, lambda m: m)])
 def test_pickle_round_trip_predicts_identically(fitted, dump, load, tmp_path):
     clf, X, _ = fitted
     again = load(dump(clf))
@@ -244,8 +252,11 @@ def test_pipeline_grid_search_cross_val_and_clone():
     X, y = _data(n=60)
     pipe = make_pipeline(StandardScaler(), TGEMClassifier(**{**FAST, "max_epochs": 5}))
     assert cross_val_score(pipe, X, y, cv=2).shape == (2,)
-    grid = GridSearchCV(TGEMClassifier(**{**FAST, "max_epochs": 3}),
-                        {"n_heads": [1, 2], "activation": ["leakyrelu", None]}, cv=2)
+    grid = GridSearchCV(
+        TGEMClassifier(**{**FAST, "max_epochs": 3}),
+        {"n_heads": [1, 2], "activation": ["leakyrelu", None]},
+        cv=2,
+    )
     grid.fit(X, y)
     assert len(grid.cv_results_["params"]) == 4
     c = clone(grid.best_estimator_)
@@ -260,15 +271,18 @@ def test_warm_start_continues_training():
 
 
 # ------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("X,match", [
-    (np.array([[np.nan, 1.0], [1.0, 2.0]]), "NaN"),
-    (np.array([[np.inf, 1.0], [1.0, 2.0]]), "infinity"),
-    (np.array([["a", "b"], ["c", "d"]], dtype=object), "could not convert.*numbers only"),
-    (np.array([["1.5", "x"], ["2", "3"]]), "could not convert.*X.astype"),
-    (np.array([1.0, 2.0]), "(?s)Expected 2D array.*reshape"),
-    (np.empty((0, 3)), "0 sample.*at least one sample"),
-    (np.empty((4, 0)), "0 feature.*at least one gene"),
-])
+@pytest.mark.parametrize(
+    "X,match",
+    [
+        (np.array([[np.nan, 1.0], [1.0, 2.0]]), "NaN"),
+        (np.array([[np.inf, 1.0], [1.0, 2.0]]), "infinity"),
+        (np.array([["a", "b"], ["c", "d"]], dtype=object), "could not convert.*numbers only"),
+        (np.array([["1.5", "x"], ["2", "3"]]), "could not convert.*X.astype"),
+        (np.array([1.0, 2.0]), "(?s)Expected 2D array.*reshape"),
+        (np.empty((0, 3)), "0 sample.*at least one sample"),
+        (np.empty((4, 0)), "0 feature.*at least one gene"),
+    ],
+)
 def test_bad_X_is_a_clear_error(X, match):
     with pytest.raises(ValueError, match=match):
         TGEMClassifier(**FAST).fit(X, np.arange(len(X)) % 2)
@@ -289,11 +303,20 @@ def test_score_with_labels_of_another_kind_is_a_clear_error(fitted):
         clf.score(X, np.arange(len(X)) % 3)
 
 
-@pytest.mark.parametrize("param,value", [
-    ("n_heads", 0), ("activation", "tanh"), ("dropout", 1.0), ("learning_rate", -1),
-    ("batch_size", 0), ("device", "tpu"), ("attention_backend", "magic"),
-    ("importance_baseline", "median"), ("class_weight", "auto"),
-])
+@pytest.mark.parametrize(
+    "param,value",
+    [
+        ("n_heads", 0),
+        ("activation", "tanh"),
+        ("dropout", 1.0),
+        ("learning_rate", -1),
+        ("batch_size", 0),
+        ("device", "tpu"),
+        ("attention_backend", "magic"),
+        ("importance_baseline", "median"),
+        ("class_weight", "auto"),
+    ],
+)
 def test_invalid_parameters_are_rejected_at_fit_not_init(param, value):
     clf = TGEMClassifier(**{param: value})  # __init__ never validates
     X, y = _data(n=10)
@@ -317,14 +340,20 @@ def test_user_arrays_are_never_modified():
 
 # ------------------------------------------------------------------------------ properties
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(6, 30), genes=st.integers(1, 9), classes=st.integers(2, 4),
-       kind=st.sampled_from(["int", "str", "float"]), seed=st.integers(0, 1000))
+@given(
+    n=st.integers(6, 30),
+    genes=st.integers(1, 9),
+    classes=st.integers(2, 4),
+    kind=st.sampled_from(["int", "str", "float"]),
+    seed=st.integers(0, 1000),
+)
 def test_probability_and_prediction_invariants(n, genes, classes, kind, seed):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, genes)).astype(np.float32)
     y = np.arange(n) % classes
-    labels = {"int": y * 7 - 3, "str": np.array([f"c{i}" for i in y]),
-              "float": y.astype(float)}[kind]
+    labels = {"int": y * 7 - 3, "str": np.array([f"c{i}" for i in y]), "float": y.astype(float)}[
+        kind
+    ]
     params = dict(n_layers=1, n_heads=2, max_epochs=2, batch_size=4, random_state=seed)
     clf = TGEMClassifier(**params).fit(X, labels)
     proba = clf.predict_proba(X)
@@ -332,7 +361,7 @@ def test_probability_and_prediction_invariants(n, genes, classes, kind, seed):
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-12)
     assert np.array_equal(clf.predict(X), clf.classes_[proba.argmax(1)])
     # a sample's prediction does not depend on the batch it is scored in
-    single = np.vstack([clf.predict_proba(X[i:i + 1]) for i in range(n)])
+    single = np.vstack([clf.predict_proba(X[i : i + 1]) for i in range(n)])
     np.testing.assert_allclose(single, proba, atol=1e-6)
     again = TGEMClassifier(**params).fit(X, labels)
     np.testing.assert_array_equal(again.predict_proba(X), proba)

@@ -14,15 +14,33 @@ from tgem.cli import EXIT_GENES, EXIT_INPUT, EXIT_MODEL, build_parser, main
 from tgem.datasets import load_pbmc68k
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n-layers", "1", "--n-heads", "2", "--epoch", "2", "--learning-rate", "1e-3",
-        "--batch-size", "16", "--threads", "1"]
+TINY = [
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--epoch",
+    "2",
+    "--learning-rate",
+    "1e-3",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+]
 
 
 def run_tgem(*args, cwd):
     """Run the command as a user would, in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "tgem.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tgem.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +55,9 @@ def tables(tmp_path_factory):
     X.join(y).to_csv(folder / "train.csv")
     X.iloc[:, ::-1].to_csv(folder / "new.tsv", sep="\t")  # other order, no labels
     X.drop(columns=["LYZ", "NKG7"]).to_csv(folder / "missing_genes.csv")
-    (folder / "sets.gmt").write_text("MARKERS\tdemo\tLYZ\tCD79A\tNKG7\tGNLY\tNOT_A_GENE\n"
-                                     "MORE\tdemo\tS100A8\tCST3\tMS4A1\n")
+    (folder / "sets.gmt").write_text(
+        "MARKERS\tdemo\tLYZ\tCD79A\tNKG7\tGNLY\tNOT_A_GENE\nMORE\tdemo\tS100A8\tCST3\tMS4A1\n"
+    )
     return folder
 
 
@@ -46,8 +65,19 @@ def tables(tmp_path_factory):
 def trained(tables):
     """A model trained once by ``tgem train`` (in-process), reused by the other tests."""
     out = tables / "model_out"
-    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--test-size",
-                 "0.25", "--output", str(out), *TINY])
+    code = main(
+        [
+            "train",
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--test-size",
+            "0.25",
+            "--output",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 0
     return out
 
@@ -56,15 +86,39 @@ def trained(tables):
 
 
 def test_original_flag_names_are_aliases():
-    args = build_parser().parse_args([
-        "train", "data.csv", "--label", "y", "--head_num", "3", "--learning_rate", "0.01",
-        "--act_fun", "nan", "--batch_size", "8", "--epoch", "7", "--dropout_rate", "0.2",
-        "--do_val"])
-    assert (args.n_heads, args.learning_rate, args.activation, args.batch_size,
-            args.max_epochs, args.dropout, args.early_stopping) == (3, 0.01, None, 8, 7, 0.2,
-                                                                    True)
-    args = build_parser().parse_args(["explain", "m.tgem", "d.csv", "--label", "y", "--abs",
-                                      "--attr_method", "sg_ig"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "data.csv",
+            "--label",
+            "y",
+            "--head_num",
+            "3",
+            "--learning_rate",
+            "0.01",
+            "--act_fun",
+            "nan",
+            "--batch_size",
+            "8",
+            "--epoch",
+            "7",
+            "--dropout_rate",
+            "0.2",
+            "--do_val",
+        ]
+    )
+    assert (
+        args.n_heads,
+        args.learning_rate,
+        args.activation,
+        args.batch_size,
+        args.max_epochs,
+        args.dropout,
+        args.early_stopping,
+    ) == (3, 0.01, None, 8, 7, 0.2, True)
+    args = build_parser().parse_args(
+        ["explain", "m.tgem", "d.csv", "--label", "y", "--abs", "--attr_method", "sg_ig"]
+    )
     assert args.absolute is True and args.method == "ig_smoothgrad_sq"
 
 
@@ -73,18 +127,30 @@ def test_model_flag_defaults_are_the_estimators():
 
     args = build_parser().parse_args(["train", "d.csv", "--label", "y"])
     defaults = TGEMClassifier().get_params()
-    for name in ("n_layers", "n_heads", "activation", "dropout", "learning_rate", "batch_size",
-                 "max_epochs", "early_stopping", "validation_fraction"):
+    for name in (
+        "n_layers",
+        "n_heads",
+        "activation",
+        "dropout",
+        "learning_rate",
+        "batch_size",
+        "max_epochs",
+        "early_stopping",
+        "validation_fraction",
+    ):
         assert getattr(args, name) == defaults[name], name
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "d.csv", "--label", "y", "--act_fun", "tanh"],
-    ["train", "d.csv", "--label", "y", "--dropout", "1.5"],
-    ["explain", "m", "d.csv", "--label", "y", "--attr_method", "shap"],
-    ["train", "d.csv"],  # --label is required for training
-    ["frobnicate"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "d.csv", "--label", "y", "--act_fun", "tanh"],
+        ["train", "d.csv", "--label", "y", "--dropout", "1.5"],
+        ["explain", "m", "d.csv", "--label", "y", "--attr_method", "shap"],
+        ["train", "d.csv"],  # --label is required for training
+        ["frobnicate"],
+    ],
+)
 def test_bad_command_lines_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(argv)
@@ -110,8 +176,7 @@ def test_subprocess_unknown_label_column_exits_2_and_suggests(tables, tmp_path):
 
 
 def test_subprocess_mismatched_genes_exit_3_and_name_them(tables, trained, tmp_path):
-    result = run_tgem("predict", trained / "model.tgem", tables / "missing_genes.csv",
-                      cwd=tmp_path)
+    result = run_tgem("predict", trained / "model.tgem", tables / "missing_genes.csv", cwd=tmp_path)
     assert result.returncode == EXIT_GENES
     assert "LYZ" in result.stderr and "NKG7" in result.stderr
     assert "--fill-missing" in result.stderr
@@ -127,8 +192,9 @@ def test_console_script_reports_its_version(tmp_path):
     script = Path(sys.executable).with_name("tgem")
     # the README's test command installs the package, and with it this script
     assert script.exists(), f"no console script at {script}: install tgem (pip install -e .)"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 0 and result.stdout.startswith("tgem ")
 
 
@@ -149,20 +215,49 @@ def test_train_writes_model_metrics_history_and_curves(trained):
 
 
 def test_train_prints_scores_and_confusion_matrix(tables, tmp_path, capsys):
-    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--output",
-                 str(tmp_path / "o"), "--act_fun", "nan", "--do_val", *TINY])
+    code = main(
+        [
+            "train",
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--output",
+            str(tmp_path / "o"),
+            "--act_fun",
+            "nan",
+            "--do_val",
+            *TINY,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    for needle in ("accuracy", "macro-F1", "MCC", "ROC-AUC", "confusion matrix",
-                   "0=CD14+ Monocyte"):
+    for needle in (
+        "accuracy",
+        "macro-F1",
+        "MCC",
+        "ROC-AUC",
+        "confusion matrix",
+        "0=CD14+ Monocyte",
+    ):
         assert needle in out
     params = json.loads((tmp_path / "o" / "metrics.json").read_text())["params"]
     assert params["activation"] is None and params["early_stopping"] is True
 
 
 def test_train_with_gene_sets_keeps_their_genes(tables, tmp_path, capsys):
-    code = main(["train", str(tables / "train.csv"), "--label", "cell_type", "--gene-sets",
-                 str(tables / "sets.gmt"), "--output", str(tmp_path / "o"), *TINY])
+    code = main(
+        [
+            "train",
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--gene-sets",
+            str(tables / "sets.gmt"),
+            "--output",
+            str(tmp_path / "o"),
+            *TINY,
+        ]
+    )
     assert code == 0
     assert "kept 7 genes of 40; 1 genes of the sets are not in the data" in capsys.readouterr().out
     genes = json.loads((tmp_path / "o" / "metrics.json").read_text())["genes"]
@@ -173,8 +268,12 @@ def test_predict_aligns_reordered_genes_and_writes_probabilities(tables, trained
     from tgem import load
 
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(trained / "model.tgem"), str(tables / "new.tsv"),
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            ["predict", str(trained / "model.tgem"), str(tables / "new.tsv"), "--output", str(out)]
+        )
+        == 0
+    )
     table = pd.read_csv(out, index_col="sample")
     model = load(trained / "model.tgem")
     X = pd.read_csv(tables / "train.csv", index_col=0).drop(columns="cell_type")
@@ -184,11 +283,19 @@ def test_predict_aligns_reordered_genes_and_writes_probabilities(tables, trained
 
 
 def test_predict_fill_missing_runs_and_labels_give_scores(tables, trained, capsys):
-    code = main(["predict", str(trained / "model.tgem"), str(tables / "missing_genes.csv"),
-                 "--fill-missing", "0"])
+    code = main(
+        [
+            "predict",
+            str(trained / "model.tgem"),
+            str(tables / "missing_genes.csv"),
+            "--fill-missing",
+            "0",
+        ]
+    )
     assert code == 0
-    code = main(["predict", str(trained / "model.tgem"), str(tables / "train.csv"),
-                 "--label", "cell_type"])
+    code = main(
+        ["predict", str(trained / "model.tgem"), str(tables / "train.csv"), "--label", "cell_type"]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "labelled data" in captured.out and "accuracy" in captured.out
 
@@ -206,10 +313,23 @@ def test_predict_refuses_a_tampered_model_file_with_exit_4(tables, trained, tmp_
 
 def test_npz_input_and_its_label_errors(tmp_path, capsys):
     X, y = load_pbmc68k(return_X_y=True)
-    np.savez(tmp_path / "d.npz", X=X[:90, :20], features=np.array([f"g{i}" for i in range(20)]),
-             y_type=y[:90])
-    code = main(["train", str(tmp_path / "d.npz"), "--label", "y_kind", "--output",
-                 str(tmp_path / "o"), *TINY])
+    np.savez(
+        tmp_path / "d.npz",
+        X=X[:90, :20],
+        features=np.array([f"g{i}" for i in range(20)]),
+        y_type=y[:90],
+    )
+    code = main(
+        [
+            "train",
+            str(tmp_path / "d.npz"),
+            "--label",
+            "y_kind",
+            "--output",
+            str(tmp_path / "o"),
+            *TINY,
+        ]
+    )
     assert code == EXIT_INPUT
     assert "available label arrays: ['y_type']" in capsys.readouterr().err
 
@@ -223,15 +343,31 @@ def test_bundled_data_refuses_another_label(tmp_path, capsys):
 
 
 def test_subprocess_demo_quick_prints_scores_and_writes_model_and_figures(tmp_path):
-    result = run_tgem("demo", "--quick", "--output", tmp_path / "demo", "--threads", "1",
-                      cwd=tmp_path)
+    result = run_tgem(
+        "demo", "--quick", "--output", tmp_path / "demo", "--threads", "1", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
-    for needle in ("accuracy", "macro-F1", "MCC", "ROC-AUC", "confusion matrix",
-                   "top genes per cell type", "mean attention entropy per layer"):
+    for needle in (
+        "accuracy",
+        "macro-F1",
+        "MCC",
+        "ROC-AUC",
+        "confusion matrix",
+        "top genes per cell type",
+        "mean attention entropy per layer",
+    ):
         assert needle in result.stdout
     files = {p.name for p in (tmp_path / "demo").iterdir()}
-    assert {"model.tgem", "metrics.json", "history.csv", "loss_curves.png", "entropy.png",
-            "entropy.csv", "gene_rankings.csv", "top_genes.png"} <= files
+    assert {
+        "model.tgem",
+        "metrics.json",
+        "history.csv",
+        "loss_curves.png",
+        "entropy.png",
+        "entropy.csv",
+        "gene_rankings.csv",
+        "top_genes.png",
+    } <= files
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["n_test"] == 140 and len(metrics["history"]) == 2
     from tgem import load
@@ -243,12 +379,30 @@ def test_subprocess_demo_quick_prints_scores_and_writes_model_and_figures(tmp_pa
 # --- explain / attention, on the small model --------------------------------------------------
 
 
-def test_explain_writes_rankings_rnk_ablation_and_accepts_original_flags(tables, trained,
-                                                                        tmp_path, capsys):
+def test_explain_writes_rankings_rnk_ablation_and_accepts_original_flags(
+    tables, trained, tmp_path, capsys
+):
     out = tmp_path / "explain"
-    code = main(["explain", str(trained / "model.tgem"), str(tables / "train.csv"), "--label",
-                 "cell_type", "--attr_method", "ig", "--abs", "--n-steps", "8",
-                 "--max-samples", "30", "--top", "5", "--output", str(out)])
+    code = main(
+        [
+            "explain",
+            str(trained / "model.tgem"),
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--attr_method",
+            "ig",
+            "--abs",
+            "--n-steps",
+            "8",
+            "--max-samples",
+            "30",
+            "--top",
+            "5",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     ranking = pd.read_csv(out / "gene_rankings.csv")
     assert set(ranking["class"]) == {"CD14+ Monocyte", "CD19+ B", "CD56+ NK"}
@@ -262,9 +416,23 @@ def test_explain_writes_rankings_rnk_ablation_and_accepts_original_flags(tables,
 
 def test_attention_writes_entropy_network_and_hubs(tables, trained, tmp_path, capsys):
     out = tmp_path / "attention"
-    code = main(["attention", str(trained / "model.tgem"), str(tables / "train.csv"),
-                 "--label", "cell_type", "--class", "CD19+ B", "--max-samples", "10",
-                 "--top-fraction", "0.05", "--output", str(out)])
+    code = main(
+        [
+            "attention",
+            str(trained / "model.tgem"),
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--class",
+            "CD19+ B",
+            "--max-samples",
+            "10",
+            "--top-fraction",
+            "0.05",
+            "--output",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "mean attention entropy per layer and head" in printed
@@ -276,7 +444,18 @@ def test_attention_writes_entropy_network_and_hubs(tables, trained, tmp_path, ca
 
 
 def test_attention_unknown_class_is_an_input_error(tables, trained, tmp_path, capsys):
-    code = main(["attention", str(trained / "model.tgem"), str(tables / "train.csv"),
-                 "--label", "cell_type", "--class", "Neutrophil", "--output", str(tmp_path)])
+    code = main(
+        [
+            "attention",
+            str(trained / "model.tgem"),
+            str(tables / "train.csv"),
+            "--label",
+            "cell_type",
+            "--class",
+            "Neutrophil",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == EXIT_INPUT
     assert "'Neutrophil' is not one of the model's classes" in capsys.readouterr().err

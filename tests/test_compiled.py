@@ -105,9 +105,14 @@ def test_compiled_double_backward_raises_clearly():
 
 
 @settings(max_examples=15, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 3), g=st.integers(3, 40),
-       scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**16),
-       equal=st.booleans())
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 3),
+    g=st.integers(3, 40),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+    equal=st.booleans(),
+)
 def test_compiled_matches_reference_property(b, h, g, scale, seed, equal):
     q, k, v, grad = _qkv(b, h, g, scale, seed)
     if equal:  # all-equal inputs: every score of a row is the same
@@ -136,6 +141,7 @@ def _break_compilation(monkeypatch, message, working=()):
 
         def fail(*args):
             raise RuntimeError(message)
+
         return fail
 
     monkeypatch.setattr(C, "_compiled_fn", compiled_fn)
@@ -158,8 +164,7 @@ def test_compile_failure_warns_once_and_falls_back_to_the_eager_path(monkeypatch
 
 
 def test_backward_falls_back_when_only_the_backward_fails_to_compile(monkeypatch):
-    _break_compilation(monkeypatch, "backward kernel failed (simulated)",
-                       working=("forward_rows",))
+    _break_compilation(monkeypatch, "backward kernel failed (simulated)", working=("forward_rows",))
     q, k, v, grad = _qkv(2, 2, 9)
     with pytest.warns(RuntimeWarning, match="simulated"):
         got = attention_and_grads(C.compiled_attention, q, k, v, grad)
@@ -171,8 +176,9 @@ def test_classifier_fits_on_the_compiled_backend_like_on_the_exact_one():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 12)).astype(np.float32)
     y = (X[:, 0] > 0).astype(int)
-    params = dict(n_layers=2, n_heads=2, max_epochs=3, learning_rate=1e-2, random_state=0,
-                  dropout=0.0)
+    params = dict(
+        n_layers=2, n_heads=2, max_epochs=3, learning_rate=1e-2, random_state=0, dropout=0.0
+    )
     compiled = TGEMClassifier(attention_backend="compiled", **params).fit(X, y)
     exact = TGEMClassifier(attention_backend="exact", **params).fit(X, y)
     np.testing.assert_allclose(compiled.predict_proba(X), exact.predict_proba(X), atol=1e-4)

@@ -55,8 +55,7 @@ def test_kernels_match_reference_on_gpu(gpu, genes):
     ref32 = _grads(reference_attention, [q, k, v], upstream)
     path32 = _grads(exact_attention, [q, k, v], upstream)
     kernel = _grads(triton_attention, [q, k, v], upstream)
-    for what, e64, r32, p32, kern in zip(("out", "dq", "dk", "dv"), exact, ref32, path32,
-                                         kernel):
+    for what, e64, r32, p32, kern in zip(("out", "dq", "dk", "dv"), exact, ref32, path32, kernel):
         assert torch.isfinite(kern).all(), what
         err = (kern.double() - e64).abs().max().item()
         base = (r32.double() - e64).abs().max().item()
@@ -108,9 +107,16 @@ def test_classifier_fits_and_predicts_on_cuda(gpu):
     from tgem import TGEMClassifier
 
     X, y = _pbmc()
-    clf = TGEMClassifier(device="cuda", n_layers=2, n_heads=3, dropout=0.0,
-                         learning_rate=1e-3, max_epochs=3, batch_size=32,
-                         random_state=0).fit(X, y)
+    clf = TGEMClassifier(
+        device="cuda",
+        n_layers=2,
+        n_heads=3,
+        dropout=0.0,
+        learning_rate=1e-3,
+        max_epochs=3,
+        batch_size=32,
+        random_state=0,
+    ).fit(X, y)
     assert clf.device_.type == "cuda"
     assert clf.attention_backend_ == "triton"
     assert next(clf.module_.parameters()).is_cuda
@@ -122,8 +128,11 @@ def test_classifier_fits_and_predicts_on_cuda(gpu):
     module.attention_backend = "exact"
     with torch.no_grad():
         cpu_log = module(torch.from_numpy(X)).double().numpy()
-    np.testing.assert_allclose(clf.predict_log_proba(X), cpu_log - np.logaddexp.reduce(
-        cpu_log, axis=1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(
+        clf.predict_log_proba(X),
+        cpu_log - np.logaddexp.reduce(cpu_log, axis=1, keepdims=True),
+        atol=1e-4,
+    )
 
 
 def test_fit_on_cuda_matches_fit_on_cpu(gpu):
@@ -131,8 +140,15 @@ def test_fit_on_cuda_matches_fit_on_cpu(gpu):
 
     X, y = _pbmc(150)
     X = X[:, :200]
-    params = dict(n_layers=2, n_heads=2, dropout=0.0, learning_rate=1e-3, max_epochs=2,
-                  batch_size=16, random_state=0)
+    params = dict(
+        n_layers=2,
+        n_heads=2,
+        dropout=0.0,
+        learning_rate=1e-3,
+        max_epochs=2,
+        batch_size=16,
+        random_state=0,
+    )
     gpu_clf = TGEMClassifier(device="cuda", **params).fit(X, y)
     cpu_clf = TGEMClassifier(device="cpu", attention_backend="exact", **params).fit(X, y)
     # same seed, no dropout: the two fits differ only by float32 rounding
@@ -144,8 +160,9 @@ def test_classifier_analysis_runs_on_cuda(gpu):
     from tgem import TGEMClassifier
 
     X, y = _pbmc(120)
-    clf = TGEMClassifier(device="cuda", n_layers=1, n_heads=2, max_epochs=1,
-                         importance_n_samples=20, random_state=0).fit(X, y)
+    clf = TGEMClassifier(
+        device="cuda", n_layers=1, n_heads=2, max_epochs=1, importance_n_samples=20, random_state=0
+    ).fit(X, y)
     entropy = clf.attention_entropy(X[:10])
     assert entropy.shape == (1, 2) and np.all(np.isfinite(entropy))
     importances = clf.feature_importances_

@@ -133,15 +133,15 @@ def test_read_expression_table_round_trips_genes_as_columns(tmp_path, small_fram
     path = tmp_path / f"expr{suffix}"
     X.join(y).to_csv(path, sep="," if ".csv" in suffix else "\t")
     bunch = read_expression_table(path, "cell_type")
-    pd.testing.assert_frame_equal(bunch.data, X.astype(np.float64), check_names=False,
-                                  check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(
+        bunch.data, X.astype(np.float64), check_names=False, check_exact=False, rtol=1e-6
+    )
     assert bunch.target.tolist() == y.tolist()
     assert list(bunch.feature_names) == list(X.columns)
     assert list(bunch.sample_names) == list(X.index)
 
 
-def test_read_expression_table_genes_as_rows_transposes_and_reads_label_row(tmp_path,
-                                                                           small_frame):
+def test_read_expression_table_genes_as_rows_transposes_and_reads_label_row(tmp_path, small_frame):
     X, y = small_frame
     table = X.T.astype(object)
     table.loc["cell_type"] = y
@@ -163,8 +163,11 @@ def test_read_expression_table_without_labels_returns_none_target(tmp_path, smal
 def test_read_expression_table_unknown_label_column_lists_available(tmp_path, small_frame):
     X, y = small_frame
     X.join(y).to_csv(tmp_path / "x.csv")
-    with pytest.raises(ValueError, match=r"label column 'celltype' is not in the columns.*"
-                                         r"Did you mean 'cell_type'"):
+    with pytest.raises(
+        ValueError,
+        match=r"label column 'celltype' is not in the columns.*"
+        r"Did you mean 'cell_type'",
+    ):
         read_expression_table(tmp_path / "x.csv", "celltype")
     X.T.to_csv(tmp_path / "rows.csv")
     with pytest.raises(ValueError, match="label column 'cell_type' is not in the rows"):
@@ -231,8 +234,9 @@ def test_read_h5ad_dense_and_sparse_with_categorical_labels(tmp_path, small_fram
 def test_read_h5ad_unknown_obs_column_and_layer(tmp_path, small_frame):
     anndata = pytest.importorskip("anndata")
     X, y = small_frame
-    adata = anndata.AnnData(X=X.to_numpy(), obs=pd.DataFrame({"cell_type": y.to_numpy()},
-                                                             index=X.index))
+    adata = anndata.AnnData(
+        X=X.to_numpy(), obs=pd.DataFrame({"cell_type": y.to_numpy()}, index=X.index)
+    )
     adata.write_h5ad(tmp_path / "a.h5ad")
     with pytest.raises(ValueError, match="label column 'louvain' is not in obs"):
         read_h5ad(tmp_path / "a.h5ad", "louvain")

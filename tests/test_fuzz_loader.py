@@ -24,9 +24,12 @@ from tgem import TGEMClassifier
 from tgem._io import _digest, load
 from tgem.exceptions import ModelFileError
 
-FUZZ = settings(max_examples=120, deadline=2000, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=120,
+    deadline=2000,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,9 @@ def original():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(30, 5)).astype(np.float32)
     y = np.array(["a", "b", "c"])[np.arange(30) % 3]
-    clf = TGEMClassifier(n_layers=2, n_heads=2, max_epochs=2, random_state=0,
-                         early_stopping=True).fit(X, y)
+    clf = TGEMClassifier(
+        n_layers=2, n_heads=2, max_epochs=2, random_state=0, early_stopping=True
+    ).fit(X, y)
     buffer = io.BytesIO()
     clf.save(buffer)
     return buffer.getvalue(), X, clf.predict_proba(X)
@@ -72,8 +76,11 @@ def _refused_or_identical(data: bytes, X, proba) -> str:
 
 # ---------------------------------------------------------------- random byte mutations
 @FUZZ
-@given(edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
-                      min_size=1, max_size=6))
+@given(
+    edits=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
 def test_byte_mutations_are_refused_or_harmless(original, edits):
     data, X, proba = original
     mutated = bytearray(data)
@@ -83,14 +90,19 @@ def test_byte_mutations_are_refused_or_harmless(original, edits):
 
 
 @FUZZ
-@given(where=st.floats(0, 1, exclude_max=True), length=st.integers(1, 64),
-       insert=st.booleans(), junk=st.binary(min_size=1, max_size=64))
-def test_insertions_deletions_and_truncations_are_refused(original, where, length, insert,
-                                                          junk):
+@given(
+    where=st.floats(0, 1, exclude_max=True),
+    length=st.integers(1, 64),
+    insert=st.booleans(),
+    junk=st.binary(min_size=1, max_size=64),
+)
+def test_insertions_deletions_and_truncations_are_refused(original, where, length, insert, junk):
     data, X, proba = original
     i = int(where * len(data))
-    for mutated in (data[:i] + junk + data[i:] if insert else data[:i] + data[i + length:],
-                    data[:i]):
+    for mutated in (
+        data[:i] + junk + data[i:] if insert else data[:i] + data[i + length :],
+        data[:i],
+    ):
         _refused_or_identical(mutated, X, proba)  # e.g. junk after the ZIP end is harmless
 
 
@@ -130,17 +142,24 @@ def _rebuild_with(data: bytes, header: dict) -> bytes:
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False)
-    | st.text(max_size=8) | st.sampled_from(["NaN", "cuda:7", "meta", "<f4", "|O", "auto"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
-    max_leaves=6)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["NaN", "cuda:7", "meta", "<f4", "|O", "auto"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @FUZZ
 @given(choice=st.integers(0, 10**6), value=JSON_VALUES)
 def test_header_edits_with_a_valid_checksum_are_refused_or_give_a_working_model(
-        original, choice, value):
+    original, choice, value
+):
     """What an attacker who recomputes the checksum can do: at worst a different model."""
     data, X, _ = original
     header = json.loads(zipfile.ZipFile(io.BytesIO(data)).read("tgem.json"))
@@ -199,8 +218,11 @@ def _crafted_files(data: bytes, marker: Path, tmp_path: Path):
         names = archive.namelist()
     target = names[1]
     for what, blob, dtype in [
-        ("object .npy entry (np.load with allow_pickle=True would run it)",
-         _object_npy(payload), "|O"),
+        (
+            "object .npy entry (np.load with allow_pickle=True would run it)",
+            _object_npy(payload),
+            "|O",
+        ),
         ("pickle as an array entry", pickle.dumps(payload), "<f4"),
         ("torch.save file as an array entry", (tmp_path / "p.pt").read_bytes(), "<f4"),
     ]:

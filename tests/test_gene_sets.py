@@ -91,11 +91,14 @@ def test_selector_array_without_names_is_a_clear_error(frame):
         GeneSetSelector(["G1"], feature_names=["G1", "G2"]).fit(frame.to_numpy())
 
 
-@pytest.mark.parametrize("gene_sets, message", [
-    ({}, "empty mapping"),
-    ([], "holds no gene"),
-    ({"a": ["G1"], "empty": []}, "gene set 'empty' is empty"),
-])
+@pytest.mark.parametrize(
+    "gene_sets, message",
+    [
+        ({}, "empty mapping"),
+        ([], "holds no gene"),
+        ({"a": ["G1"], "empty": []}, "gene set 'empty' is empty"),
+    ],
+)
 def test_selector_empty_gene_sets_are_refused(frame, gene_sets, message):
     with pytest.raises(ValueError, match=message):
         GeneSetSelector(gene_sets).fit(frame)
@@ -153,8 +156,9 @@ def test_selector_allows_nan_values(frame):
 
 def test_selector_in_a_pipeline_with_cross_validation(pbmc):
     sets = read_gmt(GMT)
-    pipe = make_pipeline(GeneSetSelector(sets), StandardScaler(),
-                         LogisticRegression(C=0.1, max_iter=300))
+    pipe = make_pipeline(
+        GeneSetSelector(sets), StandardScaler(), LogisticRegression(C=0.1, max_iter=300)
+    )
     scores = cross_val_score(pipe, pbmc.data, pbmc.target, cv=3)
     # The pathway genes carry cell-type signal: far above the 34 % majority class.
     assert scores.mean() > 0.5
@@ -169,8 +173,9 @@ def test_align_genes_reorders_a_dataframe_and_reports(frame):
     out, report = align_genes(frame, ["G1", "G2", "G3"])
     assert list(out.columns) == ["G1", "G2", "G3"]
     np.testing.assert_array_equal(out.to_numpy(), frame[["G1", "G2", "G3"]].to_numpy())
-    assert report == GeneAlignment(n_genes=3, n_matched=3, missing=(), extra=("G5", "G4"),
-                                   reordered=True, fill_value=None)
+    assert report == GeneAlignment(
+        n_genes=3, n_matched=3, missing=(), extra=("G5", "G4"), reordered=True, fill_value=None
+    )
     assert not report.is_exact
 
 
@@ -192,8 +197,9 @@ def test_align_genes_missing_genes_are_an_error_unless_filled(frame):
 
 def test_align_genes_numpy_with_feature_names_and_nan_fill(frame):
     X = frame.to_numpy()
-    out, report = align_genes(X, ["G4", "NEW", "G3"], feature_names=frame.columns,
-                              fill_value=np.nan)
+    out, report = align_genes(
+        X, ["G4", "NEW", "G3"], feature_names=frame.columns, fill_value=np.nan
+    )
     assert isinstance(out, np.ndarray) and out.shape == (6, 3)
     np.testing.assert_array_equal(out[:, 0], frame["G4"])
     assert np.isnan(out[:, 1]).all()
@@ -241,8 +247,13 @@ def test_align_genes_refuses_duplicates_and_no_overlap(frame):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(2, 12).flatmap(lambda n: st.tuples(
-    st.permutations(list(range(n))), st.lists(st.booleans(), min_size=n, max_size=n))))
+@given(
+    st.integers(2, 12).flatmap(
+        lambda n: st.tuples(
+            st.permutations(list(range(n))), st.lists(st.booleans(), min_size=n, max_size=n)
+        )
+    )
+)
 def test_align_genes_recovers_any_permutation_and_subset(case):
     perm, keep = case
     n = len(perm)
@@ -283,13 +294,16 @@ def test_check_log_scale_warns_on_unlogged_non_integer_values(pbmc):
         check_log_scale(tpm)
 
 
-@pytest.mark.parametrize("X", [
-    np.array([[0.0, 1.0, 2.0]]),               # small integers: plausible log values
-    np.array([[-3.0, 250.0, 4000.0]]),          # negative values: centred or scaled data
-    np.array([[np.nan, np.inf, 3.5]]),          # non-finite values are ignored
-    np.array([["a", "b"]]),                     # not numeric: left to validation
-    np.zeros((0, 3)),
-])
+@pytest.mark.parametrize(
+    "X",
+    [
+        np.array([[0.0, 1.0, 2.0]]),  # small integers: plausible log values
+        np.array([[-3.0, 250.0, 4000.0]]),  # negative values: centred or scaled data
+        np.array([[np.nan, np.inf, 3.5]]),  # non-finite values are ignored
+        np.array([["a", "b"]]),  # not numeric: left to validation
+        np.zeros((0, 3)),
+    ],
+)
 def test_check_log_scale_stays_silent(X):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

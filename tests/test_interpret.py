@@ -38,8 +38,9 @@ def _data(n=60, seed=0):
 
 
 def _fit(X, y, **kw):
-    params = dict(n_layers=2, n_heads=2, learning_rate=1e-2, max_epochs=8, n_threads=1,
-                  random_state=0)
+    params = dict(
+        n_layers=2, n_heads=2, learning_rate=1e-2, max_epochs=8, n_threads=1, random_state=0
+    )
     params.update(kw)
     return TGEMClassifier(**params).fit(X, y)
 
@@ -67,10 +68,16 @@ def test_ig_gausslegendre_equals_captum_run_one_sample_at_a_time(fitted):
     clf, X, y = fitted
     ours = attribute(clf, X[:6], y=y[:6], quadrature="gausslegendre")
     ig = IntegratedGradients(clf.module_)
-    ref = np.concatenate([
-        ig.attribute(torch.as_tensor(X[i:i + 1]), baselines=torch.zeros(1, N_GENES),
-                     target=int(t)).detach().numpy()
-        for i, t in enumerate(_targets(clf, y[:6]))])
+    ref = np.concatenate(
+        [
+            ig.attribute(
+                torch.as_tensor(X[i : i + 1]), baselines=torch.zeros(1, N_GENES), target=int(t)
+            )
+            .detach()
+            .numpy()
+            for i, t in enumerate(_targets(clf, y[:6]))
+        ]
+    )
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -79,8 +86,11 @@ def test_ig_riemann_rules_equal_captum(fitted, rule):
     clf, X, y = fitted
     ours = attribute(clf, X[:3], y=y[:3], quadrature=rule, n_steps=20)
     ref = IntegratedGradients(clf.module_).attribute(
-        torch.as_tensor(X[:3]), target=torch.as_tensor(_targets(clf, y[:3])), n_steps=20,
-        method=rule)
+        torch.as_tensor(X[:3]),
+        target=torch.as_tensor(_targets(clf, y[:3])),
+        n_steps=20,
+        method=rule,
+    )
     np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
@@ -93,21 +103,36 @@ def test_ig_default_meets_completeness_where_gausslegendre_does_not(fitted):
     span = lp[np.arange(8), t] - lp0[0, t]
     np.testing.assert_allclose(delta, attr.sum(1) - span, atol=1e-6)
     assert np.all(np.abs(delta) <= 1e-3 * np.maximum(1, np.abs(span)))
-    _, delta_gl = attribute(clf, X[:8], y=y[:8], quadrature="gausslegendre",
-                            return_convergence_delta=True)
+    _, delta_gl = attribute(
+        clf, X[:8], y=y[:8], quadrature="gausslegendre", return_convergence_delta=True
+    )
     assert np.max(np.abs(delta_gl)) > 1e-3  # the fixed rule misses T-GEM's steep start
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), n_genes=st.integers(4, 12), n_layers=st.integers(1, 3),
-       n_heads=st.integers(1, 3), activation=st.sampled_from(["leakyrelu", "relu", "gelu", None]),
-       scale=st.floats(0.1, 3.0), zero_baseline=st.booleans())
-def test_ig_completeness_on_random_models(seed, n_genes, n_layers, n_heads, activation, scale,
-                                          zero_baseline):
+@given(
+    seed=st.integers(0, 2**16),
+    n_genes=st.integers(4, 12),
+    n_layers=st.integers(1, 3),
+    n_heads=st.integers(1, 3),
+    activation=st.sampled_from(["leakyrelu", "relu", "gelu", None]),
+    scale=st.floats(0.1, 3.0),
+    zero_baseline=st.booleans(),
+)
+def test_ig_completeness_on_random_models(
+    seed, n_genes, n_layers, n_heads, activation, scale, zero_baseline
+):
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(seed)
-    net = TGEMNet(n_genes=n_genes, n_classes=3, n_layers=n_layers, n_heads=n_heads,
-                  activation=activation, generator=gen, attention_backend="exact").eval()
+    net = TGEMNet(
+        n_genes=n_genes,
+        n_classes=3,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        activation=activation,
+        generator=gen,
+        attention_backend="exact",
+    ).eval()
     with torch.no_grad():  # move away from the initialisation (W_0 = 0.001, unit norm)
         for layer in net.layers:
             layer.W_0.copy_(torch.randn(n_heads, generator=gen))
@@ -117,8 +142,9 @@ def test_ig_completeness_on_random_models(seed, n_genes, n_layers, n_heads, acti
     x = torch.randn(4, n_genes, generator=gen) * scale
     b = torch.zeros_like(x) if zero_baseline else torch.randn(4, n_genes, generator=gen) * 0.5
     t = torch.tensor([0, 1, 2, 0])
-    attr, delta, _, converged = _ig.integrated_gradients(_ig.Evaluator(net, 512), x, b, t, 50,
-                                                         "adaptive")
+    attr, delta, _, converged = _ig.integrated_gradients(
+        _ig.Evaluator(net, 512), x, b, t, 50, "adaptive"
+    )
     with torch.no_grad():
         span = (net(x) - net(b)).gather(1, t[:, None])[:, 0].double()
     np.testing.assert_allclose(delta.numpy(), (attr.sum(1) - span).numpy(), atol=1e-5)
@@ -151,23 +177,29 @@ def test_targets_predicted_label_and_array(fitted):
     clf, X, y = fitted
     pred = clf.predict(X[:4])
     kw = dict(quadrature="gausslegendre", n_steps=8)
-    np.testing.assert_allclose(attribute(clf, X[:4], target="predicted", **kw),
-                               attribute(clf, X[:4], target=pred, **kw))
+    np.testing.assert_allclose(
+        attribute(clf, X[:4], target="predicted", **kw), attribute(clf, X[:4], target=pred, **kw)
+    )
     one = attribute(clf, X[:4], target="mid", **kw)
     np.testing.assert_allclose(one, attribute(clf, X[:4], target=["mid"] * 4, **kw))
     assert not np.allclose(one, attribute(clf, X[:4], target="up", **kw))
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(target="true"), "needs the true labels"),
-    (dict(target="nope"), "labels the model does not know"),
-    (dict(target=["up"]), "one label per row"),
-    (dict(y=["up"] * 3, method="shap"), "not an attribution method"),
-    (dict(y=["up"] * 3, baseline=np.zeros(3)), "baseline has shape"),
-    (dict(y=["up"] * 3, quadrature="simpson"), "quadrature"),
-    (dict(y=["up"] * 3, method="guided_backprop", return_convergence_delta=True),
-     "only defined for Integrated"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(target="true"), "needs the true labels"),
+        (dict(target="nope"), "labels the model does not know"),
+        (dict(target=["up"]), "one label per row"),
+        (dict(y=["up"] * 3, method="shap"), "not an attribution method"),
+        (dict(y=["up"] * 3, baseline=np.zeros(3)), "baseline has shape"),
+        (dict(y=["up"] * 3, quadrature="simpson"), "quadrature"),
+        (
+            dict(y=["up"] * 3, method="guided_backprop", return_convergence_delta=True),
+            "only defined for Integrated",
+        ),
+    ],
+)
 def test_attribute_rejects_bad_arguments(fitted, kw, match):
     clf, X, _ = fitted
     with pytest.raises(ValueError, match=match):
@@ -185,8 +217,10 @@ def test_attribute_returns_labelled_dataframe_and_leaves_input_alone(fitted_name
 
 def test_original_short_method_names(fitted):
     clf, X, y = fitted
-    np.testing.assert_allclose(attribute(clf, X[:2], y=y[:2], method="gb"),
-                               attribute(clf, X[:2], y=y[:2], method="guided_backprop"))
+    np.testing.assert_allclose(
+        attribute(clf, X[:2], y=y[:2], method="gb"),
+        attribute(clf, X[:2], y=y[:2], method="guided_backprop"),
+    )
 
 
 def test_verbose_progress_bar(fitted, capsys):
@@ -196,15 +230,17 @@ def test_verbose_progress_bar(fitted, capsys):
 
 
 # ----------------------------------------------------------------------------- noise tunnel
-@pytest.mark.parametrize("method, nt", [("ig_smoothgrad_sq", "smoothgrad_sq"),
-                                        ("ig_vargrad", "vargrad")])
+@pytest.mark.parametrize(
+    "method, nt", [("ig_smoothgrad_sq", "smoothgrad_sq"), ("ig_vargrad", "vargrad")]
+)
 def test_ig_noise_tunnel_follows_captum(fitted, method, nt):
     clf, X, y = fitted
     t = int(_targets(clf, y[:1])[0])
     x = torch.as_tensor(X[:1])
     torch.manual_seed(123)
     ref = NoiseTunnel(IntegratedGradients(clf.module_)).attribute(
-        x, nt_type=nt, nt_samples=5, stdevs=0.1, target=t, baselines=torch.zeros_like(x))
+        x, nt_type=nt, nt_samples=5, stdevs=0.1, target=t, baselines=torch.zeros_like(x)
+    )
     torch.manual_seed(123)  # captum's noise for one sample: torch.normal(0, stdevs, (5, genes))
     eps = torch.normal(0.0, torch.full((5, N_GENES), 0.1))
     noisy = (x + eps).numpy()
@@ -215,25 +251,53 @@ def test_ig_noise_tunnel_follows_captum(fitted, method, nt):
 
 def test_noise_tunnel_uses_its_documented_noise_and_is_reproducible(fitted):
     clf, X, y = fitted
-    a = attribute(clf, X[:3], y=y[:3], method="ig_vargrad", random_state=7, n_steps=10,
-                  quadrature="gausslegendre")
-    b = attribute(clf, X[:3], y=y[:3], method="ig_vargrad", random_state=7, n_steps=10,
-                  quadrature="gausslegendre", internal_batch_size=3)
+    a = attribute(
+        clf,
+        X[:3],
+        y=y[:3],
+        method="ig_vargrad",
+        random_state=7,
+        n_steps=10,
+        quadrature="gausslegendre",
+    )
+    b = attribute(
+        clf,
+        X[:3],
+        y=y[:3],
+        method="ig_vargrad",
+        random_state=7,
+        n_steps=10,
+        quadrature="gausslegendre",
+        internal_batch_size=3,
+    )
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
     eps = _ig.noise(_seed(7), np.arange(3), 5, N_GENES, 0.1)
     noisy = (X[:3, None, :] + eps).reshape(15, N_GENES)
     per = attribute(clf, noisy, y=np.repeat(y[:3], 5), n_steps=10, quadrature="gausslegendre")
     expected = _ig.smooth(torch.as_tensor(per).reshape(3, 5, N_GENES).transpose(0, 1), "vargrad")
     np.testing.assert_allclose(a, expected.numpy(), rtol=1e-5, atol=1e-9)
-    c = attribute(clf, X[:3], y=y[:3], method="ig_vargrad", random_state=8, n_steps=10,
-                  quadrature="gausslegendre")
+    c = attribute(
+        clf,
+        X[:3],
+        y=y[:3],
+        method="ig_vargrad",
+        random_state=8,
+        n_steps=10,
+        quadrature="gausslegendre",
+    )
     assert not np.allclose(a, c)
 
 
 def test_noise_tunnel_deltas_per_noisy_copy(fitted):
     clf, X, y = fitted
-    _, delta = attribute(clf, X[:2], y=y[:2], method="ig_smoothgrad_sq", random_state=0,
-                         return_convergence_delta=True)
+    _, delta = attribute(
+        clf,
+        X[:2],
+        y=y[:2],
+        method="ig_smoothgrad_sq",
+        random_state=0,
+        return_convergence_delta=True,
+    )
     assert delta.shape == (2, 5)
 
 
@@ -254,8 +318,7 @@ def test_guided_backprop_equals_captum_with_relu(fitted_named):
     clf, Xdf, y = fitted_named
     X = Xdf.to_numpy()
     t = torch.as_tensor(_targets(clf, y[:6]))
-    ref = GuidedBackprop(_WithReLUModule(clf.module_)).attribute(torch.as_tensor(X[:6]),
-                                                                 target=t)
+    ref = GuidedBackprop(_WithReLUModule(clf.module_)).attribute(torch.as_tensor(X[:6]), target=t)
     ours = attribute(clf, Xdf.iloc[:6], y=y[:6], method="guided_backprop").to_numpy()
     np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=1e-4, atol=1e-7)
     plain = Saliency(clf.module_).attribute(torch.as_tensor(X[:6]), target=t, abs=False)
@@ -269,7 +332,7 @@ def test_guided_backprop_leakyrelu_rule(fitted):
     t = _targets(clf, y[:4])
     ours = attribute(clf, X[:4], y=y[:4], method="guided_backprop")
     for i in range(4):
-        xi = x[i:i + 1].clone().requires_grad_(True)
+        xi = x[i : i + 1].clone().requires_grad_(True)
         _, states = net(xi, return_layers=True)
         h = states[-1]
         logits = net.classifier(torch.nn.functional.leaky_relu(h, 0.1))
@@ -289,8 +352,9 @@ def test_guided_backprop_without_rectifier_is_the_gradient():
     clf = _fit(X, y, activation="gelu", max_epochs=2, n_layers=1)
     t = torch.as_tensor(_targets(clf, y[:3]))
     ref = Saliency(clf.module_).attribute(torch.as_tensor(X[:3]), target=t, abs=False)
-    np.testing.assert_allclose(attribute(clf, X[:3], y=y[:3], method="guided_backprop"),
-                               ref.numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        attribute(clf, X[:3], y=y[:3], method="guided_backprop"), ref.numpy(), rtol=1e-5, atol=1e-8
+    )
 
 
 def test_guided_backprop_noise_tunnel(fitted):
@@ -326,8 +390,15 @@ def test_feature_importances_sum_to_one_and_are_cached_and_reproducible():
 
 def test_feature_importances_work_with_select_from_model():
     X, y = _data()
-    est = TGEMClassifier(n_layers=1, n_heads=2, learning_rate=1e-2, max_epochs=5, n_threads=1,
-                         importance_n_samples=30, random_state=0)
+    est = TGEMClassifier(
+        n_layers=1,
+        n_heads=2,
+        learning_rate=1e-2,
+        max_epochs=5,
+        n_threads=1,
+        importance_n_samples=30,
+        random_state=0,
+    )
     sel = SelectFromModel(est, threshold="mean").fit(X, y)
     imp = sel.estimator_.feature_importances_
     np.testing.assert_array_equal(sel.get_support(), imp >= imp.mean())
@@ -439,10 +510,13 @@ def test_ablation_study_counts_and_top_genes_hurt_more_than_random():
 def test_ablation_study_with_given_ranking_matches_manual_zeroing(fitted):
     clf, X, y = fitted
     genes = [f"gene_{j}" for j in range(N_GENES)]
-    table = pd.concat([pd.DataFrame({"gene": genes, "class": c, "mean": -np.arange(N_GENES),
-                                     "median": 0.0}) for c in clf.classes_])
-    res = ablation_study(clf, X, y, ranking=table, grids={"g": [25.0]}, n_random=2,
-                         random_state=0)
+    table = pd.concat(
+        [
+            pd.DataFrame({"gene": genes, "class": c, "mean": -np.arange(N_GENES), "median": 0.0})
+            for c in clf.classes_
+        ]
+    )
+    res = ablation_study(clf, X, y, ranking=table, grids={"g": [25.0]}, n_random=2, random_state=0)
     for c in clf.classes_:
         row = res[res["class"] == c].iloc[0]
         Xc = X[y == c].copy()
@@ -478,8 +552,17 @@ def test_plots_draw_the_curves_and_bars(fitted):
 def test_plots_without_matplotlib_name_the_extra(monkeypatch):
     from tgem.plotting._interpret import plot_ablation
 
-    res = pd.DataFrame({"grid": ["g"], "class": ["all"], "overall": [True], "percent": [1.0],
-                        "drop_top": [0.0], "drop_random_mean": [0.0], "drop_random_std": [0.0]})
+    res = pd.DataFrame(
+        {
+            "grid": ["g"],
+            "class": ["all"],
+            "overall": [True],
+            "percent": [1.0],
+            "drop_top": [0.0],
+            "drop_random_mean": [0.0],
+            "drop_random_std": [0.0],
+        }
+    )
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "tgem\[plot\]"'):

@@ -28,8 +28,7 @@ def _data(n=40, genes=7, n_classes=3, seed=0):
 
 
 def _fit(X, y, **params):
-    kw = dict(n_layers=2, n_heads=2, max_epochs=3, batch_size=8, learning_rate=1e-2,
-              random_state=0)
+    kw = dict(n_layers=2, n_heads=2, max_epochs=3, batch_size=8, learning_rate=1e-2, random_state=0)
     kw.update(params)
     return TGEMClassifier(**kw).fit(X, y)
 
@@ -68,11 +67,14 @@ def _rebuild(data: bytes, *, header=None, entries=None, checksum=True) -> bytes:
 
 
 # ------------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("params", [
-    dict(),
-    dict(activation=None, shared_norm=False, n_layers=1),
-    dict(activation="gelu", dropout=0.0, class_weight="balanced"),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(activation=None, shared_norm=False, n_layers=1),
+        dict(activation="gelu", dropout=0.0, class_weight="balanced"),
+    ],
+)
 def test_loaded_model_predicts_bit_for_bit_on_cpu(params, tmp_path):
     X, y = _data(seed=1)
     clf = _fit(X, y, **params)
@@ -119,17 +121,20 @@ def test_save_twice_gives_identical_bytes(fitted):
     assert _to_bytes(load(io.BytesIO(_to_bytes(clf)))) == _to_bytes(clf)
 
 
-@pytest.mark.parametrize("classes", [
-    np.array(["down", "up", "x"]),
-    np.array(["a", "bb", "ccc"], dtype=object),
-    np.array([3, 7, 11], dtype=np.int64),
-    np.array([-1, 0, 5], dtype=np.int32),
-    np.array([0, 1, 255], dtype=np.uint8),
-    np.array([0.5, 1.5, 1e300], dtype=np.float64),
-    np.array([0.1, 0.2, 0.3], dtype=np.float32),
-    np.array([b"a", b"b", b"\xff"]),
-    np.array([1, "two", 3.5], dtype=object),
-])
+@pytest.mark.parametrize(
+    "classes",
+    [
+        np.array(["down", "up", "x"]),
+        np.array(["a", "bb", "ccc"], dtype=object),
+        np.array([3, 7, 11], dtype=np.int64),
+        np.array([-1, 0, 5], dtype=np.int32),
+        np.array([0, 1, 255], dtype=np.uint8),
+        np.array([0.5, 1.5, 1e300], dtype=np.float64),
+        np.array([0.1, 0.2, 0.3], dtype=np.float32),
+        np.array([b"a", b"b", b"\xff"]),
+        np.array([1, "two", 3.5], dtype=object),
+    ],
+)
 def test_classes_keep_their_exact_dtype_and_values(fitted, classes):
     clf, X = fitted
     clf = pickle.loads(pickle.dumps(clf))
@@ -208,8 +213,9 @@ def test_file_is_plain_json_and_npy_arrays(fitted, tmp_path):
         assert names[0] == "tgem.json" and names[-1] == "SHA256"
         assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
         header = json.loads(archive.read("tgem.json"))
-        weight = np.load(io.BytesIO(archive.read("module/classifier.weight.npy")),
-                         allow_pickle=False)
+        weight = np.load(
+            io.BytesIO(archive.read("module/classifier.weight.npy")), allow_pickle=False
+        )
     assert header["format"] == FORMAT and header["format_version"] == FORMAT_VERSION
     assert {"tgem", "torch", "numpy"} <= set(header["versions"])
     assert header["params"]["n_heads"] == 2
@@ -240,8 +246,10 @@ def test_cuda_model_loads_on_cpu_with_one_device_warning(fitted):
     clf = pickle.loads(pickle.dumps(clf))
     clf.device_ = torch.device("cuda:0")  # as written on a GPU machine
     data = _to_bytes(clf)
-    assert json.loads(zipfile.ZipFile(io.BytesIO(data)).read("tgem.json"))["fitted"][
-        "device_"] == "cuda:0"
+    assert (
+        json.loads(zipfile.ZipFile(io.BytesIO(data)).read("tgem.json"))["fitted"]["device_"]
+        == "cuda:0"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = load(io.BytesIO(data))
@@ -293,8 +301,11 @@ def test_missing_file_raises_file_not_found(tmp_path):
 def test_unknown_format_version_is_refused(fitted):
     clf, _ = fitted
     data = _rebuild(_to_bytes(clf), header=lambda h: h.update(format_version=2))
-    with pytest.raises(ModelFileError, match=r"format version 2 .*reads format version\(s\) "
-                                             r"\[1\]"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"format version 2 .*reads format version\(s\) "
+        r"\[1\]",
+    ):
         load(io.BytesIO(data))
 
 
@@ -314,14 +325,14 @@ def test_wrong_checksum_is_refused(fitted):
 
 def test_edited_header_fails_the_checksum(fitted):
     clf, _ = fitted
-    data = _rebuild(_to_bytes(clf), header=lambda h: h["params"].update(n_heads=3),
-                    checksum=False)
+    data = _rebuild(_to_bytes(clf), header=lambda h: h["params"].update(n_heads=3), checksum=False)
     with pytest.raises(ModelFileError, match="checksum"):
         load(io.BytesIO(data))
 
 
-@pytest.mark.parametrize("entry", ["tgem.json", "module/layers.0.WQ.npy",
-                                   "module/classifier.bias.npy", "SHA256"])
+@pytest.mark.parametrize(
+    "entry", ["tgem.json", "module/layers.0.WQ.npy", "module/classifier.bias.npy", "SHA256"]
+)
 def test_flipped_byte_in_any_entry_is_refused(fitted, entry):
     clf, _ = fitted
     data = bytearray(_to_bytes(clf))
@@ -345,9 +356,15 @@ def test_truncated_file_is_refused(fitted, tmp_path, keep):
         load(path)
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"hello", json.dumps({"format": "tgem-model"}).encode(), b"\x89PNG\r\n\x1a\n" * 10,
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"hello",
+        json.dumps({"format": "tgem-model"}).encode(),
+        b"\x89PNG\r\n\x1a\n" * 10,
+    ],
+)
 def test_foreign_files_are_refused(content):
     with pytest.raises(ModelFileError, match="not a tgem model file"):
         load(io.BytesIO(content))
@@ -381,22 +398,25 @@ def test_compressed_entries_are_refused(fitted):
         load(io.BytesIO(buffer.getvalue()))
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda h: h.update(format="other"), "format"),
-    (lambda h: h["module"].update(n_genes=10**12), "n_genes"),
-    (lambda h: h["module"].update(n_layers=10**9), "layers"),
-    (lambda h: h["module"].update(n_heads=1), "architecture"),
-    (lambda h: h["module"].update(activation="os.system"), "arguments"),
-    (lambda h: h["fitted"].update(n_features_in_=3), "features"),
-    (lambda h: h["fitted"]["classes_"].update(values=["a", "b"]), "classes"),
-    (lambda h: h["fitted"]["classes_"].update(dtype="|O"), "dtype"),
-    (lambda h: h["fitted"].update(history_=[{"epoch": "x"}]), "history"),
-    (lambda h: h["params"].update(n_heads=-1), "n_heads"),
-    (lambda h: h["params"].update(new_param=1), "new_param"),
-    (lambda h: h["arrays"][0].update(dtype="<f8"), "dtype"),
-    (lambda h: h["arrays"][0].update(shape=[1, 2, 3]), "shape"),
-    (lambda h: h["arrays"].pop(), "manifest"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h.update(format="other"), "format"),
+        (lambda h: h["module"].update(n_genes=10**12), "n_genes"),
+        (lambda h: h["module"].update(n_layers=10**9), "layers"),
+        (lambda h: h["module"].update(n_heads=1), "architecture"),
+        (lambda h: h["module"].update(activation="os.system"), "arguments"),
+        (lambda h: h["fitted"].update(n_features_in_=3), "features"),
+        (lambda h: h["fitted"]["classes_"].update(values=["a", "b"]), "classes"),
+        (lambda h: h["fitted"]["classes_"].update(dtype="|O"), "dtype"),
+        (lambda h: h["fitted"].update(history_=[{"epoch": "x"}]), "history"),
+        (lambda h: h["params"].update(n_heads=-1), "n_heads"),
+        (lambda h: h["params"].update(new_param=1), "new_param"),
+        (lambda h: h["arrays"][0].update(dtype="<f8"), "dtype"),
+        (lambda h: h["arrays"][0].update(shape=[1, 2, 3]), "shape"),
+        (lambda h: h["arrays"].pop(), "manifest"),
+    ],
+)
 def test_inconsistent_headers_are_refused_even_with_a_valid_checksum(fitted, edit, match):
     clf, _ = fitted
     data = _rebuild(_to_bytes(clf), header=edit)

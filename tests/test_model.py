@@ -10,8 +10,14 @@ from tgem._model import TGEMLayerNorm, TGEMNet
 
 
 def _net(genes, classes=5, backend="reference", seed=0, **kw):
-    return TGEMNet(genes, classes, dropout=0.0, attention_backend=backend,
-                   generator=torch.Generator().manual_seed(seed), **kw)
+    return TGEMNet(
+        genes,
+        classes,
+        dropout=0.0,
+        attention_backend=backend,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
 
 
 def _forward_and_grads(net, x, y):
@@ -123,18 +129,22 @@ def _float32_rms_errors(genes, backends, seeds, batch=16):
         x = torch.rand(batch, genes, generator=gen, dtype=torch.float64) * 4
         y = torch.randint(0, 5, (batch,), generator=gen)
         exact = _forward_and_grads(_same_weights(genes, "reference", torch.float64, seed), x, y)
-        ref = _forward_and_grads(_same_weights(genes, "reference", torch.float32, seed),
-                                 x.float(), y)
+        ref = _forward_and_grads(
+            _same_weights(genes, "reference", torch.float32, seed), x.float(), y
+        )
         for backend in backends:
-            path = _forward_and_grads(_same_weights(genes, backend, torch.float32, seed),
-                                      x.float(), y)
+            path = _forward_and_grads(
+                _same_weights(genes, backend, torch.float32, seed), x.float(), y
+            )
             for name, e in exact.items():
                 s = acc[backend].setdefault(name, [0.0, 0.0, 0.0])
                 s[0] += float(((path[name].double() - e) ** 2).sum())
                 s[1] += float(((ref[name].double() - e) ** 2).sum())
-                s[2] += float((e ** 2).sum())
-    return {b: {n: (math.sqrt(p / t), math.sqrt(r / t)) for n, (p, r, t) in a.items()}
-            for b, a in acc.items()}
+                s[2] += float((e**2).sum())
+    return {
+        b: {n: (math.sqrt(p / t), math.sqrt(r / t)) for n, (p, r, t) in a.items()}
+        for b, a in acc.items()
+    }
 
 
 @pytest.mark.parametrize("genes,seeds", [(17, 6), (200, 2)])
@@ -162,8 +172,7 @@ def test_model_float32_error_at_scale(genes, seeds):
     are too few to tell a path from its luck (2.00 over the first two); over eight the worst
     tensor's ratio is 1.17 on the AVX2 kernel, 0.85 on the scalar one, 1.20 for "exact".
     """
-    for backend, errors in _float32_rms_errors(genes, ["exact", "auto"], seeds,
-                                               batch=8).items():
+    for backend, errors in _float32_rms_errors(genes, ["exact", "auto"], seeds, batch=8).items():
         for name, (err, ref_err) in errors.items():
             assert err <= 2 * ref_err + 1e-9, f"{backend} {name}: {err:.3g} vs {ref_err:.3g}"
 
@@ -188,8 +197,10 @@ def test_optimizer_is_fused_adam_with_a_fallback(monkeypatch):
 
     def no_fused_adam(params, fused=None, **kw):
         if fused:
-            raise RuntimeError("`fused=True` requires all the params to be floating point "
-                               "Tensors of supported devices: ['cuda']")
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point "
+                "Tensors of supported devices: ['cuda']"
+            )
         return original(params, **kw)
 
     monkeypatch.setattr(torch.optim, "Adam", no_fused_adam)

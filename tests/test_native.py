@@ -108,8 +108,10 @@ def _check_against_reference(genes: int, case: str, batch: int = 2, heads: int =
     # floor of 4 ulp of the scale of the summed terms (for cases where that one is exact)
     mq, mk, mv, mg = (float(t.abs().max()) for t in (q, k, v, grad))
     scales = [mv, mg * mv * mk, mg * mv * mq, mg]
-    rows = [(float((g32 - r64).abs().max()), float((r32 - r64).abs().max()), scale)
-            for g32, r32, r64, scale in zip(got, ref32, ref64, scales)]
+    rows = [
+        (float((g32 - r64).abs().max()), float((r32 - r64).abs().max()), scale)
+        for g32, r32, r64, scale in zip(got, ref32, ref64, scales)
+    ]
     assert_float32_rule(rows)
 
 
@@ -131,8 +133,9 @@ def test_native_uniform_softmax_gives_exact_mean(isa):
 def test_native_float32_rule_on_independent_gaussian_inputs(isa, genes, scale):
     """The float32 rule of the exact path's tests (tests/_oracle.py), on i.i.d. inputs."""
     gen = torch.Generator().manual_seed(genes)
-    q, k, v = (torch.randn(4, 5, genes, generator=gen, dtype=torch.float64) * scale
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(4, 5, genes, generator=gen, dtype=torch.float64) * scale for _ in range(3)
+    )
     grad = torch.randn(4, 5, genes, generator=gen, dtype=torch.float64)
     assert_float32_rule(float32_errors(nat.native_attention, q, k, v, grad))
 
@@ -141,8 +144,9 @@ def test_native_float32_rule_on_independent_gaussian_inputs(isa, genes, scale):
 def test_native_float32_rms_error_within_twice_the_reference_error(isa, scale):
     """The rule without a floor, on the RMS error over 765 genes (tests/_oracle.py)."""
     gen = torch.Generator().manual_seed(765)
-    q, k, v = (torch.randn(16, 5, 765, generator=gen, dtype=torch.float64) * scale
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(16, 5, 765, generator=gen, dtype=torch.float64) * scale for _ in range(3)
+    )
     grad = torch.randn(16, 5, 765, generator=gen, dtype=torch.float64)
     assert_float32_rms_rule(nat.native_attention, q, k, v, grad)
 
@@ -238,7 +242,8 @@ def test_exp2_accuracy_over_the_whole_float_range(isa):
     excess = (got[sub] - exact[sub]).abs() - (2.0**-150 + 2 * EPS32 * exact[sub])
     assert excess.max().item() <= 0, (
         f"error {excess.max().item() + 2.0**-150:.3g} beyond half a subnormal ulp + 2 ulp "
-        "relative in the subnormal range")
+        "relative in the subnormal range"
+    )
     assert (got[y <= -151] == 0).all()
     assert torch.isinf(got[y >= 128]).all()
     assert torch.isnan(got[torch.isnan(y)]).all()
@@ -314,10 +319,12 @@ def test_unusable_isa_request_makes_backend_unavailable(monkeypatch):
 # ----------------------------------------------------------------------------- whole layer
 def _plain_layer(attention):
     """A layer as the model writes it without ``layer_fn``: q/k/v products, attention, mix."""
+
     def layer(x, wq, wk, wv, w0):
         xb = x.unsqueeze(1)
         heads = attention(xb * wq[..., 0], xb * wk[..., 0], xb * wv[..., 0])
         return torch.einsum("bhg,h->bg", heads, w0)
+
     return layer
 
 
@@ -326,8 +333,7 @@ def _layer_inputs(batch: int, heads: int, genes: int, scale: float = 1.0, seed: 
     gen = torch.Generator().manual_seed(seed + genes)
     x = torch.rand(batch, genes, generator=gen, dtype=torch.float64) * 4
     std = math.sqrt(2.0 / (genes + heads)) * scale
-    w = [torch.randn(heads, genes, 1, generator=gen, dtype=torch.float64) * std
-         for _ in range(3)]
+    w = [torch.randn(heads, genes, 1, generator=gen, dtype=torch.float64) * std for _ in range(3)]
     w0 = torch.randn(heads, generator=gen, dtype=torch.float64)
     grad = torch.randn(batch, genes, generator=gen, dtype=torch.float64)
     return (x, *w, w0), grad
@@ -343,8 +349,9 @@ def _layer_run(fn, inputs, grad, dtype):
 LAYER_NAMES = ("mixed", "dx", "dWQ", "dWK", "dWV", "dW_0")
 
 
-@pytest.mark.parametrize(("batch", "heads", "genes"), [(2, 1, 1), (3, 2, 2), (3, 5, 17),
-                                                        (4, 3, 300)])
+@pytest.mark.parametrize(
+    ("batch", "heads", "genes"), [(2, 1, 1), (3, 2, 2), (3, 5, 17), (4, 3, 300)]
+)
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_native_layer_matches_reference_layer(isa, batch, heads, genes, scale):
     """Output and all five gradients against the plain formulation: float64 reference, and
@@ -359,16 +366,21 @@ def test_native_layer_matches_reference_layer(isa, batch, heads, genes, scale):
     mx, mwq, mwk, mwv, mw0, mgm = (float(t.abs().max()) for t in (*inputs, grad))
     mq, mk, mv, mg = mx * mwq, mx * mwk, mx * mwv, mw0 * mgm  # the heads' q, k, v, gradient
     dq, dk = mg * mv * mk, mg * mv * mq  # the attention's gradient terms (tests/_oracle.py)
-    scales = [math.sqrt(heads) * mw0 * mv,
-              math.sqrt(heads) * (dq * mwq + dk * mwk + mg * mwv),
-              math.sqrt(batch) * mx * dq, math.sqrt(batch) * mx * dk,
-              math.sqrt(batch) * mx * mg, math.sqrt(batch * genes) * mgm * mv]
+    scales = [
+        math.sqrt(heads) * mw0 * mv,
+        math.sqrt(heads) * (dq * mwq + dk * mwk + mg * mwv),
+        math.sqrt(batch) * mx * dq,
+        math.sqrt(batch) * mx * dk,
+        math.sqrt(batch) * mx * mg,
+        math.sqrt(batch * genes) * mgm * mv,
+    ]
     for name, g32, r32, r64, term in zip(LAYER_NAMES, got, ref32, ref64, scales):
         assert torch.isfinite(g32).all(), name
         err, ref_err = float((g32 - r64).abs().max()), float((r32 - r64).abs().max())
         floor = 4 * EPS32 * term
         assert err <= 2 * ref_err + floor, (
-            f"{name}: float32 error {err:.3g} > 2 x reference error {ref_err:.3g} + {floor:.3g}")
+            f"{name}: float32 error {err:.3g} > 2 x reference error {ref_err:.3g} + {floor:.3g}"
+        )
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0])
@@ -429,8 +441,9 @@ def test_native_layer_rejects_bad_shapes_and_double_backward(isa):
         nat.native_layer(x.double(), wq, wk, wv, torch.ones(4))
     x.requires_grad_(True)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(nat.native_layer(x, wq, wk, wv, torch.ones(4)).sum(), x,
-                            create_graph=True)
+        torch.autograd.grad(
+            nat.native_layer(x, wq, wk, wv, torch.ones(4)).sum(), x, create_graph=True
+        )
 
 
 def test_model_uses_the_fused_layer_and_matches_the_composed_path(isa, monkeypatch):
@@ -441,13 +454,18 @@ def test_model_uses_the_fused_layer_and_matches_the_composed_path(isa, monkeypat
     import tgem._attention as att
     from tgem._model import TGEMNet
 
-    net = TGEMNet(40, 3, n_heads=3, dropout=0.0, attention_backend="native",
-                  generator=torch.Generator().manual_seed(0))
+    net = TGEMNet(
+        40,
+        3,
+        n_heads=3,
+        dropout=0.0,
+        attention_backend="native",
+        generator=torch.Generator().manual_seed(0),
+    )
     x = torch.rand(5, 40, generator=torch.Generator().manual_seed(1)) * 4
     calls = []
     original = nat.native_layer_forward
-    monkeypatch.setattr(nat, "native_layer_forward",
-                        lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(nat, "native_layer_forward", lambda *a: calls.append(1) or original(*a))
 
     def run():
         net.zero_grad()

@@ -10,12 +10,27 @@ matplotlib.use("Agg")
 from tgem.plotting import plot_history  # noqa: E402
 
 HISTORY = [
-    {"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.3, "valid_loss": 2.1,
-     "valid_accuracy": 0.25},
-    {"epoch": 2, "train_loss": 1.5, "train_accuracy": 0.5, "valid_loss": 1.7,
-     "valid_accuracy": 0.4},
-    {"epoch": 3, "train_loss": 1.1, "train_accuracy": 0.7, "valid_loss": None,
-     "valid_accuracy": float("nan")},
+    {
+        "epoch": 1,
+        "train_loss": 2.0,
+        "train_accuracy": 0.3,
+        "valid_loss": 2.1,
+        "valid_accuracy": 0.25,
+    },
+    {
+        "epoch": 2,
+        "train_loss": 1.5,
+        "train_accuracy": 0.5,
+        "valid_loss": 1.7,
+        "valid_accuracy": 0.4,
+    },
+    {
+        "epoch": 3,
+        "train_loss": 1.1,
+        "train_accuracy": 0.7,
+        "valid_loss": None,
+        "valid_accuracy": float("nan"),
+    },
 ]
 
 
@@ -37,8 +52,9 @@ def test_plot_history_draws_train_and_validation_curves():
 
 def test_plot_history_single_metric_on_given_axes():
     fig, ax = matplotlib.pyplot.subplots()
-    out = plot_history([{k: v for k, v in r.items() if "valid" not in k} for r in HISTORY],
-                       metrics="loss", ax=ax)
+    out = plot_history(
+        [{k: v for k, v in r.items() if "valid" not in k} for r in HISTORY], metrics="loss", ax=ax
+    )
     assert out is ax
     assert [line.get_label() for line in ax.get_lines()] == ["training"]
     matplotlib.pyplot.close(fig)

@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def extract():
-    spec = importlib.util.spec_from_file_location("readme_commands",
-                                                  ROOT / ".ci" / "readme_commands.py")
+    spec = importlib.util.spec_from_file_location(
+        "readme_commands", ROOT / ".ci" / "readme_commands.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.readme_commands
@@ -37,15 +38,25 @@ def test_ci_runs_the_extracted_commands():
     [
         ("no blocks at all\n", "0 ```console block"),
         ("```console\nA\n```\n", "1 ```console block"),
-        ("```console\npython3 -m venv .venv && . .venv/bin/activate && tgem demo\nsecond line\n"
-         "```\n```console\nx\n```\n", "spans 2 lines"),
-        ("```console\npip install -e . && tgem demo\n```\n```console\nx\n```\n",
-         "does not start with"),
-        ("```console\npython3 -m venv .venv && . .venv/bin/activate && tgem train\n```\n"
-         "```console\nx\n```\n", "does not end with 'tgem demo'"),
-        ("```console\npython3 -m venv .venv && . .venv/bin/activate && tgem demo\n```\n"
-         "```console\npython3 -m venv .venv && . .venv/bin/activate && make test\n```\n",
-         "does not end with a pytest run"),
+        (
+            "```console\npython3 -m venv .venv && . .venv/bin/activate && tgem demo\nsecond line\n"
+            "```\n```console\nx\n```\n",
+            "spans 2 lines",
+        ),
+        (
+            "```console\npip install -e . && tgem demo\n```\n```console\nx\n```\n",
+            "does not start with",
+        ),
+        (
+            "```console\npython3 -m venv .venv && . .venv/bin/activate && tgem train\n```\n"
+            "```console\nx\n```\n",
+            "does not end with 'tgem demo'",
+        ),
+        (
+            "```console\npython3 -m venv .venv && . .venv/bin/activate && tgem demo\n```\n"
+            "```console\npython3 -m venv .venv && . .venv/bin/activate && make test\n```\n",
+            "does not end with a pytest run",
+        ),
     ],
 )
 def test_a_readme_of_another_shape_is_refused(extract, text, message):

@@ -36,8 +36,7 @@ def _data(n=32, genes=6, n_classes=2, seed=0):
 
 
 def _clf(**params):
-    kw = dict(n_layers=1, n_heads=2, max_epochs=4, batch_size=8, learning_rate=1e-2,
-              random_state=0)
+    kw = dict(n_layers=1, n_heads=2, max_epochs=4, batch_size=8, learning_rate=1e-2, random_state=0)
     kw.update(params)
     return TGEMClassifier(**kw)
 
@@ -64,6 +63,7 @@ def _nan(x, out):
 def _raise(exc):
     def fault(x, out):
         raise exc
+
     return fault
 
 
@@ -167,12 +167,14 @@ def test_checkpoint_is_written_at_each_improvement(tmp_path, monkeypatch):
     X, y = _data()
     writes = []
     real_save = tgem._io.save
-    monkeypatch.setattr(tgem._io, "save", lambda m, p: (writes.append(m.best_epoch_),
-                                                        real_save(m, p)))
+    monkeypatch.setattr(
+        tgem._io, "save", lambda m, p: (writes.append(m.best_epoch_), real_save(m, p))
+    )
     clf = _clf(max_epochs=5).fit(X, y, checkpoint=tmp_path / "c.tgem")
     losses = [r["train_loss"] for r in clf.history_]
-    improvements = [e for e, loss in enumerate(losses, 1) if loss < min(losses[:e - 1],
-                                                                         default=np.inf)]
+    improvements = [
+        e for e, loss in enumerate(losses, 1) if loss < min(losses[: e - 1], default=np.inf)
+    ]
     assert writes == improvements
     assert load(tmp_path / "c.tgem").best_epoch_ == improvements[-1]
 
@@ -230,23 +232,24 @@ def test_training_splits_the_batch_on_out_of_memory(monkeypatch, caplog):
     X, y = _data()
     reference = _clf(dropout=0.0, max_epochs=2).fit(X, y)
     clf = _clf(dropout=0.0, max_epochs=2)
-    _inject(monkeypatch, _raise(OOM("simulated")),
-            when=lambda c, x, net: net.training and len(x) > 2)
+    _inject(
+        monkeypatch, _raise(OOM("simulated")), when=lambda c, x, net: net.training and len(x) > 2
+    )
     with caplog.at_level(logging.WARNING, logger="tgem"):
         clf.fit(X, y)
     assert "accumulating gradients over 4 parts" in caplog.text
     assert len(clf.history_) == 2
     for key, value in reference.module_.state_dict().items():
-        torch.testing.assert_close(clf.module_.state_dict()[key], value, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(clf.module_.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_split_batch_gradient_equals_whole_batch_gradient():
     gen = torch.Generator().manual_seed(0)
     # float64, so the comparison tests the accumulation, not float32 summation order (which
     # put one float32 bias gradient 1.2e-5 apart, relatively, on an AVX-512 Xeon)
-    net = TGEMNet(n_genes=9, n_classes=3, n_layers=2, n_heads=3, dropout=0.0,
-                  generator=gen).double()
+    net = TGEMNet(
+        n_genes=9, n_classes=3, n_layers=2, n_heads=3, dropout=0.0, generator=gen
+    ).double()
     x = torch.randn(13, 9, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (13,), generator=gen)
     w = torch.rand(13, generator=gen, dtype=torch.float64) + 0.1
@@ -277,8 +280,11 @@ def test_validation_halves_its_batch_on_out_of_memory(monkeypatch):
     X, y = _data(n=48)
     reference = _clf(early_stopping=True, validation_fraction=0.5, max_epochs=2).fit(X, y)
     clf = _clf(early_stopping=True, validation_fraction=0.5, max_epochs=2)
-    _inject(monkeypatch, _raise(OOM("simulated")),
-            when=lambda c, x, net: not net.training and len(x) > 3)
+    _inject(
+        monkeypatch,
+        _raise(OOM("simulated")),
+        when=lambda c, x, net: not net.training and len(x) > 3,
+    )
     clf.fit(X, y)
     for a, b in zip(clf.history_, reference.history_):
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)
@@ -390,14 +396,15 @@ def test_numbers_stored_as_objects_or_strings_work(model):
     clf, framed, X, y = model
     as_object = pd.DataFrame(X.astype(object), columns=[f"G{i}" for i in range(6)])
     expected = framed.predict_proba(pd.DataFrame(X, columns=as_object.columns))
-    np.testing.assert_allclose(_unchanged(lambda: framed.predict_proba(as_object), as_object),
-                               expected)
-    np.testing.assert_allclose(clf.predict_proba(X.astype(str)), clf.predict_proba(X),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        _unchanged(lambda: framed.predict_proba(as_object), as_object), expected
+    )
+    np.testing.assert_allclose(clf.predict_proba(X.astype(str)), clf.predict_proba(X), rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [bool, np.int8, np.int64, np.uint16, np.float16,
-                                   np.float32, np.float64])
+@pytest.mark.parametrize(
+    "dtype", [bool, np.int8, np.int64, np.uint16, np.float16, np.float32, np.float64]
+)
 def test_bool_int_and_float_dtypes_work(model, dtype):
     clf, _, X, y = model
     kind = np.dtype(dtype).kind
@@ -440,12 +447,16 @@ def test_memory_layouts_give_the_same_predictions(model, layout, tmp_path):
 
 def test_dataframe_input_is_not_modified(model):
     _, framed, X, y = model
-    frame = pd.DataFrame(X.astype(np.float64), columns=[f"G{i}" for i in range(6)],
-                         index=[f"cell{i}" for i in range(len(X))])
+    frame = pd.DataFrame(
+        X.astype(np.float64),
+        columns=[f"G{i}" for i in range(6)],
+        index=[f"cell{i}" for i in range(len(X))],
+    )
     labels = pd.Series(np.array(["a", "b", "c"])[y], index=frame.index)
     _unchanged(lambda: _clf(max_epochs=1).fit(frame, labels), frame)
-    pd.testing.assert_series_equal(labels, pd.Series(np.array(["a", "b", "c"])[y],
-                                                     index=frame.index))
+    pd.testing.assert_series_equal(
+        labels, pd.Series(np.array(["a", "b", "c"])[y], index=frame.index)
+    )
     _unchanged(lambda: framed.predict(frame), frame)
 
 
@@ -496,8 +507,13 @@ def test_one_sample_with_fifty_thousand_genes_at_predict():
 
 
 # ------------------------------------------------------------------ property-based
-@settings(max_examples=14, deadline=None, derandomize=True, phases=[Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=14,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_input_works_or_fails_clearly_and_is_never_modified(data):
     """Random shapes, dtypes, layouts, label types and special values: a working model
@@ -505,16 +521,27 @@ def test_any_input_works_or_fails_clearly_and_is_never_modified(data):
     n_classes = data.draw(st.integers(2, 4), label="n_classes")
     per_class = data.draw(st.integers(1, 4), label="per_class")
     genes = data.draw(st.integers(1, 9), label="genes")
-    dtype = np.dtype(data.draw(st.sampled_from(
-        [np.float16, np.float32, np.float64, np.int32, np.uint8, np.bool_]), label="dtype"))
-    layout = data.draw(st.sampled_from(["C", "F", "strided", "frame", "csr", "memmap"]),
-                       label="layout")
+    dtype = np.dtype(
+        data.draw(
+            st.sampled_from([np.float16, np.float32, np.float64, np.int32, np.uint8, np.bool_]),
+            label="dtype",
+        )
+    )
+    layout = data.draw(
+        st.sampled_from(["C", "F", "strided", "frame", "csr", "memmap"]), label="layout"
+    )
     scale = data.draw(st.sampled_from([0.0, 1e-30, 1.0, 100.0]), label="scale")
-    special = data.draw(st.sampled_from(
-        [None, "constant_gene", "zero_row", "nan", "inf", "huge"] if dtype.kind == "f"
-        else [None, "constant_gene", "zero_row"]), label="special")
-    labels = data.draw(st.sampled_from(["int", "str", "float"] + (["bool"] * (n_classes == 2))),
-                       label="labels")
+    special = data.draw(
+        st.sampled_from(
+            [None, "constant_gene", "zero_row", "nan", "inf", "huge"]
+            if dtype.kind == "f"
+            else [None, "constant_gene", "zero_row"]
+        ),
+        label="special",
+    )
+    labels = data.draw(
+        st.sampled_from(["int", "str", "float"] + (["bool"] * (n_classes == 2))), label="labels"
+    )
     n = n_classes * per_class
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
     values = rng.normal(size=(n, genes)) * scale
@@ -529,8 +556,12 @@ def test_any_input_works_or_fails_clearly_and_is_never_modified(data):
         with np.errstate(over="ignore"):  # 1e30 is inf in float16: refused either way
             X[n // 2, genes // 2] = {"nan": np.nan, "inf": -np.inf, "huge": 1e30}[special]
     codes = np.arange(n) % n_classes
-    y = {"int": codes * 7 - 3, "str": np.array([f"c{c}" for c in codes]),
-         "float": codes * 2.0 + 1, "bool": codes == 1}[labels]
+    y = {
+        "int": codes * 7 - 3,
+        "str": np.array([f"c{c}" for c in codes]),
+        "float": codes * 2.0 + 1,
+        "bool": codes == 1,
+    }[labels]
     if layout == "F":
         X = np.asfortranarray(X)
     elif layout == "strided":
@@ -542,9 +573,12 @@ def test_any_input_works_or_fails_clearly_and_is_never_modified(data):
     elif layout == "memmap":
         X = np.lib.stride_tricks.as_strided(X)  # a view; then frozen like a read-only memmap
         X.setflags(write=False)
-    clf = _clf(n_layers=data.draw(st.integers(1, 2), label="n_layers"), max_epochs=1,
-               activation=data.draw(st.sampled_from([None, "relu", "leakyrelu", "gelu"])),
-               shared_norm=data.draw(st.booleans()))
+    clf = _clf(
+        n_layers=data.draw(st.integers(1, 2), label="n_layers"),
+        max_epochs=1,
+        activation=data.draw(st.sampled_from([None, "relu", "leakyrelu", "gelu"])),
+        shared_norm=data.draw(st.booleans()),
+    )
     expect_error = special in ("nan", "inf", "huge")
 
     def run():
@@ -575,21 +609,27 @@ def test_empty_gene_sets_are_a_clear_error():
     from tgem._gene_sets import GeneSetSelector
 
     frame = pd.DataFrame(np.ones((2, 3)), columns=["CD3E", "LYZ", "MS4A1"])
-    for gene_sets, match in [({"T": []}, "gene set 'T' is empty"),
-                             ({}, "empty mapping"), ([], "holds no gene")]:
+    for gene_sets, match in [
+        ({"T": []}, "gene set 'T' is empty"),
+        ({}, "empty mapping"),
+        ([], "holds no gene"),
+    ]:
         with pytest.raises(ValueError, match=match):
             _unchanged(lambda gs=gene_sets: GeneSetSelector(gs).fit(frame), frame)
     with pytest.raises(ValueError, match="none of the 1 genes"):
         GeneSetSelector({"B": ["CD79A"]}).fit(frame)
 
 
-@pytest.mark.parametrize("line, match", [
-    ("ONLY_A_NAME\n", "line 2 is not a GMT gene set"),
-    ("NAME\tdescription\n", "line 2 is not a GMT gene set"),
-    ("NAME description CD3E CD3D\n", "separated by tabs"),
-    ("\tdescription\tCD3E\n", "line 2 is not a GMT gene set"),
-    ("T\trepeated name\tCD4\n", "repeats the gene-set name 'T'"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("ONLY_A_NAME\n", "line 2 is not a GMT gene set"),
+        ("NAME\tdescription\n", "line 2 is not a GMT gene set"),
+        ("NAME description CD3E CD3D\n", "separated by tabs"),
+        ("\tdescription\tCD3E\n", "line 2 is not a GMT gene set"),
+        ("T\trepeated name\tCD4\n", "repeats the gene-set name 'T'"),
+    ],
+)
 def test_malformed_gmt_lines_are_a_clear_error(tmp_path, line, match):
     from tgem._gene_sets import GeneSetSelector
     from tgem.datasets import read_gmt

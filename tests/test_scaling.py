@@ -54,9 +54,12 @@ def sparse_h5ad(tmp_path_factory):
     counts = rng.poisson(rate[pd.Categorical(labels, ["T", "B", "NK"]).codes])
     X = sp.csr_matrix(np.log1p(counts).astype(np.float32))
     adata = anndata.AnnData(
-        X=X, obs=pd.DataFrame({"cell_type": pd.Categorical(labels)},
-                              index=[f"cell{i}" for i in range(n)]),
-        var=pd.DataFrame(index=[f"gene{j}" for j in range(g)]))
+        X=X,
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(n)]
+        ),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(g)]),
+    )
     path = tmp_path_factory.mktemp("h5ad") / "cells.h5ad"
     adata.write_h5ad(path)
     return path, X, labels
@@ -69,7 +72,8 @@ class _ThreadsSeen(TGEMClassifier):
     def fit(self, X, y, **kw):
         seen = set()
         hook = torch.nn.modules.module.register_module_forward_hook(
-            lambda *a: seen.add(torch.get_num_threads()))
+            lambda *a: seen.add(torch.get_num_threads())
+        )
         try:
             super().fit(X, y, **kw)
         finally:
@@ -92,9 +96,12 @@ def dask_client():
 
     # the workers are fresh processes: ship this module's helpers by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
@@ -104,15 +111,21 @@ def test_dask_grid_search_cv_results_equal_n_jobs_1(pbmc, dask_client):
     from sklearn.model_selection import GridSearchCV
 
     X, y, _ = _pbmc_task(pbmc, n_genes=30)
-    est = TGEMClassifier(n_layers=1, max_epochs=4, batch_size=16, learning_rate=1e-2,
-                         dropout=0.1, n_threads=1, random_state=0)
+    est = TGEMClassifier(
+        n_layers=1,
+        max_epochs=4,
+        batch_size=16,
+        learning_rate=1e-2,
+        dropout=0.1,
+        n_threads=1,
+        random_state=0,
+    )
     grid = {"n_heads": [1, 2], "activation": ["relu", "gelu"]}
     local = GridSearchCV(est, grid, cv=2, n_jobs=1).fit(X, y)
     with joblib.parallel_config(backend="dask"):
         remote = GridSearchCV(est, grid, cv=2, n_jobs=-1).fit(X, y)
     assert local.cv_results_["params"] == remote.cv_results_["params"]
-    for key in ("split0_test_score", "split1_test_score", "mean_test_score",
-                "rank_test_score"):
+    for key in ("split0_test_score", "split1_test_score", "mean_test_score", "rank_test_score"):
         np.testing.assert_array_equal(local.cv_results_[key], remote.cv_results_[key])
     np.testing.assert_array_equal(local.predict_proba(X), remote.predict_proba(X))
     # the fits really ran on the workers
@@ -124,8 +137,9 @@ def test_estimator_ships_to_workers_resolves_device_and_threads(pbmc, dask_clien
     import cloudpickle
 
     X, y, _ = _pbmc_task(pbmc, n_genes=20)
-    est = _ThreadsSeen(n_layers=1, n_heads=2, max_epochs=2, n_threads=2, device="auto",
-                       random_state=0)
+    est = _ThreadsSeen(
+        n_layers=1, n_heads=2, max_epochs=2, n_threads=2, device="auto", random_state=0
+    )
     futures = [dask_client.submit(_fit_on_worker, est, X, y, pure=False) for _ in range(2)]
     results = dask_client.gather(futures)
     for fitted, device, _ in results:
@@ -136,8 +150,9 @@ def test_estimator_ships_to_workers_resolves_device_and_threads(pbmc, dask_clien
     fitted = results[0][0]
     state = fitted.__getstate__()
     assert "module_" not in state and "_fit_data" not in state
-    assert all(isinstance(v, np.ndarray) or v.device.type == "cpu"
-               for v in state["_module_state"].values())
+    assert all(
+        isinstance(v, np.ndarray) or v.device.type == "cpu" for v in state["_module_state"].values()
+    )
     clone = cloudpickle.loads(cloudpickle.dumps(fitted))
     np.testing.assert_array_equal(clone.predict_proba(X), fitted.predict_proba(X))
 
@@ -147,8 +162,9 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
     import torch.distributed as tdist
 
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                             world_size=world_size)
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         out = {}
         if dataset_kw is None:
@@ -173,8 +189,9 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
             out["history"] = clf.history_
         # fit released its DistributedDataParallel wrapper (left to the interpreter's final
         # collection, gloo's worker threads could abort the process at exit)
-        out["ddp_alive"] = any(isinstance(o, torch.nn.parallel.DistributedDataParallel)
-                               for o in gc.get_objects())
+        out["ddp_alive"] = any(
+            isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()
+        )
         with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
             pickle.dump(out, f)
     finally:
@@ -184,17 +201,29 @@ def _ddp_fit(rank, world_size, init_file, out_dir, X, y, kw, dataset_kw):
 def _spawn_two(tmp_path, X, y, kw, dataset_kw=None):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_fit, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), X, y, kw,
-                             dataset_kw), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_fit,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path), X, y, kw, dataset_kw),
+        nprocs=2,
+        join=True,
+    )
     return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
 
 
 def test_two_gloo_processes_equal_one_process_with_twice_the_batch(pbmc, tmp_path):
     X, y, _ = _pbmc_task(pbmc, n_genes=40)
     X, y = X[:203], y[:203]  # 203 rows: a short last step, and rank 1 runs out first
-    kw = dict(n_layers=2, n_heads=2, dropout=0.0, learning_rate=1e-3, max_epochs=3,
-              class_weight="balanced", attention_backend="exact", n_threads=1,
-              random_state=0)
+    kw = dict(
+        n_layers=2,
+        n_heads=2,
+        dropout=0.0,
+        learning_rate=1e-3,
+        max_epochs=3,
+        class_weight="balanced",
+        attention_backend="exact",
+        n_threads=1,
+        random_state=0,
+    )
     ranks = _spawn_two(tmp_path, X, y, dict(kw, batch_size=8))
     torch.set_num_threads(1)
     single = _weights(TGEMClassifier(**dict(kw, batch_size=16)).fit(X, y).module_)
@@ -204,12 +233,10 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(pbmc, tmp_pat
     assert _max_abs_diff(ranks[0]["unseeded"], ranks[1]["unseeded"]) == 0.0
     # both ranks log the same global-batch figures
     for h0, h1 in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
-        assert (h0["train_loss"], h0["train_accuracy"]) == (h1["train_loss"],
-                                                            h1["train_accuracy"])
+        assert (h0["train_loss"], h0["train_accuracy"]) == (h1["train_loss"], h1["train_accuracy"])
     assert ranks[0]["input_grad_finite"] and ranks[1]["input_grad_finite"]
     for rank in range(2):  # distributed=False: no collective, each rank fits its own rows
-        alone = TGEMClassifier(**dict(kw, batch_size=8, max_epochs=1)).fit(X[rank::2],
-                                                                         y[rank::2])
+        alone = TGEMClassifier(**dict(kw, batch_size=8, max_epochs=1)).fit(X[rank::2], y[rank::2])
         assert _max_abs_diff(ranks[rank]["opt_out"], _weights(alone.module_)) <= 1e-6
     assert _max_abs_diff(ranks[0]["opt_out"], ranks[1]["opt_out"]) > 1e-3
     assert not ranks[0]["ddp_alive"] and not ranks[1]["ddp_alive"]
@@ -238,8 +265,16 @@ class _CountingDataset(H5ADDataset):
 @pytest.mark.filterwarnings("ignore:X does not have valid feature names")
 def test_h5ad_backed_fit_equals_in_memory_fit(sparse_h5ad):
     path, X, labels = sparse_h5ad
-    kw = dict(n_layers=1, n_heads=2, dropout=0.2, learning_rate=1e-2, max_epochs=2,
-              batch_size=64, random_state=0, n_threads=1)
+    kw = dict(
+        n_layers=1,
+        n_heads=2,
+        dropout=0.2,
+        learning_rate=1e-2,
+        max_epochs=2,
+        batch_size=64,
+        random_state=0,
+        n_threads=1,
+    )
     # chunk_size=1 is a full row shuffle: identical to fitting the arrays
     in_memory = TGEMClassifier(**kw).fit(X, labels)
     streamed = TGEMClassifier(**kw).fit(H5ADDataset(path, chunk_size=1), y="cell_type")
@@ -252,8 +287,7 @@ def test_h5ad_backed_fit_equals_in_memory_fit(sparse_h5ad):
     for other in (from_backed, from_memory):
         assert _max_abs_diff(_weights(from_path.module_), _weights(other.module_)) == 0.0
     assert list(from_path.feature_names_in_[:2]) == ["gene0", "gene1"]
-    np.testing.assert_array_equal(from_path.predict_proba(path),
-                                  from_path.predict_proba(X))
+    np.testing.assert_array_equal(from_path.predict_proba(path), from_path.predict_proba(X))
     assert from_path.score(path, labels) > 0.6
     backed.file.close()
 
@@ -267,17 +301,27 @@ def test_h5ad_dense_x_and_layers_stream_like_memory(sparse_h5ad, tmp_path):
 
     _, X, labels = sparse_h5ad
     dense, lab = X[:300].toarray(), np.asarray(labels[:300])
-    adata = anndata.AnnData(X=dense, obs=pd.DataFrame({"cell_type": lab},
-                                                      index=[f"c{i}" for i in range(300)]))
+    adata = anndata.AnnData(
+        X=dense, obs=pd.DataFrame({"cell_type": lab}, index=[f"c{i}" for i in range(300)])
+    )
     adata.layers["half"] = sp.csr_matrix(dense * 0.5)
     path = tmp_path / "dense.h5ad"
     adata.write_h5ad(path)
-    kw = dict(n_layers=1, n_heads=2, dropout=0.1, learning_rate=1e-2, max_epochs=2,
-              batch_size=32, random_state=0, n_threads=1)
+    kw = dict(
+        n_layers=1,
+        n_heads=2,
+        dropout=0.1,
+        learning_rate=1e-2,
+        max_epochs=2,
+        batch_size=32,
+        random_state=0,
+        n_threads=1,
+    )
     for layer, values in ((None, dense), ("half", dense * 0.5)):
         in_memory = TGEMClassifier(**kw).fit(values, lab)
-        streamed = TGEMClassifier(**kw).fit(H5ADDataset(path, layer=layer, chunk_size=1),
-                                            y="cell_type")
+        streamed = TGEMClassifier(**kw).fit(
+            H5ADDataset(path, layer=layer, chunk_size=1), y="cell_type"
+        )
         assert _max_abs_diff(_weights(in_memory.module_), _weights(streamed.module_)) == 0.0
         lazy = tdask.from_h5ad(path, layer=layer, chunk_rows=64)
         np.testing.assert_array_equal(lazy.compute(), values)
@@ -285,10 +329,19 @@ def test_h5ad_dense_x_and_layers_stream_like_memory(sparse_h5ad, tmp_path):
 
 def test_h5ad_two_processes_read_each_row_once_per_epoch(sparse_h5ad, tmp_path):
     path, X, labels = sparse_h5ad
-    kw = dict(n_layers=1, n_heads=1, dropout=0.0, learning_rate=1e-2, max_epochs=2,
-              batch_size=32, n_threads=1, random_state=0)
-    ranks = _spawn_two(tmp_path, str(path), "cell_type", kw,
-                       dataset_kw=dict(chunk_size=50, chunks_per_read=4))
+    kw = dict(
+        n_layers=1,
+        n_heads=1,
+        dropout=0.0,
+        learning_rate=1e-2,
+        max_epochs=2,
+        batch_size=32,
+        n_threads=1,
+        random_state=0,
+    )
+    ranks = _spawn_two(
+        tmp_path, str(path), "cell_type", kw, dataset_kw=dict(chunk_size=50, chunks_per_read=4)
+    )
     n = X.shape[0]
     assert _max_abs_diff(ranks[0]["seeded"], ranks[1]["seeded"]) == 0.0
     assert not ranks[0]["ddp_alive"] and not ranks[1]["ddp_alive"]
@@ -305,8 +358,9 @@ def test_h5ad_dataloader_workers_open_their_own_handle(sparse_h5ad):
     path, X, _ = sparse_h5ad
     ds = _PidDataset(path)
     ds[0]  # the parent's handle is open before the workers fork
-    loader = torch.utils.data.DataLoader(ds, batch_size=100, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=100, num_workers=2, multiprocessing_context="fork"
+    )
     rows, pids = [], set()
     for batch, pid in loader:
         rows.append(batch.numpy())
@@ -331,8 +385,9 @@ def test_dask_probabilities_and_integrated_gradients_equal_local(pbmc, dask_clie
     from tgem.interpret import attribute
 
     X, y, _ = _pbmc_task(pbmc, n_genes=40)
-    clf = TGEMClassifier(n_layers=1, n_heads=2, max_epochs=3, learning_rate=1e-2,
-                         n_threads=1, random_state=0).fit(X, y)
+    clf = TGEMClassifier(
+        n_layers=1, n_heads=2, max_epochs=3, learning_rate=1e-2, n_threads=1, random_state=0
+    ).fit(X, y)
     DX = da.from_array(X, chunks=(50, -1))
     P = tdask.predict_proba(clf, DX)
     # the model is one scattered future, referenced by key: no task holds a copy
@@ -343,8 +398,7 @@ def test_dask_probabilities_and_integrated_gradients_equal_local(pbmc, dask_clie
     np.testing.assert_array_equal(tdask.predict(clf, DX).compute(), clf.predict(X))
     rows = slice(0, 60)
     A = tdask.attribute(clf, da.from_array(X[rows], chunks=(25, -1)), y=y[rows])
-    np.testing.assert_allclose(A.compute(), attribute(clf, X[rows], y=y[rows]),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(A.compute(), attribute(clf, X[rows], y=y[rows]), rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -392,8 +446,7 @@ def _same_output(printed: str, documented: str, tol: float = 0.05) -> None:
     import re
 
     number = r"-?\d+\.\d+"
-    assert re.sub(number, "#", printed) == re.sub(number, "#", documented), (printed,
-                                                                            documented)
+    assert re.sub(number, "#", printed) == re.sub(number, "#", documented), (printed, documented)
     for a, b in zip(re.findall(number, printed), re.findall(number, documented), strict=True):
         assert abs(float(a) - float(b)) <= tol, (printed, documented)
 
@@ -408,12 +461,17 @@ def test_scaling_recipes_run_as_written(tmp_path):
         shutil.copy(script, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    for command in ("python fit_h5ad.py", "python infer_dask.py", "python search_dask.py",
-                    "torchrun --standalone --nproc_per_node=2 train_ddp.py"):
+    for command in (
+        "python fit_h5ad.py",
+        "python infer_dask.py",
+        "python search_dask.py",
+        "torchrun --standalone --nproc_per_node=2 train_ddp.py",
+    ):
         argv = command.split()
         argv = ([sys.executable] if argv[0] == "python" else torchrun) + argv[1:]
-        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr[-3000:]}"
         printed = [line for line in done.stdout.splitlines() if line.strip()]
         _same_output(printed[-1].strip(), _documented_output(command))

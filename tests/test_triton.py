@@ -76,10 +76,19 @@ def triton_ok():
 @pytest.fixture(scope="module")
 def interpreted(triton_ok):
     """Errors of every case, computed once in a subprocess that runs the interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,7 +103,8 @@ def _assert_within(errors: dict, name: str):
         bound = 2.0 * base + FLOOR_ULPS * EPS32 * scale
         assert err_kernel <= bound, (
             f"{name}: {what} error {err_kernel:.3g} > bound {bound:.3g} (float32 reference "
-            f"error {err_ref32:.3g}, exact path {err_exact32:.3g}, scale {scale:.3g})")
+            f"error {err_ref32:.3g}, exact path {err_exact32:.3g}, scale {scale:.3g})"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -162,11 +172,14 @@ def test_module_imports_and_reports_when_triton_is_missing():
         "    assert 'triton' in str(exc)\n"
         "else:\n"
         "    raise AssertionError('no ImportError')\n"
-        "print('ok')\n")
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+        "print('ok')\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
@@ -177,8 +190,10 @@ def _inputs(batch, heads, genes, scale, kind, seed):
     if kind == "equal":
         q, k, v = (torch.full(shape, c, dtype=torch.float64) for c in (0.7, -1.3, 0.4))
     elif kind == "noncontiguous":
-        q, k, v = (torch.randn((batch, genes, heads), generator=gen, dtype=torch.float64)
-                   .transpose(1, 2) for _ in range(3))
+        q, k, v = (
+            torch.randn((batch, genes, heads), generator=gen, dtype=torch.float64).transpose(1, 2)
+            for _ in range(3)
+        )
     else:
         q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
     q, k = q * scale, k * scale
@@ -202,8 +217,10 @@ def _cancelling_terms(q, k, v, g, out):
     a = reference_softmax(q, k)
     am = a.clone()
     am.diagonal(dim1=-2, dim2=-1).zero_()
-    dq = g.abs() * ((am @ (k * v).unsqueeze(-1)).squeeze(-1).abs()
-                    + out.abs() * (a @ k.unsqueeze(-1)).squeeze(-1).abs())
+    dq = g.abs() * (
+        (am @ (k * v).unsqueeze(-1)).squeeze(-1).abs()
+        + out.abs() * (a @ k.unsqueeze(-1)).squeeze(-1).abs()
+    )
     gq = (g * q).unsqueeze(-2)
     dk = v.abs() * (gq @ am).squeeze(-2).abs() + ((gq * out.unsqueeze(-2)) @ a).squeeze(-2).abs()
     return {"out": 0.0, "dq": dq.max().item(), "dk": dk.max().item(), "dv": 0.0}
@@ -221,8 +238,7 @@ def _worker_case(batch, heads, genes, scale, kind, seed):
     kernel = _grads(triton_attention, [q, k, v], upstream)
     terms = _cancelling_terms(q, k, v, upstream, exact[0])
     errors = {}
-    for what, e64, r32, x32, kern in zip(("out", "dq", "dk", "dv"), exact, ref32, exact32,
-                                         kernel):
+    for what, e64, r32, x32, kern in zip(("out", "dq", "dk", "dv"), exact, ref32, exact32, kernel):
         if e64.numel() == 0:
             errors[what] = [0.0] * 5
             continue
@@ -246,8 +262,10 @@ def _worker_main():
     assert isinstance(tl.zeros, InterpretedFunction), "worker needs TRITON_INTERPRET=1"
     torch.set_num_threads(1)
     _triton_attention._empty = lambda x: torch.full_like(x, float("nan"))
-    results = {name: _worker_case(*case, seed=index)
-               for index, (name, case) in enumerate(sorted(CASES.items()))}
+    results = {
+        name: _worker_case(*case, seed=index)
+        for index, (name, case) in enumerate(sorted(CASES.items()))
+    }
     print(json.dumps(results))
 
 

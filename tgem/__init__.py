@@ -25,6 +25,15 @@ from tgem._versions import show_versions, versions
 __version__ = "0.1.0"
 
 __all__ = [
-    "TGEMClassifier", "GeneSetSelector", "GeneAlignment", "H5ADDataset", "RawCountsWarning",
-    "align_genes", "check_log_scale", "load", "show_versions", "versions", "__version__",
+    "TGEMClassifier",
+    "GeneSetSelector",
+    "GeneAlignment",
+    "H5ADDataset",
+    "RawCountsWarning",
+    "align_genes",
+    "check_log_scale",
+    "load",
+    "show_versions",
+    "versions",
+    "__version__",
 ]

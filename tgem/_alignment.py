@@ -73,8 +73,10 @@ def _expected_genes(genes) -> list[str]:
         raise ValueError("genes is empty; pass the genes the model was fitted on.")
     duplicated = pd.Index(names)[pd.Index(names).duplicated()].unique()
     if len(duplicated):
-        raise ValueError(f"genes names {len(duplicated)} gene(s) twice ({_shown(duplicated)}); "
-                         "pass each gene once.")
+        raise ValueError(
+            f"genes names {len(duplicated)} gene(s) twice ({_shown(duplicated)}); "
+            "pass each gene once."
+        )
     return names
 
 

@@ -137,8 +137,9 @@ def scaled_row_max(q2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.where(q2[..., 0] >= 0, (q2 * kmax).sum(-1), (q2 * kmin).sum(-1))
 
 
-def _exp2_block(rows: torch.Tensor, cols: torch.Tensor, offset: int,
-                out: torch.Tensor) -> torch.Tensor:
+def _exp2_block(
+    rows: torch.Tensor, cols: torch.Tensor, offset: int, out: torch.Tensor
+) -> torch.Tensor:
     """2 ** (rows @ cols) for one block, own entries zeroed.
 
     ``rows`` is (N, r, K) and ``cols`` (N, K, G): the scaled score terms and the row-maximum
@@ -190,8 +191,9 @@ def exact_forward(q, k, v, block_elements: int | None = None):
     m2 = scaled_row_max(q2, k)
     # exponent of entry (i, j): sum_K q2[i, K] k_j - m2_i, as one (K + 1)-term product
     rows = torch.cat([q2, (-m2).unsqueeze(-1)], dim=-1)  # (N, G, K + 1)
-    cols = torch.cat([k.unsqueeze(1).expand(n, q2.shape[-1], g), torch.ones_like(k).unsqueeze(1)],
-                     dim=1)  # (N, K + 1, G)
+    cols = torch.cat(
+        [k.unsqueeze(1).expand(n, q2.shape[-1], g), torch.ones_like(k).unsqueeze(1)], dim=1
+    )  # (N, K + 1, G)
     sum_dtype = _sum_dtype(q)
     # (N, 2, G); BLAS likes the .mT view
     rhs_t = torch.stack([torch.ones_like(v), v], dim=1).to(sum_dtype)
@@ -218,15 +220,17 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
     gradients are covariances under the attention distribution and, summed as differences
     of plain sums, they would cancel catastrophically for sharp softmaxes.
     """
-    chunked = _by_row_chunks(exact_backward, (q, k, v, m2, inv_z, e_diag, out, grad),
-                             block_elements=block_elements)
+    chunked = _by_row_chunks(
+        exact_backward, (q, k, v, m2, inv_z, e_diag, out, grad), block_elements=block_elements
+    )
     if chunked is not None:
         return chunked
     n, g = q.shape
     q2 = scaled_queries(q).transpose(1, 2)  # (N, K, G)
     # transposed blocks: entry (j, i) has exponent sum_K k_j q2[K, i] - m2_i
-    rows = torch.cat([k.unsqueeze(-1).expand(n, g, q2.shape[1]), torch.ones_like(k).unsqueeze(-1)],
-                     dim=-1)  # (N, G, K + 1)
+    rows = torch.cat(
+        [k.unsqueeze(-1).expand(n, g, q2.shape[1]), torch.ones_like(k).unsqueeze(-1)], dim=-1
+    )  # (N, G, K + 1)
     cols = torch.cat([q2, (-m2).unsqueeze(1)], dim=1)  # (N, K + 1, G)
     w1 = grad * inv_z
     w2 = w1 * q
@@ -270,7 +274,8 @@ def check_once_differentiable(name: str) -> None:
         raise RuntimeError(
             f"The {name} T-GEM attention is differentiable once; double backward "
             "(create_graph=True) is not implemented. Use attention_backend='reference' "
-            "for higher-order gradients.")
+            "for higher-order gradients."
+        )
 
 
 def exact_function(name: str, forward_sums, backward_sums) -> type[torch.autograd.Function]:
@@ -302,8 +307,11 @@ def exact_function(name: str, forward_sums, backward_sums) -> type[torch.autogra
         return dq.reshape(s), dk.reshape(s), dv.reshape(s)
 
     cls_name = f"_{name.capitalize()}Attention"
-    return type(cls_name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return type(
+        cls_name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
 
 _ExactAttention = exact_function("exact", exact_forward, exact_backward)
@@ -394,8 +402,9 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def backend_status(device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+def backend_status(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, str | None]:
     """For each registered backend, ``None`` if usable on ``device``/``dtype``, else why not."""
     _load_plugins()
     device = torch.device(device)
@@ -405,8 +414,9 @@ def backend_status(device: str | torch.device = "cpu",
     return status
 
 
-def resolve_backend(name: str, device: str | torch.device,
-                    dtype: torch.dtype = torch.float32) -> Backend:
+def resolve_backend(
+    name: str, device: str | torch.device, dtype: torch.dtype = torch.float32
+) -> Backend:
     """The backend that ``attention_backend=name`` means on ``device`` and ``dtype``.
 
     ``"auto"`` returns the available exact backend with the highest priority. A named
@@ -415,18 +425,19 @@ def resolve_backend(name: str, device: str | torch.device,
     _load_plugins()
     device = torch.device(device)
     if name == "auto":
-        usable = [b for b in _BACKENDS.values()
-                  if b.exact and b.unavailable(device, dtype) is None]
+        usable = [b for b in _BACKENDS.values() if b.exact and b.unavailable(device, dtype) is None]
         return max(usable, key=lambda b: b.priority)
     if name not in _BACKENDS:
         raise ValueError(
-            f"Unknown attention_backend={name!r}; choose 'auto' or one of {backend_names()}.")
+            f"Unknown attention_backend={name!r}; choose 'auto' or one of {backend_names()}."
+        )
     backend = _BACKENDS[name]
     reason = backend.unavailable(device, dtype)
     if reason is not None:
         raise ValueError(
             f"attention_backend={name!r} cannot run on {device} with {dtype}: {reason}. "
-            "Use attention_backend='auto' to pick an available one.")
+            "Use attention_backend='auto' to pick an available one."
+        )
     return backend
 
 
@@ -437,8 +448,9 @@ def attention(q, k, v, backend: str = "auto"):
 
 # ---------------------------------------------------------------- row statistics (analysis)
 @torch.no_grad()
-def attention_entropy_rows(q: torch.Tensor, k: torch.Tensor,
-                           block_elements: int | None = None) -> torch.Tensor:
+def attention_entropy_rows(
+    q: torch.Tensor, k: torch.Tensor, block_elements: int | None = None
+) -> torch.Tensor:
     """Natural-log entropy of each query's softmax row (before the diagonal is zeroed).
 
     ``H_i = log Z_i - (sum_j e_ij (s_ij - m_i)) / Z_i`` with ``e_ij = exp(s_ij - m_i)``,
@@ -463,8 +475,9 @@ def attention_entropy_rows(q: torch.Tensor, k: torch.Tensor,
 
 
 @torch.no_grad()
-def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: slice,
-                   masked: bool = True) -> torch.Tensor:
+def attention_rows(
+    q: torch.Tensor, k: torch.Tensor, rows: slice, masked: bool = True
+) -> torch.Tensor:
     """Rows ``rows`` of the attention map, shape (..., len(rows), genes).
 
     With ``masked`` the gene's own entry is zero (what the model uses), otherwise the plain

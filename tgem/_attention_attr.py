@@ -40,8 +40,7 @@ PASS_PAIR_ELEMENTS = 1 << 34
 #: Largest share of the machine's memory one result array may take.
 MEMORY_FRACTION = 0.5
 
-METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-           "riemann_trapezoid")
+METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
 
 def total_memory() -> int | None:
@@ -62,7 +61,8 @@ def check_fits(shape: tuple[int, ...], itemsize: int, what: str, fix: str) -> No
     if total is not None and need > MEMORY_FRACTION * total:
         raise MemoryError(
             f"{what} would be an array of shape {shape} needing {need / 2**30:.2f} GiB, more "
-            f"than {MEMORY_FRACTION:.0%} of this machine's {total / 2**30:.1f} GiB. {fix}")
+            f"than {MEMORY_FRACTION:.0%} of this machine's {total / 2**30:.1f} GiB. {fix}"
+        )
 
 
 def integration_points(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +86,9 @@ def integration_points(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarra
 
 def rows_per_pass_for(heads: int, genes: int) -> int:
     """Rows (steps x samples) integrated in one forward/backward pass."""
-    return max(1, min(PASS_ELEMENTS // (heads * genes),
-                      PASS_PAIR_ELEMENTS // (heads * genes * genes)))
+    return max(
+        1, min(PASS_ELEMENTS // (heads * genes), PASS_PAIR_ELEMENTS // (heads * genes * genes))
+    )
 
 
 def _downstream(module, index: int, h_in: torch.Tensor, heads_out: torch.Tensor, backend):
@@ -98,15 +99,23 @@ def _downstream(module, index: int, h_in: torch.Tensor, heads_out: torch.Tensor,
     return module.head(h)
 
 
-def _attribute_batch(module, x: torch.Tensor, target: int, layers, alphas, weights,
-                     sums: dict, deltas: list, rows_per_pass: int) -> None:
+def _attribute_batch(
+    module,
+    x: torch.Tensor,
+    target: int,
+    layers,
+    alphas,
+    weights,
+    sums: dict,
+    deltas: list,
+    rows_per_pass: int,
+) -> None:
     """Add one batch's attributions (summed over samples and heads) into ``sums[layer]``."""
     backend = module.backend(x)
     b, g = x.shape
     with torch.no_grad():
         lp_x, states = module(x, return_layers=True)
-        _, states0 = module(torch.zeros(1, g, dtype=x.dtype, device=x.device),
-                            return_layers=True)
+        _, states0 = module(torch.zeros(1, g, dtype=x.dtype, device=x.device), return_layers=True)
     f_x = lp_x[:, target]
     delta = torch.zeros(b, len(layers), dtype=torch.float64)
     a_t = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
@@ -124,14 +133,14 @@ def _attribute_batch(module, x: torch.Tensor, target: int, layers, alphas, weigh
             f_0 = _downstream(module, index, h_in, out_0, backend)[:, target]
         gbar = torch.zeros_like(out_x)
         for s0 in range(0, len(alphas), steps_per_pass):
-            a = a_t[s0:s0 + steps_per_pass]
+            a = a_t[s0 : s0 + steps_per_pass]
             n_s = a.shape[0]
-            heads = (out_0.unsqueeze(0) + a.view(-1, 1, 1, 1) * diff.unsqueeze(0))
+            heads = out_0.unsqueeze(0) + a.view(-1, 1, 1, 1) * diff.unsqueeze(0)
             heads = heads.reshape(n_s * b, *out_x.shape[1:]).requires_grad_(True)
             with torch.enable_grad():
                 lp = _downstream(module, index, h_in.repeat(n_s, 1), heads, backend)
                 (grad,) = torch.autograd.grad(lp[:, target].sum(), heads)
-            w = w_t[s0:s0 + steps_per_pass].view(-1, 1, 1, 1)
+            w = w_t[s0 : s0 + steps_per_pass].view(-1, 1, 1, 1)
             gbar += (grad.view(n_s, *out_x.shape) * w).sum(0)
         # completeness: sum_ij attr_ij = sum_i gbar_i (outx_i - out0_i)
         attr_sum = (gbar.double() * diff.double()).sum((1, 2))
@@ -162,24 +171,27 @@ def _accumulate(out: torch.Tensor, q, k, v, q0, k0, gbar) -> None:
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
         # sample maps, rows i0:i1, laid out (rows, samples*heads, genes)
-        e = torch.addcmul(-m2[:, i0:i1].T.unsqueeze(-1), q2[:, i0:i1].T.unsqueeze(-1),
-                          kf.unsqueeze(0))
+        e = torch.addcmul(
+            -m2[:, i0:i1].T.unsqueeze(-1), q2[:, i0:i1].T.unsqueeze(-1), kf.unsqueeze(0)
+        )
         e.exp2_()
         coef = gb[:, i0:i1].T / e.sum(-1)  # gbar_i / Z_i, (rows, n)
         e.mul_(vf.unsqueeze(0))
         block = torch.bmm(coef.unsqueeze(1), e).squeeze(1)
         del e
         # baseline maps (one per head): A0_h * (sum_b gbar_bhi v_bhj)
-        e0 = torch.addcmul(-m02[:, i0:i1].unsqueeze(-1), q02[:, i0:i1].unsqueeze(-1),
-                           k0.unsqueeze(1)).exp2_()
+        e0 = torch.addcmul(
+            -m02[:, i0:i1].unsqueeze(-1), q02[:, i0:i1].unsqueeze(-1), k0.unsqueeze(1)
+        ).exp2_()
         e0.div_(e0.sum(-1, keepdim=True))
         e0.mul_(torch.bmm(g_h[:, i0:i1], v_h))
         block.sub_(e0.sum(0))
         out[i0:i1] += block
 
 
-def attribute_module(module, batches, target: int, layers, n_steps: int, method: str,
-                     n_samples: int):
+def attribute_module(
+    module, batches, target: int, layers, n_steps: int, method: str, n_samples: int
+):
     """Mean over samples of the head-summed attributions, per layer; and the deltas.
 
     ``batches`` yields (batch, genes) float tensors on the module's device. Returns
@@ -198,8 +210,9 @@ def attribute_module(module, batches, target: int, layers, n_steps: int, method:
     module.eval()
     try:
         for x in batches:
-            _attribute_batch(module, x, target, layers, alphas, weights, sums, deltas,
-                             rows_per_pass)
+            _attribute_batch(
+                module, x, target, layers, alphas, weights, sums, deltas, rows_per_pass
+            )
     finally:
         module.train(was_training)
     scores /= n_samples

@@ -46,11 +46,13 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"device={device!r} but no CUDA GPU is available to torch "
-                f"(torch {torch.__version__}). Use device='auto' or 'cpu'.")
+                f"(torch {torch.__version__}). Use device='auto' or 'cpu'."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(
                 f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
-                "exist. Use a valid index or device='cuda'.")
+                "exist. Use a valid index or device='cuda'."
+            )
     return dev
 
 
@@ -233,13 +235,32 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     #: Rows scored at once by predict / predict_proba (memory is O(rows x heads x genes)).
     predict_batch_size = 256
 
-    def __init__(self, *, n_layers=3, n_heads=5, activation="leakyrelu", dropout=0.3,
-                 shared_norm=True, learning_rate=1e-4, batch_size=16, max_epochs=50,
-                 weight_decay=0.0, early_stopping=False, validation_fraction=0.1,
-                 n_iter_no_change=10, class_weight=None, attention_backend="auto",
-                 device="auto", n_threads=None, importance_n_samples=256,
-                 importance_baseline="zeros", warm_start=False, distributed="auto",
-                 random_state=None, verbose=0):
+    def __init__(
+        self,
+        *,
+        n_layers=3,
+        n_heads=5,
+        activation="leakyrelu",
+        dropout=0.3,
+        shared_norm=True,
+        learning_rate=1e-4,
+        batch_size=16,
+        max_epochs=50,
+        weight_decay=0.0,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        class_weight=None,
+        attention_backend="auto",
+        device="auto",
+        n_threads=None,
+        importance_n_samples=256,
+        importance_baseline="zeros",
+        warm_start=False,
+        distributed="auto",
+        random_state=None,
+        verbose=0,
+    ):
         self.n_layers = n_layers
         self.n_heads = n_heads
         self.activation = activation
@@ -274,19 +295,25 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if not _valid_device(self.device):
             raise ValueError(
                 f"The 'device' parameter of TGEMClassifier must be 'auto', 'cpu', 'cuda' or "
-                f"'cuda:N'. Got {self.device!r} instead.")
+                f"'cuda:N'. Got {self.device!r} instead."
+            )
         names = backend_names()
         if self.attention_backend != "auto" and self.attention_backend not in names:
             raise ValueError(
                 f"The 'attention_backend' parameter of TGEMClassifier must be 'auto' or one of "
-                f"{names}. Got {self.attention_backend!r} instead.")
+                f"{names}. Got {self.attention_backend!r} instead."
+            )
 
     def _validate_X(self, X, reset: bool):
         if is_h5ad_input(X):  # streamed from disk batch by batch
             return h5ad_predict_input(self, X)
         _check_columns(X)
-        kw = dict(accept_sparse=["csr", "csc"], dtype=[np.float32, np.float64],
-                  ensure_min_samples=1, reset=reset)
+        kw = dict(
+            accept_sparse=["csr", "csc"],
+            dtype=[np.float32, np.float64],
+            ensure_min_samples=1,
+            reset=reset,
+        )
         return _check_magnitude(_validate_data(self, X, **kw))
 
     # ------------------------------------------------------------------ fit
@@ -321,9 +348,15 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             X, y = h5ad_fit_input(self, X, y)
         else:
             _check_columns(X)
-            X, y = _validate_data(self, X, y, accept_sparse=["csr", "csc"],
-                                  dtype=[np.float32, np.float64], y_numeric=False,
-                                  multi_output=False)
+            X, y = _validate_data(
+                self,
+                X,
+                y,
+                accept_sparse=["csr", "csc"],
+                dtype=[np.float32, np.float64],
+                y_numeric=False,
+                multi_output=False,
+            )
             _check_magnitude(X)
             check_log_scale(X, stacklevel=4)
         y = column_or_1d(y, warn=True)
@@ -332,7 +365,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise ValueError(
                 f"y contains 1 class ({classes[0]!r}); a classifier needs at least two "
-                "classes. Pass labels of two or more classes.")
+                "classes. Pass labels of two or more classes."
+            )
         weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if self.class_weight is not None:
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)
@@ -341,11 +375,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("All sample weights are zero; pass at least one positive weight.")
 
         warm = self.warm_start and hasattr(self, "module_")
-        if warm and (len(classes) != len(self.classes_)
-                     or np.any(classes != self.classes_)):
+        if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
             raise ValueError(
                 f"warm_start=True but y has classes {classes.tolist()} while the fitted model "
-                f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False.")
+                f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False."
+            )
         self.classes_ = classes
         rs = check_random_state(self.random_state)
         seeds = rs.randint(0, _MAX_SEED, size=4)
@@ -367,38 +401,61 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             else:
                 gen = torch.Generator().manual_seed(int(seeds[1]))
                 module = TGEMNet(
-                    n_genes=X.shape[1], n_classes=len(classes), n_layers=self.n_layers,
-                    n_heads=self.n_heads, activation=self.activation, dropout=self.dropout,
-                    shared_norm=self.shared_norm, attention_backend=self.attention_backend,
-                    generator=gen).to(device)
+                    n_genes=X.shape[1],
+                    n_classes=len(classes),
+                    n_layers=self.n_layers,
+                    n_heads=self.n_heads,
+                    activation=self.activation,
+                    dropout=self.dropout,
+                    shared_norm=self.shared_norm,
+                    attention_backend=self.attention_backend,
+                    generator=gen,
+                ).to(device)
                 state = TrainState()
             dropout_gen = torch.Generator(device=device).manual_seed(
-                int(seeds[2]) + (0 if dist is None else dist.rank))
+                int(seeds[2]) + (0 if dist is None else dist.rank)
+            )
             module.dropout.generator = dropout_gen
             self.module_ = module
-            self.attention_backend_ = module.backend(
-                torch.empty(0, device=device)).name
+            self.attention_backend_ = module.backend(torch.empty(0, device=device)).name
             on_improvement = None
             if checkpoint is not None:
                 on_improvement = self._checkpoint_writer(checkpoint, X, y_enc)
-            logger.info("fitting T-GEM on %d samples x %d genes, %d classes, device %s, "
-                        "attention %s", X_train.shape[0], X.shape[1], len(classes), device,
-                        self.attention_backend_)
+            logger.info(
+                "fitting T-GEM on %d samples x %d genes, %d classes, device %s, attention %s",
+                X_train.shape[0],
+                X.shape[1],
+                len(classes),
+                device,
+                self.attention_backend_,
+            )
             try:
                 state = train(
-                    module, X_train, y_train, w_train, valid=valid, device=device,
-                    learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                    batch_size=self.batch_size, max_epochs=self.max_epochs,
+                    module,
+                    X_train,
+                    y_train,
+                    w_train,
+                    valid=valid,
+                    device=device,
+                    learning_rate=self.learning_rate,
+                    weight_decay=self.weight_decay,
+                    batch_size=self.batch_size,
+                    max_epochs=self.max_epochs,
                     n_iter_no_change=self.n_iter_no_change,
                     shuffle_generator=torch.Generator().manual_seed(int(seeds[3])),
-                    verbose=self.verbose, state=state, on_improvement=on_improvement,
-                    dist=dist)
+                    verbose=self.verbose,
+                    state=state,
+                    on_improvement=on_improvement,
+                    dist=dist,
+                )
             except KeyboardInterrupt:
                 self._finish_fit(state, X, y_enc)
                 warnings.warn(
                     f"fit was interrupted after {len(state.history)} epoch(s); the model keeps "
                     f"the best weights so far (epoch {state.best_epoch}).",
-                    TrainingInterruptedWarning, stacklevel=2)
+                    TrainingInterruptedWarning,
+                    stacklevel=2,
+                )
                 return self
             except BaseException:
                 self._finish_fit(state, X, y_enc)
@@ -421,22 +478,31 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     def _split_validation(self, X, y_enc, weights, seed):
         idx = np.arange(X.shape[0])
         try:
-            tr, va = train_test_split(idx, test_size=self.validation_fraction,
-                                      stratify=y_enc, random_state=int(seed))
+            tr, va = train_test_split(
+                idx, test_size=self.validation_fraction, stratify=y_enc, random_state=int(seed)
+            )
         except ValueError as exc:
             warnings.warn(
                 f"A stratified validation split is impossible ({exc}); using a random split.",
-                UserWarning, stacklevel=3)
-            tr, va = train_test_split(idx, test_size=self.validation_fraction,
-                                      random_state=int(seed))
+                UserWarning,
+                stacklevel=3,
+            )
+            tr, va = train_test_split(
+                idx, test_size=self.validation_fraction, random_state=int(seed)
+            )
         if len(tr) == 0 or len(va) == 0:
             raise ValueError(
                 f"validation_fraction={self.validation_fraction} leaves no training or no "
-                f"validation sample out of {X.shape[0]}. Use more data or early_stopping=False.")
+                f"validation sample out of {X.shape[0]}. Use more data or early_stopping=False."
+            )
         if is_h5ad_input(X):  # keep disk order for chunked reads
             tr, va = np.sort(tr), np.sort(va)
-        return (take_rows(X, tr), y_enc[tr], weights[tr],
-                (take_rows(X, va), y_enc[va], weights[va]))
+        return (
+            take_rows(X, tr),
+            y_enc[tr],
+            weights[tr],
+            (take_rows(X, va), y_enc[va], weights[va]),
+        )
 
     def _checkpoint_writer(self, path, X, y_enc):
         def write(state):
@@ -461,15 +527,22 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             out[sl] = module(dense_batch(X, sl, device)).double().cpu().numpy()
 
         with torch_threads(self.n_threads), torch.no_grad():
-            oom_safe_batches(X.shape[0], self.predict_batch_size, run, device=device,
-                             n_genes=X.shape[1], what="predicting")
+            oom_safe_batches(
+                X.shape[0],
+                self.predict_batch_size,
+                run,
+                device=device,
+                n_genes=X.shape[1],
+                what="predicting",
+            )
         bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
         if len(bad):  # never hand out NaN probabilities silently
             raise FloatingPointError(
                 f"The network's output is not finite for {len(bad)} sample(s) (rows "
                 f"{bad[:5].tolist()}) with attention backend "
                 f"{module.backend(torch.empty(0, device=device)).name!r}. Scale or "
-                "log-transform X, or pass attention_backend='exact'.")
+                "log-transform X, or pass attention_backend='exact'."
+            )
         return out
 
     def _device_for_predict(self) -> torch.device:
@@ -540,7 +613,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"y holds {kind} labels but the model was fitted on {fitted} classes "
                 f"{self.classes_[:5].tolist()}; pass labels of the same kind as in fit "
-                "(e.g. y.astype(str) or the integer codes).")
+                "(e.g. y.astype(str) or the integer codes)."
+            )
         return super().score(X, y, sample_weight=sample_weight)
 
     # ------------------------------------------------------------------ analysis hooks
@@ -589,21 +663,25 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
-            self.__dict__)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         state = dict(state)
         state.pop("_fit_data", None)  # training rows (patient data) never go into pickles
         module = state.pop("module_", None)
         if module is not None:
             state["_module_init"] = _module_init(module)
             # NumPy arrays: pickle, joblib and skops.io all read them without torch's unpickler
-            state["_module_state"] = {k: v.detach().cpu().numpy() for k, v in
-                                      module.state_dict().items()}
+            state["_module_state"] = {
+                k: v.detach().cpu().numpy() for k, v in module.state_dict().items()
+            }
         if "_train_state_" in state:
             ts = state["_train_state_"]
-            state["_train_state_"] = TrainState(history=ts.history, best_state=None,
-                                                best_epoch=ts.best_epoch,
-                                                best_loss=ts.best_loss, stopped=ts.stopped)
+            state["_train_state_"] = TrainState(
+                history=ts.history,
+                best_state=None,
+                best_epoch=ts.best_epoch,
+                best_loss=ts.best_loss,
+                stopped=ts.stopped,
+            )
         if "device_" in state:
             state["device_"] = str(state["device_"])
         return state
@@ -632,7 +710,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             if device.type == "cuda" and not torch.cuda.is_available():
                 warnings.warn(
                     f"This model was fitted on {device}, which is not available here; it is "
-                    "loaded on the CPU.", DeviceWarning, stacklevel=2)
+                    "loaded on the CPU.",
+                    DeviceWarning,
+                    stacklevel=2,
+                )
                 device = torch.device("cpu")
                 self.device_ = device
             self.module_ = module.to(device)
@@ -640,18 +721,22 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
 #: What to do about scikit-learn's input errors: (pattern of its message, the fix appended).
 _INPUT_FIXES = (
-    ("could not convert|non-numeric|dtype='numeric' is not compatible",
-     "X must hold numbers only: convert it (e.g. X.astype(float), or pd.to_numeric per "
-     "column) and drop label or annotation columns before passing it."),
-    ("inconsistent numbers of samples",
-     "X and y must describe the same samples: pass one label in y per row of X."),
-    ("Found array with 0 sample",
-     "X is empty: pass at least one sample (row)."),
-    ("Found array with 0 feature",
-     "X has no genes: pass at least one gene (column)."),
-    ("features, but .* is expecting|feature names should match",
-     "Pass the genes the model was fitted on, in the same order; tgem.align_genes(X, model) "
-     "reorders a DataFrame's genes by name and reports missing and extra ones."),
+    (
+        "could not convert|non-numeric|dtype='numeric' is not compatible",
+        "X must hold numbers only: convert it (e.g. X.astype(float), or pd.to_numeric per "
+        "column) and drop label or annotation columns before passing it.",
+    ),
+    (
+        "inconsistent numbers of samples",
+        "X and y must describe the same samples: pass one label in y per row of X.",
+    ),
+    ("Found array with 0 sample", "X is empty: pass at least one sample (row)."),
+    ("Found array with 0 feature", "X has no genes: pass at least one gene (column)."),
+    (
+        "features, but .* is expecting|feature names should match",
+        "Pass the genes the model was fitted on, in the same order; tgem.align_genes(X, model) "
+        "reorders a DataFrame's genes by name and reports missing and extra ones.",
+    ),
 )
 
 
@@ -691,7 +776,8 @@ def _check_columns(X) -> None:
         raise ValueError(
             f"X has {len(dup)} duplicated column name(s), e.g. {dup[:5]}; each gene must be one "
             "column. Make the names unique, e.g. average duplicated genes with "
-            "X.T.groupby(level=0).mean().T.")
+            "X.T.groupby(level=0).mean().T."
+        )
     for i, dtype in enumerate(X.dtypes):
         if pd.api.types.is_numeric_dtype(dtype):
             continue
@@ -702,7 +788,8 @@ def _check_columns(X) -> None:
             raise ValueError(
                 f"X's column {columns[i]!r} (dtype {dtype}) holds non-numeric values such as "
                 f"{bad.iloc[0]!r}; T-GEM needs a number for every gene. Drop or convert that "
-                "column (e.g. X.drop(columns=[...]) or pd.to_numeric).")
+                "column (e.g. X.drop(columns=[...]) or pd.to_numeric)."
+            )
 
 
 def _check_magnitude(X):
@@ -716,15 +803,20 @@ def _check_magnitude(X):
             raise ValueError(
                 f"X contains values as large as {peak:.3g} in absolute value; T-GEM multiplies "
                 f"pairs of values in float32, so |X| must stay below {MAX_ABS_VALUE:g}. "
-                "Log-transform the data (e.g. np.log1p of normalised counts) or scale it.")
+                "Log-transform the data (e.g. np.log1p of normalised counts) or scale it."
+            )
     return X
 
 
 def _module_init(module: TGEMNet) -> dict:
     layer = module.layers[0]
-    return dict(n_genes=module.n_genes, n_classes=module.n_classes,
-                n_layers=len(module.layers), n_heads=layer.WQ.shape[0],
-                activation=module.activation, dropout=module.dropout.p,
-                shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
-                attention_backend=module.attention_backend)
-
+    return dict(
+        n_genes=module.n_genes,
+        n_classes=module.n_classes,
+        n_layers=len(module.layers),
+        n_heads=layer.WQ.shape[0],
+        activation=module.activation,
+        dropout=module.dropout.p,
+        shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
+        attention_backend=module.attention_backend,
+    )

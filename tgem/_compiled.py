@@ -49,6 +49,7 @@ _compiled: dict = {}
 # splits q log2(e) into two terms in float32; in float64 ``lo`` is zero). ``off`` excludes
 # the diagonal inside the sums, as the eager path does.
 
+
 def _exponent(hi, lo, k, m2):
     k_row = k[:, None, :]
     return hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]
@@ -84,8 +85,11 @@ def _backward_rows(hi, lo, k, v, m2, out, idx):
     return (e * (v[:, None, :] - out[:, :, None]) * k[:, None, :]).sum(-1)
 
 
-_FUNCTIONS = {"forward_rows": _forward_rows, "backward_columns": _backward_columns,
-              "backward_rows": _backward_rows}
+_FUNCTIONS = {
+    "forward_rows": _forward_rows,
+    "backward_columns": _backward_columns,
+    "backward_rows": _backward_rows,
+}
 
 
 def _compiled_fn(name: str):
@@ -102,7 +106,9 @@ def _fail(device_type: str, exc: BaseException) -> None:
         f"attention_backend='compiled' on {device_type}: {reason}. Computing on the eager "
         "exact path instead (same results, slower). Set TGEM_DISABLE_COMPILE=1 to skip the "
         "attempt.",
-        RuntimeWarning, stacklevel=3)
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _make_compile_settings():

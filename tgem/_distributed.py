@@ -62,7 +62,7 @@ def local_epoch(X, n: int, batch_size: int, generator: torch.Generator) -> Itera
     """Batches of a single-process epoch: ``(rows, source, None)`` per step."""
     order, _, source = epoch_order(X, n, generator)
     for start in range(0, n, batch_size):
-        yield order[start:min(n, start + batch_size)], source, None
+        yield order[start : min(n, start + batch_size)], source, None
 
 
 def shares(order: np.ndarray, bounds: np.ndarray | None, world_size: int) -> list[np.ndarray]:
@@ -83,7 +83,7 @@ def shares(order: np.ndarray, bounds: np.ndarray | None, world_size: int) -> lis
     n_units = len(bounds) - 1
     out = []
     for r in range(world_size):
-        parts = [order[bounds[u]:bounds[u + 1]] for u in range(r, n_units, world_size)]
+        parts = [order[bounds[u] : bounds[u + 1]] for u in range(r, n_units, world_size)]
         out.append(np.concatenate(parts) if parts else order[:0])
     return out
 
@@ -131,8 +131,9 @@ class DistContext:
         tdist.broadcast(t, src=0)
         return t.cpu().numpy()
 
-    def epoch(self, X, n: int, w_t: torch.Tensor, batch_size: int,
-              generator: torch.Generator) -> Iterator:
+    def epoch(
+        self, X, n: int, w_t: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> Iterator:
         """This process's steps of one epoch: ``(rows, source, step)``.
 
         Every process computes every process's share (index arithmetic only), so the global
@@ -153,15 +154,19 @@ class DistContext:
                 weights = torch.zeros(1, dtype=w_t.dtype)
             else:
                 weights = w_t[torch.as_tensor(rows)]
-            yield rows, source, _Step(self, weights.to(self.device),
-                                      global_w.to(self.device), dummy)
+            yield (
+                rows,
+                source,
+                _Step(self, weights.to(self.device), global_w.to(self.device), dummy),
+            )
 
 
 class _Step:
     """One data-parallel step: the local share of the global-batch loss and its statistics."""
 
-    def __init__(self, ctx: DistContext, weights: torch.Tensor, global_w: torch.Tensor,
-                 dummy: bool = False):
+    def __init__(
+        self, ctx: DistContext, weights: torch.Tensor, global_w: torch.Tensor, dummy: bool = False
+    ):
         self.ctx = ctx
         self.dummy = dummy
         self.weights = weights
@@ -170,8 +175,14 @@ class _Step:
         self.loss_sum = self.weight_sum = 0.0
         self.correct = 0
 
-    def accumulate(self, net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
-                   wb: torch.Tensor, n_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(
+        self,
+        net: torch.nn.Module,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        wb: torch.Tensor,
+        n_chunks: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of this process's rows; ``(global mean loss, log-probas)``.
 
         The local loss ``sum_local(w * nll) / (sum_global(w) / W)`` is back-propagated in
@@ -222,22 +233,25 @@ def resolve_distributed(distributed, device: torch.device) -> DistContext | None
         if distributed is True:
             raise ValueError(
                 "distributed=True but this torch build has no torch.distributed support. "
-                "Install a torch build with it or use distributed='auto'.")
+                "Install a torch build with it or use distributed='auto'."
+            )
         return None
     if not tdist.is_initialized():
         if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda" and device.index is None:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            logger.info("initialising torch.distributed (%s) from the torchrun environment",
-                        backend)
+            logger.info(
+                "initialising torch.distributed (%s) from the torchrun environment", backend
+            )
             tdist.init_process_group(backend=backend)
         elif distributed is True:
             raise ValueError(
                 "distributed=True but no torch.distributed process group is initialised and "
                 "the process was not started by torchrun. Launch with `torchrun "
                 "--nproc_per_node=N script.py`, call torch.distributed.init_process_group() "
-                "before fit, or use distributed='auto'.")
+                "before fit, or use distributed='auto'."
+            )
         else:
             return None
     world_size = tdist.get_world_size()
@@ -247,7 +261,8 @@ def resolve_distributed(distributed, device: torch.device) -> DistContext | None
         raise ValueError(
             f"the torch.distributed process group uses NCCL, which needs CUDA tensors, but "
             f"the device is {device}. Use device='cuda' (or 'auto' on a GPU machine) or a "
-            "gloo process group.")
+            "gloo process group."
+        )
     if device.type == "cuda" and device.index is None:
         local = int(os.environ.get("LOCAL_RANK", tdist.get_rank() % torch.cuda.device_count()))
         device = torch.device("cuda", local)

@@ -17,19 +17,26 @@ EDGE_COLUMNS = ["layer", "query", "key", "score"]
 
 
 def _as_scores(scores) -> np.ndarray:
-    arr = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(
-        scores)
+    arr = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
-        raise ValueError(f"scores must have shape (n_layers, n_genes, n_genes) or (n_genes, "
-                         f"n_genes), got {arr.shape}; pass attention_attribution's result.")
+        raise ValueError(
+            f"scores must have shape (n_layers, n_genes, n_genes) or (n_genes, "
+            f"n_genes), got {arr.shape}; pass attention_attribution's result."
+        )
     return arr
 
 
-def attention_edges(scores, genes=None, *, top_fraction: float | None = 0.001,
-                    threshold: float | None = None, normalize: bool = True,
-                    layers=None) -> pd.DataFrame:
+def attention_edges(
+    scores,
+    genes=None,
+    *,
+    top_fraction: float | None = 0.001,
+    threshold: float | None = None,
+    normalize: bool = True,
+    layers=None,
+) -> pd.DataFrame:
     """Tidy edge table from attention attribution scores, as the original's network script.
 
     Each layer's scores are divided by their largest absolute value (``normalize``); then the
@@ -95,8 +102,9 @@ def attention_edges(scores, genes=None, *, top_fraction: float | None = 0.001,
 
     if threshold is None:
         if top_fraction is None or not 0 <= top_fraction <= 1:
-            raise ValueError(f"top_fraction={top_fraction!r} must lie in [0, 1], or pass "
-                             "threshold=.")
+            raise ValueError(
+                f"top_fraction={top_fraction!r} must lie in [0, 1], or pass threshold=."
+            )
         total = n_layers * g * g
         k = min(int(total * top_fraction), total)
         if k == 0:
@@ -112,7 +120,7 @@ def attention_edges(scores, genes=None, *, top_fraction: float | None = 0.001,
         rows = max(1, (1 << 22) // max(1, g))
         for li in range(n_layers):
             for r0 in range(0, g, rows):
-                block = arr[li, r0:r0 + rows].astype(np.float64) / scale[li]
+                block = arr[li, r0 : r0 + rows].astype(np.float64) / scale[li]
                 flat = np.flatnonzero(block > threshold)
                 add(li, flat + r0 * g, block.reshape(-1)[flat])
     return _table(ls, qs, ks, vs, names, layer_ids)
@@ -129,7 +137,7 @@ def _layer_top(flat: np.ndarray, m: int, scale: float) -> tuple[np.ndarray, np.n
     best_v = np.zeros(0, dtype=np.float64)
     step = max(m, EDGE_CHUNK)
     for s0 in range(0, flat.size, step):
-        chunk = torch.from_numpy(np.ascontiguousarray(flat[s0:s0 + step]))
+        chunk = torch.from_numpy(np.ascontiguousarray(flat[s0 : s0 + step]))
         top = torch.topk(chunk, min(m, chunk.numel()))
         v = np.concatenate([best_v, top.values.double().numpy()])
         i = np.concatenate([best_i, top.indices.numpy().astype(np.int64) + s0])
@@ -146,20 +154,26 @@ def _table(ls, qs, ks, vs, names, layer_ids) -> pd.DataFrame:
 
     li, q, k, v = cat(ls, int), cat(qs, int), cat(ks, int), cat(vs, float)
     order = np.lexsort((k, q, li, -v))
-    return pd.DataFrame({"layer": layer_ids[li[order]].astype(int),
-                         "query": names[q[order]], "key": names[k[order]],
-                         "score": v[order]})
+    return pd.DataFrame(
+        {
+            "layer": layer_ids[li[order]].astype(int),
+            "query": names[q[order]],
+            "key": names[k[order]],
+            "score": v[order],
+        }
+    )
 
 
 def _check_edges(edges) -> pd.DataFrame:
     if not isinstance(edges, pd.DataFrame) or not {"query", "key", "score"} <= set(edges):
-        raise ValueError("edges must be a DataFrame with columns query, key and score (from "
-                         "attention_edges or attention_network).")
+        raise ValueError(
+            "edges must be a DataFrame with columns query, key and score (from "
+            "attention_edges or attention_network)."
+        )
     return edges
 
 
-def hub_genes(edges: pd.DataFrame, *, top: int | None = 20, by: str = "degree"
-              ) -> pd.DataFrame:
+def hub_genes(edges: pd.DataFrame, *, top: int | None = 20, by: str = "degree") -> pd.DataFrame:
     """Hub genes of an attention network, ranked by degree or weighted degree.
 
     A gene's ``out_degree`` counts the edges where it is the query, ``in_degree`` those
@@ -209,8 +223,13 @@ def hub_genes(edges: pd.DataFrame, *, top: int | None = 20, by: str = "degree"
 def _hubs(edges: pd.DataFrame, top, by) -> pd.DataFrame:
     out_deg = edges.groupby("query").size()
     in_deg = edges.groupby("key").size()
-    w = pd.concat([edges.groupby("query")["score"].sum(), edges.groupby("key")["score"].sum()],
-                  axis=1).fillna(0.0).sum(axis=1)
+    w = (
+        pd.concat(
+            [edges.groupby("query")["score"].sum(), edges.groupby("key")["score"].sum()], axis=1
+        )
+        .fillna(0.0)
+        .sum(axis=1)
+    )
     genes = sorted(set(out_deg.index) | set(in_deg.index))
     table = pd.DataFrame({"gene": genes})
     table["in_degree"] = in_deg.reindex(genes, fill_value=0).to_numpy()
@@ -265,16 +284,20 @@ def write_graphml(edges: pd.DataFrame, path: str | os.PathLike) -> None:
     """
     edges = _check_edges(edges)
     attrs = [c for c in edges.columns if c not in ("query", "key")]
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
-             '<graphml xmlns="http://graphml.graphdrawing.org/xmlns" '
-             'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
-             'xsi:schemaLocation="http://graphml.graphdrawing.org/xmlns '
-             'http://graphml.graphdrawing.org/xmlns/1.0/graphml.xsd">']
+    lines = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<graphml xmlns="http://graphml.graphdrawing.org/xmlns" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        'xsi:schemaLocation="http://graphml.graphdrawing.org/xmlns '
+        'http://graphml.graphdrawing.org/xmlns/1.0/graphml.xsd">',
+    ]
     types = {}
     for i, col in enumerate(attrs):
         types[col] = _GRAPHML_TYPES.get(edges[col].dtype.kind, "string")
-        lines.append(f'  <key id="d{i}" for="edge" attr.name={quoteattr(str(col))} '
-                     f'attr.type="{types[col]}"/>')
+        lines.append(
+            f'  <key id="d{i}" for="edge" attr.name={quoteattr(str(col))} '
+            f'attr.type="{types[col]}"/>'
+        )
     lines.append('  <graph id="G" edgedefault="directed">')
     nodes = pd.unique(pd.concat([edges["query"], edges["key"]], ignore_index=True))
     lines.extend(f"    <node id={quoteattr(str(n))}/>" for n in nodes)
@@ -282,9 +305,11 @@ def write_graphml(edges: pd.DataFrame, path: str | os.PathLike) -> None:
     for row, (q, k) in enumerate(zip(edges["query"], edges["key"], strict=True)):
         data = "".join(
             f'<data key="d{i}">{escape(_graphml_value(col[row], types[attrs[i]]))}</data>'
-            for i, col in enumerate(columns))
-        lines.append(f"    <edge source={quoteattr(str(q))} target={quoteattr(str(k))}>"
-                     f"{data}</edge>")
+            for i, col in enumerate(columns)
+        )
+        lines.append(
+            f"    <edge source={quoteattr(str(q))} target={quoteattr(str(k))}>{data}</edge>"
+        )
     lines += ["  </graph>", "</graphml>", ""]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))
@@ -317,8 +342,9 @@ def to_networkx(edges: pd.DataFrame):
     try:
         import networkx as nx
     except ImportError as exc:
-        raise ImportError('to_networkx needs networkx; install it with '
-                          '`pip install "tgem[network]"`.') from exc
+        raise ImportError(
+            'to_networkx needs networkx; install it with `pip install "tgem[network]"`.'
+        ) from exc
     edges = _check_edges(edges)
     graph = nx.MultiDiGraph()
     attrs = [c for c in edges.columns if c not in ("query", "key")]

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 def _shown(names, limit: int = 10) -> str:
     names = [str(n) for n in names]
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit
-                                       else "")
+    return ", ".join(names[:limit]) + (
+        f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    )
 
 
 def resolve_gene_sets(gene_sets) -> dict[str, list[str]]:
@@ -176,8 +177,9 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
             The fitted selector.
         """
         names = gene_names_of(X, self.feature_names, type(self).__name__)
-        validate_data(self, X, accept_sparse=("csr", "csc"), dtype=None,
-                      ensure_all_finite=False, reset=True)
+        validate_data(
+            self, X, accept_sparse=("csr", "csc"), dtype=None, ensure_all_finite=False, reset=True
+        )
         self.gene_sets_ = resolve_gene_sets(self.gene_sets)
         wanted = list(dict.fromkeys(g for genes in self.gene_sets_.values() for g in genes))
         present = pd.Index(names)
@@ -213,7 +215,9 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
             logger.warning(
                 "GeneSetSelector: %d of the %d genes of the gene sets are not in X and are "
                 "left out (%s); see missing_genes_ and coverage_.",
-                len(self.missing_genes_), len(wanted), _shown(self.missing_genes_),
+                len(self.missing_genes_),
+                len(wanted),
+                _shown(self.missing_genes_),
             )
         return self
 

@@ -30,8 +30,7 @@ _INSTALL = 'install it with `pip install "tgem[anndata]"`'
 
 
 def _is_anndata(obj) -> bool:
-    return type(obj).__name__ in ("AnnData", "Raw") and type(obj).__module__.startswith(
-        "anndata")
+    return type(obj).__name__ in ("AnnData", "Raw") and type(obj).__module__.startswith("anndata")
 
 
 def is_h5ad_input(X) -> bool:
@@ -110,8 +109,9 @@ class H5ADDataset:
     ['a', 'a', 'b', 'b', 'a', 'b']
     """
 
-    def __init__(self, data, *, layer: str | None = None, chunk_size: int = 64,
-                 chunks_per_read: int = 16):
+    def __init__(
+        self, data, *, layer: str | None = None, chunk_size: int = 64, chunks_per_read: int = 16
+    ):
         for name, value in (("chunk_size", chunk_size), ("chunks_per_read", chunks_per_read)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -132,11 +132,13 @@ class H5ADDataset:
             if not self.path.is_file():
                 raise FileNotFoundError(
                     f"No .h5ad file at {str(self.path)!r}. Pass the path of an existing "
-                    "AnnData file.")
+                    "AnnData file."
+                )
         else:
             raise TypeError(
                 f"H5ADDataset needs an .h5ad path or an AnnData object; got "
-                f"{type(data).__name__}. Pass a path, or use an array with fit directly.")
+                f"{type(data).__name__}. Pass a path, or use an array with fit directly."
+            )
         self._read_metadata()
 
     # ------------------------------------------------------------------ metadata
@@ -149,7 +151,8 @@ class H5ADDataset:
             available = sorted(f["layers"].keys()) if "layers" in f else []
             raise ValueError(
                 f"layer {self.layer!r} is not in {str(self.path)!r}; available layers: "
-                f"{available}. Pass one of them, or layer=None for X.")
+                f"{available}. Pass one of them, or layer=None for X."
+            )
         return f["layers"][self.layer]
 
     def _read_metadata(self) -> None:
@@ -158,7 +161,8 @@ class H5ADDataset:
             if self.layer is not None and self.layer not in a.layers:
                 raise ValueError(
                     f"layer {self.layer!r} is not in the AnnData; available layers: "
-                    f"{sorted(a.layers.keys())}. Pass one of them, or layer=None for X.")
+                    f"{sorted(a.layers.keys())}. Pass one of them, or layer=None for X."
+                )
             M = a.X if self.layer is None else a.layers[self.layer]
             self._memory = M.tocsr() if sp.issparse(M) and not sp.isspmatrix_csr(M) else M
             self.sparse = sp.issparse(M)
@@ -179,7 +183,8 @@ class H5ADDataset:
                 raise ValueError(
                     f"the matrix in {str(self.path)!r} is stored as {encoding or 'unknown'!r}; "
                     "streaming rows needs a dense array or CSR. Convert it once, e.g. "
-                    "`adata.X = adata.X.tocsr(); adata.write_h5ad(path)`.")
+                    "`adata.X = adata.X.tocsr(); adata.write_h5ad(path)`."
+                )
             self.sparse = True
             self._n_rows, self.n_genes = (int(s) for s in elem.attrs["shape"])
         var = _read_elem(self._file()["var"])
@@ -221,7 +226,7 @@ class H5ADDataset:
             raise ValueError(f"only axis=0 (per-gene means) is supported; got axis={axis!r}.")
         total = np.zeros(self.n_genes, dtype=np.float64)
         for start in range(0, self.shape[0], block_rows):
-            block = self[start:start + block_rows]
+            block = self[start : start + block_rows]
             total += block.sum(axis=0, dtype=np.float64)
         return total / max(1, self.shape[0])
 
@@ -268,9 +273,9 @@ class H5ADDataset:
         elem = self._matrix_elem(self._file())
         if not self.sparse:
             return np.asarray(elem[start:stop], dtype=np.float32)
-        ptr = np.asarray(elem["indptr"][start:stop + 1], dtype=np.int64)
-        data = elem["data"][ptr[0]:ptr[-1]]
-        indices = elem["indices"][ptr[0]:ptr[-1]]
+        ptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
+        data = elem["data"][ptr[0] : ptr[-1]]
+        indices = elem["indices"][ptr[0] : ptr[-1]]
         return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
 
     def _read_file_rows(self, file_rows: np.ndarray):
@@ -280,8 +285,10 @@ class H5ADDataset:
         breaks = np.flatnonzero(np.diff(file_rows) != 1) + 1
         starts = np.concatenate([[0], breaks])
         stops = np.concatenate([breaks, [len(file_rows)]])
-        blocks = [self._read_block(int(file_rows[a]), int(file_rows[b - 1]) + 1)
-                  for a, b in zip(starts, stops, strict=True)]
+        blocks = [
+            self._read_block(int(file_rows[a]), int(file_rows[b - 1]) + 1)
+            for a, b in zip(starts, stops, strict=True)
+        ]
         if len(blocks) == 1:
             return blocks[0]
         return sp.vstack(blocks, format="csr") if self.sparse else np.concatenate(blocks)
@@ -334,8 +341,7 @@ class H5ADDataset:
         else:
             starts = perm * cs
             lengths = np.minimum(cs, n - starts)
-            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
-                                                            lengths)
+            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             rows = np.repeat(starts, lengths) + offsets
             keys = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
             order = rows[np.lexsort((keys, read_of_chunk[rows // cs]))]
@@ -352,8 +358,10 @@ def _dense(M) -> np.ndarray:
 
 
 def _unknown(name, columns) -> str:
-    return (f"{name!r} is not an obs column; available columns: {columns}. Pass one of them "
-            "as y, or pass the labels as an array.")
+    return (
+        f"{name!r} is not an obs column; available columns: {columns}. Pass one of them "
+        "as y, or pass the labels as an array."
+    )
 
 
 class _EpochReader:
@@ -375,9 +383,10 @@ class _EpochReader:
 
     def _load(self, unit: int):
         ds, cs = self.dataset, self.dataset.chunk_size
-        chunks = np.sort(self.perm[unit * ds.chunks_per_read:(unit + 1) * ds.chunks_per_read])
-        local = np.concatenate([np.arange(c * cs, min((c + 1) * cs, self.shape[0]))
-                                for c in chunks])
+        chunks = np.sort(self.perm[unit * ds.chunks_per_read : (unit + 1) * ds.chunks_per_read])
+        local = np.concatenate(
+            [np.arange(c * cs, min((c + 1) * cs, self.shape[0])) for c in chunks]
+        )
         file_rows = local if ds._rows is None else ds._rows[local]
         sort = np.argsort(file_rows, kind="stable")
         block = ds._read_file_rows(file_rows[sort])
@@ -413,16 +422,19 @@ def h5ad_fit_input(estimator, X, y):
     elif y is None:
         raise ValueError(
             f"{type(estimator).__name__} needs labels: pass y as an obs column name "
-            "(e.g. y='cell_type') or as an array with one label per cell.")
+            "(e.g. y='cell_type') or as an array with one label per cell."
+        )
     else:
         y = np.asarray(y)
         if y.shape[0] != ds.shape[0]:
             raise ValueError(
                 f"y has {y.shape[0]} labels but the dataset has {ds.shape[0]} rows; pass one "
-                "label per cell or the name of an obs column.")
+                "label per cell or the name of an obs column."
+            )
     if ds.shape[0] < 1 or ds.shape[1] < 1:
-        raise ValueError(f"the dataset has shape {ds.shape}; it needs at least one cell and "
-                         "one gene.")
+        raise ValueError(
+            f"the dataset has shape {ds.shape}; it needs at least one cell and one gene."
+        )
     estimator.n_features_in_ = ds.shape[1]
     estimator.feature_names_in_ = ds.var_names
     return ds, y
@@ -434,13 +446,14 @@ def h5ad_predict_input(estimator, X) -> H5ADDataset:
     if ds.shape[1] != estimator.n_features_in_:
         raise ValueError(
             f"X has {ds.shape[1]} features, but {type(estimator).__name__} is expecting "
-            f"{estimator.n_features_in_} features as input; pass the same genes as in fit.")
+            f"{estimator.n_features_in_} features as input; pass the same genes as in fit."
+        )
     fitted = getattr(estimator, "feature_names_in_", None)
-    if fitted is not None and not np.array_equal(np.asarray(fitted, dtype=object),
-                                                 ds.var_names):
+    if fitted is not None and not np.array_equal(np.asarray(fitted, dtype=object), ds.var_names):
         raise ValueError(
             "the var_names of the .h5ad differ from the genes seen in fit; reorder them to "
-            "the fitted genes (feature_names_in_), e.g. `adata[:, clf.feature_names_in_]`.")
+            "the fitted genes (feature_names_in_), e.g. `adata[:, clf.feature_names_in_]`."
+        )
     return ds
 
 

@@ -118,8 +118,8 @@ class Evaluator:
         step = 4 * self.batch_rows  # inference keeps no activations for the backward pass
         with torch.no_grad():
             for i in range(0, rows.shape[0], step):
-                lp = self.module(rows[i:i + step])
-                out[i:i + step] = lp.gather(1, target[i:i + step, None])[:, 0].double().cpu()
+                lp = self.module(rows[i : i + step])
+                out[i : i + step] = lp.gather(1, target[i : i + step, None])[:, 0].double().cpu()
         return out
 
     def grad(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,16 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- IG
-def integrated_gradients(ev: Evaluator, x: torch.Tensor, b: torch.Tensor,
-                         target: torch.Tensor, n_steps: int, quadrature: str,
-                         tol: float = 1e-3, need_delta: bool = True):
+def integrated_gradients(
+    ev: Evaluator,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    target: torch.Tensor,
+    n_steps: int,
+    quadrature: str,
+    tol: float = 1e-3,
+    need_delta: bool = True,
+):
     """Integrated Gradients of the rows of ``x`` (s, genes) against baselines ``b``.
 
     Returns ``(attributions, delta, n_gradients, converged)``: float64 (s, genes), the
@@ -215,15 +222,21 @@ def _adaptive_ig(ev: Evaluator, x, b, target, n_steps: int, tol: float):
         # a panel at the path's start is split geometrically: at the all-zero baseline the
         # steep LayerNorm transition sits at alpha ~ 1e-6 / std, far below a half
         mid = np.where(lo[split] == 0.0, START_SPLIT * hi[split], 0.5 * (lo[split] + hi[split]))
-        f_mid = ev.path_values(x, b, target, torch.as_tensor(owner[split], device=dev),
-                               torch.as_tensor(mid, device=dev)).numpy()
+        f_mid = ev.path_values(
+            x,
+            b,
+            target,
+            torch.as_tensor(owner[split], device=dev),
+            torch.as_tensor(mid, device=dev),
+        ).numpy()
         new_owner = np.concatenate([owner[split], owner[split]])
         new_lo = np.concatenate([lo[split], mid])
         new_hi = np.concatenate([mid, hi[split]])
         new_flo = np.concatenate([f_lo[split], f_mid])
         new_fhi = np.concatenate([f_mid, f_hi[split]])
-        new_contrib, new_integral = _evaluate_panels(ev, x, b, target, new_owner, new_lo,
-                                                     new_hi, gl_x, gl_w)
+        new_contrib, new_integral = _evaluate_panels(
+            ev, x, b, target, new_owner, new_lo, new_hi, gl_x, gl_w
+        )
         n_grads += np.bincount(new_owner, minlength=s) * m
         keep = np.ones(len(owner), dtype=bool)
         keep[split] = False
@@ -244,11 +257,15 @@ def _adaptive_ig(ev: Evaluator, x, b, target, n_steps: int, tol: float):
 
 def _panel_end_values(ev, x, b, target, owner, lo, hi):
     """f at each panel's ends, evaluating each distinct (sample, alpha) once."""
-    pts = np.unique(np.stack([np.concatenate([owner, owner]), np.concatenate([lo, hi])], 1),
-                    axis=0)
+    pts = np.unique(np.stack([np.concatenate([owner, owner]), np.concatenate([lo, hi])], 1), axis=0)
     dev = x.device
-    vals = ev.path_values(x, b, target, torch.as_tensor(pts[:, 0].astype(np.int64), device=dev),
-                          torch.as_tensor(pts[:, 1], device=dev)).numpy()
+    vals = ev.path_values(
+        x,
+        b,
+        target,
+        torch.as_tensor(pts[:, 0].astype(np.int64), device=dev),
+        torch.as_tensor(pts[:, 1], device=dev),
+    ).numpy()
     lookup = {(int(o), float(a)): v for (o, a), v in zip(pts, vals)}
     f_lo = np.array([lookup[(int(o), float(a))] for o, a in zip(owner, lo)])
     f_hi = np.array([lookup[(int(o), float(a))] for o, a in zip(owner, hi)])
@@ -295,13 +312,14 @@ def _panels_to_split(owner, defect, todo, n_grads, max_grads, m) -> np.ndarray:
         budget = (max_grads - n_grads[i]) // (2 * m)
         cum = np.cumsum(np.sort(d)[::-1])
         k = int(np.searchsorted(cum, 0.5 * cum[-1]) + 1)
-        chosen.append(order[:max(1, min(k, budget))])
+        chosen.append(order[: max(1, min(k, budget))])
     return np.concatenate(chosen)
 
 
 # ----------------------------------------------------------------------------- noise tunnel
-def noise(seed: int, sample_ids: np.ndarray, nt_samples: int, n_genes: int,
-          stdevs: float) -> np.ndarray:
+def noise(
+    seed: int, sample_ids: np.ndarray, nt_samples: int, n_genes: int, stdevs: float
+) -> np.ndarray:
     """Gaussian noise (len(sample_ids), nt_samples, genes), float32, one stream per sample.
 
     Sample ``i``'s noise depends only on ``(seed, i)``, not on how samples are chunked.

@@ -67,10 +67,26 @@ _FLOAT_CODES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Fixed entry timestamps make two saves of one model byte-identical.
 _DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # Anything a malformed archive, header or array can raise while being parsed.
-_PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
-                 KeyError, TypeError, IndexError, AttributeError, OverflowError,
-                 RecursionError, UnicodeDecodeError, RuntimeError, struct.error, zlib.error,
-                 NotImplementedError, SyntaxError, MemoryError)
+_PARSE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+    NotImplementedError,
+    SyntaxError,
+    MemoryError,
+)
 
 
 # ------------------------------------------------------------------------------- save
@@ -120,11 +136,13 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     if not isinstance(model, TGEMClassifier):
         raise TypeError(
             f"save expects a fitted TGEMClassifier, got {type(model).__name__}. Save other "
-            "estimators with joblib or skops.")
+            "estimators with joblib or skops."
+        )
     check_is_fitted(model, "module_")
     module_state = model.module_.state_dict()
     arrays: dict[str, np.ndarray] = {
-        f"module/{key}.npy": value.detach().cpu().numpy() for key, value in module_state.items()}
+        f"module/{key}.npy": value.detach().cpu().numpy() for key, value in module_state.items()
+    }
     importances = model.__dict__.get("_feature_importances")
     if importances is not None:
         arrays[_FEATURE_IMPORTANCES] = np.asarray(importances, dtype=np.float64)
@@ -138,8 +156,13 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
         for name, data in [*entries, (_CHECKSUM, digest.encode("ascii"))]:
             archive.writestr(zipfile.ZipInfo(name, date_time=_DATE_TIME), data)
     _write_atomically(path, buffer.getvalue())
-    logger.info("saved %s (%d arrays, %d bytes) to %s", type(model).__name__, len(arrays),
-                buffer.tell(), path)
+    logger.info(
+        "saved %s (%d arrays, %d bytes) to %s",
+        type(model).__name__,
+        len(arrays),
+        buffer.tell(),
+        path,
+    )
 
 
 def _write_atomically(path, data: bytes) -> None:
@@ -186,16 +209,19 @@ def _header(model, module_init: dict, arrays: dict) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "estimator": "TGEMClassifier",
-        "versions": {"tgem": tgem.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "tgem": tgem.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__,
+            "python": platform.python_version(),
+        },
         "params": {k: _param_to_json(k, v) for k, v in model.get_params(deep=False).items()},
         "fitted": {
             "classes_": _classes_to_json(model.classes_),
             "n_features_in_": int(model.n_features_in_),
             "feature_names_in_": None if names is None else [str(n) for n in names],
-            "history_": [{k: _float_to_json(v) for k, v in rec.items()}
-                         for rec in model.history_],
+            "history_": [{k: _float_to_json(v) for k, v in rec.items()} for rec in model.history_],
             "best_epoch_": None if model.best_epoch_ is None else int(model.best_epoch_),
             "n_iter_": int(model.n_iter_),
             "attention_backend_": str(model.attention_backend_),
@@ -204,8 +230,10 @@ def _header(model, module_init: dict, arrays: dict) -> dict:
             "stopped": state.stopped if state is not None else "max_epochs",
         },
         "module": module_init,
-        "arrays": [{"name": name, "dtype": a.dtype.newbyteorder("<").str, "shape": list(a.shape)}
-                   for name, a in arrays.items()],
+        "arrays": [
+            {"name": name, "dtype": a.dtype.newbyteorder("<").str, "shape": list(a.shape)}
+            for name, a in arrays.items()
+        ],
     }
 
 
@@ -223,19 +251,24 @@ def _param_to_json(name: str, value):
         warnings.warn(
             f"random_state is a {type(value).__name__}, which a model file cannot hold; it is "
             "saved as None. Use an int random_state to keep refits repeatable.",
-            UserWarning, stacklevel=4)
+            UserWarning,
+            stacklevel=4,
+        )
         return None
     raise TypeError(
         f"parameter {name}={value!r} ({type(value).__name__}) cannot be written to a model "
-        "file; set it to a number, string, bool or None before saving.")
+        "file; set it to a number, string, bool or None before saving."
+    )
 
 
 def _label_to_json(value):
     if isinstance(value, np.generic):
         value = value.item()
     if not isinstance(value, bool | int | float | str):
-        raise TypeError(f"key {value!r} ({type(value).__name__}) cannot be saved; use a str, "
-                        "int, float or bool.")
+        raise TypeError(
+            f"key {value!r} ({type(value).__name__}) cannot be saved; use a str, "
+            "int, float or bool."
+        )
     return value
 
 
@@ -243,8 +276,9 @@ def _param_from_json(value):
     if isinstance(value, dict):
         pairs = value["mapping"]
         if set(value) != {"mapping"} or not all(
-                isinstance(p, list) and len(p) == 2 and type(p[0]) in (bool, int, float, str)
-                for p in pairs):
+            isinstance(p, list) and len(p) == 2 and type(p[0]) in (bool, int, float, str)
+            for p in pairs
+        ):
             raise ModelFileError(f"malformed mapping parameter {value!r}.")
         return {k: _param_from_json(v) for k, v in pairs}
     if isinstance(value, list):
@@ -277,13 +311,15 @@ def _classes_to_json(classes: np.ndarray) -> dict:
             if kind is None:
                 raise TypeError(
                     f"class label {c!r} of type {type(c).__name__} cannot be written to a model "
-                    "file; use str, int, float or bool labels.")
+                    "file; use str, int, float or bool labels."
+                )
             values.append(c)
             types.append(kind.__name__)
         return {"dtype": "object", "values": values, "types": types}
     raise TypeError(
         f"classes_ of dtype {dtype} cannot be written to a model file; use str, int, float or "
-        "bool labels.")
+        "bool labels."
+    )
 
 
 # ------------------------------------------------------------------------------- load
@@ -350,7 +386,8 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
     except _PARSE_ERRORS as exc:
         raise ModelFileError(
             f"{name} is damaged or is not a valid tgem model file ({type(exc).__name__}: "
-            f"{exc}). Re-save it from the original model.") from exc
+            f"{exc}). Re-save it from the original model."
+        ) from exc
     _place(model, target, name)
     return model
 
@@ -360,23 +397,28 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not data.startswith(b"PK\x03\x04"):
         hint = ""
         if data[:1] == b"\x80" or data[:2] == b"\x1f\x8b":
-            hint = (" It looks like a pickle/joblib file: load such files with joblib only "
-                    "when you trust their source.")
+            hint = (
+                " It looks like a pickle/joblib file: load such files with joblib only "
+                "when you trust their source."
+            )
         raise ModelFileError(
             f"{name} is not a tgem model file (it does not start like one; tgem model files "
-            f"are ZIP archives written by TGEMClassifier.save).{hint}")
+            f"are ZIP archives written by TGEMClassifier.save).{hint}"
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
         raise ModelFileError(
             f"{name} is truncated or corrupted: its ZIP directory is unreadable ({exc}). "
-            "Copy the file again or re-save it from the original model.") from exc
+            "Copy the file again or re-save it from the original model."
+        ) from exc
     infos = archive.infolist()
     names = [info.filename for info in infos]
     if _HEADER not in names or _CHECKSUM not in names:
         raise ModelFileError(
             f"{name} is a ZIP archive but not a tgem model file (it lacks {_HEADER} or "
-            f"{_CHECKSUM}; it holds {names[:5]}).")
+            f"{_CHECKSUM}; it holds {names[:5]})."
+        )
     if len(set(names)) != len(names):
         raise ModelFileError(f"{name} repeats an entry name; it is not a valid tgem model file.")
     for info in infos:
@@ -384,14 +426,16 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
             raise ModelFileError(
                 f"{name}: entry {info.filename!r} is compressed or larger than the file; tgem "
                 "model files store their entries uncompressed. The file was not written by "
-                "tgem or was modified.")
+                "tgem or was modified."
+            )
     header_bytes = archive.read(_HEADER)
     header = json.loads(header_bytes.decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ModelFileError(
             f"{name} is not a tgem model file: its header's format is "
             f"{header.get('format') if isinstance(header, dict) else None!r}, "
-            f"expected {FORMAT!r}.")
+            f"expected {FORMAT!r}."
+        )
     version = header.get("format_version")
     if type(version) is not int or version not in _READABLE:
         import tgem
@@ -401,7 +445,8 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise ModelFileError(
             f"{name} has model format version {version!r} (written by tgem {written_by}); "
             f"this tgem {tgem.__version__} reads format version(s) {list(_READABLE)}. "
-            "Install the tgem version that wrote the file, or a newer one.")
+            "Install the tgem version that wrote the file, or a newer one."
+        )
     manifest = header["arrays"]
     if not isinstance(manifest, list):
         raise ModelFileError(f"{name}: the header's array manifest is not a list.")
@@ -409,15 +454,19 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
     if names != expected:
         raise ModelFileError(
             f"{name}: the archive's entries do not match its header's manifest "
-            f"({len(names)} entries, {len(expected)} expected). The file was modified.")
+            f"({len(names)} entries, {len(expected)} expected). The file was modified."
+        )
     entries = [(n, archive.read(n)) for n in expected[:-1]]
     stored = archive.read(_CHECKSUM).decode("ascii").strip()
     if not hmac.compare_digest(stored, _digest(entries)):
         raise ModelFileError(
             f"{name} fails its SHA-256 checksum: it is corrupted or was modified after it was "
-            "written. Copy the file again or re-save it from the original model.")
-    arrays = {entry["name"]: _read_npy(blob, entry, name)
-              for entry, (_, blob) in zip(manifest, entries[1:], strict=True)}
+            "written. Copy the file again or re-save it from the original model."
+        )
+    arrays = {
+        entry["name"]: _read_npy(blob, entry, name)
+        for entry, (_, blob) in zip(manifest, entries[1:], strict=True)
+    }
     return header, arrays
 
 
@@ -433,13 +482,15 @@ def _read_npy(blob: bytes, entry: dict, name: str) -> np.ndarray:
     if dtype.str not in _ARRAY_DTYPES or declared != (dtype.str, list(shape)):
         raise ModelFileError(
             f"{name}: array {entry.get('name')!r} has dtype {dtype.str} and shape {shape}, the "
-            f"header says {declared}; float arrays of the declared shape are expected.")
+            f"header says {declared}; float arrays of the declared shape are expected."
+        )
     count = math.prod(shape)
-    payload = blob[fh.tell():]
+    payload = blob[fh.tell() :]
     if len(payload) != count * dtype.itemsize:
         raise ModelFileError(
             f"{name}: array {entry.get('name')!r} holds {len(payload)} bytes, "
-            f"{count * dtype.itemsize} expected for shape {shape}.")
+            f"{count * dtype.itemsize} expected for shape {shape}."
+        )
     array = np.frombuffer(payload, dtype=dtype, count=count)
     return array.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="))
 
@@ -455,22 +506,25 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     if unknown:
         raise ModelFileError(
             f"{name} sets parameters {unknown} that this tgem does not know (written by tgem "
-            f"{header['versions'].get('tgem')}). Upgrade tgem to load it.")
+            f"{header['versions'].get('tgem')}). Upgrade tgem to load it."
+        )
     model = TGEMClassifier(**{k: _param_from_json(v) for k, v in params.items()})
     model._validate_params()
     model._check_params_extra()
     fitted = header["fitted"]
     init = dict(header["module"])
-    module_arrays = {k[len("module/"):-len(".npy")]: v for k, v in arrays.items()
-                     if k.startswith("module/") and k.endswith(".npy")}
+    module_arrays = {
+        k[len("module/") : -len(".npy")]: v
+        for k, v in arrays.items()
+        if k.startswith("module/") and k.endswith(".npy")
+    }
     _check_module_init(init, module_arrays, name)
     dtypes = {a.dtype for a in module_arrays.values()}
     if len(dtypes) != 1:
         raise ModelFileError(f"{name}: the network's arrays mix dtypes {sorted(map(str, dtypes))}.")
     module = TGEMNet(**init, generator=torch.Generator().manual_seed(0))
     module.to(_ARRAY_DTYPES[dtypes.pop().newbyteorder("<").str])
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()},
-                           strict=True)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()}, strict=True)
     module.eval()
 
     classes = _classes_from_json(fitted["classes_"])
@@ -478,7 +532,8 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     if classes.ndim != 1 or len(classes) != module.n_classes or n_features != module.n_genes:
         raise ModelFileError(
             f"{name}: the header's {len(classes)} classes and {n_features} features do not "
-            f"match the network's {module.n_classes} classes and {module.n_genes} genes.")
+            f"match the network's {module.n_classes} classes and {module.n_genes} genes."
+        )
     model.classes_ = classes
     model.n_features_in_ = n_features
     names = fitted["feature_names_in_"]
@@ -497,14 +552,19 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     model.attention_backend_ = str(fitted["attention_backend_"])
     model.device_ = torch.device(fitted["device_"])
     model._train_state_ = TrainState(
-        history=history, best_state=None, best_epoch=best_epoch,
-        best_loss=float(_json_to_float(fitted["best_loss"])), stopped=str(fitted["stopped"]))
+        history=history,
+        best_state=None,
+        best_epoch=best_epoch,
+        best_loss=float(_json_to_float(fitted["best_loss"])),
+        stopped=str(fitted["stopped"]),
+    )
     if _FEATURE_IMPORTANCES in arrays:
         importances = arrays[_FEATURE_IMPORTANCES].astype(np.float64)
         if importances.shape != (n_features,):
             raise ModelFileError(
                 f"{name}: feature importances have shape {importances.shape}, expected "
-                f"({n_features},).")
+                f"({n_features},)."
+            )
         model._feature_importances = importances
     return model
 
@@ -520,15 +580,19 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
         value = init.get(key)
         if type(value) is not int or not 1 <= value <= max(total, 1):
             raise ModelFileError(f"{name}: network argument {key}={value!r} is not valid.")
-    if (init.get("activation") not in ("relu", "leakyrelu", "gelu", None)
-            or type(init.get("shared_norm")) is not bool
-            or init.get("attention_backend") not in ("auto", *backend_names())
-            or type(init.get("dropout")) not in (int, float) or not 0 <= init["dropout"] < 1):
+    if (
+        init.get("activation") not in ("relu", "leakyrelu", "gelu", None)
+        or type(init.get("shared_norm")) is not bool
+        or init.get("attention_backend") not in ("auto", *backend_names())
+        or type(init.get("dropout")) not in (int, float)
+        or not 0 <= init["dropout"] < 1
+    ):
         raise ModelFileError(f"{name}: the network's arguments {init} are not valid.")
     if init["n_layers"] * 4 > len(arrays):
         raise ModelFileError(
             f"{name}: the header declares {init['n_layers']} layers but the file holds "
-            f"{len(arrays)} arrays.")
+            f"{len(arrays)} arrays."
+        )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in TGEMNet(**init).state_dict().items()}
     found = {k: a.shape for k, a in arrays.items()}
@@ -536,7 +600,8 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
         diff = sorted(set(shapes.items()) ^ set(found.items()))[:4]
         raise ModelFileError(
             f"{name}: the network's arrays do not match its declared architecture "
-            f"(differences: {diff}).")
+            f"(differences: {diff})."
+        )
 
 
 def _classes_from_json(spec: dict) -> np.ndarray:
@@ -590,7 +655,10 @@ def _place(model, target: torch.device | None, name: str) -> None:
         if saved.type == "cuda" and not torch.cuda.is_available():
             warnings.warn(
                 f"{name} was fitted on {saved}, which is not available here; the model is "
-                "loaded on the CPU.", DeviceWarning, stacklevel=3)
+                "loaded on the CPU.",
+                DeviceWarning,
+                stacklevel=3,
+            )
             target = torch.device("cpu")
         elif saved.type == "cuda" and (saved.index or 0) >= torch.cuda.device_count():
             target = torch.device("cuda")

@@ -121,10 +121,18 @@ class TGEMNet(nn.Module):
     True
     """
 
-    def __init__(self, n_genes: int, n_classes: int, n_layers: int = 3, n_heads: int = 5,
-                 activation: str | None = "leakyrelu", dropout: float = 0.3,
-                 shared_norm: bool = True, attention_backend: str = "auto",
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        n_genes: int,
+        n_classes: int,
+        n_layers: int = 3,
+        n_heads: int = 5,
+        activation: str | None = "leakyrelu",
+        dropout: float = 0.3,
+        shared_norm: bool = True,
+        attention_backend: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS + (None,):
             raise ValueError(f"activation={activation!r}; choose one of {ACTIVATIONS} or None")
@@ -133,11 +141,13 @@ class TGEMNet(nn.Module):
         self.attention_backend = attention_backend
         self.layers = nn.ModuleList(GeneAttention(n_genes, n_heads) for _ in range(n_layers))
         self.norms = nn.ModuleList(
-            TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers))
+            TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers)
+        )
         self.dropout = Dropout(dropout)
         # no default initialisation: it would draw from torch's global generator
-        self.classifier = nn.utils.skip_init(nn.Linear, n_genes, n_classes,
-                                             device=torch.empty(()).device)
+        self.classifier = nn.utils.skip_init(
+            nn.Linear, n_genes, n_classes, device=torch.empty(()).device
+        )
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -152,7 +162,8 @@ class TGEMNet(nn.Module):
         fan_out, fan_in = self.classifier.weight.shape
         bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform_
         self.classifier.weight.copy_(
-            (torch.rand(self.classifier.weight.shape, generator=generator) * 2 - 1) * bound)
+            (torch.rand(self.classifier.weight.shape, generator=generator) * 2 - 1) * bound
+        )
         b = 1.0 / math.sqrt(fan_in)  # nn.Linear's default bias initialisation
         self.classifier.bias.copy_((torch.rand(fan_out, generator=generator) * 2 - 1) * b)
         for norm in self.norms:

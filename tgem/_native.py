@@ -44,8 +44,11 @@ logger = logging.getLogger(__name__)
 #: Instruction-set paths of the kernel, by the code the C library uses for them.
 ISAS = ("scalar", "avx2", "avx512")
 _ABI_VERSION = 3
-_ERRORS = {-1: "invalid arguments", -2: "instruction set not supported by this CPU",
-           -3: "out of memory"}
+_ERRORS = {
+    -1: "invalid arguments",
+    -2: "instruction set not supported by this CPU",
+    -3: "out of memory",
+}
 
 _c_float_p = ctypes.c_void_p  # raw data pointers (tensor.data_ptr())
 
@@ -58,8 +61,14 @@ def _load_library() -> tuple[ctypes.CDLL | None, str | None, str | None]:
         spec = None
         logger.debug("find_spec failed: %s", exc)
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        return None, None, ("extension not built (tgem._tgem_kernels not found; install tgem "
-                            "with a C compiler available: pip install -e .)")
+        return (
+            None,
+            None,
+            (
+                "extension not built (tgem._tgem_kernels not found; install tgem "
+                "with a C compiler available: pip install -e .)"
+            ),
+        )
     return _open_library(spec.origin)
 
 
@@ -71,8 +80,14 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str | None, str | None
     except (OSError, AttributeError) as exc:
         return None, path, f"extension could not be loaded from {path}: {exc}"
     if version != _ABI_VERSION:
-        return None, path, (f"extension at {path} has ABI version {version}, expected "
-                            f"{_ABI_VERSION}; rebuild it with pip install -e .")
+        return (
+            None,
+            path,
+            (
+                f"extension at {path} has ABI version {version}, expected "
+                f"{_ABI_VERSION}; rebuild it with pip install -e ."
+            ),
+        )
     ptr, i64, cint = _c_float_p, ctypes.c_int64, ctypes.c_int
     lib.tgem_isa_supported.argtypes = [cint]
     lib.tgem_isa_supported.restype = cint
@@ -157,11 +172,14 @@ def _active_isa() -> tuple[str | None, str]:
     if requested is None:
         return supported[-1], f"best supported by this CPU (supported: {', '.join(supported)})"
     if requested not in ISAS:
-        return None, (f"{source}={requested!r} is not one of {', '.join(ISAS)}; unset it or "
-                      "pick one of these")
+        return None, (
+            f"{source}={requested!r} is not one of {', '.join(ISAS)}; unset it or pick one of these"
+        )
     if requested not in supported:
-        return None, (f"{source} asks for {requested}, which this CPU does not support "
-                      f"(supported: {', '.join(supported)})")
+        return None, (
+            f"{source} asks for {requested}, which this CPU does not support "
+            f"(supported: {', '.join(supported)})"
+        )
     return requested, f"forced by {source} (supported: {', '.join(supported)})"
 
 
@@ -186,8 +204,10 @@ def native_status() -> str:
     isa, why = _active_isa()
     if isa is None:
         return f"native kernel unavailable: {why}"
-    return (f"native kernel {isa}: {why}; threads follow torch.get_num_threads() "
-            f"(now {torch.get_num_threads()}); library {_LIB_PATH}")
+    return (
+        f"native kernel {isa}: {why}; threads follow torch.get_num_threads() "
+        f"(now {torch.get_num_threads()}); library {_LIB_PATH}"
+    )
 
 
 def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -221,19 +241,25 @@ def native_available() -> bool:
 def _isa_code() -> int:
     isa, why = _active_isa()
     if isa is None:
-        raise RuntimeError(f"The native attention kernel cannot run: {why}. Use "
-                           "attention_backend='exact' (or 'auto') instead.")
+        raise RuntimeError(
+            f"The native attention kernel cannot run: {why}. Use "
+            "attention_backend='exact' (or 'auto') instead."
+        )
     return ISAS.index(isa)
 
 
 def _check(tensors: dict[str, torch.Tensor], shape: torch.Size, dims: int = 2) -> None:
     for name, x in tensors.items():
         if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(f"{name} is {x.dtype} on {x.device}; the native kernel needs "
-                            "float32 CPU tensors (use the 'exact' backend otherwise).")
+            raise TypeError(
+                f"{name} is {x.dtype} on {x.device}; the native kernel needs "
+                "float32 CPU tensors (use the 'exact' backend otherwise)."
+            )
         if x.shape != shape or x.dim() != dims or not x.is_contiguous():
-            raise ValueError(f"{name} has shape {tuple(x.shape)} (contiguous={x.is_contiguous()})"
-                             f"; expected a contiguous tensor of shape {tuple(shape)}.")
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} (contiguous={x.is_contiguous()})"
+                f"; expected a contiguous tensor of shape {tuple(shape)}."
+            )
 
 
 def _raise_on(code: int, what: str) -> None:
@@ -265,9 +291,19 @@ def native_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     _check({"q": q, "k": k, "v": v}, q.shape)
     isa = _isa_code()
     out, m2, inv_z, e_diag = (torch.empty(n, g, dtype=torch.float32) for _ in range(4))
-    code = _LIB.tgem_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), n, g, out.data_ptr(),
-                             m2.data_ptr(), inv_z.data_ptr(), e_diag.data_ptr(), isa,
-                             torch.get_num_threads())
+    code = _LIB.tgem_forward(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        n,
+        g,
+        out.data_ptr(),
+        m2.data_ptr(),
+        inv_z.data_ptr(),
+        e_diag.data_ptr(),
+        isa,
+        torch.get_num_threads(),
+    )
     _raise_on(code, "attention forward")
     return out, m2, inv_z, e_diag
 
@@ -278,15 +314,39 @@ def native_backward(q, k, v, m2, inv_z, e_diag, out, grad):
     All arguments are contiguous (N, G) float32 CPU tensors: the inputs, the outputs of
     :func:`native_forward` (or of ``exact_forward``) and the upstream gradient ``grad``.
     """
-    _check({"q": q, "k": k, "v": v, "m2": m2, "inv_z": inv_z, "e_diag": e_diag, "out": out,
-            "grad": grad}, q.shape)
+    _check(
+        {
+            "q": q,
+            "k": k,
+            "v": v,
+            "m2": m2,
+            "inv_z": inv_z,
+            "e_diag": e_diag,
+            "out": out,
+            "grad": grad,
+        },
+        q.shape,
+    )
     isa = _isa_code()
     n, g = q.shape
     dq, dk, dv = (torch.empty(n, g, dtype=torch.float32) for _ in range(3))
-    code = _LIB.tgem_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), m2.data_ptr(),
-                              inv_z.data_ptr(), e_diag.data_ptr(), out.data_ptr(),
-                              grad.data_ptr(), n, g, dq.data_ptr(), dk.data_ptr(),
-                              dv.data_ptr(), isa, torch.get_num_threads())
+    code = _LIB.tgem_backward(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        m2.data_ptr(),
+        inv_z.data_ptr(),
+        e_diag.data_ptr(),
+        out.data_ptr(),
+        grad.data_ptr(),
+        n,
+        g,
+        dq.data_ptr(),
+        dk.data_ptr(),
+        dv.data_ptr(),
+        isa,
+        torch.get_num_threads(),
+    )
     _raise_on(code, "attention backward")
     return dq, dk, dv
 
@@ -321,8 +381,10 @@ _NativeAttention = exact_function("native", native_forward, native_backward)
 def _check_layer(x, wq, wk, wv, w0) -> tuple[int, int, int]:
     b, g = x.shape if x.dim() == 2 else (None, None)
     if b is None or wq.dim() != 3 or wq.shape[-1] != 1 or wq.shape[1] != g:
-        raise ValueError(f"x has shape {tuple(x.shape)} and WQ {tuple(wq.shape)}; expected "
-                         "(batch, genes) and (heads, genes, 1).")
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} and WQ {tuple(wq.shape)}; expected "
+            "(batch, genes) and (heads, genes, 1)."
+        )
     h = wq.shape[0]
     _check({"x": x}, x.shape)
     _check({"WQ": wq, "WK": wk, "WV": wv}, wq.shape, dims=3)
@@ -361,9 +423,25 @@ def native_layer_forward(x, wq, wk, wv, w0):
     q, k, v, out, m2, inv_z, e_diag = torch.empty(7, b * h, g, dtype=torch.float32).unbind(0)
     mixed = torch.empty(b, g, dtype=torch.float32)
     code = _LIB.tgem_layer_forward(
-        x.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), w0.data_ptr(), b, h, g,
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), m2.data_ptr(),
-        inv_z.data_ptr(), e_diag.data_ptr(), mixed.data_ptr(), isa, torch.get_num_threads())
+        x.data_ptr(),
+        wq.data_ptr(),
+        wk.data_ptr(),
+        wv.data_ptr(),
+        w0.data_ptr(),
+        b,
+        h,
+        g,
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        m2.data_ptr(),
+        inv_z.data_ptr(),
+        e_diag.data_ptr(),
+        mixed.data_ptr(),
+        isa,
+        torch.get_num_threads(),
+    )
     _raise_on(code, "attention layer forward")
     return mixed, (q, k, v, out, m2, inv_z, e_diag)
 
@@ -379,11 +457,30 @@ def native_layer_backward(x, wq, wk, wv, w0, saved, grad):
     dwq, dwk, dwv = (torch.empty(h, g, 1, dtype=torch.float32) for _ in range(3))
     dw0 = torch.empty(h, dtype=torch.float32)
     code = _LIB.tgem_layer_backward(
-        x.data_ptr(), wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), w0.data_ptr(),
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), m2.data_ptr(), inv_z.data_ptr(),
-        e_diag.data_ptr(), out.data_ptr(), grad.data_ptr(), b, h, g, dx.data_ptr(),
-        dwq.data_ptr(), dwk.data_ptr(), dwv.data_ptr(), dw0.data_ptr(), isa,
-        torch.get_num_threads())
+        x.data_ptr(),
+        wq.data_ptr(),
+        wk.data_ptr(),
+        wv.data_ptr(),
+        w0.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        m2.data_ptr(),
+        inv_z.data_ptr(),
+        e_diag.data_ptr(),
+        out.data_ptr(),
+        grad.data_ptr(),
+        b,
+        h,
+        g,
+        dx.data_ptr(),
+        dwq.data_ptr(),
+        dwk.data_ptr(),
+        dwv.data_ptr(),
+        dw0.data_ptr(),
+        isa,
+        torch.get_num_threads(),
+    )
     _raise_on(code, "attention layer backward")
     return dx, dwq, dwk, dwv, dw0
 
@@ -453,5 +550,6 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return _NativeAttention.apply(q, k, v)
 
 
-register_backend(Backend("native", native_attention, _unavailable, priority=10,
-                         layer_fn=native_layer))
+register_backend(
+    Backend("native", native_attention, _unavailable, priority=10, layer_fn=native_layer)
+)

@@ -49,8 +49,7 @@ def classification_metrics(y_true, proba: np.ndarray, classes) -> dict:
     y_pred = classes[np.argmax(proba, axis=1)]
     present = np.isin(classes, y_true)
     if present.all() and len(classes) > 2:
-        roc_auc = roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
-                                labels=classes)
+        roc_auc = roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=classes)
     elif present.all():
         roc_auc = roc_auc_score(y_true == classes[1], proba[:, 1])
     else:
@@ -59,13 +58,15 @@ def classification_metrics(y_true, proba: np.ndarray, classes) -> dict:
     return {
         "n_samples": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
-                                   zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "mcc": float(matthews_corrcoef(y_true, y_pred)),
         "roc_auc": float(roc_auc),
         "confusion_matrix": pd.DataFrame(
             confusion_matrix(y_true, y_pred, labels=labels),
-            index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted"),
+            index=pd.Index(labels, name="true"),
+            columns=pd.Index(labels, name="predicted"),
         ),
     }
 
@@ -97,8 +98,8 @@ def format_metrics(metrics: dict, title: str = "held-out") -> str:
         f"  accuracy  {metrics['accuracy']:.3f}",
         f"  macro-F1  {metrics['macro_f1']:.3f}",
         f"  MCC       {metrics['mcc']:.3f}",
-        f"  ROC-AUC   {metrics['roc_auc']:.3f}" + ("  (undefined: a class has no sample)"
-                                                   if math.isnan(metrics["roc_auc"]) else ""),
+        f"  ROC-AUC   {metrics['roc_auc']:.3f}"
+        + ("  (undefined: a class has no sample)" if math.isnan(metrics["roc_auc"]) else ""),
         "confusion matrix (rows: true class, columns: predicted class):",
     ]
     cm = metrics["confusion_matrix"]
@@ -115,8 +116,10 @@ def metrics_to_json(metrics: dict) -> dict:
     out = {}
     for key, value in metrics.items():
         if isinstance(value, pd.DataFrame):
-            out[key] = {"labels": [str(c) for c in value.index],
-                        "matrix": value.to_numpy().tolist()}
+            out[key] = {
+                "labels": [str(c) for c in value.index],
+                "matrix": value.to_numpy().tolist(),
+            }
         elif isinstance(value, float) and math.isnan(value):
             out[key] = None
         else:

@@ -42,8 +42,9 @@ def _sample_values(X) -> np.ndarray:
     return X[rows].ravel()
 
 
-def check_log_scale(X, *, count_threshold: float = 20.0, linear_threshold: float = 1000.0,
-                    stacklevel: int = 2) -> bool:
+def check_log_scale(
+    X, *, count_threshold: float = 20.0, linear_threshold: float = 1000.0, stacklevel: int = 2
+) -> bool:
     """Warn when X looks like raw counts or unlogged values instead of log-scale expression.
 
     T-GEM's attention multiplies expression values together (``q_i * k_j``), so raw
@@ -103,6 +104,7 @@ def check_log_scale(X, *, count_threshold: float = 20.0, linear_threshold: float
         what = f"values that are not log-transformed (non-negative, up to {maximum:.6g})"
     else:
         return False
-    warnings.warn(f"X looks like {what}. {PREPROCESSING_HINT}", RawCountsWarning,
-                  stacklevel=stacklevel)
+    warnings.warn(
+        f"X looks like {what}. {PREPROCESSING_HINT}", RawCountsWarning, stacklevel=stacklevel
+    )
     return True

@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: What torch raises when a device runs out of memory (``torch.OutOfMemoryError`` since 2.5).
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
-     torch.cuda.OutOfMemoryError})
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
 
 
 def _release_cuda_memory(device: torch.device) -> None:
@@ -34,8 +34,15 @@ def _release_cuda_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def oom_safe_batches(n: int, batch_size: int, run: Callable[[slice], None], *,
-                     device: torch.device, n_genes: int, what: str) -> None:
+def oom_safe_batches(
+    n: int,
+    batch_size: int,
+    run: Callable[[slice], None],
+    *,
+    device: torch.device,
+    n_genes: int,
+    what: str,
+) -> None:
     """Call ``run(rows)`` on consecutive slices covering ``range(n)``, halving on OOM.
 
     When the device runs out of memory the failing slice is halved and retried (later slices
@@ -52,10 +59,16 @@ def oom_safe_batches(n: int, batch_size: int, run: Callable[[slice], None], *,
                 raise MemoryError(
                     f"{device} ran out of memory {what} a single sample of {n_genes} genes "
                     f"(batches of {batch_size} were halved down to 1). Free device memory, use "
-                    "fewer heads or genes, or device='cpu'.") from exc
+                    "fewer heads or genes, or device='cpu'."
+                ) from exc
             size = (rows.stop - rows.start) // 2
-            logger.warning("%s ran out of memory %s %d samples; retrying with batches of %d.",
-                           device, what, rows.stop - rows.start, size)
+            logger.warning(
+                "%s ran out of memory %s %d samples; retrying with batches of %d.",
+                device,
+                what,
+                rows.stop - rows.start,
+                size,
+            )
             _release_cuda_memory(device)
             continue
         start = rows.stop
@@ -140,8 +153,9 @@ def evaluate(module, X, y, w, device, batch_size: int) -> tuple[float, float]:
         wsum += float(wb.sum())
         correct += int((lp.argmax(1) == yb).sum())
 
-    oom_safe_batches(X.shape[0], batch_size, run, device=device, n_genes=X.shape[1],
-                     what="evaluating")
+    oom_safe_batches(
+        X.shape[0], batch_size, run, device=device, n_genes=X.shape[1], what="evaluating"
+    )
     module.train(was_training)
     return total / max(wsum, 1e-300), correct / max(1, X.shape[0])
 
@@ -163,22 +177,35 @@ def make_optimizer(params, learning_rate: float, weight_decay: float = 0.0):
     """
     params = list(params)
     fused = bool(params) and all(
-        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
     if fused:
         try:
-            return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay,
-                                    fused=True)
+            return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
         except (RuntimeError, ValueError) as exc:  # e.g. no fused CPU Adam before PyTorch 2.4
             logger.debug("fused Adam unavailable (%s); using the default implementation", exc)
     return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
 
 
-def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=None,
-          device: torch.device, learning_rate: float, weight_decay: float, batch_size: int,
-          max_epochs: int, n_iter_no_change: int | None, shuffle_generator: torch.Generator,
-          verbose: int = 0, state: TrainState | None = None,
-          on_improvement: Callable[[TrainState], None] | None = None,
-          dist=None) -> TrainState:
+def train(
+    module: torch.nn.Module,
+    X,
+    y: np.ndarray,
+    w: np.ndarray,
+    *,
+    valid=None,
+    device: torch.device,
+    learning_rate: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int,
+    n_iter_no_change: int | None,
+    shuffle_generator: torch.Generator,
+    verbose: int = 0,
+    state: TrainState | None = None,
+    on_improvement: Callable[[TrainState], None] | None = None,
+    dist=None,
+) -> TrainState:
     """Train ``module`` in place with Adam on the weighted NLL.
 
     Parameters
@@ -216,13 +243,17 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
     net = module if dist is None else dist.wrap(module)
     if verbose and is_main:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=max_epochs, desc="tgem fit", unit="epoch", leave=verbose > 1)
     try:
         for epoch in range(first_epoch, first_epoch + max_epochs):
             t0 = time.perf_counter()
             module.train()
-            steps = (local_epoch(X, n, batch_size, shuffle_generator) if dist is None
-                     else dist.epoch(X, n, w_t, batch_size, shuffle_generator))
+            steps = (
+                local_epoch(X, n, batch_size, shuffle_generator)
+                if dist is None
+                else dist.epoch(X, n, w_t, batch_size, shuffle_generator)
+            )
             loss_sum, weight_sum, correct = 0.0, 0.0, 0
             for b, (idx, source, step) in enumerate(steps, start=1):
                 xb = dense_batch(source, idx, device)
@@ -232,8 +263,10 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                     optimizer.zero_grad(set_to_none=True)
                     try:
                         loss, log_proba = (
-                            _accumulate_gradients(module, xb, yb, wb, n_chunks) if step is None
-                            else step.accumulate(net, xb, yb, wb, n_chunks))
+                            _accumulate_gradients(module, xb, yb, wb, n_chunks)
+                            if step is None
+                            else step.accumulate(net, xb, yb, wb, n_chunks)
+                        )
                         break
                     except OOM_ERRORS as exc:
                         if n_chunks >= len(idx):
@@ -241,34 +274,51 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                                 f"{device} ran out of memory training on a single sample of "
                                 f"{xb.shape[1]} genes (batches of {len(idx)} were split into "
                                 f"{n_chunks} parts) at epoch {epoch}, batch {b}. Free device "
-                                "memory, use fewer heads or genes, or device='cpu'.") from exc
+                                "memory, use fewer heads or genes, or device='cpu'."
+                            ) from exc
                     n_chunks = min(2 * n_chunks, len(idx))
-                    logger.warning("%s ran out of memory at epoch %d, batch %d; accumulating "
-                                   "gradients over %d parts.", device, epoch, b, n_chunks)
+                    logger.warning(
+                        "%s ran out of memory at epoch %d, batch %d; accumulating "
+                        "gradients over %d parts.",
+                        device,
+                        epoch,
+                        b,
+                        n_chunks,
+                    )
                     _release_cuda_memory(device)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"The training loss became {float(loss)} at epoch {epoch}, batch {b}. "
                         f"The model keeps the best weights so far (epoch {state.best_epoch}). "
                         f"Try a lower learning_rate (now {learning_rate:g}) or check X for "
-                        "extreme values.")
+                        "extreme values."
+                    )
                 optimizer.step()
-                batch_w, batch_correct = ((wb.sum(), (log_proba.argmax(1) == yb).sum())
-                                          if step is None else (step.weight_sum, step.correct))
+                batch_w, batch_correct = (
+                    (wb.sum(), (log_proba.argmax(1) == yb).sum())
+                    if step is None
+                    else (step.weight_sum, step.correct)
+                )
                 loss_sum += float(loss.detach()) * float(batch_w)
                 weight_sum += float(batch_w)
                 correct += int(batch_correct)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_sum / weight_sum:.4f}")
-            record = {"epoch": epoch, "train_loss": loss_sum / weight_sum,
-                      "train_accuracy": correct / n, "valid_loss": float("nan"),
-                      "valid_accuracy": float("nan")}
+            record = {
+                "epoch": epoch,
+                "train_loss": loss_sum / weight_sum,
+                "train_accuracy": correct / n,
+                "valid_loss": float("nan"),
+                "valid_accuracy": float("nan"),
+            }
             if valid is not None:
                 record["valid_loss"], record["valid_accuracy"] = evaluate(
-                    module, *valid, device=device, batch_size=max(batch_size, 256))
+                    module, *valid, device=device, batch_size=max(batch_size, 256)
+                )
                 if dist is not None:  # rank 0 decides, so early stopping stops all together
                     record["valid_loss"], record["valid_accuracy"] = dist.broadcast(
-                        [record["valid_loss"], record["valid_accuracy"]]).tolist()
+                        [record["valid_loss"], record["valid_accuracy"]]
+                    ).tolist()
             record["duration_s"] = time.perf_counter() - t0
             state.history.append(record)
             monitored = record["valid_loss"] if valid is not None else record["train_loss"]
@@ -288,8 +338,13 @@ def train(module: torch.nn.Module, X, y: np.ndarray, w: np.ndarray, *, valid=Non
                 state.stopped = "early_stopping"
                 break
     except (TrainingDivergedError, KeyboardInterrupt, MemoryError) as exc:
-        state.stopped = ("diverged" if isinstance(exc, TrainingDivergedError) else
-                         "out_of_memory" if isinstance(exc, MemoryError) else "interrupted")
+        state.stopped = (
+            "diverged"
+            if isinstance(exc, TrainingDivergedError)
+            else "out_of_memory"
+            if isinstance(exc, MemoryError)
+            else "interrupted"
+        )
         if state.best_state is not None:
             module.load_state_dict(state.best_state)
         raise

@@ -42,8 +42,10 @@ try:  # optional dependency: the `gpu` extra
     _TRITON_ERROR: str | None = None
 except Exception as exc:  # ImportError, or a broken install
     triton = tl = InterpretedFunction = JITFunction = None
-    _TRITON_ERROR = (f"triton is not importable ({type(exc).__name__}: {exc}); "
-                     'install it with `pip install "tgem[gpu]"`')
+    _TRITON_ERROR = (
+        f"triton is not importable ({type(exc).__name__}: {exc}); "
+        'install it with `pip install "tgem[gpu]"`'
+    )
 
 #: log2(e): scores are scaled once per query so the kernels use the native exp2.
 LOG2E = 1.4426950408889634
@@ -72,9 +74,22 @@ def _define_kernels() -> dict:
     interpreter whatever ``TRITON_INTERPRET`` was at import.
     """
 
-    def _forward_kernel(hi_ptr, lo_ptr, k_ptr, v_ptr, m2_ptr, cand_ptr, out_ptr, inv_z_ptr,
-                        t_ptr, G, NEED_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, FAST_EXP: tl.constexpr):
+    def _forward_kernel(
+        hi_ptr,
+        lo_ptr,
+        k_ptr,
+        v_ptr,
+        m2_ptr,
+        cand_ptr,
+        out_ptr,
+        inv_z_ptr,
+        t_ptr,
+        G,
+        NEED_GRAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FAST_EXP: tl.constexpr,
+    ):
         row = tl.program_id(0)
         i0 = tl.program_id(1) * BLOCK_M
         base = row.to(tl.int64) * G
@@ -110,8 +125,14 @@ def _define_kernels() -> dict:
             kj_2d = k_j[None, :]
             x = hi_2d * kj_2d + (lo_2d * kj_2d - m2_2d)  # base-2 score minus row max
             if FAST_EXP:
-                e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                              dtype=tl.float32, is_pure=True, pack=1)
+                e = tl.inline_asm_elementwise(
+                    "ex2.approx.ftz.f32 $0, $1;",
+                    "=f,f",
+                    [x],
+                    dtype=tl.float32,
+                    is_pure=True,
+                    pack=1,
+                )
             else:
                 e = tl.exp2(x)
             # only blocks holding the diagonal or the ragged end need the (costly) mask
@@ -154,10 +175,25 @@ def _define_kernels() -> dict:
             t = (pick - e_diag * out * (k_i - a_pick)) * inv_z
             tl.store(t_ptr + base + offs_i, t, mask=in_i)
 
-    def _backward_kernel(hi_ptr, lo_ptr, q_ptr, k_ptr, v_ptr, m2_ptr, out_ptr, inv_z_ptr,
-                         t_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, G,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         FAST_EXP: tl.constexpr):
+    def _backward_kernel(
+        hi_ptr,
+        lo_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        m2_ptr,
+        out_ptr,
+        inv_z_ptr,
+        t_ptr,
+        g_ptr,
+        dq_ptr,
+        dk_ptr,
+        dv_ptr,
+        G,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FAST_EXP: tl.constexpr,
+    ):
         row = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_M  # this program's keys r (rows of the tile)
         base = row.to(tl.int64) * G
@@ -183,8 +219,14 @@ def _define_kernels() -> dict:
             w2 = w1 * q_c
             x = hi_c[None, :] * k_2d + (lo_c[None, :] * k_2d - m2_c[None, :])
             if FAST_EXP:
-                e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                              dtype=tl.float32, is_pure=True, pack=1)
+                e = tl.inline_asm_elementwise(
+                    "ex2.approx.ftz.f32 $0, $1;",
+                    "=f,f",
+                    [x],
+                    dtype=tl.float32,
+                    is_pure=True,
+                    pack=1,
+                )
             else:
                 e = tl.exp2(x)
             if (c0 + BLOCK_N > G) | ((c0 < r0 + BLOCK_M) & (c0 + BLOCK_N > r0)):
@@ -238,8 +280,9 @@ def _kernel(name: str, interpret: bool):
             _RAW.update(_define_kernels())
         fn = _RAW[name]
         if interpret:
-            copy = types.FunctionType(fn.__code__, dict(fn.__globals__), fn.__name__,
-                                      fn.__defaults__, fn.__closure__)
+            copy = types.FunctionType(
+                fn.__code__, dict(fn.__globals__), fn.__name__, fn.__defaults__, fn.__closure__
+            )
             copy.__module__, copy.__qualname__ = fn.__module__, fn.__qualname__
             copy.__annotations__ = dict(fn.__annotations__)
             _KERNELS[key] = InterpretedFunction(copy)
@@ -272,14 +315,16 @@ def _check_inputs(q, k, v, interpret: bool | None) -> bool:
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"q, k and v must have the same shape (batch, heads, genes); got {tuple(q.shape)}, "
-            f"{tuple(k.shape)} and {tuple(v.shape)}.")
+            f"{tuple(k.shape)} and {tuple(v.shape)}."
+        )
     if q.dim() < 1:
         raise ValueError("q, k and v need at least one dimension (genes); got scalars.")
     dtypes = {q.dtype, k.dtype, v.dtype}
     if dtypes != {torch.float32}:
         raise TypeError(
             f"The Triton attention computes in float32; got {sorted(map(str, dtypes))}. "
-            "Convert the inputs with .float() or use attention_backend='exact'.")
+            "Convert the inputs with .float() or use attention_backend='exact'."
+        )
     devices = {q.device, k.device, v.device}
     if len(devices) != 1:
         raise ValueError(f"q, k and v must be on one device; got {sorted(map(str, devices))}.")
@@ -290,16 +335,19 @@ def _check_inputs(q, k, v, interpret: bool | None) -> bool:
         raise RuntimeError(
             "Triton's interpreter was asked for, but triton was imported without "
             "TRITON_INTERPRET=1 (triton reads it once, at its first import). Run in a fresh "
-            "process started with TRITON_INTERPRET=1.")
+            "process started with TRITON_INTERPRET=1."
+        )
     if not interpret and interpreting:
         raise RuntimeError(
             "triton was imported with TRITON_INTERPRET=1, so no kernel can be compiled in "
-            "this process. Unset TRITON_INTERPRET (fresh process) or pass interpret=True.")
+            "this process. Unset TRITON_INTERPRET (fresh process) or pass interpret=True."
+        )
     if not interpret and q.device.type != "cuda":
         raise ValueError(
             f"The Triton attention runs on CUDA tensors; got tensors on {q.device}. Move them "
             "to a GPU, use attention_backend='exact', or run Triton's (slow) interpreter by "
-            "starting Python with TRITON_INTERPRET=1.")
+            "starting Python with TRITON_INTERPRET=1."
+        )
     return interpret
 
 
@@ -344,8 +392,20 @@ def _launch_forward(q, k, v, need_grad: bool, interpret: bool):
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
         _kernel("forward", interpret)[grid](
-            hi, lo, k, v, m2, cand, out, inv_z, t, _gene_count(g, interpret),
-            NEED_GRAD=need_grad, **cfg, **launch)
+            hi,
+            lo,
+            k,
+            v,
+            m2,
+            cand,
+            out,
+            inv_z,
+            t,
+            _gene_count(g, interpret),
+            NEED_GRAD=need_grad,
+            **cfg,
+            **launch,
+        )
     return out, inv_z, (t if need_grad else None), (hi, lo, m2)
 
 
@@ -357,8 +417,23 @@ def _launch_backward(q, k, v, scaled, out, inv_z, t, grad, interpret: bool):
     if n and g:
         grid = (n, triton.cdiv(g, cfg["BLOCK_M"]))
         _kernel("backward", interpret)[grid](
-            hi, lo, q, k, v, m2, out, inv_z, t, grad, dq, dk, dv, _gene_count(g, interpret),
-            **cfg, **launch)
+            hi,
+            lo,
+            q,
+            k,
+            v,
+            m2,
+            out,
+            inv_z,
+            t,
+            grad,
+            dq,
+            dk,
+            dv,
+            _gene_count(g, interpret),
+            **cfg,
+            **launch,
+        )
     return dq, dk, dv
 
 
@@ -385,8 +460,9 @@ class _TritonAttention(torch.autograd.Function):
         return dq.reshape(s), dk.reshape(s), dv.reshape(s), None
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     interpret: bool | None = None) -> torch.Tensor:
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, interpret: bool | None = None
+) -> torch.Tensor:
     """Exact T-GEM attention through the fused Triton kernels (float32).
 
     Parameters

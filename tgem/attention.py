@@ -38,9 +38,19 @@ from tgem._gene_network import (
 )
 from tgem._training import dense_batch, iter_batches
 
-__all__ = ["attention_entropy", "entropy_table", "attention_map", "layer_outputs",
-           "attention_attribution", "attention_network", "attention_edges", "hub_genes",
-           "write_edges", "write_graphml", "to_networkx"]
+__all__ = [
+    "attention_entropy",
+    "entropy_table",
+    "attention_map",
+    "layer_outputs",
+    "attention_attribution",
+    "attention_network",
+    "attention_edges",
+    "hub_genes",
+    "write_edges",
+    "write_graphml",
+    "to_networkx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +75,8 @@ def _gene_names(clf, genes: Sequence[str] | None = None) -> np.ndarray:
         if names.shape != (n,):
             raise ValueError(
                 f"genes has {names.size} names, but the model has {n} genes; pass one name per "
-                "column of X, in order.")
+                "column of X, in order."
+            )
         return names
     if hasattr(clf, "feature_names_in_"):
         return np.asarray(clf.feature_names_in_, dtype=object)
@@ -74,8 +85,9 @@ def _gene_names(clf, genes: Sequence[str] | None = None) -> np.ndarray:
 
 def _layer_index(layer: int, n_layers: int) -> int:
     if not isinstance(layer, (int, np.integer)) or not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer={layer!r}, but the model has {n_layers} layers; pass an int "
-                         f"in [0, {n_layers}).")
+        raise ValueError(
+            f"layer={layer!r}, but the model has {n_layers} layers; pass an int in [0, {n_layers})."
+        )
     return int(layer) % n_layers
 
 
@@ -91,8 +103,10 @@ def _gene_indices(genes, names: np.ndarray) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(names)}
     missing = [g for g in arr.tolist() if g not in lookup]
     if missing:
-        raise ValueError(f"genes not in the model: {missing[:10]}; pass names from "
-                         "feature_names_in_ (or the genes argument) or integer positions.")
+        raise ValueError(
+            f"genes not in the model: {missing[:10]}; pass names from "
+            "feature_names_in_ (or the genes argument) or integer positions."
+        )
     return np.array([lookup[g] for g in arr.tolist()])
 
 
@@ -149,8 +163,12 @@ def attention_entropy(clf, X, *, per_sample: bool = False, per_gene: bool = Fals
     n, g = X.shape
     n_layers, n_heads = len(module.layers), _n_heads(module)
     shape = (n if per_sample else 1, n_layers, n_heads, g if per_gene else 1)
-    check_fits(shape, 8, "The entropy per sample and gene",
-               "Pass fewer samples, or per_sample=False or per_gene=False.")
+    check_fits(
+        shape,
+        8,
+        "The entropy per sample and gene",
+        "Pass fewer samples, or per_sample=False or per_gene=False.",
+    )
     acc = np.zeros(shape, dtype=np.float64)
     module.eval()
     with torch_threads(clf.n_threads), torch.no_grad():
@@ -202,13 +220,15 @@ def entropy_table(entropy, *, per_gene: bool = False, genes=None) -> pd.DataFram
     [1.0, 1.0]
     """
     arr = np.asarray(entropy, dtype=np.float64)
-    names = (["layer", "head", "gene"] if per_gene else ["layer", "head"])
+    names = ["layer", "head", "gene"] if per_gene else ["layer", "head"]
     if arr.ndim == len(names) + 1:
         names = ["sample"] + names
     elif arr.ndim != len(names):
-        raise ValueError(f"entropy has shape {arr.shape}; expected {len(names)} or "
-                         f"{len(names) + 1} axes ({', '.join(names)}, optionally led by the "
-                         "samples). Pass per_gene=True for per-gene values.")
+        raise ValueError(
+            f"entropy has shape {arr.shape}; expected {len(names)} or "
+            f"{len(names) + 1} axes ({', '.join(names)}, optionally led by the "
+            "samples). Pass per_gene=True for per-gene values."
+        )
     index = pd.MultiIndex.from_product([range(n) for n in arr.shape], names=names)
     table = pd.DataFrame({"entropy": arr.reshape(-1)}, index=index).reset_index()
     if per_gene and genes is not None:
@@ -220,8 +240,16 @@ def entropy_table(entropy, *, per_gene: bool = False, genes=None) -> pd.DataFram
 
 
 # ----------------------------------------------------------------------------- maps
-def attention_map(clf, X, *, layer: int = 0, head: int | None = 0, average: bool = True,
-                  masked: bool = True, genes=None) -> np.ndarray:
+def attention_map(
+    clf,
+    X,
+    *,
+    layer: int = 0,
+    head: int | None = 0,
+    average: bool = True,
+    masked: bool = True,
+    genes=None,
+) -> np.ndarray:
     """Attention matrix of one layer (and head) for given samples, or its mean over them.
 
     Entry ``(i, j)`` is the weight query gene ``i`` gives key gene ``j``. The matrix is
@@ -276,13 +304,19 @@ def attention_map(clf, X, *, layer: int = 0, head: int | None = 0, average: bool
     li = _layer_index(layer, len(module.layers))
     n_heads = _n_heads(module)
     if head is not None and not -n_heads <= head < n_heads:
-        raise ValueError(f"head={head!r}, but each layer has {n_heads} heads; pass an int in "
-                         f"[0, {n_heads}) or None for their mean.")
+        raise ValueError(
+            f"head={head!r}, but each layer has {n_heads} heads; pass an int in "
+            f"[0, {n_heads}) or None for their mean."
+        )
     idx = None if genes is None else _gene_indices(genes, _gene_names(clf))
     gs = g if idx is None else len(idx)
     shape = (gs, gs) if average else (n, gs, gs)
-    check_fits(shape, 12 if average else 4, "The attention map",
-               "Use average=True, fewer samples, or select genes with genes=[...].")
+    check_fits(
+        shape,
+        12 if average else 4,
+        "The attention map",
+        "Use average=True, fewer samples, or select genes with genes=[...].",
+    )
     out = np.zeros(shape, dtype=np.float32)
     acc = np.zeros(shape, dtype=np.float64) if average else None
     module.eval()
@@ -315,7 +349,7 @@ def _map_blocks(q, k, idx, masked):
     cols = torch.as_tensor(idx, device=q.device)
     m = row_max(q, k)
     for r0 in range(0, len(idx), step):
-        rows = cols[r0:r0 + step]
+        rows = cols[r0 : r0 + step]
         s = q[..., rows, None] * k[..., None, :] - m[..., rows, None]
         a = torch.exp(s)
         a /= a.sum(-1, keepdim=True)
@@ -360,8 +394,9 @@ def layer_outputs(clf, X, *, layers: Sequence[int] | None = None) -> np.ndarray:
     X, module, device = _prepare(clf, X)
     n, g = X.shape
     n_layers = len(module.layers)
-    chosen = list(range(n_layers)) if layers is None else [
-        _layer_index(ly, n_layers) for ly in layers]
+    chosen = (
+        list(range(n_layers)) if layers is None else [_layer_index(ly, n_layers) for ly in layers]
+    )
     check_fits((len(chosen), n, g), 4, "The layer outputs", "Pass fewer samples or layers.")
     out = np.empty((len(chosen), n, g), dtype=np.float32)
     module.eval()
@@ -377,15 +412,24 @@ def layer_outputs(clf, X, *, layers: Sequence[int] | None = None) -> np.ndarray:
 def _class_index(clf, target) -> int:
     matches = np.flatnonzero(np.asarray(clf.classes_) == target)
     if matches.size != 1:
-        raise ValueError(f"target={target!r} is not one of the classes "
-                         f"{np.asarray(clf.classes_).tolist()}; pass a label from classes_.")
+        raise ValueError(
+            f"target={target!r} is not one of the classes "
+            f"{np.asarray(clf.classes_).tolist()}; pass a label from classes_."
+        )
     return int(matches[0])
 
 
-def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None,
-                          n_steps: int = 50, method: str = "gausslegendre",
-                          batch_size: int | None = None,
-                          return_convergence_delta: bool = False):
+def attention_attribution(
+    clf,
+    X,
+    target,
+    *,
+    layers: Sequence[int] | None = None,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+):
     """Attribution of a class to each layer's attention map, as the original computes it.
 
     For each layer, Layer Integrated Gradients (captum's ``LayerIntegratedGradients``) on the
@@ -461,12 +505,17 @@ def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None
     n, g = X.shape
     t = _class_index(clf, target)
     n_layers = len(module.layers)
-    chosen = list(range(n_layers)) if layers is None else [
-        _layer_index(ly, n_layers) for ly in layers]
+    chosen = (
+        list(range(n_layers)) if layers is None else [_layer_index(ly, n_layers) for ly in layers]
+    )
     if len(set(chosen)) != len(chosen) or not chosen:
         raise ValueError(f"layers={layers!r} must name distinct layers, at least one.")
-    check_fits((len(chosen), g, g), 4, "The attention attribution",
-               "Attribute fewer layers at a time (layers=[...]) or fewer genes.")
+    check_fits(
+        (len(chosen), g, g),
+        4,
+        "The attention attribution",
+        "Attribute fewer layers at a time (layers=[...]) or fewer genes.",
+    )
     if batch_size is None:
         batch_size = max(8, rows_per_pass_for(_n_heads(module), g) // max(1, n_steps))
     elif batch_size < 1:
@@ -475,15 +524,28 @@ def attention_attribution(clf, X, target, *, layers: Sequence[int] | None = None
     with torch_threads(clf.n_threads):
         scores, delta = attribute_module(module, batches, t, chosen, n_steps, method, n)
     scores = scores.cpu().numpy()
-    logger.info("attention attribution of class %r over %d samples: max |delta| %.3g",
-                target, n, float(np.abs(delta.numpy()).max()) if n else 0.0)
+    logger.info(
+        "attention attribution of class %r over %d samples: max |delta| %.3g",
+        target,
+        n,
+        float(np.abs(delta.numpy()).max()) if n else 0.0,
+    )
     return (scores, delta.numpy()) if return_convergence_delta else scores
 
 
-def attention_network(clf, X, y=None, *, target=None, top_fraction: float | None = 0.001,
-                      threshold: float | None = None, genes: Sequence[str] | None = None,
-                      n_steps: int = 50, method: str = "gausslegendre",
-                      batch_size: int | None = None) -> pd.DataFrame:
+def attention_network(
+    clf,
+    X,
+    y=None,
+    *,
+    target=None,
+    top_fraction: float | None = 0.001,
+    threshold: float | None = None,
+    genes: Sequence[str] | None = None,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    batch_size: int | None = None,
+) -> pd.DataFrame:
     """Gene-gene network of one or more classes from their attention attribution.
 
     For each class, :func:`attention_attribution` over the samples of that class, then
@@ -539,16 +601,19 @@ def attention_network(clf, X, y=None, *, target=None, top_fraction: float | None
     if y is not None:
         y = np.asarray(y)
         if y.shape[0] != np.shape(X)[0]:
-            raise ValueError(f"y has {y.shape[0]} labels but X has {np.shape(X)[0]} rows; "
-                             "pass one label per sample.")
+            raise ValueError(
+                f"y has {y.shape[0]} labels but X has {np.shape(X)[0]} rows; "
+                "pass one label per sample."
+            )
     tables = []
     for c in classes:
         rows = np.flatnonzero(y == c) if y is not None else np.arange(np.shape(X)[0])
         if rows.size == 0:
             raise ValueError(f"no sample of class {c!r} in X; pass samples of each class.")
         Xc = X.iloc[rows] if hasattr(X, "iloc") else X[rows]
-        scores = attention_attribution(clf, Xc, c, n_steps=n_steps, method=method,
-                                       batch_size=batch_size)
+        scores = attention_attribution(
+            clf, Xc, c, n_steps=n_steps, method=method, batch_size=batch_size
+        )
         edges = attention_edges(scores, names, top_fraction=top_fraction, threshold=threshold)
         del scores
         edges.insert(0, "class", c.item() if isinstance(c, np.generic) else c)

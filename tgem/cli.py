@@ -66,7 +66,8 @@ def _activation(value: str):
         return None
     if value not in ("relu", "leakyrelu", "gelu"):
         raise argparse.ArgumentTypeError(
-            f"unknown activation {value!r}; choose relu, leakyrelu, gelu, or nan for none")
+            f"unknown activation {value!r}; choose relu, leakyrelu, gelu, or nan for none"
+        )
     return value
 
 
@@ -86,61 +87,140 @@ def _fraction(value: str) -> float:
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, *, label_required: bool) -> None:
-    p.add_argument("data", metavar="DATA",
-                   help="expression data: .csv/.tsv/.txt(.gz) table, .h5ad, .npz or 'pbmc68k'")
-    p.add_argument("--label", "--label-column", dest="label", required=label_required,
-                   metavar="COLUMN",
-                   help="the label column (table column, row with --genes-as rows, AnnData "
-                        "obs column, or .npz array; 'cell_type' for pbmc68k)")
-    p.add_argument("--genes-as", choices=("columns", "rows"), default="columns",
-                   help="table layout: one column per gene (default) or one row per gene")
-    p.add_argument("--sep", default=None,
-                   help="table separator (default: ',' for .csv, tab otherwise)")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help="expression data: .csv/.tsv/.txt(.gz) table, .h5ad, .npz or 'pbmc68k'",
+    )
+    p.add_argument(
+        "--label",
+        "--label-column",
+        dest="label",
+        required=label_required,
+        metavar="COLUMN",
+        help="the label column (table column, row with --genes-as rows, AnnData "
+        "obs column, or .npz array; 'cell_type' for pbmc68k)",
+    )
+    p.add_argument(
+        "--genes-as",
+        choices=("columns", "rows"),
+        default="columns",
+        help="table layout: one column per gene (default) or one row per gene",
+    )
+    p.add_argument(
+        "--sep", default=None, help="table separator (default: ',' for .csv, tab otherwise)"
+    )
     p.add_argument("--layer", default=None, help="AnnData layer to read instead of X")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
-    g = p.add_argument_group("model (TGEMClassifier parameters; original flag names in "
-                             "parentheses are accepted)")
-    g.add_argument("--n-layers", type=int, default=defaults["n_layers"],
-                   help="attention layers (default: %(default)s)")
-    g.add_argument("--n-heads", "--head_num", type=int, default=defaults["n_heads"],
-                   help="attention heads per layer (--head_num; default: %(default)s)")
-    g.add_argument("--activation", "--act_fun", type=_activation,
-                   default=defaults["activation"],
-                   help="activation after the last layer: relu, leakyrelu, gelu, or nan for "
-                        "none (--act_fun; default: %(default)s)")
-    g.add_argument("--dropout", "--dropout_rate", type=_fraction, default=defaults["dropout"],
-                   help="dropout rate (--dropout_rate; default: %(default)s)")
-    g.add_argument("--learning-rate", "--learning_rate", type=float,
-                   default=defaults["learning_rate"],
-                   help="Adam learning rate (--learning_rate; default: %(default)s)")
-    g.add_argument("--batch-size", "--batch_size", type=int, default=defaults["batch_size"],
-                   help="mini-batch size (--batch_size; default: %(default)s)")
-    g.add_argument("--max-epochs", "--epoch", type=int, default=defaults["max_epochs"],
-                   help="training epochs (--epoch; default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=defaults["weight_decay"],
-                   help="Adam weight decay (default: %(default)s)")
-    g.add_argument("--early-stopping", "--do_val", action="store_true",
-                   help="hold out --validation-fraction of the training data, track the "
-                        "validation loss each epoch, stop after --n-iter-no-change epochs "
-                        "without improvement and keep the best epoch's weights (--do_val)")
-    g.add_argument("--validation-fraction", type=_fraction,
-                   default=defaults["validation_fraction"],
-                   help="validation share with --early-stopping (default: %(default)s)")
-    g.add_argument("--n-iter-no-change", type=int, default=defaults["n_iter_no_change"],
-                   help="patience of --early-stopping in epochs (default: %(default)s)")
-    g.add_argument("--class-weight", choices=("balanced",), default=defaults["class_weight"],
-                   help="weigh classes inversely to their frequency (default: none)")
-    g.add_argument("--attention-backend", default=defaults["attention_backend"],
-                   help="attention implementation (default: %(default)s, the fastest "
-                        "available)")
-    g.add_argument("--device", default=defaults["device"],
-                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=defaults["n_threads"],
-                   help="CPU threads (default: torch's setting)")
-    g.add_argument("--random-state", "--seed", type=int, default=0,
-                   help="seed for the split and the model (default: %(default)s)")
+    g = p.add_argument_group(
+        "model (TGEMClassifier parameters; original flag names in parentheses are accepted)"
+    )
+    g.add_argument(
+        "--n-layers",
+        type=int,
+        default=defaults["n_layers"],
+        help="attention layers (default: %(default)s)",
+    )
+    g.add_argument(
+        "--n-heads",
+        "--head_num",
+        type=int,
+        default=defaults["n_heads"],
+        help="attention heads per layer (--head_num; default: %(default)s)",
+    )
+    g.add_argument(
+        "--activation",
+        "--act_fun",
+        type=_activation,
+        default=defaults["activation"],
+        help="activation after the last layer: relu, leakyrelu, gelu, or nan for "
+        "none (--act_fun; default: %(default)s)",
+    )
+    g.add_argument(
+        "--dropout",
+        "--dropout_rate",
+        type=_fraction,
+        default=defaults["dropout"],
+        help="dropout rate (--dropout_rate; default: %(default)s)",
+    )
+    g.add_argument(
+        "--learning-rate",
+        "--learning_rate",
+        type=float,
+        default=defaults["learning_rate"],
+        help="Adam learning rate (--learning_rate; default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=defaults["batch_size"],
+        help="mini-batch size (--batch_size; default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-epochs",
+        "--epoch",
+        type=int,
+        default=defaults["max_epochs"],
+        help="training epochs (--epoch; default: %(default)s)",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults["weight_decay"],
+        help="Adam weight decay (default: %(default)s)",
+    )
+    g.add_argument(
+        "--early-stopping",
+        "--do_val",
+        action="store_true",
+        help="hold out --validation-fraction of the training data, track the "
+        "validation loss each epoch, stop after --n-iter-no-change epochs "
+        "without improvement and keep the best epoch's weights (--do_val)",
+    )
+    g.add_argument(
+        "--validation-fraction",
+        type=_fraction,
+        default=defaults["validation_fraction"],
+        help="validation share with --early-stopping (default: %(default)s)",
+    )
+    g.add_argument(
+        "--n-iter-no-change",
+        type=int,
+        default=defaults["n_iter_no_change"],
+        help="patience of --early-stopping in epochs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--class-weight",
+        choices=("balanced",),
+        default=defaults["class_weight"],
+        help="weigh classes inversely to their frequency (default: none)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default=defaults["attention_backend"],
+        help="attention implementation (default: %(default)s, the fastest available)",
+    )
+    g.add_argument(
+        "--device",
+        default=defaults["device"],
+        help="cpu, cuda, cuda:N or auto (default: %(default)s)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=defaults["n_threads"],
+        help="CPU threads (default: torch's setting)",
+    )
+    g.add_argument(
+        "--random-state",
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the split and the model (default: %(default)s)",
+    )
 
 
 def _estimator_defaults() -> dict:
@@ -153,102 +233,211 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``tgem`` argument parser (one sub-command per task)."""
     defaults = _estimator_defaults()
     parser = argparse.ArgumentParser(
-        prog="tgem", description="T-GEM: an interpretable transformer for gene-expression "
-        "classification, as a command.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="tgem",
+        description="T-GEM: an interpretable transformer for gene-expression "
+        "classification, as a command.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=_version())
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more messages (-vv: training progress bars)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of errors")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more messages (-vv: training progress bars)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    p = add("demo", "train the default model on the bundled PBMC data (700 cells, 765 genes, "
-                    "10 cell types) with a held-out split, print its scores and write the "
-                    "model and figures")
-    p.add_argument("--output", "-o", type=Path, default=Path("tgem_demo_output"),
-                   help="output folder (default: %(default)s)")
-    p.add_argument("--test-size", type=_fraction, default=0.2,
-                   help="held-out share, stratified (default: %(default)s)")
-    p.add_argument("--quick", action="store_true",
-                   help="a 2-epoch smoke run (for tests; the scores mean nothing)")
-    p.add_argument("--top", type=int, default=10,
-                   help="genes per cell type in the top-genes figure (default: %(default)s)")
-    _add_model_arguments(p, {**defaults, "learning_rate": DEMO_LEARNING_RATE,
-                             "max_epochs": DEMO_EPOCHS})
+    p = add(
+        "demo",
+        "train the default model on the bundled PBMC data (700 cells, 765 genes, "
+        "10 cell types) with a held-out split, print its scores and write the "
+        "model and figures",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("tgem_demo_output"),
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--test-size",
+        type=_fraction,
+        default=0.2,
+        help="held-out share, stratified (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 2-epoch smoke run (for tests; the scores mean nothing)",
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="genes per cell type in the top-genes figure (default: %(default)s)",
+    )
+    _add_model_arguments(
+        p, {**defaults, "learning_rate": DEMO_LEARNING_RATE, "max_epochs": DEMO_EPOCHS}
+    )
     p.set_defaults(handler=_cmd_demo)
 
     p = add("train", "train a model on a labelled data file and write it with its metrics")
     _add_data_arguments(p, label_required=True)
-    p.add_argument("--gene-sets", type=Path, metavar="GMT",
-                   help="keep only the genes of these gene sets (a .gmt file), as the "
-                        "original did with its 24 pathways")
-    p.add_argument("--test-size", type=_fraction, default=0.2,
-                   help="held-out share for the reported metrics, stratified; 0 trains on "
-                        "everything and reports training metrics (default: %(default)s)")
-    p.add_argument("--output", "-o", type=Path, default=Path("tgem_output"),
-                   help="output folder for model.tgem, metrics.json, history.csv and the "
-                        "loss curves (default: %(default)s)")
+    p.add_argument(
+        "--gene-sets",
+        type=Path,
+        metavar="GMT",
+        help="keep only the genes of these gene sets (a .gmt file), as the "
+        "original did with its 24 pathways",
+    )
+    p.add_argument(
+        "--test-size",
+        type=_fraction,
+        default=0.2,
+        help="held-out share for the reported metrics, stratified; 0 trains on "
+        "everything and reports training metrics (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("tgem_output"),
+        help="output folder for model.tgem, metrics.json, history.csv and the "
+        "loss curves (default: %(default)s)",
+    )
     _add_model_arguments(p, defaults)
     p.set_defaults(handler=_cmd_train)
 
     p = add("predict", "predict the labels of a data file with a saved model")
     p.add_argument("model", type=Path, metavar="MODEL", help="a model file written by tgem")
     _add_data_arguments(p, label_required=False)
-    p.add_argument("--output", "-o", type=Path, default=None,
-                   help="CSV file for the predictions and class probabilities (default: "
-                        "print the predictions)")
-    p.add_argument("--fill-missing", type=float, default=None, metavar="VALUE",
-                   help="give the model's genes missing from DATA this value (e.g. 0) "
-                        "instead of stopping; this changes predictions")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=None,
+        help="CSV file for the predictions and class probabilities (default: "
+        "print the predictions)",
+    )
+    p.add_argument(
+        "--fill-missing",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="give the model's genes missing from DATA this value (e.g. 0) "
+        "instead of stopping; this changes predictions",
+    )
     p.set_defaults(handler=_cmd_predict)
 
     p = add("explain", "rank genes per class by attribution and run the ablation study")
     p.add_argument("model", type=Path, metavar="MODEL", help="a model file written by tgem")
     _add_data_arguments(p, label_required=True)
-    p.add_argument("--method", "--attr_method", type=_attr_method,
-                   default="integrated_gradients",
-                   help="attribution method: " + ", ".join(f"{v} ({k})" for k, v in
-                                                            ATTR_METHODS.items())
-                   + " (--attr_method; default: %(default)s)")
-    p.add_argument("--abs", dest="absolute", action="store_true",
-                   help="rank by absolute attributions instead of signed ones (--abs)")
-    p.add_argument("--n-steps", type=int, default=50,
-                   help="integration steps (default: %(default)s)")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="attribute at most this many samples, stratified (default: all)")
-    p.add_argument("--no-ablation", dest="ablation", action="store_false",
-                   help="skip the ablation study")
-    p.add_argument("--top", type=int, default=20,
-                   help="genes per class shown and plotted (default: %(default)s)")
-    p.add_argument("--output", "-o", type=Path, default=Path("tgem_explain_output"),
-                   help="output folder (default: %(default)s)")
-    p.add_argument("--fill-missing", type=float, default=None, metavar="VALUE",
-                   help="fill the model's genes missing from DATA with this value")
-    p.add_argument("--random-state", "--seed", type=int, default=0,
-                   help="seed for subsampling and the random-gene control (default: 0)")
+    p.add_argument(
+        "--method",
+        "--attr_method",
+        type=_attr_method,
+        default="integrated_gradients",
+        help="attribution method: "
+        + ", ".join(f"{v} ({k})" for k, v in ATTR_METHODS.items())
+        + " (--attr_method; default: %(default)s)",
+    )
+    p.add_argument(
+        "--abs",
+        dest="absolute",
+        action="store_true",
+        help="rank by absolute attributions instead of signed ones (--abs)",
+    )
+    p.add_argument(
+        "--n-steps", type=int, default=50, help="integration steps (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="attribute at most this many samples, stratified (default: all)",
+    )
+    p.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="skip the ablation study"
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=20,
+        help="genes per class shown and plotted (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("tgem_explain_output"),
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fill-missing",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="fill the model's genes missing from DATA with this value",
+    )
+    p.add_argument(
+        "--random-state",
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for subsampling and the random-gene control (default: 0)",
+    )
     p.set_defaults(handler=_cmd_explain)
 
-    p = add("attention", "attention entropy per layer and head, and the gene network of a "
-                         "class")
+    p = add("attention", "attention entropy per layer and head, and the gene network of a class")
     p.add_argument("model", type=Path, metavar="MODEL", help="a model file written by tgem")
     _add_data_arguments(p, label_required=False)
-    p.add_argument("--class", dest="target_class", default=None, metavar="NAME",
-                   help="class whose attention network to extract (needs --label)")
-    p.add_argument("--top-fraction", type=float, default=0.001,
-                   help="share of gene pairs kept as network edges (default: %(default)s)")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="use at most this many samples of the class (default: all)")
-    p.add_argument("--top", type=int, default=20,
-                   help="hub genes printed (default: %(default)s)")
-    p.add_argument("--output", "-o", type=Path, default=Path("tgem_attention_output"),
-                   help="output folder (default: %(default)s)")
-    p.add_argument("--fill-missing", type=float, default=None, metavar="VALUE",
-                   help="fill the model's genes missing from DATA with this value")
+    p.add_argument(
+        "--class",
+        dest="target_class",
+        default=None,
+        metavar="NAME",
+        help="class whose attention network to extract (needs --label)",
+    )
+    p.add_argument(
+        "--top-fraction",
+        type=float,
+        default=0.001,
+        help="share of gene pairs kept as network edges (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="use at most this many samples of the class (default: all)",
+    )
+    p.add_argument("--top", type=int, default=20, help="hub genes printed (default: %(default)s)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("tgem_attention_output"),
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fill-missing",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="fill the model's genes missing from DATA with this value",
+    )
     p.set_defaults(handler=_cmd_attention)
     return parser
 
@@ -271,19 +460,26 @@ def _load_data(args, *, need_label: bool):
     if args.data == BUNDLED:
         X, y = load_pbmc68k(return_X_y=True, as_frame=True)
         if label not in (None, "cell_type"):
-            raise CLIError(f"the bundled data's label column is 'cell_type', got {label!r}; "
-                           "pass --label cell_type.")
+            raise CLIError(
+                f"the bundled data's label column is 'cell_type', got {label!r}; "
+                "pass --label cell_type."
+            )
         return X, (y.to_numpy() if (label or need_label) else None)
     path = Path(args.data)
     if not path.exists():
-        raise CLIError(f"data file {str(path)!r} does not exist; check the path (or use "
-                       f"'{BUNDLED}' for the bundled data).")
+        raise CLIError(
+            f"data file {str(path)!r} does not exist; check the path (or use "
+            f"'{BUNDLED}' for the bundled data)."
+        )
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
         bunch = read_h5ad(path, label, layer=args.layer)
         data = bunch.data.toarray() if hasattr(bunch.data, "toarray") else bunch.data
-        X = pd.DataFrame(np.asarray(data, dtype=np.float32),
-                         index=bunch.sample_names, columns=bunch.feature_names)
+        X = pd.DataFrame(
+            np.asarray(data, dtype=np.float32),
+            index=bunch.sample_names,
+            columns=bunch.feature_names,
+        )
         return X, bunch.target
     if suffix == ".npz":
         return _load_npz(path, label)
@@ -296,17 +492,22 @@ def _load_npz(path: Path, label: str | None):
     with np.load(path, allow_pickle=False) as npz:
         keys = list(npz.files)
         if "X" not in keys or "features" not in keys:
-            raise CLIError(f"{str(path)!r} needs arrays 'X' and 'features' (gene names); it "
-                           f"has {keys}.")
-        X = pd.DataFrame(np.asarray(npz["X"], dtype=np.float32),
-                         columns=npz["features"].astype(str),
-                         index=npz["samples"].astype(str) if "samples" in keys else None)
+            raise CLIError(
+                f"{str(path)!r} needs arrays 'X' and 'features' (gene names); it has {keys}."
+            )
+        X = pd.DataFrame(
+            np.asarray(npz["X"], dtype=np.float32),
+            columns=npz["features"].astype(str),
+            index=npz["samples"].astype(str) if "samples" in keys else None,
+        )
         y = None
         if label is not None:
             if label not in keys:
                 labels = [k for k in keys if k not in ("X", "features", "samples")]
-                raise CLIError(f"label column {label!r} is not in {str(path)!r}; available "
-                               f"label arrays: {labels}. Pass one of them with --label.")
+                raise CLIError(
+                    f"label column {label!r} is not in {str(path)!r}; available "
+                    f"label arrays: {labels}. Pass one of them with --label."
+                )
             y = npz[label]
     return X, y
 
@@ -317,14 +518,16 @@ def _align_to_model(model, X: pd.DataFrame, fill_value):
     genes = getattr(model, "feature_names_in_", None)
     if genes is None:
         if X.shape[1] != model.n_features_in_:
-            raise CLIError(f"the data has {X.shape[1]} genes but the model was fitted on "
-                           f"{model.n_features_in_} unnamed columns.", EXIT_GENES)
+            raise CLIError(
+                f"the data has {X.shape[1]} genes but the model was fitted on "
+                f"{model.n_features_in_} unnamed columns.",
+                EXIT_GENES,
+            )
         return X.to_numpy()
     try:
         X_aligned, report = align_genes(X, genes, fill_value=fill_value)
     except ValueError as exc:
-        raise CLIError(f"{exc} (with the command: pass --fill-missing VALUE)",
-                       EXIT_GENES) from exc
+        raise CLIError(f"{exc} (with the command: pass --fill-missing VALUE)", EXIT_GENES) from exc
     if report.missing:
         logger.warning("genes aligned to the model: %s.", report)
     elif not report.is_exact:
@@ -337,8 +540,10 @@ def _load_model(path: Path):
     from tgem.exceptions import ModelFileError
 
     if not path.exists():
-        raise CLIError(f"model file {str(path)!r} does not exist; train one with "
-                       "`tgem train` (it writes model.tgem).")
+        raise CLIError(
+            f"model file {str(path)!r} does not exist; train one with "
+            "`tgem train` (it writes model.tgem)."
+        )
     try:
         return load(path)
     except ModelFileError as exc:
@@ -349,14 +554,24 @@ def _classifier(args):
     from tgem import TGEMClassifier
 
     return TGEMClassifier(
-        n_layers=args.n_layers, n_heads=args.n_heads, activation=args.activation,
-        dropout=args.dropout, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        max_epochs=args.max_epochs, weight_decay=args.weight_decay,
-        early_stopping=args.early_stopping, validation_fraction=args.validation_fraction,
-        n_iter_no_change=args.n_iter_no_change, class_weight=args.class_weight,
-        attention_backend=args.attention_backend, device=args.device,
-        n_threads=args.threads, random_state=args.random_state,
-        verbose=1 if args.verbose >= 2 else 0)
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        activation=args.activation,
+        dropout=args.dropout,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_epochs=args.max_epochs,
+        weight_decay=args.weight_decay,
+        early_stopping=args.early_stopping,
+        validation_fraction=args.validation_fraction,
+        n_iter_no_change=args.n_iter_no_change,
+        class_weight=args.class_weight,
+        attention_backend=args.attention_backend,
+        device=args.device,
+        n_threads=args.threads,
+        random_state=args.random_state,
+        verbose=1 if args.verbose >= 2 else 0,
+    )
 
 
 def _split(X, y, test_size: float, random_state: int):
@@ -365,11 +580,12 @@ def _split(X, y, test_size: float, random_state: int):
     if test_size == 0:
         return X, None, y, None
     try:
-        return train_test_split(X, y, test_size=test_size, stratify=y,
-                                random_state=random_state)
+        return train_test_split(X, y, test_size=test_size, stratify=y, random_state=random_state)
     except ValueError as exc:
-        raise CLIError(f"cannot make a stratified {test_size:.0%} held-out split: {exc}. "
-                       "Pass a larger --test-size, or --test-size 0.") from exc
+        raise CLIError(
+            f"cannot make a stratified {test_size:.0%} held-out split: {exc}. "
+            "Pass a larger --test-size, or --test-size 0."
+        ) from exc
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -387,8 +603,10 @@ def _json_default(value):
 
 
 def _clean_history(history: list[dict]) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in history]
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in history
+    ]
 
 
 def _save_figure(make, path: Path) -> Path | None:
@@ -399,8 +617,9 @@ def _save_figure(make, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning('matplotlib is not installed: %s not drawn (pip install "tgem[plot]").',
-                       path.name)
+        logger.warning(
+            'matplotlib is not installed: %s not drawn (pip install "tgem[plot]").', path.name
+        )
         return None
     result = make()
     first = result[0] if isinstance(result, list | tuple | np.ndarray) else result
@@ -429,16 +648,22 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
     check_log_scale(X)
     X_train, X_test, y_train, y_test = _split(X, y, args.test_size, args.random_state)
     clf = _classifier(args)
-    print(f"{title}: {X_train.shape[0]} training samples, "
-          f"{0 if X_test is None else X_test.shape[0]} held out, {X.shape[1]} genes, "
-          f"{len(np.unique(y))} classes; training {clf.max_epochs} epochs ...", flush=True)
+    print(
+        f"{title}: {X_train.shape[0]} training samples, "
+        f"{0 if X_test is None else X_test.shape[0]} held out, {X.shape[1]} genes, "
+        f"{len(np.unique(y))} classes; training {clf.max_epochs} epochs ...",
+        flush=True,
+    )
     start = time.perf_counter()
     clf.fit(X_train, y_train)
     fit_seconds = time.perf_counter() - start
-    print(f"trained in {fit_seconds:.1f} s on {clf.device_} "
-          f"(attention backend: {clf.attention_backend_})")
-    scored_X, scored_y, which = ((X_train, y_train, "training data") if X_test is None
-                                 else (X_test, y_test, "held-out"))
+    print(
+        f"trained in {fit_seconds:.1f} s on {clf.device_} "
+        f"(attention backend: {clf.attention_backend_})"
+    )
+    scored_X, scored_y, which = (
+        (X_train, y_train, "training data") if X_test is None else (X_test, y_test, "held-out")
+    )
     metrics = classification_metrics(scored_y, clf.predict_proba(scored_X), clf.classes_)
     print(format_metrics(metrics, which))
     out.mkdir(parents=True, exist_ok=True)
@@ -446,18 +671,21 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
     clf.save(model_path)
     pd.DataFrame(clf.history_).to_csv(out / "history.csv", index=False)
     _save_figure(lambda: plot_history(clf), out / "loss_curves.png")
-    _write_json(out / "metrics.json", {
-        "evaluated_on": which,
-        "metrics": metrics_to_json(metrics),
-        "fit_seconds": fit_seconds,
-        "n_train": int(X_train.shape[0]),
-        "n_test": 0 if X_test is None else int(X_test.shape[0]),
-        "genes": list(map(str, X.columns)),
-        "params": {k: v for k, v in clf.get_params().items() if k != "random_state"}
-        | {"random_state": args.random_state},
-        "device": str(clf.device_),
-        "history": _clean_history(clf.history_),
-    })
+    _write_json(
+        out / "metrics.json",
+        {
+            "evaluated_on": which,
+            "metrics": metrics_to_json(metrics),
+            "fit_seconds": fit_seconds,
+            "n_train": int(X_train.shape[0]),
+            "n_test": 0 if X_test is None else int(X_test.shape[0]),
+            "genes": list(map(str, X.columns)),
+            "params": {k: v for k, v in clf.get_params().items() if k != "random_state"}
+            | {"random_state": args.random_state},
+            "device": str(clf.device_),
+            "history": _clean_history(clf.history_),
+        },
+    )
     return clf, X_test, y_test, metrics
 
 
@@ -467,15 +695,18 @@ def _cmd_train(args) -> int:
         from tgem._gene_sets import GeneSetSelector
 
         if not args.gene_sets.exists():
-            raise CLIError(f"gene-set file {str(args.gene_sets)!r} does not exist; check "
-                           "the path.")
+            raise CLIError(f"gene-set file {str(args.gene_sets)!r} does not exist; check the path.")
         selector = GeneSetSelector(str(args.gene_sets)).set_output(transform="pandas")
         X = selector.fit_transform(X)
-        print(f"gene sets: kept {X.shape[1]} genes of {selector.n_features_in_}; "
-              f"{len(selector.missing_genes_)} genes of the sets are not in the data")
+        print(
+            f"gene sets: kept {X.shape[1]} genes of {selector.n_features_in_}; "
+            f"{len(selector.missing_genes_)} genes of the sets are not in the data"
+        )
     _train_and_report(args, X, y, args.output, "train")
-    print(f"wrote {args.output / MODEL_FILE}, metrics.json, history.csv and loss_curves.png "
-          f"to {args.output}/")
+    print(
+        f"wrote {args.output / MODEL_FILE}, metrics.json, history.csv and loss_curves.png "
+        f"to {args.output}/"
+    )
     return EXIT_OK
 
 
@@ -505,15 +736,23 @@ def _cmd_explain(args) -> int:
 
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=True)
-    X_model = pd.DataFrame(_align_to_model(model, X, args.fill_missing),
-                           columns=_model_genes(model, X), index=X.index)
+    X_model = pd.DataFrame(
+        _align_to_model(model, X, args.fill_missing), columns=_model_genes(model, X), index=X.index
+    )
     X_model, y = _subsample(X_model, y, args.max_samples, args.random_state)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     print(f"explain: {args.method} over {len(y)} samples ...", flush=True)
-    attributions = interpret.attribute(model, X_model, target="true", y=y, method=args.method,
-                                       n_steps=args.n_steps, random_state=args.random_state,
-                                       verbose=1 if args.verbose >= 2 else 0)
+    attributions = interpret.attribute(
+        model,
+        X_model,
+        target="true",
+        y=y,
+        method=args.method,
+        n_steps=args.n_steps,
+        random_state=args.random_state,
+        verbose=1 if args.verbose >= 2 else 0,
+    )
     ranking = interpret.gene_ranking(attributions, y, absolute=args.absolute)
     ranking.to_csv(out / "gene_rankings.csv", index=False)
     interpret.write_rnk(ranking, out / "rnk")
@@ -526,12 +765,18 @@ def _cmd_explain(args) -> int:
         from tgem.plotting import plot_ablation
 
         print("ablation study ...", flush=True)
-        ablation = interpret.ablation_study(model, X_model, y, ranking=ranking,
-                                            random_state=args.random_state)
+        ablation = interpret.ablation_study(
+            model, X_model, y, ranking=ranking, random_state=args.random_state
+        )
         ablation.to_csv(out / "ablation.csv", index=False)
         overall = ablation[ablation["class"] == "all"]
-        print(overall[["grid", "percent", "n_genes", "accuracy", "accuracy_top",
-                       "accuracy_random_mean"]].round(3).to_string(index=False))
+        print(
+            overall[
+                ["grid", "percent", "n_genes", "accuracy", "accuracy_top", "accuracy_random_mean"]
+            ]
+            .round(3)
+            .to_string(index=False)
+        )
         written.append("ablation.csv")
         if _save_figure(lambda: plot_ablation(ablation), out / "ablation.png"):
             written.append("ablation.png")
@@ -548,11 +793,16 @@ def _top_genes_figure(ranking: pd.DataFrame, top: int):
     classes = list(dict.fromkeys(ranking["class"]))
     n_cols = min(5, len(classes))
     n_rows = -(-len(classes) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 0.22 * top * n_rows + 1.2),
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(3.2 * n_cols, 0.22 * top * n_rows + 1.2),
+        layout="constrained",
+        squeeze=False,
+    )
     for ax, cls in zip(axes.ravel(), classes, strict=False):
         plot_gene_ranking(ranking, cls, top=top, ax=ax)
-    for ax in axes.ravel()[len(classes):]:
+    for ax in axes.ravel()[len(classes) :]:
         ax.set_visible(False)
     return fig
 
@@ -563,38 +813,46 @@ def _cmd_attention(args) -> int:
 
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=args.target_class is not None)
-    X_model = pd.DataFrame(_align_to_model(model, X, args.fill_missing),
-                           columns=_model_genes(model, X), index=X.index)
+    X_model = pd.DataFrame(
+        _align_to_model(model, X, args.fill_missing), columns=_model_genes(model, X), index=X.index
+    )
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     entropy = attention.attention_entropy(model, X_model, per_sample=True)
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
-    mean = pd.DataFrame(entropy.mean(axis=0),
-                        index=pd.Index(range(entropy.shape[1]), name="layer"),
-                        columns=pd.Index(range(entropy.shape[2]), name="head"))
-    print(f"mean attention entropy per layer and head (nats; uniform attention: "
-          f"{math.log(X_model.shape[1]):.3f}):")
+    mean = pd.DataFrame(
+        entropy.mean(axis=0),
+        index=pd.Index(range(entropy.shape[1]), name="layer"),
+        columns=pd.Index(range(entropy.shape[2]), name="head"),
+    )
+    print(
+        f"mean attention entropy per layer and head (nats; uniform attention: "
+        f"{math.log(X_model.shape[1]):.3f}):"
+    )
     print(mean.round(3).to_string())
     written = ["entropy.csv"]
-    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_model.shape[1]),
-                    out / "entropy.png"):
+    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_model.shape[1]), out / "entropy.png"):
         written.append("entropy.png")
     if args.target_class is not None:
         if y is None:
             raise CLIError("--class needs --label, to find the samples of the class.")
         classes = [str(c) for c in model.classes_]
         if str(args.target_class) not in classes:
-            raise CLIError(f"class {args.target_class!r} is not one of the model's classes: "
-                           f"{classes}.")
+            raise CLIError(
+                f"class {args.target_class!r} is not one of the model's classes: {classes}."
+            )
         mask = np.asarray([str(v) == str(args.target_class) for v in y])
         if not mask.any():
             raise CLIError(f"no sample of DATA has the label {args.target_class!r}.")
         X_class, _ = _subsample(X_model[mask], np.asarray(y)[mask], args.max_samples, 0)
         target = model.classes_[classes.index(str(args.target_class))]
-        print(f"attention attribution of {args.target_class!r} over {len(X_class)} samples "
-              "...", flush=True)
-        edges = attention.attention_network(model, X_class, target=target,
-                                            top_fraction=args.top_fraction)
+        print(
+            f"attention attribution of {args.target_class!r} over {len(X_class)} samples ...",
+            flush=True,
+        )
+        edges = attention.attention_network(
+            model, X_class, target=target, top_fraction=args.top_fraction
+        )
         name = _safe_name(args.target_class)
         attention.write_edges(edges, out / f"network_{name}.tsv")
         hubs = attention.hub_genes(edges, top=None)
@@ -618,11 +876,13 @@ def _subsample(X, y, max_samples, random_state):
 
     y = np.asarray(y)
     try:
-        X_kept, _, y_kept, _ = train_test_split(X, y, train_size=max_samples, stratify=y,
-                                                random_state=random_state)
+        X_kept, _, y_kept, _ = train_test_split(
+            X, y, train_size=max_samples, stratify=y, random_state=random_state
+        )
     except ValueError:
-        X_kept, _, y_kept, _ = train_test_split(X, y, train_size=max_samples,
-                                                random_state=random_state)
+        X_kept, _, y_kept, _ = train_test_split(
+            X, y, train_size=max_samples, random_state=random_state
+        )
     return X_kept, y_kept
 
 
@@ -639,8 +899,9 @@ def _cmd_demo(args) -> int:
     clf, X_test, y_test, _ = _train_and_report(args, X, y, args.output, "demo")
     written = [MODEL_FILE, "metrics.json", "history.csv", "loss_curves.png"]
     written += _demo_figures(clf, X_test, y_test, args)
-    print(f"wrote {', '.join(written)} to {args.output}/ "
-          f"(total {time.perf_counter() - start:.1f} s)")
+    print(
+        f"wrote {', '.join(written)} to {args.output}/ (total {time.perf_counter() - start:.1f} s)"
+    )
     return EXIT_OK
 
 
@@ -653,18 +914,25 @@ def _demo_figures(clf, X_test, y_test, args) -> list[str]:
     entropy = attention.attention_entropy(clf, X_test, per_sample=True)
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
     mean = entropy.mean(axis=(0, 2))
-    print("mean attention entropy per layer (nats; uniform attention: "
-          f"{math.log(X_test.shape[1]):.3f}): " + ", ".join(f"{v:.3f}" for v in mean))
+    print(
+        "mean attention entropy per layer (nats; uniform attention: "
+        f"{math.log(X_test.shape[1]):.3f}): " + ", ".join(f"{v:.3f}" for v in mean)
+    )
     written = ["entropy.csv"]
-    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_test.shape[1]),
-                    out / "entropy.png"):
+    if _save_figure(lambda: plot_entropy(entropy, n_genes=X_test.shape[1]), out / "entropy.png"):
         written.append("entropy.png")
-    X_attr, y_attr = _subsample(X_test, y_test, 30 if args.quick else DEMO_ATTRIBUTION_SAMPLES,
-                                args.random_state)
+    X_attr, y_attr = _subsample(
+        X_test, y_test, 30 if args.quick else DEMO_ATTRIBUTION_SAMPLES, args.random_state
+    )
     print(f"Integrated Gradients on {len(y_attr)} held-out cells ...", flush=True)
-    attributions = interpret.attribute(clf, X_attr, target="true", y=y_attr,
-                                       n_steps=8 if args.quick else 50,
-                                       random_state=args.random_state)
+    attributions = interpret.attribute(
+        clf,
+        X_attr,
+        target="true",
+        y=y_attr,
+        n_steps=8 if args.quick else 50,
+        random_state=args.random_state,
+    )
     ranking = interpret.gene_ranking(attributions, y_attr)
     ranking.to_csv(out / "gene_rankings.csv", index=False)
     written.append("gene_rankings.csv")
@@ -693,15 +961,24 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="tgem: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="tgem: %(message)s",
+        stream=sys.stderr,
+    )
     warnings.simplefilter("default")  # show each library warning once, on stderr
     try:
         return args.handler(args)
     except CLIError as exc:
         return _fail(args, exc, exc.code)
-    except (FileNotFoundError, IsADirectoryError, KeyError, ValueError, TypeError,
-            ImportError) as exc:
+    except (
+        FileNotFoundError,
+        IsADirectoryError,
+        KeyError,
+        ValueError,
+        TypeError,
+        ImportError,
+    ) as exc:
         from tgem.exceptions import ModelFileError
 
         return _fail(args, exc, EXIT_MODEL if isinstance(exc, ModelFileError) else EXIT_INPUT)

@@ -75,7 +75,8 @@ def _check_genes(estimator, X) -> None:
     if X.shape[1] != estimator.n_features_in_:
         raise ValueError(
             f"X has {X.shape[1]} features, but {type(estimator).__name__} is expecting "
-            f"{estimator.n_features_in_} features as input; pass the same genes as in fit.")
+            f"{estimator.n_features_in_} features as input; pass the same genes as in fit."
+        )
 
 
 def _frame(block, model):
@@ -136,8 +137,13 @@ def predict_proba(estimator, X, *, client=None, chunk_rows: int = 4096):
     _check_genes(estimator, X)
     model = _model_handle(estimator, client)
     n_classes = len(estimator.classes_)
-    return X.map_blocks(_proba_block, model, dtype=np.float64,
-                        chunks=(X.chunks[0], (n_classes,)), meta=np.empty((0, 0)))
+    return X.map_blocks(
+        _proba_block,
+        model,
+        dtype=np.float64,
+        chunks=(X.chunks[0], (n_classes,)),
+        meta=np.empty((0, 0)),
+    )
 
 
 def predict(estimator, X, *, client=None, chunk_rows: int = 4096):
@@ -166,8 +172,14 @@ def predict(estimator, X, *, client=None, chunk_rows: int = 4096):
     _check_genes(estimator, X)
     model = _model_handle(estimator, client)
     classes = estimator.classes_
-    return X.map_blocks(_predict_block, model, dtype=classes.dtype, drop_axis=1,
-                        chunks=(X.chunks[0],), meta=np.empty((0,), dtype=classes.dtype))
+    return X.map_blocks(
+        _predict_block,
+        model,
+        dtype=classes.dtype,
+        drop_axis=1,
+        chunks=(X.chunks[0],),
+        meta=np.empty((0,), dtype=classes.dtype),
+    )
 
 
 def _attribute_block(block, labels, baseline, model, kwargs):
@@ -182,8 +194,18 @@ def _attribute_block(block, labels, baseline, model, kwargs):
     return np.asarray(out, dtype=np.float64)
 
 
-def attribute(estimator, X, *, target="true", y=None, method: str = "integrated_gradients",
-              baseline="zeros", client=None, chunk_rows: int = 1024, **kwargs):
+def attribute(
+    estimator,
+    X,
+    *,
+    target="true",
+    y=None,
+    method: str = "integrated_gradients",
+    baseline="zeros",
+    client=None,
+    chunk_rows: int = 1024,
+    **kwargs,
+):
     """Gene attributions of every row of ``X`` (lazy), block by block on the cluster.
 
     Each block runs :func:`tgem.interpret.attribute` on the worker holding it, with the
@@ -241,10 +263,13 @@ def attribute(estimator, X, *, target="true", y=None, method: str = "integrated_
         raise ValueError(
             f"method={method!r} adds noise drawn from each row's position in the call, which "
             "differs block by block; use tgem.interpret.attribute for noise tunnels, or "
-            "method='integrated_gradients' / 'guided_backprop' here.")
+            "method='integrated_gradients' / 'guided_backprop' here."
+        )
     if kwargs.get("return_convergence_delta"):
-        raise ValueError("return_convergence_delta is not supported by tgem.dask.attribute; "
-                         "use tgem.interpret.attribute on a subset to check convergence.")
+        raise ValueError(
+            "return_convergence_delta is not supported by tgem.dask.attribute; "
+            "use tgem.interpret.attribute on a subset to check convergence."
+        )
     da = _dask_array()
     X = _as_rows(X, chunk_rows)
     _check_genes(estimator, X)
@@ -253,8 +278,10 @@ def attribute(estimator, X, *, target="true", y=None, method: str = "integrated_
     labels = None
     if isinstance(target, str) and target == "true":
         if y is None:
-            raise ValueError("target='true' needs the true labels: pass y=... (one label per "
-                             "row of X), or use target='predicted' or a class label.")
+            raise ValueError(
+                "target='true' needs the true labels: pass y=... (one label per "
+                "row of X), or use target='predicted' or a class label."
+            )
         labels, kwargs["_labels_as"], kwargs["target"] = y, "y", "true"
     elif isinstance(target, str) and target == "predicted" or np.ndim(target) == 0:
         kwargs["target"] = target
@@ -263,8 +290,7 @@ def attribute(estimator, X, *, target="true", y=None, method: str = "integrated_
     if labels is not None:
         labels = labels if isinstance(labels, da.Array) else da.from_array(np.asarray(labels))
         if labels.shape != (n,):
-            raise ValueError(f"the labels have shape {labels.shape}; pass one per row of X "
-                             f"({n},).")
+            raise ValueError(f"the labels have shape {labels.shape}; pass one per row of X ({n},).")
         labels = labels.rechunk((X.chunks[0],))
     base = None
     if isinstance(baseline, str) and baseline == "mean":
@@ -276,13 +302,15 @@ def attribute(estimator, X, *, target="true", y=None, method: str = "integrated_
     else:
         base = np.asarray(baseline, dtype=np.float32)
         if base.shape != (g,):
-            raise ValueError(f"baseline has shape {base.shape}; pass 'zeros', 'mean' or one "
-                             f"value per gene ({g},).")
+            raise ValueError(
+                f"baseline has shape {base.shape}; pass 'zeros', 'mean' or one "
+                f"value per gene ({g},)."
+            )
     model = _model_handle(estimator, client)
-    args = [X, "ij", labels, None if labels is None else "i", base, None, model, None,
-            kwargs, None]
-    return da.blockwise(_attribute_block, "ij", *args, dtype=np.float64,
-                        concatenate=True, meta=np.empty((0, 0)))
+    args = [X, "ij", labels, None if labels is None else "i", base, None, model, None, kwargs, None]
+    return da.blockwise(
+        _attribute_block, "ij", *args, dtype=np.float64, concatenate=True, meta=np.empty((0, 0))
+    )
 
 
 def from_h5ad(data, *, layer: str | None = None, chunk_rows: int = 4096):
@@ -317,5 +345,10 @@ def from_h5ad(data, *, layer: str | None = None, chunk_rows: int = 4096):
     """
     da = _dask_array()
     ds = data if isinstance(data, H5ADDataset) else H5ADDataset(data, layer=layer)
-    return da.from_array(ds, chunks=(chunk_rows, -1), asarray=True, fancy=False,
-                         meta=np.empty((0, 0), dtype=np.float32))
+    return da.from_array(
+        ds,
+        chunks=(chunk_rows, -1),
+        asarray=True,
+        fancy=False,
+        meta=np.empty((0, 0), dtype=np.float32),
+    )

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["DeviceWarning", "NotFittedError", "TrainingDivergedError", "ModelFileError",
-           "TrainingInterruptedWarning"]
+__all__ = [
+    "DeviceWarning",
+    "NotFittedError",
+    "TrainingDivergedError",
+    "ModelFileError",
+    "TrainingInterruptedWarning",
+]
 
 
 class TrainingDivergedError(FloatingPointError):

@@ -33,8 +33,15 @@ from tgem import _ig
 from tgem._classifier import torch_threads
 from tgem._training import dense_batch
 
-__all__ = ["METHODS", "GRIDS", "attribute", "gene_ranking", "write_rnk", "ablation_study",
-           "training_importances"]
+__all__ = [
+    "METHODS",
+    "GRIDS",
+    "attribute",
+    "gene_ranking",
+    "write_rnk",
+    "ablation_study",
+    "training_importances",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +57,10 @@ METHODS = {
 _ALIASES = {short: name for name, short in METHODS.items()}
 
 #: The original's two ablation grids: percentages of the genes set to 0.
-GRIDS = {"0.5-5%": tuple(np.round(np.linspace(0.5, 5.0, 10), 2)),
-         "1-10%": tuple(np.round(np.linspace(1.0, 10.0, 10), 2))}
+GRIDS = {
+    "0.5-5%": tuple(np.round(np.linspace(0.5, 5.0, 10), 2)),
+    "1-10%": tuple(np.round(np.linspace(1.0, 10.0, 10), 2)),
+}
 
 #: Activation memory (bytes) one forward+backward pass may use when ``internal_batch_size``
 #: is None.
@@ -74,10 +83,16 @@ def _resolve_method(method: str) -> tuple[str, str | None]:
     if name not in METHODS:
         raise ValueError(
             f"method={method!r} is not an attribution method; choose one of "
-            f"{sorted(METHODS)} (or the original's short names {sorted(_ALIASES)}).")
+            f"{sorted(METHODS)} (or the original's short names {sorted(_ALIASES)})."
+        )
     base = "ig" if name.startswith(("integrated", "ig")) else "gb"
-    tunnel = ("smoothgrad_sq" if name.endswith("smoothgrad_sq")
-              else "vargrad" if name.endswith("vargrad") else None)
+    tunnel = (
+        "smoothgrad_sq"
+        if name.endswith("smoothgrad_sq")
+        else "vargrad"
+        if name.endswith("vargrad")
+        else None
+    )
     return base, tunnel
 
 
@@ -91,7 +106,8 @@ def _encode_labels(clf, labels, what: str) -> np.ndarray:
         raise ValueError(
             f"{what} contains labels the model does not know: "
             f"{sorted(set(labels[bad].tolist()))[:5]}; the classes are "
-            f"{classes.tolist()}. Pass labels from clf.classes_.")
+            f"{classes.tolist()}. Pass labels from clf.classes_."
+        )
     return idx.astype(np.int64)
 
 
@@ -101,11 +117,13 @@ def _resolve_target(clf, X, target, y, n: int) -> np.ndarray:
         if y is None:
             raise ValueError(
                 "target='true' needs the true labels: pass y=... (one label per row of X), "
-                "or use target='predicted' or a class label.")
+                "or use target='predicted' or a class label."
+            )
         y = np.asarray(y).ravel()
         if y.shape[0] != n:
-            raise ValueError(f"y has {y.shape[0]} labels but X has {n} rows; pass one label "
-                             "per row.")
+            raise ValueError(
+                f"y has {y.shape[0]} labels but X has {n} rows; pass one label per row."
+            )
         return _encode_labels(clf, y, "y")
     if isinstance(target, str) and target == "predicted":
         return np.argmax(clf._log_proba(X), axis=1).astype(np.int64)
@@ -113,8 +131,10 @@ def _resolve_target(clf, X, target, y, n: int) -> np.ndarray:
     if arr.ndim == 0:
         return np.full(n, _encode_labels(clf, arr[None], "target")[0], dtype=np.int64)
     if arr.shape != (n,):
-        raise ValueError(f"target has shape {arr.shape}; pass 'true', 'predicted', one class "
-                         f"label, or one label per row of X ({n},).")
+        raise ValueError(
+            f"target has shape {arr.shape}; pass 'true', 'predicted', one class "
+            f"label, or one label per row of X ({n},)."
+        )
     return _encode_labels(clf, arr, "target")
 
 
@@ -124,7 +144,8 @@ def _training_mean(clf) -> np.ndarray:
         raise ValueError(
             "baseline='mean' uses the mean of the training data, which a loaded or unpickled "
             "model does not keep (it is patient data). Pass the mean as an array instead: "
-            "baseline=X_train.mean(axis=0).")
+            "baseline=X_train.mean(axis=0)."
+        )
     return np.asarray(data[0].mean(axis=0), dtype=np.float64).ravel()
 
 
@@ -135,26 +156,31 @@ def _resolve_baseline(clf, baseline, n: int, n_genes: int) -> np.ndarray:
             return np.zeros((1, n_genes), dtype=np.float32)
         if baseline == "mean":
             return _training_mean(clf).astype(np.float32)[None, :]
-        raise ValueError(f"baseline={baseline!r}; pass 'zeros', 'mean' or an array of shape "
-                         f"({n_genes},) or ({n}, {n_genes}).")
+        raise ValueError(
+            f"baseline={baseline!r}; pass 'zeros', 'mean' or an array of shape "
+            f"({n_genes},) or ({n}, {n_genes})."
+        )
     arr = np.asarray(baseline, dtype=np.float32)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != n_genes or arr.shape[0] not in (1, n):
-        raise ValueError(f"baseline has shape {np.shape(baseline)}; pass 'zeros', 'mean' or an "
-                         f"array of shape ({n_genes},) or ({n}, {n_genes}).")
+        raise ValueError(
+            f"baseline has shape {np.shape(baseline)}; pass 'zeros', 'mean' or an "
+            f"array of shape ({n_genes},) or ({n}, {n_genes})."
+        )
     return arr
 
 
 def _batch_rows(clf, module, internal_batch_size: int | None) -> int:
     if internal_batch_size is not None:
         if int(internal_batch_size) < 1:
-            raise ValueError(f"internal_batch_size={internal_batch_size}; pass a positive "
-                             "number of rows or None.")
+            raise ValueError(
+                f"internal_batch_size={internal_batch_size}; pass a positive "
+                "number of rows or None."
+            )
         return int(internal_batch_size)
     layer = module.layers[0]
-    return _ig.rows_budget(module.n_genes, layer.WQ.shape[0], len(module.layers),
-                           MEMORY_BUDGET)
+    return _ig.rows_budget(module.n_genes, layer.WQ.shape[0], len(module.layers), MEMORY_BUDGET)
 
 
 def _seed(random_state) -> int:
@@ -170,11 +196,24 @@ def _as_output(clf, X_in, values: np.ndarray):
 
 
 # ----------------------------------------------------------------------------- attribute
-def attribute(clf, X, *, target="true", y=None, method: str = "integrated_gradients",
-              n_steps: int = 50, baseline="zeros", quadrature: str = "adaptive",
-              tol: float = 1e-3, stdevs: float = 0.1, nt_samples: int = 5,
-              internal_batch_size: int | None = None, return_convergence_delta: bool = False,
-              random_state=None, verbose: int = 0):
+def attribute(
+    clf,
+    X,
+    *,
+    target="true",
+    y=None,
+    method: str = "integrated_gradients",
+    n_steps: int = 50,
+    baseline="zeros",
+    quadrature: str = "adaptive",
+    tol: float = 1e-3,
+    stdevs: float = 0.1,
+    nt_samples: int = 5,
+    internal_batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+    random_state=None,
+    verbose: int = 0,
+):
     """Attribute each sample's target log-probability to its genes.
 
     Parameters
@@ -284,11 +323,14 @@ def attribute(clf, X, *, target="true", y=None, method: str = "integrated_gradie
     if int(n_steps) < 1:
         raise ValueError(f"n_steps={n_steps}; pass a positive number of steps.")
     if return_convergence_delta and base != "ig":
-        raise ValueError(f"return_convergence_delta=True is only defined for Integrated "
-                         f"Gradients, not method={method!r}.")
+        raise ValueError(
+            f"return_convergence_delta=True is only defined for Integrated "
+            f"Gradients, not method={method!r}."
+        )
     if tunnel is not None and (int(nt_samples) < 1 or not stdevs >= 0):
-        raise ValueError(f"nt_samples={nt_samples} and stdevs={stdevs}; pass nt_samples >= 1 "
-                         "and stdevs >= 0.")
+        raise ValueError(
+            f"nt_samples={nt_samples} and stdevs={stdevs}; pass nt_samples >= 1 and stdevs >= 0."
+        )
     X_in = X
     X = clf._validate_X(X, reset=False)
     n, g = X.shape
@@ -297,16 +339,46 @@ def attribute(clf, X, *, target="true", y=None, method: str = "integrated_gradie
     batch_rows = _batch_rows(clf, module, internal_batch_size)
     seed = _seed(random_state) if tunnel is not None else 0
     ev = _ig.Evaluator(module, batch_rows, guided=(base == "gb"))
-    attr, delta, converged = _run(ev, X, targets, baselines, base, tunnel, int(n_steps),
-                                quadrature, tol, stdevs, int(nt_samples), seed,
-                                clf.n_threads, verbose, need_delta=return_convergence_delta)
+    attr, delta, converged = _run(
+        ev,
+        X,
+        targets,
+        baselines,
+        base,
+        tunnel,
+        int(n_steps),
+        quadrature,
+        tol,
+        stdevs,
+        int(nt_samples),
+        seed,
+        clf.n_threads,
+        verbose,
+        need_delta=return_convergence_delta,
+    )
     _warn_unconverged(converged, delta, tol)
     out = _as_output(clf, X_in, attr)
     return (out, delta) if return_convergence_delta else out
 
 
-def _run(ev, X, targets, baselines, base, tunnel, n_steps, quadrature, tol, stdevs,
-         nt_samples, seed, n_threads, verbose, need_delta=True, on_chunk=None):
+def _run(
+    ev,
+    X,
+    targets,
+    baselines,
+    base,
+    tunnel,
+    n_steps,
+    quadrature,
+    tol,
+    stdevs,
+    nt_samples,
+    seed,
+    n_threads,
+    verbose,
+    need_delta=True,
+    on_chunk=None,
+):
     """Attributions of all rows, chunk by chunk; returns (attr, delta, converged).
 
     ``delta`` is None for Guided Backprop, ``converged`` None for the fixed rules and Guided
@@ -325,6 +397,7 @@ def _run(ev, X, targets, baselines, base, tunnel, n_steps, quadrature, tol, stde
     bar = None
     if verbose:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=n, desc="tgem attribution", unit="sample", leave=verbose > 1)
     try:
         with torch_threads(n_threads):
@@ -332,18 +405,19 @@ def _run(ev, X, targets, baselines, base, tunnel, n_steps, quadrature, tol, stde
                 sl = slice(start, min(n, start + chunk))
                 ids = np.arange(sl.start, sl.stop)
                 x = dense_batch(X, sl, device)
-                b = torch.as_tensor(baselines[sl] if baselines.shape[0] > 1 else baselines,
-                                    device=device).expand_as(x)
+                b = torch.as_tensor(
+                    baselines[sl] if baselines.shape[0] > 1 else baselines, device=device
+                ).expand_as(x)
                 t = torch.as_tensor(targets[sl], device=device)
                 if tunnel is not None:
-                    eps = torch.as_tensor(_ig.noise(seed, ids, nt_samples, g, stdevs),
-                                          device=device)
+                    eps = torch.as_tensor(
+                        _ig.noise(seed, ids, nt_samples, g, stdevs), device=device
+                    )
                     s = x.shape[0]
                     x = (x[:, None, :] + eps).reshape(s * nt_samples, g)
                     b = b.repeat_interleave(nt_samples, 0)
                     t = t.repeat_interleave(nt_samples, 0)
-                a, d, c = _base_attribution(ev, x, b, t, base, n_steps, quadrature, tol,
-                                            need_delta)
+                a, d, c = _base_attribution(ev, x, b, t, base, n_steps, quadrature, tol, need_delta)
                 if tunnel is not None:
                     a = _ig.smooth(a.reshape(-1, nt_samples, g).transpose(0, 1), tunnel)
                     d = None if d is None else d.reshape(-1, nt_samples)
@@ -367,8 +441,9 @@ def _run(ev, X, targets, baselines, base, tunnel, n_steps, quadrature, tol, stde
 
 def _base_attribution(ev, x, b, t, base, n_steps, quadrature, tol, delta_needed=True):
     if base == "ig":
-        a, d, _, c = _ig.integrated_gradients(ev, x, b, t, n_steps, quadrature, tol,
-                                              need_delta=delta_needed)
+        a, d, _, c = _ig.integrated_gradients(
+            ev, x, b, t, n_steps, quadrature, tol, need_delta=delta_needed
+        )
         return a, d, c
     return ev.grad(x, t).double(), None, None
 
@@ -381,12 +456,16 @@ def _warn_unconverged(converged, delta, tol):
         f"Integrated Gradients did not reach the completeness tolerance tol={tol:g} for "
         f"{int(bad.sum())} of {bad.size} sample(s) within {_ig.MAX_STEPS_FACTOR} x n_steps "
         f"gradients; the largest defect is {float(np.max(np.abs(delta[bad]))):.3g} "
-        "log-probability. Increase n_steps or tol.", ConvergenceWarning, stacklevel=3)
+        "log-probability. Increase n_steps or tol.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------- rankings
-def gene_ranking(attributions, y, *, genes=None, absolute: bool = False,
-                 rank_by: str = "mean") -> pd.DataFrame:
+def gene_ranking(
+    attributions, y, *, genes=None, absolute: bool = False, rank_by: str = "mean"
+) -> pd.DataFrame:
     """Per class, the mean and the median attribution of each gene, ranked.
 
     Parameters
@@ -428,8 +507,7 @@ def gene_ranking(attributions, y, *, genes=None, absolute: bool = False,
         genes = attributions.columns
     values = np.asarray(attributions, dtype=np.float64)
     if values.ndim != 2:
-        raise ValueError(f"attributions must be 2-d (samples x genes); got shape "
-                         f"{values.shape}.")
+        raise ValueError(f"attributions must be 2-d (samples x genes); got shape {values.shape}.")
     n, g = values.shape
     genes = np.asarray([f"gene_{j}" for j in range(g)] if genes is None else genes)
     if genes.shape != (g,):
@@ -442,8 +520,9 @@ def gene_ranking(attributions, y, *, genes=None, absolute: bool = False,
     frames = []
     for cls in np.unique(y):
         rows = values[y == cls]
-        stats = pd.DataFrame({"gene": genes, "class": cls, "mean": rows.mean(0),
-                              "median": np.median(rows, axis=0)})
+        stats = pd.DataFrame(
+            {"gene": genes, "class": cls, "mean": rows.mean(0), "median": np.median(rows, axis=0)}
+        )
         order = np.argsort(-stats[rank_by].to_numpy(), kind="stable")
         stats = stats.iloc[order]
         stats["rank"] = np.arange(1, g + 1)
@@ -451,8 +530,7 @@ def gene_ranking(attributions, y, *, genes=None, absolute: bool = False,
     return pd.concat(frames, ignore_index=True)
 
 
-def write_rnk(ranking: pd.DataFrame, directory, *, score: str = "mean",
-              prefix: str = "") -> dict:
+def write_rnk(ranking: pd.DataFrame, directory, *, score: str = "mean", prefix: str = "") -> dict:
     """Write each class of a :func:`gene_ranking` table as a GSEA pre-ranked ``.rnk`` file.
 
     Each file has one ``gene<TAB>score`` line per gene, sorted by decreasing score, no
@@ -490,8 +568,10 @@ def write_rnk(ranking: pd.DataFrame, directory, *, score: str = "mean",
         raise ValueError(f"score={score!r}; choose 'mean' or 'median'.")
     missing = {"gene", "class", score} - set(ranking.columns)
     if missing:
-        raise ValueError(f"ranking lacks the columns {sorted(missing)}; pass the output of "
-                         "tgem.interpret.gene_ranking.")
+        raise ValueError(
+            f"ranking lacks the columns {sorted(missing)}; pass the output of "
+            "tgem.interpret.gene_ranking."
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -507,8 +587,9 @@ def write_rnk(ranking: pd.DataFrame, directory, *, score: str = "mean",
 
 # ----------------------------------------------------------------------------- ablation
 @torch.no_grad()
-def _accuracy_counts(module, x: torch.Tensor, target: int, masks: torch.Tensor,
-                     batch_rows: int) -> np.ndarray:
+def _accuracy_counts(
+    module, x: torch.Tensor, target: int, masks: torch.Tensor, batch_rows: int
+) -> np.ndarray:
     """Correct predictions of class ``target`` on ``x`` (s, genes) under each zeroing mask.
 
     ``masks`` is (m, genes), True where a gene is set to 0; returns (m,) counts.
@@ -517,16 +598,27 @@ def _accuracy_counts(module, x: torch.Tensor, target: int, masks: torch.Tensor,
     per = max(1, batch_rows // max(1, s))
     counts = np.empty(masks.shape[0], dtype=np.int64)
     for i in range(0, masks.shape[0], per):
-        mk = masks[i:i + per]
+        mk = masks[i : i + per]
         rows = x[None, :, :].masked_fill(mk[:, None, :], 0.0).reshape(-1, x.shape[1])
         pred = module(rows).argmax(1).reshape(mk.shape[0], s)
-        counts[i:i + per] = (pred == target).sum(1).cpu().numpy()
+        counts[i : i + per] = (pred == target).sum(1).cpu().numpy()
     return counts
 
 
-def ablation_study(clf, X, y, *, ranking: pd.DataFrame | None = None, score: str = "mean",
-                   grids: dict | None = None, n_random: int = 10, random_state=None,
-                   batch_size: int = 1024, verbose: int = 0, **attribute_kw) -> pd.DataFrame:
+def ablation_study(
+    clf,
+    X,
+    y,
+    *,
+    ranking: pd.DataFrame | None = None,
+    score: str = "mean",
+    grids: dict | None = None,
+    n_random: int = 10,
+    random_state=None,
+    batch_size: int = 1024,
+    verbose: int = 0,
+    **attribute_kw,
+) -> pd.DataFrame:
     """Accuracy drop when each class's top-ranked genes are set to 0, against random genes.
 
     For each class, the class's own ranking is applied to the class's own samples: the top
@@ -588,8 +680,9 @@ def ablation_study(clf, X, y, *, ranking: pd.DataFrame | None = None, score: str
     module = _fitted_module(clf)
     grids = GRIDS if grids is None else grids
     if int(n_random) < 1:
-        raise ValueError(f"n_random={n_random}; pass at least 1 random draw (10 or more for "
-                         "a useful spread).")
+        raise ValueError(
+            f"n_random={n_random}; pass at least 1 random draw (10 or more for a useful spread)."
+        )
     X_in = X
     X = clf._validate_X(X, reset=False)
     n, g = X.shape
@@ -615,21 +708,23 @@ def ablation_study(clf, X, y, *, ranking: pd.DataFrame | None = None, score: str
             idx = np.flatnonzero(y_enc == c)
             label = clf.classes_[c]
             if label not in orders:
-                raise ValueError(f"ranking has no genes for class {label!r}; rank the genes "
-                                 "on samples of every class in y.")
+                raise ValueError(
+                    f"ranking has no genes for class {label!r}; rank the genes "
+                    "on samples of every class in y."
+                )
             x = dense_batch(X, idx, device)
             masks = [np.zeros(g, dtype=bool)]
             for p in percents:
                 top = np.zeros(g, dtype=bool)
-                top[orders[label][:sizes[p]]] = True
+                top[orders[label][: sizes[p]]] = True
                 masks.append(top)
                 for _ in range(int(n_random)):
                     rand = np.zeros(g, dtype=bool)
                     rand[rng.choice(g, size=sizes[p], replace=False)] = True
                     masks.append(rand)
-            counts = _accuracy_counts(module, x, int(c),
-                                      torch.as_tensor(np.stack(masks), device=device),
-                                      batch_size)
+            counts = _accuracy_counts(
+                module, x, int(c), torch.as_tensor(np.stack(masks), device=device), batch_size
+            )
             base, rest = counts[0], counts[1:].reshape(len(percents), 1 + int(n_random))
             for j, p in enumerate(percents):
                 results[(c, p)] = (len(idx), base, rest[j, 0], rest[j, 1:])
@@ -638,25 +733,56 @@ def ablation_study(clf, X, y, *, ranking: pd.DataFrame | None = None, score: str
         for c in present:
             for p in grid:
                 m, base, top, rand = results[(c, float(p))]
-                rows.append(_ablation_row(grid_name, clf.classes_[c], False, float(p),
-                                          sizes[float(p)], m, base, top, rand))
+                rows.append(
+                    _ablation_row(
+                        grid_name,
+                        clf.classes_[c],
+                        False,
+                        float(p),
+                        sizes[float(p)],
+                        m,
+                        base,
+                        top,
+                        rand,
+                    )
+                )
         for p in grid:
             parts = [results[(c, float(p))] for c in present]
             m = sum(r[0] for r in parts)
-            rows.append(_ablation_row(grid_name, "all", True, float(p), sizes[float(p)], m,
-                                      sum(r[1] for r in parts), sum(r[2] for r in parts),
-                                      np.sum([r[3] for r in parts], axis=0)))
+            rows.append(
+                _ablation_row(
+                    grid_name,
+                    "all",
+                    True,
+                    float(p),
+                    sizes[float(p)],
+                    m,
+                    sum(r[1] for r in parts),
+                    sum(r[2] for r in parts),
+                    np.sum([r[3] for r in parts], axis=0),
+                )
+            )
     return pd.DataFrame(rows)
 
 
 def _ablation_row(grid, cls, overall, percent, n_genes, m, base, top, rand) -> dict:
     acc = base / m
     rand_acc = np.asarray(rand, dtype=np.float64) / m
-    return {"grid": grid, "class": cls, "overall": overall, "percent": percent,
-            "n_genes": n_genes, "n_samples": m, "accuracy": acc, "accuracy_top": top / m,
-            "accuracy_random_mean": rand_acc.mean(), "accuracy_random_std": rand_acc.std(),
-            "drop_top": acc - top / m, "drop_random_mean": acc - rand_acc.mean(),
-            "drop_random_std": rand_acc.std()}
+    return {
+        "grid": grid,
+        "class": cls,
+        "overall": overall,
+        "percent": percent,
+        "n_genes": n_genes,
+        "n_samples": m,
+        "accuracy": acc,
+        "accuracy_top": top / m,
+        "accuracy_random_mean": rand_acc.mean(),
+        "accuracy_random_std": rand_acc.std(),
+        "drop_top": acc - top / m,
+        "drop_random_mean": acc - rand_acc.mean(),
+        "drop_random_std": rand_acc.std(),
+    }
 
 
 def _gene_names(clf) -> np.ndarray:
@@ -670,8 +796,10 @@ def _class_orders(clf, ranking: pd.DataFrame, score: str, g: int) -> dict:
     """Class label -> gene column indices from the best to the worst ranked."""
     missing = {"gene", "class", score} - set(ranking.columns)
     if missing:
-        raise ValueError(f"ranking lacks the columns {sorted(missing)}; pass the output of "
-                         "tgem.interpret.gene_ranking.")
+        raise ValueError(
+            f"ranking lacks the columns {sorted(missing)}; pass the output of "
+            "tgem.interpret.gene_ranking."
+        )
     position = {name: j for j, name in enumerate(_gene_names(clf).tolist())}
     orders = {}
     for cls, part in ranking.groupby("class", sort=False):
@@ -679,11 +807,15 @@ def _class_orders(clf, ranking: pd.DataFrame, score: str, g: int) -> dict:
         try:
             cols = np.array([position[gname] for gname in part["gene"].tolist()])
         except KeyError as exc:
-            raise ValueError(f"ranking names gene {exc.args[0]!r}, which the model was not "
-                             "fitted on; rank the model's own genes.") from None
+            raise ValueError(
+                f"ranking names gene {exc.args[0]!r}, which the model was not "
+                "fitted on; rank the model's own genes."
+            ) from None
         if len(cols) != g:
-            raise ValueError(f"ranking ranks {len(cols)} genes for class {cls!r}; the model "
-                             f"has {g}. Rank all genes.")
+            raise ValueError(
+                f"ranking ranks {len(cols)} genes for class {cls!r}; the model "
+                f"has {g}. Rank all genes."
+            )
         orders[cls] = cols
     return orders
 
@@ -693,8 +825,7 @@ def _class_orders(clf, ranking: pd.DataFrame, score: str, g: int) -> dict:
 MIN_PER_CLASS = 20
 
 
-def stratified_subsample(y_enc: np.ndarray, n_samples: int, rng: np.random.Generator
-                         ) -> np.ndarray:
+def stratified_subsample(y_enc: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted row indices: about ``n_samples`` rows stratified by class, at least
     ``MIN_PER_CLASS`` of each class that has them (so possibly more than ``n_samples``)."""
     classes, counts = np.unique(y_enc, return_counts=True)
@@ -710,8 +841,10 @@ def stratified_subsample(y_enc: np.ndarray, n_samples: int, rng: np.random.Gener
         order = np.argsort(-(share - extra), kind="stable")
         extra[order[:rest]] += 1
         alloc += np.minimum(extra, room)
-    chosen = [rng.choice(np.flatnonzero(y_enc == c), size=a, replace=False)
-              for c, a in zip(classes, alloc)]
+    chosen = [
+        rng.choice(np.flatnonzero(y_enc == c), size=a, replace=False)
+        for c, a in zip(classes, alloc)
+    ]
     return np.sort(np.concatenate(chosen))
 
 
@@ -755,19 +888,28 @@ def training_importances(clf) -> np.ndarray:
             "feature_importances_ was not computed before this model was saved or pickled, "
             "and the training data is not kept in model files. Refit the model (or compute "
             "feature_importances_ before saving), or use tgem.interpret.attribute on data "
-            "you have.")
+            "you have."
+        )
     X, y_enc = data
     rng = np.random.default_rng(_seed(clf.random_state))
     idx = stratified_subsample(np.asarray(y_enc), int(clf.importance_n_samples), rng)
-    baseline = (_training_mean(clf).astype(np.float32)[None, :]
-                if clf.importance_baseline == "mean"
-                else np.zeros((1, X.shape[1]), dtype=np.float32))
+    baseline = (
+        _training_mean(clf).astype(np.float32)[None, :]
+        if clf.importance_baseline == "mean"
+        else np.zeros((1, X.shape[1]), dtype=np.float32)
+    )
     n_steps = 50
     batch_rows = _batch_rows(clf, module, None)
     logger.info(
         "computing feature_importances_: Integrated Gradients on %d training samples x %d "
         "genes, %d classes, %d steps (at least %d gradient evaluations; adaptive refinement "
-        "adds some)", len(idx), X.shape[1], len(clf.classes_), n_steps, len(idx) * n_steps)
+        "adds some)",
+        len(idx),
+        X.shape[1],
+        len(clf.classes_),
+        n_steps,
+        len(idx) * n_steps,
+    )
     t0 = time.perf_counter()
     reported = []
 
@@ -775,14 +917,33 @@ def training_importances(clf) -> np.ndarray:
         if not reported and done < len(idx):
             elapsed = time.perf_counter() - t0
             reported.append(done)
-            logger.info("feature_importances_: %d/%d samples in %.1f s, about %.0f s left",
-                        done, len(idx), elapsed, elapsed * (len(idx) - done) / done)
+            logger.info(
+                "feature_importances_: %d/%d samples in %.1f s, about %.0f s left",
+                done,
+                len(idx),
+                elapsed,
+                elapsed * (len(idx) - done) / done,
+            )
 
     ev = _ig.Evaluator(module, batch_rows)
     attr, delta, converged = _run(
-        ev, X[idx], np.asarray(y_enc)[idx].astype(np.int64), baseline, "ig", None, n_steps,
-        "adaptive", 1e-3, 0.0, 1, 0, clf.n_threads, clf.verbose, need_delta=False,
-        on_chunk=on_chunk)
+        ev,
+        X[idx],
+        np.asarray(y_enc)[idx].astype(np.int64),
+        baseline,
+        "ig",
+        None,
+        n_steps,
+        "adaptive",
+        1e-3,
+        0.0,
+        1,
+        0,
+        clf.n_threads,
+        clf.verbose,
+        need_delta=False,
+        on_chunk=on_chunk,
+    )
     _warn_unconverged(converged, delta, 1e-3)
     imp = np.abs(attr).mean(0)
     total = imp.sum()

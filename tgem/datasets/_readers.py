@@ -284,8 +284,13 @@ def _check_unique_genes(names, path: Path) -> None:
         )
 
 
-def read_h5ad(path: PathLike, label_column: str | None = None, *, layer: str | None = None,
-              return_X_y: bool = False):
+def read_h5ad(
+    path: PathLike,
+    label_column: str | None = None,
+    *,
+    layer: str | None = None,
+    return_X_y: bool = False,
+):
     """Read an AnnData ``.h5ad`` file (needs the optional ``anndata`` extra).
 
     Parameters

@@ -65,15 +65,21 @@ def plot_entropy(entropy, *, n_genes: int | None = None, ax=None):
     if ent.ndim != 3:
         raise ValueError(
             f"entropy must have shape (n_values, n_layers, n_heads), got {ent.shape}; pass "
-            "attention_entropy(clf, X, per_sample=True).")
+            "attention_entropy(clf, X, per_sample=True)."
+        )
     _, n_layers, n_heads = ent.shape
     ax = _axes(ax, (max(4.0, 0.45 * n_layers * n_heads + 1.5), 3.6))
     colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     positions, labels = [], []
     for li in range(n_layers):
         pos = [li * (n_heads + 1) + h for h in range(n_heads)]
-        parts = ax.boxplot([ent[:, li, h] for h in range(n_heads)], positions=pos,
-                           widths=0.7, patch_artist=True, showfliers=False)
+        parts = ax.boxplot(
+            [ent[:, li, h] for h in range(n_heads)],
+            positions=pos,
+            widths=0.7,
+            patch_artist=True,
+            showfliers=False,
+        )
         for box in parts["boxes"]:
             box.set_facecolor(colors[li % len(colors)])
             box.set_alpha(0.6)
@@ -83,22 +89,24 @@ def plot_entropy(entropy, *, n_genes: int | None = None, ax=None):
         labels += [f"{h + 1}" for h in range(n_heads)]
     ax.set_xticks(positions, labels)
     top = ax.secondary_xaxis("top")
-    top.set_xticks([li * (n_heads + 1) + (n_heads - 1) / 2 for li in range(n_layers)],
-                   [f"layer {li + 1}" for li in range(n_layers)])
+    top.set_xticks(
+        [li * (n_heads + 1) + (n_heads - 1) / 2 for li in range(n_layers)],
+        [f"layer {li + 1}" for li in range(n_layers)],
+    )
     top.tick_params(length=0)
     ax.ticklabel_format(axis="y", useOffset=False)  # an offset text would hide the layer names
     ax.set_xlabel("head")
     ax.set_ylabel("attention entropy (nats)")
     if n_genes is not None:
-        ax.axhline(math.log(n_genes), ls="--", color="grey", lw=1,
-                   label=f"uniform (log {n_genes})")
+        ax.axhline(math.log(n_genes), ls="--", color="grey", lw=1, label=f"uniform (log {n_genes})")
         ax.legend(loc="lower right", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return ax
 
 
-def plot_attention_map(attention, genes=None, *, ax=None, cmap: str = "viridis",
-                       colorbar: bool = True):
+def plot_attention_map(
+    attention, genes=None, *, ax=None, cmap: str = "viridis", colorbar: bool = True
+):
     """Heatmap of an attention map (query genes as rows, key genes as columns).
 
     Parameters
@@ -135,8 +143,14 @@ def plot_attention_map(attention, genes=None, *, ax=None, cmap: str = "viridis",
     ax = _axes(ax, (side + 1.0, side))
     off = a[~np.eye(g, dtype=bool)] if g > 1 else a.ravel()
     # the colour scale follows the off-diagonal weights: the model zeroes the diagonal
-    image = ax.imshow(a, cmap=cmap, interpolation="nearest", aspect="equal",
-                      vmin=float(off.min()), vmax=float(off.max()))
+    image = ax.imshow(
+        a,
+        cmap=cmap,
+        interpolation="nearest",
+        aspect="equal",
+        vmin=float(off.min()),
+        vmax=float(off.max()),
+    )
     if genes is not None and g <= 60:
         ax.set_xticks(range(g), [str(x) for x in genes], rotation=90, fontsize="small")
         ax.set_yticks(range(g), [str(x) for x in genes], fontsize="small")
@@ -147,8 +161,9 @@ def plot_attention_map(attention, genes=None, *, ax=None, cmap: str = "viridis",
     return ax
 
 
-def plot_network(edges, *, top: int = 20, by: str = "degree", label=None,
-                 max_edges: int = 400, ax=None):
+def plot_network(
+    edges, *, top: int = 20, by: str = "degree", label=None, max_edges: int = 400, ax=None
+):
     """Draw the subnetwork around the hub genes of an attention network.
 
     The ``top`` hub genes (:func:`tgem.attention.hub_genes`) sit on an inner circle, their
@@ -190,8 +205,10 @@ def plot_network(edges, *, top: int = 20, by: str = "degree", label=None,
 
     if "class" in edges and edges["class"].nunique() > 1:
         if label is None:
-            raise ValueError(f"edges hold classes {edges['class'].unique().tolist()}; pass "
-                             "label= to choose the one to draw.")
+            raise ValueError(
+                f"edges hold classes {edges['class'].unique().tolist()}; pass "
+                "label= to choose the one to draw."
+            )
         edges = edges[edges["class"] == label]
     elif label is not None and "class" in edges:
         edges = edges[edges["class"] == label]
@@ -225,20 +242,26 @@ def plot_network(edges, *, top: int = 20, by: str = "degree", label=None,
         part = sub[sub["layer"] == li] if "layer" in sub else sub
         segs = [(pos[q], pos[k]) for q, k in zip(part["query"], part["key"], strict=True)]
         widths = 0.3 + 2.2 * part["score"].abs().to_numpy() / smax
-        ax.add_collection(LineCollection(segs, linewidths=widths, alpha=0.45,
-                                         color=colors[int(li) % len(colors)],
-                                         label=f"layer {int(li) + 1}"))
+        ax.add_collection(
+            LineCollection(
+                segs,
+                linewidths=widths,
+                alpha=0.45,
+                color=colors[int(li) % len(colors)],
+                label=f"layer {int(li) + 1}",
+            )
+        )
     degree = dict(zip(hubs["gene"], hubs["degree"], strict=True))
     hx = [pos[n][0] for n in hub_list]
     hy = [pos[n][1] for n in hub_list]
     sizes = [40 + 260 * degree[n] / max(degree.values()) for n in hub_list]
-    ax.scatter([pos[n][0] for n in others], [pos[n][1] for n in others], s=12, color="grey",
-               zorder=3)
+    ax.scatter(
+        [pos[n][0] for n in others], [pos[n][1] for n in others], s=12, color="grey", zorder=3
+    )
     ax.scatter(hx, hy, s=sizes, color="tab:red", edgecolor="black", zorder=4)
     for n in hub_list:
         x, y = pos[n]
-        ax.text(x * 1.12, y * 1.12, str(n), ha="center", va="center", fontsize="small",
-                zorder=5)
+        ax.text(x * 1.12, y * 1.12, str(n), ha="center", va="center", fontsize="small", zorder=5)
     ax.set_xlim(-2.6, 2.6)
     ax.set_ylim(-2.6, 2.6)
     ax.set_aspect("equal")

@@ -6,8 +6,15 @@ import numpy as np
 
 __all__ = ["plot_ablation", "plot_gene_ranking"]
 
-_ABLATION_COLUMNS = {"grid", "class", "overall", "percent", "drop_top", "drop_random_mean",
-                     "drop_random_std"}
+_ABLATION_COLUMNS = {
+    "grid",
+    "class",
+    "overall",
+    "percent",
+    "drop_top",
+    "drop_random_mean",
+    "drop_random_std",
+}
 
 
 def _pyplot():
@@ -55,8 +62,10 @@ def plot_ablation(result, *, classes=None, axes=None):
     """
     missing = _ABLATION_COLUMNS - set(getattr(result, "columns", ()))
     if missing:
-        raise ValueError(f"plot_ablation needs the output of tgem.interpret.ablation_study; "
-                         f"the table lacks {sorted(missing)}.")
+        raise ValueError(
+            f"plot_ablation needs the output of tgem.interpret.ablation_study; "
+            f"the table lacks {sorted(missing)}."
+        )
     plt = _pyplot()
     grids = list(dict.fromkeys(result["grid"]))
     if axes is None:
@@ -64,8 +73,9 @@ def plot_ablation(result, *, classes=None, axes=None):
         axes = axes[0]
     axes = np.atleast_1d(np.asarray(axes, dtype=object))
     if len(axes) != len(grids):
-        raise ValueError(f"axes has {len(axes)} Axes for {len(grids)} grids {grids}; pass one "
-                         "per grid.")
+        raise ValueError(
+            f"axes has {len(axes)} Axes for {len(grids)} grids {grids}; pass one per grid."
+        )
     if classes is None:
         wanted = []
     elif isinstance(classes, str) and classes == "all":
@@ -75,12 +85,18 @@ def plot_ablation(result, *, classes=None, axes=None):
     for ax, grid in zip(axes, grids):
         part = result[result["grid"] == grid]
         overall = part[part["overall"]].sort_values("percent")
-        line = ax.plot(overall["percent"], overall["drop_top"], "-o", color="C0",
-                       label="top-ranked genes (all samples)")[0]
+        line = ax.plot(
+            overall["percent"],
+            overall["drop_top"],
+            "-o",
+            color="C0",
+            label="top-ranked genes (all samples)",
+        )[0]
         mean, std = overall["drop_random_mean"], overall["drop_random_std"]
         ax.plot(overall["percent"], mean, "--", color=line.get_color(), label="random genes")
-        ax.fill_between(overall["percent"], mean - std, mean + std, color=line.get_color(),
-                        alpha=0.2)
+        ax.fill_between(
+            overall["percent"], mean - std, mean + std, color=line.get_color(), alpha=0.2
+        )
         for i, cls in enumerate(wanted, start=1):
             rows = part[(~part["overall"]) & (part["class"] == cls)].sort_values("percent")
             if rows.empty:
@@ -127,12 +143,15 @@ def plot_gene_ranking(ranking, cls, *, top: int = 20, score: str = "mean", ax=No
     """
     missing = {"gene", "class", score} - set(getattr(ranking, "columns", ()))
     if missing:
-        raise ValueError(f"plot_gene_ranking needs the output of tgem.interpret.gene_ranking; "
-                         f"the table lacks {sorted(missing)}.")
+        raise ValueError(
+            f"plot_gene_ranking needs the output of tgem.interpret.gene_ranking; "
+            f"the table lacks {sorted(missing)}."
+        )
     part = ranking[ranking["class"] == cls]
     if part.empty:
-        raise ValueError(f"class {cls!r} is not in the ranking; it has "
-                         f"{list(dict.fromkeys(ranking['class']))}.")
+        raise ValueError(
+            f"class {cls!r} is not in the ranking; it has {list(dict.fromkeys(ranking['class']))}."
+        )
     plt = _pyplot()
     part = part.sort_values(score, ascending=False, kind="stable").head(int(top))
     if ax is None:

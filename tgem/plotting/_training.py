@@ -77,26 +77,41 @@ def plot_history(history, *, metrics="both", ax=None):
     names = ["loss", "accuracy"] if metrics == "both" else [metrics]
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
+
     if ax is None:
-        _, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 3.6),
-                               layout="constrained", squeeze=False)
+        _, axes = plt.subplots(
+            1, len(names), figsize=(5.0 * len(names), 3.6), layout="constrained", squeeze=False
+        )
         axes = list(axes.ravel())
     else:
-        axes = [ax] if not isinstance(ax, Sequence) and not hasattr(ax, "ravel") else list(
-            getattr(ax, "ravel", lambda: ax)())
+        axes = (
+            [ax]
+            if not isinstance(ax, Sequence) and not hasattr(ax, "ravel")
+            else list(getattr(ax, "ravel", lambda: ax)())
+        )
         if len(axes) != len(names):
-            raise ValueError(f"ax must hold {len(names)} Axes for metrics={metrics!r}, "
-                             f"got {len(axes)}.")
+            raise ValueError(
+                f"ax must hold {len(names)} Axes for metrics={metrics!r}, got {len(axes)}."
+            )
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
     for axis, name in zip(axes, names, strict=True):
         for split, style in (("train", "-"), ("valid", "--")):
             key = f"{split}_{name}"
-            points = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True)
-                      if r.get(key) is not None and math.isfinite(r[key])]
+            points = [
+                (e, float(r[key]))
+                for e, r in zip(epochs, rows, strict=True)
+                if r.get(key) is not None and math.isfinite(r[key])
+            ]
             if points:
                 x, y = zip(*points, strict=True)
-                axis.plot(x, y, style, marker="o" if len(x) < 20 else None, markersize=3,
-                          label="training" if split == "train" else "validation")
+                axis.plot(
+                    x,
+                    y,
+                    style,
+                    marker="o" if len(x) < 20 else None,
+                    markersize=3,
+                    label="training" if split == "train" else "validation",
+                )
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(_LABELS[name])
