@@ -113,6 +113,9 @@ VARIANTS = {
     "tgem_lr1e-3": (False, {"learning_rate": 1e-3}),
     "tgem_scaled_lr1e-3": (True, {"learning_rate": 1e-3}),
     "tgem_scaled_lr1e-3_es": (True, {"learning_rate": 1e-3, "early_stopping": True}),
+    # the defaults study's screen (issue 26): regularisation on top of the standardised recipe
+    "tgem_scaled_lr1e-3_wd1e-2": (True, {"learning_rate": 1e-3, "weight_decay": 1e-2}),
+    "tgem_scaled_lr1e-3_do0.1": (True, {"learning_rate": 1e-3, "dropout": 0.1}),
 }
 DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 TIMING_GENES = (765, 1708, 5000, 12625, 22283)
