@@ -406,3 +406,18 @@ def test_tgem_variants_change_only_what_their_names_say():
         assert {k for k in got if got[k] != base[k]} == set(params)
         assert ("lr1e-3" in name) == (got["learning_rate"] == 1e-3)
         assert name.endswith("_es") == got["early_stopping"]
+
+
+def test_citeseq_is_log1p_of_counts_scaled_per_cell(data_dir):
+    ds = bench.load_dataset("citeseq", data_dir)
+    assert ds.shape == (8617, 500) and ds.top_k is None
+    assert len(np.unique(ds.y)) == 13 and {"Mouse", "Unknown"} <= set(ds.y)
+    with np.load(data_dir / "citeseq_cbmc.npz", allow_pickle=False) as d:
+        counts = d["X"][:5].astype(np.float64)
+    # every cell sums to the target once the log is undone (cells with no counts stay 0)
+    totals = np.expm1(ds.X[:5].astype(np.float64)).sum(axis=1)
+    expected = np.where(counts.sum(axis=1) > 0, bench.CITESEQ_TARGET_SUM, 0.0)
+    np.testing.assert_allclose(totals, expected, rtol=1e-4)
+    assert "citeseq" not in bench.DATASETS  # hours of fits: only when named
+    with pytest.raises(ValueError, match="citeseq"):
+        bench.load_dataset("no_such_set", data_dir)
