@@ -27,7 +27,7 @@ same fit).
         --check reference=1 exact=1 compiled=1 native=1
     # trained models: 50 epochs, the slow reference capped at 12 epochs
     python benchmarks/bench_equivalence.py --epochs 50 --reference-epochs 12 \\
-        --check native=50 --out benchmarks/results/equivalence_trained.json
+        --check native=50 --out /tmp/equivalence_trained.json
 """
 
 from __future__ import annotations

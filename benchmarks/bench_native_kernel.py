@@ -28,7 +28,7 @@ Example (``--library`` measures another build of the kernel, e.g. an older versi
 with ``gcc -O3 -std=gnu11 -ffp-contract=off -fPIC -shared -pthread old.c -o old.so``)::
 
     PYTHONPATH=. python benchmarks/bench_native_kernel.py --genes 1708 \\
-        --out benchmarks/results/native_kernel_1708.json
+        --out /tmp/native_kernel_1708.json
 """
 
 from __future__ import annotations
