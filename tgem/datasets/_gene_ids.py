@@ -573,9 +573,8 @@ def _load_table(organism: str) -> _GeneTable:
             f"the bundled gene table {name} does not start with the columns "
             f"{_TABLE_COLUMNS!r}; the installation is damaged: reinstall tgem."
         )
-    symbols, aliases, ensembl = defaultdict(list), defaultdict(list), defaultdict(list)
-    official = {}
-    for number, line in enumerate(body[1:], start=2):
+    symbols, aliases, ensembl, official = {}, {}, {}, {}
+    for number, line in enumerate(body[1:], start=1):
         fields = line.split("\t")
         if len(fields) != 4 or not fields[0].isdigit() or not fields[1]:
             raise RuntimeError(
@@ -584,19 +583,23 @@ def _load_table(organism: str) -> _GeneTable:
             )
         gene, symbol, ids, other = fields
         official[gene] = symbol
-        symbols[symbol.upper()].append(gene)
-        for ensembl_id in filter(None, ids.split(";")):
-            ensembl[ensembl_id.upper()].append(gene)
-        for alias in filter(None, other.split(";")):
-            aliases[alias.upper()].append(gene)
+        _add(symbols, symbol.upper(), gene)
+        for ensembl_id in ids.upper().split(";") if ids else ():
+            _add(ensembl, ensembl_id, gene)
+        for alias in other.upper().split(";") if other else ():
+            _add(aliases, alias, gene)
     return _GeneTable(
         source="; ".join(source),
-        symbols=_frozen(symbols),
-        aliases=_frozen(aliases),
-        ensembl=_frozen(ensembl),
+        symbols=symbols,
+        aliases=aliases,
+        ensembl=ensembl,
         official=official,
     )
 
 
-def _frozen(mapping) -> dict[str, tuple[str, ...]]:
-    return {key: tuple(dict.fromkeys(values)) for key, values in mapping.items()}
+def _add(mapping: dict[str, tuple[str, ...]], key: str, gene: str) -> None:
+    genes = mapping.get(key)
+    if genes is None:
+        mapping[key] = (gene,)
+    elif gene not in genes:
+        mapping[key] = (*genes, gene)
