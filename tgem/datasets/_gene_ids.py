@@ -379,31 +379,23 @@ class _Matcher:
         return "alias" if "alias" in kinds else "id_conversion"
 
     def _report(self, normalised, by_gene) -> GeneMatch:
-        missing_genes = {self.model_resolved[j].gene for j in np.flatnonzero(self.index < 0)} - {
-            None
-        }
-        ambiguous, unknown = {}, []
-        for j in np.flatnonzero(self.index < 0):
+        missing = np.flatnonzero(self.index < 0)
+        ambiguous, unknown_query = self._unused_query_names(missing)
+        unknown = []
+        for j in missing:
             name, resolved = self.model[j], self.model_resolved[j]
             if len(resolved.genes) > 1:
                 ambiguous[name] = self._symbols(resolved.genes)
                 self.reasons.setdefault(
                     name, f"ambiguous: it can mean {_shown(ambiguous[name])}; never guessed"
                 )
-            elif resolved.kind == "unknown" or not resolved.genes:
+            elif not resolved.genes:
                 unknown.append(name)
                 self.reasons.setdefault(
                     name, "not in the data, and not in the gene table (retired or unknown)"
                 )
             else:
                 self.reasons.setdefault(name, "not in the data")
-        unknown_query = []
-        for i in np.flatnonzero(~self.used):
-            resolved = self.query_resolved[i]
-            if len(resolved.genes) > 1 and missing_genes.intersection(resolved.genes):
-                ambiguous[self.query[i]] = self._symbols(resolved.genes)
-            elif not resolved.genes:
-                unknown_query.append(self.query[i])
         duplicates = {}
         for j in np.flatnonzero(self.index >= 0):
             others = set(normalised.get(_normalise(self.model[j]), []))
@@ -425,6 +417,26 @@ class _Matcher:
             organism=self.organism,
             table_source=self.table.source,
         )
+
+    def _unused_query_names(self, missing):
+        """Ambiguous data columns that could stand for a missing model gene, unknown ones."""
+        missing_of_gene = {self.model_resolved[j].gene: j for j in missing}
+        missing_of_gene.pop(None, None)
+        ambiguous, unknown = {}, []
+        for i in np.flatnonzero(~self.used):
+            name, genes = self.query[i], self.query_resolved[i].genes
+            meant = [missing_of_gene[g] for g in genes if g in missing_of_gene]
+            if len(genes) > 1 and meant:
+                ambiguous[name] = self._symbols(genes)
+                for j in meant:
+                    self.reasons.setdefault(
+                        self.model[j],
+                        f"not in the data; data column {name} could mean it but is "
+                        f"ambiguous ({_shown(ambiguous[name])}): never guessed",
+                    )
+            elif not genes:
+                unknown.append(name)
+        return ambiguous, unknown
 
     def _missing_names(self) -> list[str]:
         return [self.model[j] for j in np.flatnonzero(self.index < 0)]
