@@ -221,6 +221,8 @@ def test_report_converts_to_a_frame_and_to_plain_values():
     text = json.dumps(plain)
     assert "null" not in text
     assert plain["counts"]["missing"] == 1 and plain["missing"] == ["NKG7"]
+    with pytest.raises(ValueError, match="read-only"):
+        match.index[0] = 5
 
 
 def test_inputs_are_not_modified_and_an_estimator_gives_its_genes():

@@ -62,7 +62,7 @@ class _Resolved:
         return self.genes[0] if len(self.genes) == 1 else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GeneMatch:
     """What :func:`match_genes` found: the data column of each model gene, and how.
 
@@ -75,6 +75,7 @@ class GeneMatch:
     index : ndarray of shape (n_model_genes,), int64
         The data column of each model gene, -1 where it is missing: ``X[:, index]``
         (for the genes with ``index >= 0``) puts the data in the model's gene order.
+        Read-only.
     methods : tuple of str
         How each model gene was matched: ``"exact"`` (same name), ``"version"`` (same
         Ensembl id once version suffixes are stripped), ``"case"`` (same name ignoring
@@ -396,6 +397,7 @@ class _Matcher:
                 )
             else:
                 self.reasons.setdefault(name, "not in the data")
+        self.index.setflags(write=False)
         duplicates = {}
         for j in np.flatnonzero(self.index >= 0):
             others = set(normalised.get(_normalise(self.model[j]), []))
