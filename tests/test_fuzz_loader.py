@@ -257,3 +257,46 @@ def test_crafted_files_never_run_code(original, tmp_path):
         with pytest.raises(ModelFileError):
             load(path)
         assert not marker.exists(), f"loading a file with a {what} ran code"
+
+
+# ---------------------------------------------------------------- the forked-worker helper
+def _behave(data: bytes):
+    import os
+    import time
+
+    if data == b"segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if data == b"abort":
+        os.abort()
+    if data == b"exit":
+        os._exit(3)
+    if data == b"hang":
+        time.sleep(60)
+    if data == b"raise":
+        raise ModelFileError("refused")
+
+
+def test_fork_worker_reports_each_outcome_and_restarts_only_after_a_crash():
+    from tests._fuzz import ForkWorker, is_failure, run_in_fork
+
+    with ForkWorker(_behave, timeout=3) as worker:
+        outcomes = [worker(d) for d in (b"ok", b"raise", b"ok", b"segv", b"ok", b"abort")]
+        assert outcomes == [
+            "ok",
+            "exception:ModelFileError",
+            "ok",
+            "crash:SIGSEGV",
+            "ok",
+            "crash:SIGABRT",
+        ]
+        assert worker.starts == 2  # one start, one restart after the SIGSEGV
+        assert worker(b"exit") == "crash:exit3"
+        assert worker(b"hang") == "timeout"
+        assert worker(b"ok") == "ok"
+    assert [is_failure(o) for o in ("ok", "exception:X", "crash:SIGSEGV", "timeout")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert run_in_fork(_behave, b"segv", timeout=3) == "crash:SIGSEGV"
