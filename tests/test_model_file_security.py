@@ -6,7 +6,12 @@ files and concurrent saves, half-precision files, parameters checked against the
 constraints, and files written by tgem 0.1.0 that must still load.
 """
 
+import io
+import json
+import os
 import pickle
+import sys
+import zipfile
 from pathlib import Path
 
 import joblib
@@ -14,7 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import tgem._io
+from tests._fuzz import run_in_fork
 from tgem import TGEMClassifier, load
+from tgem._io import _digest
+from tgem.exceptions import ModelFileError
 
 COMPAT = Path(__file__).parent / "fixtures" / "compat_0.1"
 
@@ -40,3 +49,229 @@ def test_files_written_by_tgem_0_1_still_load_and_predict_the_same(kind):
     assert list(model.feature_names_in_) == ["CD3E", "MS4A1", "LYZ", "NKG7", "GNLY", "CD14"]
     frame = pd.DataFrame(X, columns=model.feature_names_in_)
     np.testing.assert_allclose(model.predict_proba(frame), proba, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ helpers
+def _data(n=40, genes=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, genes)).astype(np.float32)
+    y = np.arange(n) % 3
+    X[np.arange(n), y] += 2.0
+    return X, y
+
+
+def _fit(**params):
+    X, y = _data()
+    kw = dict(n_layers=1, n_heads=2, max_epochs=2, batch_size=8, random_state=0)
+    kw.update(params)
+    return TGEMClassifier(**kw).fit(X, y), X
+
+
+@pytest.fixture(scope="module")
+def model_bytes():
+    clf, X = _fit()
+    buffer = io.BytesIO()
+    clf.save(buffer)
+    return buffer.getvalue(), X, clf.predict_proba(X)
+
+
+def _rebuild(data: bytes, header=None) -> bytes:
+    """Edit a model file's header (a function of the parsed JSON) and recompute the checksum."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        items = {i.filename: archive.read(i.filename) for i in archive.infolist()}
+    items.pop("SHA256")
+    if header is not None:
+        h = json.loads(items["tgem.json"])
+        new = header(h)
+        items["tgem.json"] = new if isinstance(new, bytes) else json.dumps(h).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, blob in [*items.items(), ("SHA256", _digest(list(items.items())).encode())]:
+            archive.writestr(name, blob)
+    return out.getvalue()
+
+
+def _limit_memory(extra: int = 1 << 30) -> None:
+    """In a forked child: allow at most ``extra`` bytes of address space beyond what it has."""
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
+
+
+def _refused_in_a_child(target, match: str, timeout: float = 20) -> str:
+    """Load ``target`` (a path, or bytes) in a forked child with bounded memory and time.
+
+    Returns the child's outcome: "ok" when ``load`` raised ModelFileError matching ``match``;
+    a hang, a crash or any other outcome (e.g. a MemoryError) is reported as such.
+    """
+
+    def check(_):
+        _limit_memory()
+        source = io.BytesIO(target) if isinstance(target, bytes) else target
+        with pytest.raises(ModelFileError, match=match):
+            load(source)
+
+    return run_in_fork(check, b"", timeout=timeout)
+
+
+needs_proc = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="bounds the child's memory through /proc"
+)
+
+
+# ------------------------------------------------------------------ item 8: what load reads
+@needs_proc
+def test_a_symlink_to_dev_zero_is_refused_before_reading(tmp_path):
+    link = tmp_path / "model.tgem"
+    link.symlink_to("/dev/zero")
+    assert _refused_in_a_child(link, "not a regular file") == "ok"
+
+
+@needs_proc
+def test_a_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "model.tgem"
+    os.mkfifo(fifo)
+    assert _refused_in_a_child(fifo, "not a regular file", timeout=10) == "ok"
+
+
+@pytest.mark.parametrize("target", ["directory", "/dev/null"])
+def test_directories_and_devices_are_refused(tmp_path, target):
+    path = tmp_path if target == "directory" else Path(target)
+    with pytest.raises(ModelFileError, match=r"not a regular file.*pass the path of a \.tgem"):
+        load(path)
+
+
+@needs_proc
+def test_a_file_above_the_size_cap_is_refused_before_reading(tmp_path):
+    cap = getattr(tgem._io, "MAX_FILE_SIZE", 1 << 30)
+    path = tmp_path / "huge.tgem"
+    with open(path, "wb") as fh:  # sparse: takes no disk space
+        fh.write(b"PK\x03\x04")
+        fh.truncate(cap + 1)
+    assert _refused_in_a_child(path, "size cap") == "ok"
+
+
+def test_a_file_object_is_read_with_a_bound(model_bytes, monkeypatch):
+    data, _, _ = model_bytes
+    monkeypatch.setattr(tgem._io, "MAX_FILE_SIZE", len(data) - 1, raising=False)
+
+    class Endless(io.RawIOBase):
+        """A stream that never ends; reading it whole would never return."""
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = b"\0" * len(buffer)
+            return len(buffer)
+
+        def readall(self):
+            raise AssertionError("load read an unbounded stream whole")
+
+    with pytest.raises(ModelFileError, match="size cap"):
+        load(Endless())
+    with pytest.raises(ModelFileError, match="size cap"):
+        load(io.BytesIO(data))  # one byte over the (lowered) cap
+    monkeypatch.setattr(tgem._io, "MAX_FILE_SIZE", len(data))
+    assert load(io.BytesIO(data)).n_features_in_ == 6
+
+
+def test_a_header_above_the_header_cap_is_refused(model_bytes):
+    data, _, _ = model_bytes
+    cap = getattr(tgem._io, "MAX_HEADER_SIZE", 16 << 20)
+    padded = _rebuild(data, header=lambda h: json.dumps(h).encode() + b" " * cap)
+    with pytest.raises(ModelFileError, match="header.*cap"):
+        load(io.BytesIO(padded))
+
+
+@needs_proc
+def test_a_huge_declared_classes_dtype_is_refused_not_allocated(model_bytes):
+    data, _, _ = model_bytes
+
+    def edit(h):
+        h["fitted"]["classes_"] = {"dtype": "<U200000000", "values": ["0", "1", "2"]}
+
+    crafted = _rebuild(data, header=edit)
+    assert len(crafted) < 20_000
+    assert _refused_in_a_child(crafted, "classes_.*<U200000000") == "ok"
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["fitted"]["classes_"].update(dtype="|S100000000"), "classes_"),
+        (lambda h: h["fitted"]["classes_"].update(dtype=["<f4"]), "classes_"),
+        (lambda h: h["fitted"]["classes_"].update(dtype="V8"), "classes_"),
+        (lambda h: h["arrays"][0].update(shape=[10**12, 10**12]), "shape"),
+        (lambda h: h["arrays"][0].update(shape="big"), "shape"),
+        (lambda h: h["arrays"][0].update(dtype="<U99999999"), "dtype"),
+        (lambda h: h.update(arrays=[{"name": 1}] * 3), "manifest"),
+    ],
+)
+def test_declared_dtypes_and_shapes_are_checked_before_allocating(model_bytes, edit, match):
+    data, _, _ = model_bytes
+    with pytest.raises(ModelFileError, match=match):
+        load(io.BytesIO(_rebuild(data, header=edit)))
+
+
+# ------------------------------------------------------------------ loaded parameters
+@pytest.mark.parametrize(
+    "param, value, match",
+    [
+        ("n_layers", 0, "n_layers"),
+        ("n_threads", True, "n_threads"),
+        ("batch_size", 2.5, "batch_size"),
+        ("dropout", 1.5, "dropout"),
+        ("device", "tpu", "device"),
+        ("class_weight", {"mapping": [[0, "heavy"]]}, "class_weight"),
+        ("class_weight", {"mapping": [[0, -1.0]]}, "class_weight"),
+        ("class_weight", {"mapping": [[0, 1e309]]}, "class_weight"),
+        ("class_weight", {"mapping": [[7, 1.0]]}, "class_weight"),
+        ("class_weight", {"mapping": [[0, {"mapping": []}]]}, "class_weight"),
+    ],
+)
+def test_loaded_parameters_are_checked_against_the_constructor(
+    model_bytes, tmp_path, param, value, match
+):
+    data, _, _ = model_bytes
+    path = tmp_path / "crafted.tgem"
+    path.write_bytes(_rebuild(data, header=lambda h: h["params"].update({param: value})))
+    with pytest.raises(ModelFileError, match=rf"crafted\.tgem.*{match}") as info:
+        load(path)
+    assert "parameter" in str(info.value)
+
+
+def test_a_valid_class_weight_mapping_still_loads():
+    clf, X = _fit(class_weight={0: 1.0, 1: 2.0, 2: 0.5})
+    buffer = io.BytesIO()
+    clf.save(buffer)
+    assert load(io.BytesIO(buffer.getvalue())).class_weight == {0: 1.0, 1: 2.0, 2: 0.5}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_iter_", "5"),
+        ("n_iter_", -1),
+        ("best_epoch_", 10**9),
+        ("attention_backend_", ["native"]),
+        ("device_", 3),
+        ("stopped", {"x": 1}),
+        ("best_loss", "lots"),
+        ("feature_names_in_", ["a", "a", "b", "c", "d", "e"]),
+    ],
+)
+def test_loaded_fitted_attributes_are_checked(model_bytes, field, value):
+    data, _, _ = model_bytes
+    crafted = _rebuild(data, header=lambda h: h["fitted"].update({field: value}))
+    with pytest.raises(ModelFileError, match=field):
+        load(io.BytesIO(crafted))
+
+
+def test_duplicate_class_labels_are_refused(model_bytes):
+    data, _, _ = model_bytes
+    crafted = _rebuild(data, header=lambda h: h["fitted"]["classes_"].update(values=[0, 0, 2]))
+    with pytest.raises(ModelFileError, match="classes_.*repeat"):
+        load(io.BytesIO(crafted))

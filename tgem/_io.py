@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import stat
 import struct
 import warnings
 import zipfile
@@ -49,7 +50,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from tgem.exceptions import DeviceWarning, ModelFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_SIZE", "MAX_HEADER_SIZE", "load", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ FORMAT = "tgem-model"
 #: The format version this tgem writes; it reads this one and the ones listed in _READABLE.
 FORMAT_VERSION = 1
 _READABLE = (1,)
+#: Largest model file :func:`load` reads, in bytes (1 GiB); larger files and streams are refused
+#: before they are read. A model of 20,000 genes, 8 layers and 8 heads in float64 takes ~40 MB.
+MAX_FILE_SIZE = 1 << 30
+#: Largest header (``tgem.json``) :func:`load` parses, in bytes (16 MiB); it also bounds what the
+#: header's declarations may allocate (e.g. ``classes_`` with its declared dtype).
+MAX_HEADER_SIZE = 16 << 20
+_READ_CHUNK = 16 << 20
 
 _HEADER = "tgem.json"
 _CHECKSUM = "SHA256"
@@ -328,7 +336,12 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
 
     Nothing in the file is executed: it is parsed as JSON and raw numeric arrays, and the
     checksum, the format version and every array's dtype and shape are verified before the
-    model is built. No network access is needed.
+    model is built. No network access is needed. Only a regular file is read (a directory,
+    FIFO, device or a symlink to one is refused before reading), at most
+    :data:`MAX_FILE_SIZE` bytes (1 GiB) of it or of a stream, with a header of at most
+    :data:`MAX_HEADER_SIZE` bytes (16 MiB); what the header declares (array dtypes and
+    shapes, the labels' dtype) is checked against the bytes present before anything is
+    allocated, and every parameter against the constructor's constraints.
 
     Parameters
     ----------
@@ -348,7 +361,8 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
     ------
     ModelFileError
         If the file is not a tgem model file, is truncated or corrupted (wrong checksum),
-        or comes from an unknown format version. A subclass of ``ValueError``.
+        comes from an unknown format version, is not a regular file, is above a size cap or
+        declares something invalid. A subclass of ``ValueError``.
     FileNotFoundError
         If ``path`` does not exist.
 
@@ -377,7 +391,7 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
 
     name = "<file object>" if hasattr(path, "read") else repr(str(path))
     target = None if device == "auto" else resolve_device(device)
-    data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+    data = _read_stream(path, name) if hasattr(path, "read") else _read_file(path, name)
     try:
         header, arrays = _parse(data, name)
         model = _build(header, arrays, name)
@@ -390,6 +404,76 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
         ) from exc
     _place(model, target, name)
     return model
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular(mode: int, size: int, name: str) -> None:
+    """Refuse what is not a regular file, or a file above :data:`MAX_FILE_SIZE`."""
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a plain file")
+        raise ModelFileError(
+            f"{name} is not a regular file (it is {kind}); pass the path of a .tgem model file "
+            "written by TGEMClassifier.save."
+        )
+    if size > MAX_FILE_SIZE:
+        raise _too_large(name, f"{size} bytes")
+
+
+def _too_large(name: str, size: str) -> ModelFileError:
+    return ModelFileError(
+        f"{name} is larger than the model file size cap: {size}, the cap is {MAX_FILE_SIZE} "
+        "bytes (tgem._io.MAX_FILE_SIZE). tgem model files are far smaller; this is not one."
+    )
+
+
+def _read_file(path, name: str) -> bytes:
+    """Read a model file from disk: a regular file below the size cap, never a device or FIFO.
+
+    The path is checked with ``os.stat`` before it is opened (so no device is even opened),
+    opened with ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block the open) and checked
+    again on the open descriptor, and the read is bounded by :data:`MAX_FILE_SIZE`.
+    """
+    _check_regular(*_mode_and_size(os.stat(path)), name)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        _check_regular(*_mode_and_size(os.fstat(fd)), name)
+        return _read_stream(fh, name)
+
+
+def _mode_and_size(info: os.stat_result) -> tuple[int, int]:
+    return info.st_mode, info.st_size
+
+
+def _read_stream(fh, name: str) -> bytes:
+    """Read a binary stream to its end in chunks, refusing more than :data:`MAX_FILE_SIZE`."""
+    chunks, total = [], 0
+    while True:
+        chunk = fh.read(min(_READ_CHUNK, MAX_FILE_SIZE + 1 - total))
+        if chunk is None:
+            raise ModelFileError(
+                f"{name} has no data ready (a non-blocking stream); pass a file or a stream "
+                "that blocks."
+            )
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise ModelFileError(
+                f"{name} returned {type(chunk).__name__} from read(); open the model file in "
+                "binary mode ('rb')."
+            )
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(bytes(chunk))
+        total += len(chunk)
+        if total > MAX_FILE_SIZE:
+            raise _too_large(name, f"more than {MAX_FILE_SIZE} bytes")
 
 
 def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -428,6 +512,13 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
                 "model files store their entries uncompressed. The file was not written by "
                 "tgem or was modified."
             )
+    header_info = infos[names.index(_HEADER)]
+    if header_info.file_size > MAX_HEADER_SIZE:
+        raise ModelFileError(
+            f"{name}: its header ({_HEADER}) declares {header_info.file_size} bytes, above the "
+            f"header size cap of {MAX_HEADER_SIZE} bytes (tgem._io.MAX_HEADER_SIZE). tgem "
+            "writes headers of a few kB per 1,000 genes; the file was not written by tgem."
+        )
     header_bytes = archive.read(_HEADER)
     header = json.loads(header_bytes.decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -448,8 +539,11 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
             "Install the tgem version that wrote the file, or a newer one."
         )
     manifest = header["arrays"]
-    if not isinstance(manifest, list):
-        raise ModelFileError(f"{name}: the header's array manifest is not a list.")
+    if not isinstance(manifest, list) or not all(_is_manifest_entry(e) for e in manifest):
+        raise ModelFileError(
+            f"{name}: the header's array manifest is not a list of {{name, dtype, shape}} "
+            "entries (a str, a dtype string and a list of non-negative ints)."
+        )
     expected = [_HEADER] + [entry["name"] for entry in manifest] + [_CHECKSUM]
     if names != expected:
         raise ModelFileError(
@@ -468,6 +562,17 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
         for entry, (_, blob) in zip(manifest, entries[1:], strict=True)
     }
     return header, arrays
+
+
+def _is_manifest_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"name", "dtype", "shape"}
+        and isinstance(entry["name"], str)
+        and entry["dtype"] in _ARRAY_DTYPES
+        and isinstance(entry["shape"], list)
+        and all(type(n) is int and n >= 0 for n in entry["shape"])
+    )
 
 
 def _read_npy(blob: bytes, entry: dict, name: str) -> np.ndarray:
@@ -509,9 +614,10 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             f"{header['versions'].get('tgem')}). Upgrade tgem to load it."
         )
     model = TGEMClassifier(**{k: _param_from_json(v) for k, v in params.items()})
-    model._validate_params()
-    model._check_params_extra()
+    _check_params(model, name)
     fitted = header["fitted"]
+    if not isinstance(fitted, dict):
+        raise ModelFileError(f"{name}: the header's fitted attributes are not a mapping.")
     init = dict(header["module"])
     module_arrays = {
         k[len("module/") : -len(".npy")]: v
@@ -534,29 +640,41 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             f"{name}: the header's {len(classes)} classes and {n_features} features do not "
             f"match the network's {module.n_classes} classes and {module.n_genes} genes."
         )
+    if len(set(classes.tolist())) != len(classes):
+        raise ModelFileError(f"{name}: classes_ repeats a label ({classes.tolist()[:10]}).")
+    _check_class_weight(model.class_weight, classes, name)
     model.classes_ = classes
     model.n_features_in_ = n_features
     names = fitted["feature_names_in_"]
     if names is not None:
-        if len(names) != n_features or not all(isinstance(n, str) for n in names):
-            raise ModelFileError(f"{name}: feature_names_in_ is not {n_features} strings.")
+        if (
+            not isinstance(names, list)
+            or len(names) != n_features
+            or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ModelFileError(
+                f"{name}: feature_names_in_ is not {n_features} distinct strings; the file "
+                "was modified."
+            )
         model.feature_names_in_ = np.asarray(names, dtype=object)
+    if not isinstance(fitted["history_"], list):
+        raise ModelFileError(f"{name}: history_ is not a list of epoch records.")
     history = [_history_record(rec) for rec in fitted["history_"]]
     best_epoch = fitted["best_epoch_"]
-    if best_epoch is not None and type(best_epoch) is not int:
-        raise ModelFileError(f"{name}: best_epoch_ is {best_epoch!r}, an int was expected.")
+    _check_fitted(fitted, len(history), name)
     model.module_ = module
     model.history_ = history
-    model.n_iter_ = int(fitted["n_iter_"])
+    model.n_iter_ = fitted["n_iter_"]
     model.best_epoch_ = best_epoch
-    model.attention_backend_ = str(fitted["attention_backend_"])
-    model.device_ = torch.device(fitted["device_"])
+    model.attention_backend_ = fitted["attention_backend_"]
+    model.device_ = _device_from_json(fitted["device_"], name)
     model._train_state_ = TrainState(
         history=history,
         best_state=None,
         best_epoch=best_epoch,
         best_loss=float(_json_to_float(fitted["best_loss"])),
-        stopped=str(fitted["stopped"]),
+        stopped=fitted["stopped"],
     )
     if _FEATURE_IMPORTANCES in arrays:
         importances = arrays[_FEATURE_IMPORTANCES].astype(np.float64)
@@ -567,6 +685,86 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             )
         model._feature_importances = importances
     return model
+
+
+def _check_params(model, name: str) -> None:
+    """Check the loaded parameters against the constructor's constraints, as ``fit`` would."""
+    try:
+        model._validate_params()
+        model._check_params_extra()
+    except ValueError as exc:  # sklearn's InvalidParameterError is a ValueError
+        raise ModelFileError(
+            f"{name} sets an invalid parameter: {exc} The file was modified or not written by "
+            "tgem; re-save it from the original model."
+        ) from exc
+    constraints = type(model)._parameter_constraints
+    for key, value in model.get_params(deep=False).items():
+        if isinstance(value, bool) and not {"boolean", "verbose"} & set(constraints[key]):
+            raise ModelFileError(
+                f"{name} sets parameter {key}={value!r}, a bool where a number is expected; the "
+                "file was modified or not written by tgem."
+            )
+
+
+def _check_class_weight(class_weight, classes: np.ndarray, name: str) -> None:
+    """A mapping ``class_weight`` must weigh known classes with finite non-negative numbers."""
+    if not isinstance(class_weight, dict):
+        return
+    known = set(classes.tolist())
+    for label, weight in class_weight.items():
+        if type(weight) not in (int, float) or not math.isfinite(weight) or weight < 0:
+            raise ModelFileError(
+                f"{name} sets parameter class_weight={class_weight!r}: the weight of class "
+                f"{label!r} is {weight!r}, a finite number >= 0 is expected."
+            )
+        if label not in known:
+            raise ModelFileError(
+                f"{name} sets parameter class_weight={class_weight!r}: {label!r} is not one of "
+                f"its classes {sorted(map(str, known))}."
+            )
+
+
+def _check_fitted(fitted: dict, n_epochs: int, name: str) -> None:
+    """Type and range checks of the header's scalar fitted attributes."""
+    n_iter, best_epoch = fitted["n_iter_"], fitted["best_epoch_"]
+    checks = [
+        ("n_iter_", n_iter, type(n_iter) is int and 0 <= n_iter, "an int >= 0"),
+        (
+            "best_epoch_",
+            best_epoch,
+            best_epoch is None or (type(best_epoch) is int and 0 <= best_epoch <= n_epochs),
+            f"None or an epoch of history_ (0 to {n_epochs})",
+        ),
+        (
+            "attention_backend_",
+            fitted["attention_backend_"],
+            isinstance(fitted["attention_backend_"], str),
+            "a backend name",
+        ),
+        ("device_", fitted["device_"], isinstance(fitted["device_"], str), "a device string"),
+        ("stopped", fitted["stopped"], isinstance(fitted["stopped"], str), "a string"),
+        (
+            "best_loss",
+            fitted["best_loss"],
+            type(_json_to_float(fitted["best_loss"])) in (int, float),
+            "a number",
+        ),
+    ]
+    for field, value, ok, expected in checks:
+        if not ok:
+            raise ModelFileError(
+                f"{name}: the fitted attribute {field} is {value!r}; {expected} is expected. "
+                "The file was modified or not written by tgem."
+            )
+
+
+def _device_from_json(value: str, name: str) -> torch.device:
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelFileError(
+            f"{name}: the fitted attribute device_ is {value!r}, not a device ({exc})."
+        ) from exc
 
 
 def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> None:
@@ -605,30 +803,66 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
 
 
 def _classes_from_json(spec: dict) -> np.ndarray:
-    dtype, values = spec["dtype"], spec["values"]
-    if not isinstance(values, list):
+    """Rebuild ``classes_``, checking its declared dtype against the labels before allocating."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("values"), list):
         raise ModelFileError("classes_ is not a list of labels.")
+    dtype, values = spec.get("dtype"), spec["values"]
     if dtype == "object":
-        kinds = {"bool": bool, "int": int, "float": float, "str": str}
-        types = spec["types"]
-        if len(types) != len(values):
-            raise ModelFileError("classes_ has a type per label missing.")
-        out = np.empty(len(values), dtype=object)
-        for i, (value, kind) in enumerate(zip(values, types, strict=True)):
-            if type(value) is not kinds[kind] and not (kind == "float" and type(value) is int):
-                raise ModelFileError(f"class label {value!r} is not of type {kind}.")
-            out[i] = kinds[kind](value)
+        return _object_classes(values, spec.get("types"))
+    try:
+        dtype = np.dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biufUS":
+        raise ModelFileError(
+            f"classes_ has dtype {spec.get('dtype')!r}; a NumPy dtype string of labels "
+            "('<U5', '|S3', '<i8', '<f8', '|b1') or 'object' is expected."
+        )
+    if dtype.itemsize * len(values) > MAX_HEADER_SIZE:
+        raise ModelFileError(
+            f"classes_ declares dtype {spec['dtype']!r} for {len(values)} labels: "
+            f"{dtype.itemsize * len(values)} bytes, more than the header size cap of "
+            f"{MAX_HEADER_SIZE} bytes. The file was not written by tgem."
+        )
+    if dtype.kind in "US":
+        if not all(isinstance(v, str) for v in values):
+            raise ModelFileError("classes_ of a string dtype holds non-strings.")
+        if dtype.kind == "S":
+            try:
+                encoded = [v.encode("latin-1") for v in values]
+            except UnicodeEncodeError as exc:
+                raise ModelFileError(f"classes_ of dtype {dtype} holds non-latin-1 text.") from exc
+            width = max(map(len, encoded), default=0)
+            out = np.asarray(encoded, dtype=dtype)
+        else:
+            width = max(map(len, values), default=0) * 4
+            out = np.asarray(values, dtype=dtype)
+        if width > dtype.itemsize:
+            raise ModelFileError(
+                f"classes_ of dtype {spec['dtype']!r} is too narrow for its labels; the file "
+                "was modified."
+            )
         return out
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "biufUS":
-        raise ModelFileError(f"classes_ has unsupported dtype {dtype}.")
-    if dtype.kind == "S":
-        return np.asarray([str(v).encode("latin-1") for v in values], dtype=dtype)
-    if dtype.kind == "U" and not all(isinstance(v, str) for v in values):
-        raise ModelFileError("classes_ of a string dtype holds non-strings.")
-    if dtype.kind in "biuf" and not all(type(v) in (bool, int, float) for v in values):
+    if not all(type(v) in (bool, int, float) for v in values):
         raise ModelFileError(f"classes_ of dtype {dtype} holds non-numbers.")
-    return np.asarray(values, dtype=dtype)
+    out = np.asarray(values, dtype=dtype)
+    if not all(o == v for o, v in zip(out.tolist(), values, strict=True)):
+        raise ModelFileError(f"classes_ {values[:5]} do not fit their dtype {dtype}.")
+    return out
+
+
+def _object_classes(values: list, types) -> np.ndarray:
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    if not isinstance(types, list) or len(types) != len(values):
+        raise ModelFileError("classes_ has a type per label missing.")
+    out = np.empty(len(values), dtype=object)
+    for i, (value, kind) in enumerate(zip(values, types, strict=True)):
+        if kind not in kinds:
+            raise ModelFileError(f"class label type {kind!r} is not one of {sorted(kinds)}.")
+        if type(value) is not kinds[kind] and not (kind == "float" and type(value) is int):
+            raise ModelFileError(f"class label {value!r} is not of type {kind}.")
+        out[i] = kinds[kind](value)
+    return out
 
 
 def _history_record(record) -> dict:
