@@ -28,6 +28,7 @@ comes from the format holding only JSON and numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -38,6 +39,8 @@ import os
 import platform
 import stat
 import struct
+import tempfile
+import threading
 import warnings
 import zipfile
 import zlib
@@ -174,20 +177,166 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
 
 
 def _write_atomically(path, data: bytes) -> None:
+    """Write ``data`` to a fresh temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary file comes from :func:`tempfile.mkstemp` (an unpredictable name created with
+    ``O_EXCL``, so a planted symlink is never followed and concurrent saves of one path never
+    share a temporary file); it is removed if anything fails. The file gets the permissions an
+    ordinary ``open(path, "wb")`` would give it (``0o666`` less the umask).
+    """
     if hasattr(path, "write"):
         path.write(data)
         return
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
+
+
+def _new_file_mode() -> int:
+    """``0o666`` less the process's umask, read without changing it (``os.umask`` would)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows it (best effort)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------- checkpoints
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def checkpoint_lock(path):
+    """Hold ``path`` as the checkpoint of one fit; a concurrent fit given it fails at once.
+
+    Two fits writing one checkpoint file would interleave their models in it, so ``fit``
+    takes this lock before training: within one process (threads, e.g. a threaded grid
+    search) through a registry of held paths, across processes through an exclusive
+    ``flock`` on a lock file ``.<name>.lock`` beside the checkpoint (removed again when the
+    fit ends; the OS releases the lock if the process dies). Sequential fits may share a path.
+
+    Parameters
+    ----------
+    path : str, path-like or None
+        The checkpoint file; ``None`` holds nothing.
+
+    Raises
+    ------
+    RuntimeError
+        If another fit holds ``path``.
+    FileNotFoundError
+        If the checkpoint's folder does not exist.
+    """
+    if path is None:
+        yield
+        return
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"checkpoint must be a file path (str or path-like), got {type(path).__name__}; "
+            'pass e.g. checkpoint="best.tgem".'
+        )
+    path = Path(path)
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint={str(path)!r}: the folder {str(path.parent)!r} does not exist; create "
+            "it or pass a checkpoint path in an existing folder."
+        )
+    key = str(folder / path.name)
+    with _HELD_LOCK:
+        if key in _HELD:
+            raise _in_use(path, "in this process")
+        _HELD.add(key)
+    try:
+        with _file_lock(folder / f".{path.name}.lock", path):
+            yield
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with _HELD_LOCK:
+            _HELD.discard(key)
+
+
+def writes_checkpoints(distributed) -> bool:
+    """Whether this process writes ``fit``'s checkpoints (which only rank 0 of DDP does)."""
+    if distributed is False:
+        return True
+    import torch.distributed as tdist
+
+    from tgem._distributed import under_torchrun
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank() == 0
+    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0")) == 0
+    return True
+
+
+def _in_use(path: Path, where: str) -> RuntimeError:
+    return RuntimeError(
+        f"checkpoint={str(path)!r} is in use by another fit ({where}). Fits that run at the "
+        "same time (threads, processes, or GridSearchCV with n_jobs != 1 given checkpoint= "
+        "through fit) cannot share one checkpoint file: give each fit its own path, or run "
+        "them one at a time."
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path, path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the in-process registry is the only guard
+        yield
+        return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        fd = os.open(lock_path, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(path, "in another process") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have unlinked the file we locked: lock the new one
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
