@@ -19,6 +19,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import tgem._io
 from tests._fuzz import run_in_fork
@@ -396,3 +397,29 @@ def test_only_rank_0_of_a_ddp_fit_holds_the_checkpoint(monkeypatch):
     assert writes_checkpoints(False)  # an independent fit on each rank writes its own
     monkeypatch.setenv("RANK", "0")
     assert writes_checkpoints("auto")
+
+
+# ------------------------------------------------------------------ item 10: half precision
+def test_a_float16_model_file_is_upcast_to_float32_with_a_warning_and_predicts():
+    clf, X = _fit()
+    clf.module_.half()
+    buffer = io.BytesIO()
+    clf.save(buffer)
+    header = json.loads(zipfile.ZipFile(io.BytesIO(buffer.getvalue())).read("tgem.json"))
+    assert {a["dtype"] for a in header["arrays"]} == {"<f2"}
+    with pytest.warns(UserWarning, match="float16.*float32"):
+        loaded = load(io.BytesIO(buffer.getvalue()))
+    assert {p.dtype for p in loaded.module_.state_dict().values()} == {torch.float32}
+    clf.module_.float()  # the same weights, rounded to float16, computed in float32
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))
+
+
+def test_a_bfloat16_model_is_saved_as_float32():
+    clf, X = _fit()
+    clf.module_.to(torch.bfloat16)
+    buffer = io.BytesIO()
+    clf.save(buffer)
+    loaded = load(io.BytesIO(buffer.getvalue()))
+    assert {p.dtype for p in loaded.module_.state_dict().values()} == {torch.float32}
+    clf.module_.float()
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))

@@ -152,7 +152,7 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     check_is_fitted(model, "module_")
     module_state = model.module_.state_dict()
     arrays: dict[str, np.ndarray] = {
-        f"module/{key}.npy": value.detach().cpu().numpy() for key, value in module_state.items()
+        f"module/{key}.npy": _to_numpy(value) for key, value in module_state.items()
     }
     importances = model.__dict__.get("_feature_importances")
     if importances is not None:
@@ -337,6 +337,14 @@ def _file_lock(lock_path: Path, path: Path):
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
         os.close(fd)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A weight as a NumPy array; bfloat16, which ``.npy`` cannot hold, becomes float32 (exact)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -777,6 +785,15 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     dtypes = {a.dtype for a in module_arrays.values()}
     if len(dtypes) != 1:
         raise ModelFileError(f"{name}: the network's arrays mix dtypes {sorted(map(str, dtypes))}.")
+    if dtypes == {np.dtype(np.float16)}:
+        warnings.warn(
+            f"{name} holds float16 weights, which the attention kernels do not compute in; "
+            "they are upcast to float32 (exactly) and the model predicts in float32.",
+            UserWarning,
+            stacklevel=3,
+        )
+        module_arrays = {k: v.astype(np.float32) for k, v in module_arrays.items()}
+        dtypes = {np.dtype(np.float32)}
     module = TGEMNet(**init, generator=torch.Generator().manual_seed(0))
     module.to(_ARRAY_DTYPES[dtypes.pop().newbyteorder("<").str])
     module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()}, strict=True)
