@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import tgem._io
-from tests._fuzz import run_in_fork
+from tests._fuzz import limit_memory, run_in_fork
 from tgem import TGEMClassifier, load
 from tgem._io import _digest
 from tgem.exceptions import ModelFileError
@@ -93,15 +93,6 @@ def _rebuild(data: bytes, header=None) -> bytes:
     return out.getvalue()
 
 
-def _limit_memory(extra: int = 1 << 30) -> None:
-    """In a forked child: allow at most ``extra`` bytes of address space beyond what it has."""
-    import resource
-
-    with open("/proc/self/statm") as fh:
-        size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
-
-
 def _refused_in_a_child(target, match: str, timeout: float = 20) -> str:
     """Load ``target`` (a path, or bytes) in a forked child with bounded memory and time.
 
@@ -110,12 +101,11 @@ def _refused_in_a_child(target, match: str, timeout: float = 20) -> str:
     """
 
     def check(_):
-        _limit_memory()
         source = io.BytesIO(target) if isinstance(target, bytes) else target
         with pytest.raises(ModelFileError, match=match):
             load(source)
 
-    return run_in_fork(check, b"", timeout=timeout)
+    return run_in_fork(check, b"", timeout=timeout, setup=limit_memory)
 
 
 needs_proc = pytest.mark.skipif(
@@ -224,6 +214,8 @@ def test_declared_dtypes_and_shapes_are_checked_before_allocating(model_bytes, e
     [
         ("n_layers", 0, "n_layers"),
         ("n_threads", True, "n_threads"),
+        ("n_threads", 10**30, "n_threads"),
+        ("max_epochs", 2**40, "max_epochs"),
         ("batch_size", 2.5, "batch_size"),
         ("dropout", 1.5, "dropout"),
         ("device", "tpu", "device"),

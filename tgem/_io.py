@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import stat
@@ -49,6 +50,7 @@ from typing import IO
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from tgem.exceptions import DeviceWarning, ModelFileError
@@ -69,6 +71,9 @@ MAX_FILE_SIZE = 1 << 30
 #: header's declarations may allocate (e.g. ``classes_`` with its declared dtype).
 MAX_HEADER_SIZE = 16 << 20
 _READ_CHUNK = 16 << 20
+# The largest count parameter (n_threads, batch_size, max_epochs ...) a loaded file may set: a
+# C int, as torch.set_num_threads takes.
+_MAX_COUNT = 2**31 - 1
 
 _HEADER = "tgem.json"
 _CHECKSUM = "SHA256"
@@ -869,6 +874,14 @@ def _check_params(model, name: str) -> None:
             raise ModelFileError(
                 f"{name} sets parameter {key}={value!r}, a bool where a number is expected; the "
                 "file was modified or not written by tgem."
+            )
+        counts = any(
+            isinstance(c, Interval) and c.type is numbers.Integral for c in constraints[key]
+        )
+        if counts and type(value) is int and value > _MAX_COUNT:
+            raise ModelFileError(
+                f"{name} sets parameter {key}={value}, above {_MAX_COUNT}, the largest count "
+                "tgem (and torch) can use; the file was modified or not written by tgem."
             )
 
 
