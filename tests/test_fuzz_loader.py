@@ -10,7 +10,9 @@ import io
 import json
 import pickle
 import signal
+import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import joblib
@@ -257,3 +259,203 @@ def test_crafted_files_never_run_code(original, tmp_path):
         with pytest.raises(ModelFileError):
             load(path)
         assert not marker.exists(), f"loading a file with a {what} ran code"
+
+
+# ---------------------------------------------------------------- the forked-worker helper
+def _behave(data: bytes):
+    import os
+    import time
+
+    if data == b"segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if data == b"abort":
+        os.abort()
+    if data == b"exit":
+        os._exit(3)
+    if data == b"hang":
+        time.sleep(60)
+    if data == b"raise":
+        raise ModelFileError("refused")
+
+
+def test_fork_worker_reports_each_outcome_and_restarts_only_after_a_crash():
+    from tests._fuzz import ForkWorker, is_failure, run_in_fork
+
+    with ForkWorker(_behave, timeout=3) as worker:
+        outcomes = [worker(d) for d in (b"ok", b"raise", b"ok", b"segv", b"ok", b"abort")]
+        assert outcomes == [
+            "ok",
+            "exception:ModelFileError",
+            "ok",
+            "crash:SIGSEGV",
+            "ok",
+            "crash:SIGABRT",
+        ]
+        assert worker.starts == 2  # one start, one restart after the SIGSEGV
+        assert worker(b"exit") == "crash:exit3"
+        assert worker(b"hang") == "timeout"
+        assert worker(b"ok") == "ok"
+    assert [is_failure(o) for o in ("ok", "exception:X", "crash:SIGSEGV", "timeout")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert run_in_fork(_behave, b"segv", timeout=3) == "crash:SIGSEGV"
+
+
+# ---------------------------------------------------------------- mutations in a forked worker
+#: Seed, cap on mutations and on seconds of the forked-worker fuzzer (CI's slow stage).
+FORK_FUZZ_SEED, FORK_FUZZ_MAX, FORK_FUZZ_SECONDS = 24, 12000, 150
+#: What loading a mutated file and predicting with it may raise: the loader's documented
+#: refusal, and predict's documented refusal of a network whose output is not finite (a
+#: header edit with a valid checksum can make a working but different model).
+DOCUMENTED = {"ok", "exception:ModelFileError", "exception:FloatingPointError"}
+NASTY_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    2**31,
+    2**63,
+    10**30,
+    -(10**30),
+    1e308,
+    "NaN",
+    "Infinity",
+    "",
+    "<U200000000",
+    "|S99999999",
+    "<f2",
+    "<f8",
+    "|O",
+    "V8",
+    "cuda:99",
+    "meta",
+    "native",
+    [],
+    [0, 0],
+    [10**12, 10**12],
+    [-1],
+    {},
+    {"mapping": [[0, -1.0]]},
+    {"dtype": "<U200000000", "values": ["a"]},
+    "A" * 10_000,
+]
+
+
+def _header_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _header_paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _header_paths(value, (*prefix, i))
+
+
+def _zip_with(items: dict, checksum: bool = True, stored: bytes = b"") -> bytes:
+    items = dict(items)
+    items.pop("SHA256", None)
+    digest = _digest(list(items.items())).encode() if checksum else stored
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, blob in [*items.items(), ("SHA256", digest)]:
+            archive.writestr(name, blob)
+    return out.getvalue()
+
+
+def _mutate(data: bytes, items: dict, header: dict, rng) -> tuple[str, bytes]:
+    """One random mutation of a valid model file: (what was done, the mutated bytes)."""
+    kind = rng.choice(["flip", "truncate", "splice", "header", "npy-header", "entry-swap"])
+    n = len(data)
+    if kind == "flip":
+        out = bytearray(data)
+        where = rng.integers(0, n, size=int(rng.integers(1, 9))).tolist()
+        for i in where:
+            out[i] = int(rng.integers(0, 256))
+        return f"flip {where}", bytes(out)
+    if kind == "truncate":
+        cut = int(rng.integers(0, n))
+        return f"truncate at {cut}", data[:cut]
+    if kind == "splice":
+        i, j = sorted(rng.integers(0, n, size=2).tolist())
+        k = int(rng.integers(0, n))
+        how = rng.choice(["delete", "duplicate", "junk"])
+        if how == "delete":
+            return f"delete {i}:{j}", data[:i] + data[j:]
+        if how == "duplicate":
+            return f"copy {i}:{j} to {k}", data[:k] + data[i:j] + data[k:]
+        junk = rng.integers(0, 256, size=int(rng.integers(1, 256)), dtype=np.uint8).tobytes()
+        return f"insert {len(junk)} junk bytes at {k}", data[:k] + junk + data[k:]
+    if kind == "header":  # the attacker's edit: any field, a nasty value, checksum recomputed
+        edited = json.loads(json.dumps(header))
+        paths = [p for p in _header_paths(edited) if p]
+        path = paths[int(rng.integers(len(paths)))]
+        value = NASTY_VALUES[int(rng.integers(len(NASTY_VALUES)))]
+        node = edited
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        mutated = dict(items, **{"tgem.json": json.dumps(edited).encode()})
+        return f"header {list(path)} = {value!r:.40}", _zip_with(mutated)
+    if kind == "npy-header":  # an array entry whose own .npy header lies, checksum recomputed
+        names = [k for k in items if k.endswith(".npy")]
+        name = names[int(rng.integers(len(names)))]
+        blob = items[name]
+        end = blob.index(b"\n") + 1
+        lie = rng.choice(
+            [
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }",
+                "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }",
+                "{'descr': '<U99999999', 'fortran_order': False, 'shape': (1,), }",
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (-1, 5), }",
+                "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,), }",
+                "__import__('os').system('echo pwned')",
+            ]
+        )
+        head = blob[:10] + (lie + " " * max(0, end - 11 - len(lie)) + "\n").encode("latin-1")
+        mutated = dict(items, **{name: head[:10] + head[10:] + blob[end:]})
+        return f"npy header of {name} = {lie}", _zip_with(mutated)
+    names = [k for k in items if k.endswith(".npy")]  # entry-swap: two arrays' bytes swapped
+    a, b = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
+    mutated = dict(items, **{a: items[b], b: items[a]})
+    return f"swap {a} and {b}", _zip_with(mutated)
+
+
+@pytest.mark.slow
+def test_random_mutations_never_crash_or_hang_the_loader_in_a_forked_worker(original):
+    """Byte flips, truncations, splices, header and .npy-header edits (valid checksums), each
+    loaded (and, when it loads, used to predict) in a forked worker restarted only after a
+    crash: a crash or hang fails the test with the mutation that caused it."""
+    from tests._fuzz import ForkWorker, is_failure, limit_memory
+
+    data, X, _ = original
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        items = {i.filename: archive.read(i.filename) for i in archive.infolist()}
+    header = json.loads(items["tgem.json"])
+
+    def load_and_predict(blob: bytes):
+        model = load(io.BytesIO(blob))
+        proba = model.predict_proba(X)
+        if not (np.isfinite(proba).all() and np.allclose(proba.sum(1), 1)):
+            raise AssertionError("a loaded model predicted invalid probabilities")
+
+    rng = np.random.default_rng(FORK_FUZZ_SEED)
+    outcomes: Counter = Counter()
+    deadline = time.monotonic() + FORK_FUZZ_SECONDS
+    with ForkWorker(load_and_predict, timeout=30, setup=limit_memory) as worker:
+        for i in range(FORK_FUZZ_MAX):
+            if time.monotonic() > deadline:
+                break
+            what, mutated = _mutate(data, items, header, rng)
+            outcome = worker(mutated)
+            outcomes[outcome] += 1
+            assert not is_failure(outcome), (
+                f"mutation #{i} (seed {FORK_FUZZ_SEED}: {what}) gave {outcome}"
+            )
+            assert outcome in DOCUMENTED, f"mutation #{i} ({what}) raised {outcome}"
+        print(f"{sum(outcomes.values())} mutations: {dict(outcomes)}")
+        assert worker.starts == 1
+    assert sum(outcomes.values()) >= 200, outcomes  # the cap left room for real fuzzing
+    assert outcomes["exception:ModelFileError"] > 0, outcomes

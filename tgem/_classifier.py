@@ -335,14 +335,23 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             Per-sample weights of the loss.
         checkpoint : str or path, optional
             File to which the best model so far is written (safe model format) each time it
-            improves, for long fits. An argument of ``fit``, not a parameter, so that clones
-            in a grid search never share one file.
+            improves, for long fits. Each write goes to a fresh temporary file that then
+            replaces it. A fit holds the path while it runs: another fit given the same path
+            at the same time (threads, processes, or ``GridSearchCV`` with ``n_jobs != 1``,
+            which passes ``fit``'s arguments to every clone) raises ``RuntimeError``; give
+            concurrent fits distinct paths. Sequential fits may share one (the last wins).
 
         Returns
         -------
         self : TGEMClassifier
             The fitted estimator.
         """
+        from tgem._io import checkpoint_lock, writes_checkpoints
+
+        with checkpoint_lock(checkpoint if writes_checkpoints(self.distributed) else None):
+            return self._fit(X, y, sample_weight, checkpoint)
+
+    def _fit(self, X, y, sample_weight, checkpoint):
         self._check_params_extra()
         if is_h5ad_input(X):
             X, y = h5ad_fit_input(self, X, y)

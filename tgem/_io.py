@@ -28,15 +28,20 @@ comes from the format holding only JSON and numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
 import json
 import logging
 import math
+import numbers
 import os
 import platform
+import stat
 import struct
+import tempfile
+import threading
 import warnings
 import zipfile
 import zlib
@@ -45,11 +50,12 @@ from typing import IO
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from tgem.exceptions import DeviceWarning, ModelFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_SIZE", "MAX_HEADER_SIZE", "load", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,16 @@ FORMAT = "tgem-model"
 #: The format version this tgem writes; it reads this one and the ones listed in _READABLE.
 FORMAT_VERSION = 1
 _READABLE = (1,)
+#: Largest model file :func:`load` reads, in bytes (1 GiB); larger files and streams are refused
+#: before they are read. A model of 20,000 genes, 8 layers and 8 heads in float64 takes ~40 MB.
+MAX_FILE_SIZE = 1 << 30
+#: Largest header (``tgem.json``) :func:`load` parses, in bytes (16 MiB); it also bounds what the
+#: header's declarations may allocate (e.g. ``classes_`` with its declared dtype).
+MAX_HEADER_SIZE = 16 << 20
+_READ_CHUNK = 16 << 20
+# The largest count parameter (n_threads, batch_size, max_epochs ...) a loaded file may set: a
+# C int, as torch.set_num_threads takes.
+_MAX_COUNT = 2**31 - 1
 
 _HEADER = "tgem.json"
 _CHECKSUM = "SHA256"
@@ -141,7 +157,7 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     check_is_fitted(model, "module_")
     module_state = model.module_.state_dict()
     arrays: dict[str, np.ndarray] = {
-        f"module/{key}.npy": value.detach().cpu().numpy() for key, value in module_state.items()
+        f"module/{key}.npy": _to_numpy(value) for key, value in module_state.items()
     }
     importances = model.__dict__.get("_feature_importances")
     if importances is not None:
@@ -166,20 +182,174 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
 
 
 def _write_atomically(path, data: bytes) -> None:
+    """Write ``data`` to a fresh temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary file comes from :func:`tempfile.mkstemp` (an unpredictable name created with
+    ``O_EXCL``, so a planted symlink is never followed and concurrent saves of one path never
+    share a temporary file); it is removed if anything fails. The file gets the permissions an
+    ordinary ``open(path, "wb")`` would give it (``0o666`` less the umask).
+    """
     if hasattr(path, "write"):
         path.write(data)
         return
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
+
+
+def _new_file_mode() -> int:
+    """``0o666`` less the process's umask, read without changing it (``os.umask`` would)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows it (best effort)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------- checkpoints
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def checkpoint_lock(path):
+    """Hold ``path`` as the checkpoint of one fit; a concurrent fit given it fails at once.
+
+    Two fits writing one checkpoint file would interleave their models in it, so ``fit``
+    takes this lock before training: within one process (threads, e.g. a threaded grid
+    search) through a registry of held paths, across processes through an exclusive
+    ``flock`` on a lock file ``.<name>.lock`` beside the checkpoint (removed again when the
+    fit ends; the OS releases the lock if the process dies). Sequential fits may share a path.
+
+    Parameters
+    ----------
+    path : str, path-like or None
+        The checkpoint file; ``None`` holds nothing.
+
+    Raises
+    ------
+    RuntimeError
+        If another fit holds ``path``.
+    FileNotFoundError
+        If the checkpoint's folder does not exist.
+    """
+    if path is None:
+        yield
+        return
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"checkpoint must be a file path (str or path-like), got {type(path).__name__}; "
+            'pass e.g. checkpoint="best.tgem".'
+        )
+    path = Path(path)
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint={str(path)!r}: the folder {str(path.parent)!r} does not exist; create "
+            "it or pass a checkpoint path in an existing folder."
+        )
+    key = str(folder / path.name)
+    with _HELD_LOCK:
+        if key in _HELD:
+            raise _in_use(path, "in this process")
+        _HELD.add(key)
+    try:
+        with _file_lock(folder / f".{path.name}.lock", path):
+            yield
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with _HELD_LOCK:
+            _HELD.discard(key)
+
+
+def writes_checkpoints(distributed) -> bool:
+    """Whether this process writes ``fit``'s checkpoints (which only rank 0 of DDP does)."""
+    if distributed is False:
+        return True
+    import torch.distributed as tdist
+
+    from tgem._distributed import under_torchrun
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank() == 0
+    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0")) == 0
+    return True
+
+
+def _in_use(path: Path, where: str) -> RuntimeError:
+    return RuntimeError(
+        f"checkpoint={str(path)!r} is in use by another fit ({where}). Fits that run at the "
+        "same time (threads, processes, or GridSearchCV with n_jobs != 1 given checkpoint= "
+        "through fit) cannot share one checkpoint file: give each fit its own path, or run "
+        "them one at a time."
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path, path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the in-process registry is the only guard
+        yield
+        return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        fd = os.open(lock_path, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(path, "in another process") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have unlinked the file we locked: lock the new one
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A weight as a NumPy array; bfloat16, which ``.npy`` cannot hold, becomes float32 (exact)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -328,7 +498,12 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
 
     Nothing in the file is executed: it is parsed as JSON and raw numeric arrays, and the
     checksum, the format version and every array's dtype and shape are verified before the
-    model is built. No network access is needed.
+    model is built. No network access is needed. Only a regular file is read (a directory,
+    FIFO, device or a symlink to one is refused before reading), at most
+    :data:`MAX_FILE_SIZE` bytes (1 GiB) of it or of a stream, with a header of at most
+    :data:`MAX_HEADER_SIZE` bytes (16 MiB); what the header declares (array dtypes and
+    shapes, the labels' dtype) is checked against the bytes present before anything is
+    allocated, and every parameter against the constructor's constraints.
 
     Parameters
     ----------
@@ -348,7 +523,8 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
     ------
     ModelFileError
         If the file is not a tgem model file, is truncated or corrupted (wrong checksum),
-        or comes from an unknown format version. A subclass of ``ValueError``.
+        comes from an unknown format version, is not a regular file, is above a size cap or
+        declares something invalid. A subclass of ``ValueError``.
     FileNotFoundError
         If ``path`` does not exist.
 
@@ -377,7 +553,7 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
 
     name = "<file object>" if hasattr(path, "read") else repr(str(path))
     target = None if device == "auto" else resolve_device(device)
-    data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+    data = _read_stream(path, name) if hasattr(path, "read") else _read_file(path, name)
     try:
         header, arrays = _parse(data, name)
         model = _build(header, arrays, name)
@@ -390,6 +566,76 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
         ) from exc
     _place(model, target, name)
     return model
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular(mode: int, size: int, name: str) -> None:
+    """Refuse what is not a regular file, or a file above :data:`MAX_FILE_SIZE`."""
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a plain file")
+        raise ModelFileError(
+            f"{name} is not a regular file (it is {kind}); pass the path of a .tgem model file "
+            "written by TGEMClassifier.save."
+        )
+    if size > MAX_FILE_SIZE:
+        raise _too_large(name, f"{size} bytes")
+
+
+def _too_large(name: str, size: str) -> ModelFileError:
+    return ModelFileError(
+        f"{name} is larger than the model file size cap: {size}, the cap is {MAX_FILE_SIZE} "
+        "bytes (tgem._io.MAX_FILE_SIZE). tgem model files are far smaller; this is not one."
+    )
+
+
+def _read_file(path, name: str) -> bytes:
+    """Read a model file from disk: a regular file below the size cap, never a device or FIFO.
+
+    The path is checked with ``os.stat`` before it is opened (so no device is even opened),
+    opened with ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block the open) and checked
+    again on the open descriptor, and the read is bounded by :data:`MAX_FILE_SIZE`.
+    """
+    _check_regular(*_mode_and_size(os.stat(path)), name)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        _check_regular(*_mode_and_size(os.fstat(fd)), name)
+        return _read_stream(fh, name)
+
+
+def _mode_and_size(info: os.stat_result) -> tuple[int, int]:
+    return info.st_mode, info.st_size
+
+
+def _read_stream(fh, name: str) -> bytes:
+    """Read a binary stream to its end in chunks, refusing more than :data:`MAX_FILE_SIZE`."""
+    chunks, total = [], 0
+    while True:
+        chunk = fh.read(min(_READ_CHUNK, MAX_FILE_SIZE + 1 - total))
+        if chunk is None:
+            raise ModelFileError(
+                f"{name} has no data ready (a non-blocking stream); pass a file or a stream "
+                "that blocks."
+            )
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise ModelFileError(
+                f"{name} returned {type(chunk).__name__} from read(); open the model file in "
+                "binary mode ('rb')."
+            )
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(bytes(chunk))
+        total += len(chunk)
+        if total > MAX_FILE_SIZE:
+            raise _too_large(name, f"more than {MAX_FILE_SIZE} bytes")
 
 
 def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -428,6 +674,13 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
                 "model files store their entries uncompressed. The file was not written by "
                 "tgem or was modified."
             )
+    header_info = infos[names.index(_HEADER)]
+    if header_info.file_size > MAX_HEADER_SIZE:
+        raise ModelFileError(
+            f"{name}: its header ({_HEADER}) declares {header_info.file_size} bytes, above the "
+            f"header size cap of {MAX_HEADER_SIZE} bytes (tgem._io.MAX_HEADER_SIZE). tgem "
+            "writes headers of a few kB per 1,000 genes; the file was not written by tgem."
+        )
     header_bytes = archive.read(_HEADER)
     header = json.loads(header_bytes.decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -448,8 +701,11 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
             "Install the tgem version that wrote the file, or a newer one."
         )
     manifest = header["arrays"]
-    if not isinstance(manifest, list):
-        raise ModelFileError(f"{name}: the header's array manifest is not a list.")
+    if not isinstance(manifest, list) or not all(_is_manifest_entry(e) for e in manifest):
+        raise ModelFileError(
+            f"{name}: the header's array manifest is not a list of {{name, dtype, shape}} "
+            "entries (a str, a dtype string and a list of non-negative ints)."
+        )
     expected = [_HEADER] + [entry["name"] for entry in manifest] + [_CHECKSUM]
     if names != expected:
         raise ModelFileError(
@@ -468,6 +724,17 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
         for entry, (_, blob) in zip(manifest, entries[1:], strict=True)
     }
     return header, arrays
+
+
+def _is_manifest_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"name", "dtype", "shape"}
+        and isinstance(entry["name"], str)
+        and entry["dtype"] in _ARRAY_DTYPES
+        and isinstance(entry["shape"], list)
+        and all(type(n) is int and n >= 0 for n in entry["shape"])
+    )
 
 
 def _read_npy(blob: bytes, entry: dict, name: str) -> np.ndarray:
@@ -509,9 +776,10 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             f"{header['versions'].get('tgem')}). Upgrade tgem to load it."
         )
     model = TGEMClassifier(**{k: _param_from_json(v) for k, v in params.items()})
-    model._validate_params()
-    model._check_params_extra()
+    _check_params(model, name)
     fitted = header["fitted"]
+    if not isinstance(fitted, dict):
+        raise ModelFileError(f"{name}: the header's fitted attributes are not a mapping.")
     init = dict(header["module"])
     module_arrays = {
         k[len("module/") : -len(".npy")]: v
@@ -522,6 +790,15 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     dtypes = {a.dtype for a in module_arrays.values()}
     if len(dtypes) != 1:
         raise ModelFileError(f"{name}: the network's arrays mix dtypes {sorted(map(str, dtypes))}.")
+    if dtypes == {np.dtype(np.float16)}:
+        warnings.warn(
+            f"{name} holds float16 weights, which the attention kernels do not compute in; "
+            "they are upcast to float32 (exactly) and the model predicts in float32.",
+            UserWarning,
+            stacklevel=3,
+        )
+        module_arrays = {k: v.astype(np.float32) for k, v in module_arrays.items()}
+        dtypes = {np.dtype(np.float32)}
     module = TGEMNet(**init, generator=torch.Generator().manual_seed(0))
     module.to(_ARRAY_DTYPES[dtypes.pop().newbyteorder("<").str])
     module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()}, strict=True)
@@ -534,29 +811,41 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             f"{name}: the header's {len(classes)} classes and {n_features} features do not "
             f"match the network's {module.n_classes} classes and {module.n_genes} genes."
         )
+    if len(set(classes.tolist())) != len(classes):
+        raise ModelFileError(f"{name}: classes_ repeats a label ({classes.tolist()[:10]}).")
+    _check_class_weight(model.class_weight, classes, name)
     model.classes_ = classes
     model.n_features_in_ = n_features
     names = fitted["feature_names_in_"]
     if names is not None:
-        if len(names) != n_features or not all(isinstance(n, str) for n in names):
-            raise ModelFileError(f"{name}: feature_names_in_ is not {n_features} strings.")
+        if (
+            not isinstance(names, list)
+            or len(names) != n_features
+            or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ModelFileError(
+                f"{name}: feature_names_in_ is not {n_features} distinct strings; the file "
+                "was modified."
+            )
         model.feature_names_in_ = np.asarray(names, dtype=object)
+    if not isinstance(fitted["history_"], list):
+        raise ModelFileError(f"{name}: history_ is not a list of epoch records.")
     history = [_history_record(rec) for rec in fitted["history_"]]
     best_epoch = fitted["best_epoch_"]
-    if best_epoch is not None and type(best_epoch) is not int:
-        raise ModelFileError(f"{name}: best_epoch_ is {best_epoch!r}, an int was expected.")
+    _check_fitted(fitted, len(history), name)
     model.module_ = module
     model.history_ = history
-    model.n_iter_ = int(fitted["n_iter_"])
+    model.n_iter_ = fitted["n_iter_"]
     model.best_epoch_ = best_epoch
-    model.attention_backend_ = str(fitted["attention_backend_"])
-    model.device_ = torch.device(fitted["device_"])
+    model.attention_backend_ = fitted["attention_backend_"]
+    model.device_ = _device_from_json(fitted["device_"], name)
     model._train_state_ = TrainState(
         history=history,
         best_state=None,
         best_epoch=best_epoch,
         best_loss=float(_json_to_float(fitted["best_loss"])),
-        stopped=str(fitted["stopped"]),
+        stopped=fitted["stopped"],
     )
     if _FEATURE_IMPORTANCES in arrays:
         importances = arrays[_FEATURE_IMPORTANCES].astype(np.float64)
@@ -567,6 +856,94 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
             )
         model._feature_importances = importances
     return model
+
+
+def _check_params(model, name: str) -> None:
+    """Check the loaded parameters against the constructor's constraints, as ``fit`` would."""
+    try:
+        model._validate_params()
+        model._check_params_extra()
+    except ValueError as exc:  # sklearn's InvalidParameterError is a ValueError
+        raise ModelFileError(
+            f"{name} sets an invalid parameter: {exc} The file was modified or not written by "
+            "tgem; re-save it from the original model."
+        ) from exc
+    constraints = type(model)._parameter_constraints
+    for key, value in model.get_params(deep=False).items():
+        if isinstance(value, bool) and not {"boolean", "verbose"} & set(constraints[key]):
+            raise ModelFileError(
+                f"{name} sets parameter {key}={value!r}, a bool where a number is expected; the "
+                "file was modified or not written by tgem."
+            )
+        counts = any(
+            isinstance(c, Interval) and c.type is numbers.Integral for c in constraints[key]
+        )
+        if counts and type(value) is int and value > _MAX_COUNT:
+            raise ModelFileError(
+                f"{name} sets parameter {key}={value}, above {_MAX_COUNT}, the largest count "
+                "tgem (and torch) can use; the file was modified or not written by tgem."
+            )
+
+
+def _check_class_weight(class_weight, classes: np.ndarray, name: str) -> None:
+    """A mapping ``class_weight`` must weigh known classes with finite non-negative numbers."""
+    if not isinstance(class_weight, dict):
+        return
+    known = set(classes.tolist())
+    for label, weight in class_weight.items():
+        if type(weight) not in (int, float) or not math.isfinite(weight) or weight < 0:
+            raise ModelFileError(
+                f"{name} sets parameter class_weight={class_weight!r}: the weight of class "
+                f"{label!r} is {weight!r}, a finite number >= 0 is expected."
+            )
+        if label not in known:
+            raise ModelFileError(
+                f"{name} sets parameter class_weight={class_weight!r}: {label!r} is not one of "
+                f"its classes {sorted(map(str, known))}."
+            )
+
+
+def _check_fitted(fitted: dict, n_epochs: int, name: str) -> None:
+    """Type and range checks of the header's scalar fitted attributes."""
+    n_iter, best_epoch = fitted["n_iter_"], fitted["best_epoch_"]
+    checks = [
+        ("n_iter_", n_iter, type(n_iter) is int and 0 <= n_iter, "an int >= 0"),
+        (
+            "best_epoch_",
+            best_epoch,
+            best_epoch is None or (type(best_epoch) is int and 0 <= best_epoch <= n_epochs),
+            f"None or an epoch of history_ (0 to {n_epochs})",
+        ),
+        (
+            "attention_backend_",
+            fitted["attention_backend_"],
+            isinstance(fitted["attention_backend_"], str),
+            "a backend name",
+        ),
+        ("device_", fitted["device_"], isinstance(fitted["device_"], str), "a device string"),
+        ("stopped", fitted["stopped"], isinstance(fitted["stopped"], str), "a string"),
+        (
+            "best_loss",
+            fitted["best_loss"],
+            type(_json_to_float(fitted["best_loss"])) in (int, float),
+            "a number",
+        ),
+    ]
+    for field, value, ok, expected in checks:
+        if not ok:
+            raise ModelFileError(
+                f"{name}: the fitted attribute {field} is {value!r}; {expected} is expected. "
+                "The file was modified or not written by tgem."
+            )
+
+
+def _device_from_json(value: str, name: str) -> torch.device:
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelFileError(
+            f"{name}: the fitted attribute device_ is {value!r}, not a device ({exc})."
+        ) from exc
 
 
 def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> None:
@@ -605,30 +982,66 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
 
 
 def _classes_from_json(spec: dict) -> np.ndarray:
-    dtype, values = spec["dtype"], spec["values"]
-    if not isinstance(values, list):
+    """Rebuild ``classes_``, checking its declared dtype against the labels before allocating."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("values"), list):
         raise ModelFileError("classes_ is not a list of labels.")
+    dtype, values = spec.get("dtype"), spec["values"]
     if dtype == "object":
-        kinds = {"bool": bool, "int": int, "float": float, "str": str}
-        types = spec["types"]
-        if len(types) != len(values):
-            raise ModelFileError("classes_ has a type per label missing.")
-        out = np.empty(len(values), dtype=object)
-        for i, (value, kind) in enumerate(zip(values, types, strict=True)):
-            if type(value) is not kinds[kind] and not (kind == "float" and type(value) is int):
-                raise ModelFileError(f"class label {value!r} is not of type {kind}.")
-            out[i] = kinds[kind](value)
+        return _object_classes(values, spec.get("types"))
+    try:
+        dtype = np.dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biufUS":
+        raise ModelFileError(
+            f"classes_ has dtype {spec.get('dtype')!r}; a NumPy dtype string of labels "
+            "('<U5', '|S3', '<i8', '<f8', '|b1') or 'object' is expected."
+        )
+    if dtype.itemsize * len(values) > MAX_HEADER_SIZE:
+        raise ModelFileError(
+            f"classes_ declares dtype {spec['dtype']!r} for {len(values)} labels: "
+            f"{dtype.itemsize * len(values)} bytes, more than the header size cap of "
+            f"{MAX_HEADER_SIZE} bytes. The file was not written by tgem."
+        )
+    if dtype.kind in "US":
+        if not all(isinstance(v, str) for v in values):
+            raise ModelFileError("classes_ of a string dtype holds non-strings.")
+        if dtype.kind == "S":
+            try:
+                encoded = [v.encode("latin-1") for v in values]
+            except UnicodeEncodeError as exc:
+                raise ModelFileError(f"classes_ of dtype {dtype} holds non-latin-1 text.") from exc
+            width = max(map(len, encoded), default=0)
+            out = np.asarray(encoded, dtype=dtype)
+        else:
+            width = max(map(len, values), default=0) * 4
+            out = np.asarray(values, dtype=dtype)
+        if width > dtype.itemsize:
+            raise ModelFileError(
+                f"classes_ of dtype {spec['dtype']!r} is too narrow for its labels; the file "
+                "was modified."
+            )
         return out
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "biufUS":
-        raise ModelFileError(f"classes_ has unsupported dtype {dtype}.")
-    if dtype.kind == "S":
-        return np.asarray([str(v).encode("latin-1") for v in values], dtype=dtype)
-    if dtype.kind == "U" and not all(isinstance(v, str) for v in values):
-        raise ModelFileError("classes_ of a string dtype holds non-strings.")
-    if dtype.kind in "biuf" and not all(type(v) in (bool, int, float) for v in values):
+    if not all(type(v) in (bool, int, float) for v in values):
         raise ModelFileError(f"classes_ of dtype {dtype} holds non-numbers.")
-    return np.asarray(values, dtype=dtype)
+    out = np.asarray(values, dtype=dtype)
+    if not all(o == v for o, v in zip(out.tolist(), values, strict=True)):
+        raise ModelFileError(f"classes_ {values[:5]} do not fit their dtype {dtype}.")
+    return out
+
+
+def _object_classes(values: list, types) -> np.ndarray:
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    if not isinstance(types, list) or len(types) != len(values):
+        raise ModelFileError("classes_ has a type per label missing.")
+    out = np.empty(len(values), dtype=object)
+    for i, (value, kind) in enumerate(zip(values, types, strict=True)):
+        if kind not in kinds:
+            raise ModelFileError(f"class label type {kind!r} is not one of {sorted(kinds)}.")
+        if type(value) is not kinds[kind] and not (kind == "float" and type(value) is int):
+            raise ModelFileError(f"class label {value!r} is not of type {kind}.")
+        out[i] = kinds[kind](value)
+    return out
 
 
 def _history_record(record) -> dict:
