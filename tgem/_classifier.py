@@ -509,8 +509,18 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             from tgem._io import save
 
             self._finish_fit(state, X, y_enc)
-            save(self, path)
-            self.module_.train()
+            try:
+                save(self, path)
+            except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
+                warnings.warn(
+                    f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
+                    f"({exc}); training goes on and the fitted model is returned as usual. "
+                    "Free space or pass another checkpoint path.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            finally:
+                self.module_.train()
 
         return write
 
