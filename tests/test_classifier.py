@@ -296,6 +296,42 @@ def test_length_mismatch_and_single_class_are_clear_errors():
         TGEMClassifier(**FAST).fit(X, np.zeros(10))
 
 
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"sample_weight": np.r_[-1.0, np.ones(9)]}, r"sample_weight.*negative.*-1.*row 0.*pass"),
+        ({"class_weight": {0: -1.0, 1: 1.0}}, r"class_weight.*negative.*-1.*class 0.*pass"),
+        ({"sample_weight": np.full(10, 1e300)}, r"sample weights.*1e\+300.*overflow.*rescale"),
+        ({"sample_weight": np.full(10, 1e-300)}, r"sample weights.*float32.*rescale"),
+    ],
+)
+def test_negative_or_extreme_weights_are_clear_errors(weights, match):
+    X, y = _data(n=10, classes=2)
+    params = {k: v for k, v in weights.items() if k == "class_weight"}
+    fit_kw = {k: v for k, v in weights.items() if k == "sample_weight"}
+    with pytest.raises(ValueError, match=match):
+        TGEMClassifier(**FAST, **params).fit(X, y, **fit_kw)
+
+
+def test_a_batch_of_zero_weights_is_not_a_divergence():
+    X, y = _data(n=20, classes=2)
+    w = np.ones(20)
+    w[:10] = 0  # batches of one: the first ten steps have no weight at all
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 2}, batch_size=1).fit(X, y, sample_weight=w)
+    assert np.isfinite([h["train_loss"] for h in clf.history_]).all()
+    kept = TGEMClassifier(**{**FAST, "max_epochs": 2}, batch_size=1).fit(X[10:], y[10:])
+    assert np.isfinite(kept.predict_proba(X)).all()
+
+
+@pytest.mark.parametrize("missing", [None, np.nan])
+def test_missing_labels_are_a_clear_error(missing):
+    X, y = _data(n=10, classes=2, labels=["a", "b"])
+    y = y.astype(object)
+    y[[2, 5]] = missing
+    with pytest.raises(ValueError, match=r"y has 2 missing labels.*rows \[2, 5\].*Drop"):
+        TGEMClassifier(**FAST).fit(X, y)
+
+
 def test_score_with_labels_of_another_kind_is_a_clear_error(fitted):
     clf, X, y = fitted
     assert clf.score(X, np.full(len(X), "t cell")) == 0.0  # unseen labels count as errors

@@ -346,8 +346,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self._check_params_extra()
         if is_h5ad_input(X):
             X, y = h5ad_fit_input(self, X, y)
+            _check_missing_labels(np.asarray(y, dtype=object))
         else:
             _check_columns(X)
+            if y is not None:
+                _check_missing_labels(np.asarray(y, dtype=object))
             X, y = _validate_data(
                 self,
                 X,
@@ -360,6 +363,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             _check_magnitude(X)
             check_log_scale(X, stacklevel=4)
         y = column_or_1d(y, warn=True)
+        _check_missing_labels(y)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -367,12 +371,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"y contains 1 class ({classes[0]!r}); a classifier needs at least two "
                 "classes. Pass labels of two or more classes."
             )
-        weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        if self.class_weight is not None:
-            cw = compute_class_weight(self.class_weight, classes=classes, y=y)
-            weights = weights * cw[y_enc]
-        if not np.any(weights > 0):
-            raise ValueError("All sample weights are zero; pass at least one positive weight.")
+        weights = _check_weights(sample_weight, self.class_weight, X, y, classes, y_enc)
 
         warm = self.warm_start and hasattr(self, "module_")
         if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
@@ -816,6 +815,66 @@ def _check_magnitude(X):
                 "Log-transform the data (e.g. np.log1p of normalised counts) or scale it."
             )
     return X
+
+
+#: Largest sum of the sample weights: the loss sums weighted NLLs in float32 (max ~3.4e38).
+MAX_TOTAL_WEIGHT = 1e30
+
+
+def _check_missing_labels(y) -> None:
+    """Refuse labels that are None or NaN (an unlabelled sample), naming where they are."""
+    import pandas as pd
+
+    if y.dtype.kind not in "OfcmM":  # ints, bools and strings cannot be missing
+        return
+    missing = np.flatnonzero(pd.isna(y))
+    if len(missing):
+        raise ValueError(
+            f"y has {len(missing)} missing labels (None or NaN) out of {len(y)}, at rows "
+            f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; every sample needs a "
+            "class. Drop the unlabelled samples (e.g. keep = pd.notna(y); fit(X[keep], "
+            "y[keep])) or fill their labels."
+        )
+
+
+def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndarray:
+    """The per-sample loss weights (sample_weight x class_weight), checked for the loss."""
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
+    negative = np.flatnonzero(weights < 0)
+    if len(negative):
+        raise ValueError(
+            f"sample_weight has {len(negative)} negative value(s), e.g. "
+            f"{weights[negative[0]]:g} at row {negative[0]}; weights scale each sample's "
+            "loss and must be >= 0; pass non-negative weights (0 leaves a sample out)."
+        )
+    if class_weight is not None:
+        if isinstance(class_weight, dict):
+            bad = {k: v for k, v in class_weight.items() if not (np.isfinite(v) and v >= 0)}
+            if bad:
+                label, value = next(iter(bad.items()))
+                raise ValueError(
+                    f"class_weight has a negative or non-finite weight, {value:g} for class "
+                    f"{label!r}; pass weights >= 0 (e.g. {{{label!r}: 1.0}}) or "
+                    "class_weight='balanced'."
+                )
+        weights = weights * compute_class_weight(class_weight, classes=classes, y=y)[y_enc]
+    if not np.any(weights > 0):
+        raise ValueError("All sample weights are zero; pass at least one positive weight.")
+    total = float(np.sum(weights))
+    if not total <= MAX_TOTAL_WEIGHT:
+        raise ValueError(
+            f"The sample weights add up to {total:g} (largest {np.max(weights):g}), which would "
+            f"overflow the float32 loss (the sum must stay below {MAX_TOTAL_WEIGHT:g}); "
+            "only their ratios matter, so rescale them, e.g. sample_weight / "
+            "sample_weight.max()."
+        )
+    if not np.any(weights.astype(np.float32) > 0):
+        raise ValueError(
+            f"The sample weights are all below float32's smallest positive value (largest "
+            f"{np.max(weights):g}), so the float32 loss would weigh every sample 0; only "
+            "their ratios matter, so rescale them, e.g. sample_weight / sample_weight.max()."
+        )
+    return weights
 
 
 def _module_init(module: TGEMNet) -> dict:

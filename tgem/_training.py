@@ -80,7 +80,8 @@ def _accumulate_gradients(module, xb, yb, wb, n_chunks: int):
     Each part's loss is ``sum(nll * w) / sum(w of the whole batch)``, so the parts' gradients
     add up to the whole batch's gradient (up to rounding).
     """
-    total_w = wb.sum()
+    # a batch of zero weights (allowed: weight 0 leaves a sample out) has a zero loss, not 0/0
+    total_w = wb.sum().clamp_min(torch.finfo(wb.dtype).tiny)
     loss, outs = 0.0, []
     for rows in iter_batches(xb.shape[0], -(-xb.shape[0] // n_chunks)):
         log_proba = module(xb[rows])
@@ -301,7 +302,8 @@ def train(
                         f"{_kept(state)} Try a lower learning_rate (now {learning_rate:g}) or "
                         "check X and the sample weights for extreme values."
                     )
-                optimizer.step()
+                if step is not None or bool(wb.any()):  # no step for a batch of zero weight
+                    optimizer.step()
                 batch_w, batch_correct = (
                     (wb.sum(), (log_proba.argmax(1) == yb).sum())
                     if step is None
