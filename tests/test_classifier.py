@@ -270,6 +270,101 @@ def test_warm_start_continues_training():
     assert [h["epoch"] for h in clf.history_] == [1, 2, 3, 4, 5, 6]
 
 
+# warm starts must never move a gene's weights onto another gene (issue 24, item 3)
+GENES = [f"g{i}" for i in range(6)]
+
+
+def _frozen(clf) -> bytes:
+    """Every fitted attribute and weight of ``clf``, as bytes (its pickle)."""
+    return pickle.dumps(clf)
+
+
+@pytest.fixture(scope="module")
+def warm_model():
+    X, y = _data(n=40, classes=2)
+    frame = pd.DataFrame(X, columns=GENES)
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 2}).fit(frame, y)
+    return clf.set_params(warm_start=True), frame, y
+
+
+def _refused_and_unchanged(clf, X, y, match):
+    before, fit_data = _frozen(clf), clf._fit_data
+    with pytest.raises(ValueError, match=match):
+        clf.fit(X, y)
+    assert _frozen(clf) == before and clf._fit_data is fit_data
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda f: f[f.columns[::-1]], r"warm_start.*order.*'g5'.*'g0'.*feature_names_in_"),
+        (lambda f: f[GENES[:4]], r"warm_start.*4 genes.*fitted on 6.*missing.*'g4'"),
+        (lambda f: f.rename(columns={"g2": "CD3E"}), r"warm_start.*'CD3E'.*'g2'"),
+        (lambda f: f.to_numpy(), r"warm_start.*fitted with gene names.*no names.*DataFrame"),
+        (lambda f: f.to_numpy()[:, :4], r"warm_start.*4 genes.*fitted on 6"),
+    ],
+    ids=["reversed", "fewer", "renamed", "unnamed", "unnamed_fewer"],
+)
+def test_warm_start_refuses_other_genes_and_leaves_the_model_unchanged(warm_model, change, match):
+    clf, frame, y = warm_model
+    _refused_and_unchanged(clf, change(frame), y, match)
+    assert np.isfinite(clf.predict_proba(frame)).all()  # still the good model
+
+
+def test_warm_start_without_names_still_checks_the_gene_count():
+    X, y = _data(n=40, classes=2)
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 1}, warm_start=True).fit(X, y)
+    _refused_and_unchanged(clf, X[:, :4], y, r"warm_start.*4 genes.*fitted on 6")
+    _refused_and_unchanged(clf, np.c_[X, X[:, :1]], y, r"warm_start.*7 genes.*fitted on 6")
+
+
+def test_warm_start_refused_for_other_classes_leaves_the_model_unchanged(warm_model):
+    clf, frame, y = warm_model
+    _refused_and_unchanged(clf, frame, np.where(y == 0, "a", "b"), r"warm_start.*classes")
+
+
+def test_warm_start_on_h5ad_refuses_reordered_genes_and_leaves_the_model_unchanged(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    X, y = _data(n=40, classes=2)
+    obs = pd.DataFrame({"cell_type": np.where(y == 0, "a", "b")}, index=map(str, range(40)))
+    anndata.AnnData(X, obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(tmp_path / "a.h5ad")
+    anndata.AnnData(X[:, ::-1].copy(), obs=obs, var=pd.DataFrame(index=GENES[::-1])).write_h5ad(
+        tmp_path / "reversed.h5ad"
+    )
+    anndata.AnnData(X[:, :4].copy(), obs=obs, var=pd.DataFrame(index=GENES[:4])).write_h5ad(
+        tmp_path / "fewer.h5ad"
+    )
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 1}).fit(tmp_path / "a.h5ad", "cell_type")
+    clf.set_params(warm_start=True)
+    _refused_and_unchanged(clf, tmp_path / "reversed.h5ad", "cell_type", r"warm_start.*order")
+    _refused_and_unchanged(clf, tmp_path / "fewer.h5ad", "cell_type", r"warm_start.*4 genes")
+    clf.fit(tmp_path / "a.h5ad", "cell_type")  # the same genes: training goes on
+    assert clf.n_iter_ == 2 and list(clf.feature_names_in_) == GENES
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_property_a_warm_fit_refuses_any_change_of_genes(warm_model, data):
+    clf, frame, y = warm_model
+    order = data.draw(st.permutations(range(6)), label="order")
+    keep = data.draw(st.integers(1, 6), label="genes kept")
+    renamed = data.draw(st.sets(st.integers(0, keep - 1), max_size=2), label="renamed")
+    columns = [GENES[i] for i in order[:keep]]
+    changed = frame[columns].rename(columns={columns[i]: f"new{i}" for i in renamed})
+    if data.draw(st.booleans(), label="identity"):
+        changed = frame.copy()
+    if list(changed.columns) != GENES:
+        _refused_and_unchanged(clf, changed, y, "warm_start")
+    else:
+        model = pickle.loads(pickle.dumps(clf)).set_params(max_epochs=1)
+        model.fit(changed, y)  # identity: training goes on
+        assert model.n_iter_ == clf.n_iter_ + 1
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "X,match",

@@ -138,7 +138,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         original) or the mean of the training data.
     warm_start : bool, default=False
         Continue training the fitted network (same genes and classes) instead of starting
-        anew.
+        anew. Other genes (another count; when fitted with names, as from a DataFrame or
+        AnnData, other names, another order, or no names) or other classes are refused with
+        a ``ValueError`` that leaves the model unchanged.
     distributed : {"auto"} or bool, default="auto"
         Data-parallel training when ``fit`` runs inside an initialised
         ``torch.distributed`` process group (``"auto"``), always (True) or never (False).
@@ -316,6 +318,51 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         )
         return _check_magnitude(_validate_data(self, X, **kw))
 
+    def _check_warm_genes(self, n_genes, names) -> None:
+        """Refuse a warm fit on other genes than the fitted ones (count, names and order)."""
+        if n_genes is None:  # not a 2-d table: validate_data names the problem
+            return
+        fix = (
+            "A warm fit continues the fitted network, whose weights are per gene: pass the "
+            "fitted genes in their order (X[clf.feature_names_in_], or tgem.align_genes(X, "
+            "clf)) or set warm_start=False to train anew."
+        )
+        fitted = getattr(self, "feature_names_in_", None)
+        if n_genes != self.n_features_in_:
+            detail = ""
+            if fitted is not None and names is not None:
+                missing = [g for g in fitted if g not in set(names)]
+                extra = [g for g in names if g not in set(fitted)]
+                detail = f" (missing {missing[:5]}, extra {extra[:5]})"
+            raise ValueError(
+                f"warm_start=True but X has {n_genes} genes while the model was fitted on "
+                f"{self.n_features_in_}{detail}. {fix}"
+            )
+        if fitted is None:
+            return
+        if names is None:
+            raise ValueError(
+                "warm_start=True but the model was fitted with gene names and X has no names "
+                "(e.g. a NumPy array), so its genes cannot be checked. Pass a DataFrame (or "
+                f"AnnData) with the fitted genes as columns. {fix}"
+            )
+        names = np.asarray(names, dtype=object)
+        if np.array_equal(names, np.asarray(fitted, dtype=object)):
+            return
+        unknown = [g for g in names if g not in set(fitted)]
+        if unknown:
+            missing = [g for g in fitted if g not in set(names)]
+            raise ValueError(
+                f"warm_start=True but X has genes the model was not fitted on, {unknown[:5]}, "
+                f"and lacks fitted genes {missing[:5]}. {fix}"
+            )
+        i = int(np.flatnonzero(names != np.asarray(fitted, dtype=object))[0])
+        raise ValueError(
+            f"warm_start=True but X has the fitted genes in another order (position {i} holds "
+            f"{names[i]!r} instead of {fitted[i]!r}); per-gene weights would move to other "
+            f"genes. Reorder the columns: X[clf.feature_names_in_]. {fix}"
+        )
+
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, *, checkpoint=None):
@@ -344,17 +391,23 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         self._check_params_extra()
+        # a warm fit continues the fitted network: nothing is written before every check passed
+        warm = self.warm_start and hasattr(self, "module_")
         if is_h5ad_input(X):
             X, y = h5ad_fit_input(self, X, y)
-            _check_missing_labels(np.asarray(y, dtype=object))
+            if warm:
+                self._check_warm_genes(X.shape[1], X.var_names)
         else:
             _check_columns(X)
+            if warm:
+                self._check_warm_genes(*_genes_of(X))
             if y is not None:
                 _check_missing_labels(np.asarray(y, dtype=object))
             X, y = _validate_data(
                 self,
                 X,
                 y,
+                reset=not warm,
                 accept_sparse=["csr", "csc"],
                 dtype=[np.float32, np.float64],
                 y_numeric=False,
@@ -372,25 +425,27 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 "classes. Pass labels of two or more classes."
             )
         weights = _check_weights(sample_weight, self.class_weight, X, y, classes, y_enc)
-
-        warm = self.warm_start and hasattr(self, "module_")
-        if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
+        if warm and not np.array_equal(classes, self.classes_):
             raise ValueError(
                 f"warm_start=True but y has classes {classes.tolist()} while the fitted model "
                 f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False."
             )
-        self.classes_ = classes
         rs = check_random_state(self.random_state)
         seeds = rs.randint(0, _MAX_SEED, size=4)
         device = resolve_device(self.device)
         dist = resolve_distributed(self.distributed, device)
         if dist is not None:  # DDP: one device per process, rank 0's seeds everywhere
             device, seeds = dist.device, dist.broadcast_seeds(seeds)
-        self.device_ = device
 
         X_train, y_train, w_train, valid = X, y_enc, weights, None
         if self.early_stopping:
             X_train, y_train, w_train, valid = self._split_validation(X, y_enc, weights, seeds[0])
+
+        if is_h5ad_input(X) and not warm:  # array input: set by validate_data
+            self.n_features_in_ = X.shape[1]
+            self.feature_names_in_ = X.var_names
+        self.device_ = device
+        self.classes_ = classes
 
         with torch_threads(self.n_threads):
             if warm:
@@ -819,6 +874,17 @@ def _check_magnitude(X):
 
 #: Largest sum of the sample weights: the loss sums weighted NLLs in float32 (max ~3.4e38).
 MAX_TOTAL_WEIGHT = 1e30
+
+
+def _genes_of(X) -> tuple[int | None, np.ndarray | None]:
+    """The number of genes (columns) of ``X`` and their names (None when it has none)."""
+    from sklearn.utils.validation import _get_feature_names, _num_features
+
+    try:
+        n_genes = _num_features(X)
+    except TypeError:  # e.g. a 1-d array: validate_data gives the clear error
+        n_genes = None
+    return n_genes, _get_feature_names(X)
 
 
 def _check_missing_labels(y) -> None:
