@@ -199,6 +199,77 @@ def test_n_threads_is_applied_during_fit_and_restored():
     assert set(seen) == {1} and torch.get_num_threads() == 2
 
 
+def _run_python(code: str, tmp_path):
+    """Run ``code`` in a fresh interpreter (a crash there cannot kill pytest)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+_THREADS_SCRIPT = """
+import warnings
+import numpy as np
+from tgem import TGEMClassifier, load
+rng = np.random.default_rng(0)
+X = rng.normal(size=(30, 5)).astype(np.float32)
+y = np.arange(30) % 2
+warnings.simplefilter("always")
+clf = TGEMClassifier(n_layers=1, n_heads=2, max_epochs=1, random_state=0, n_threads={fit})
+clf.fit(X, y)
+clf.set_params(n_threads={saved}).save("m.tgem")
+p = load("m.tgem").predict_proba(X)
+assert np.isfinite(p).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("fit, saved", [(100000, 1), (1, 1000000)], ids=["fit", "model_file"])
+def test_huge_n_threads_is_capped_at_the_usable_cpus_with_a_warning(fit, saved, tmp_path):
+    done = _run_python(_THREADS_SCRIPT.format(fit=fit, saved=saved), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+    assert f"n_threads={max(fit, saved)} is more than the" in done.stderr
+
+
+def test_available_cpus_follows_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    import os
+
+    from tgem._classifier import available_cpus, capped_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert available_cpus(str(tmp_path)) == 8  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # v2: 2.5 CPUs, rounded up
+    assert available_cpus(str(tmp_path)) == 3
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert available_cpus(str(tmp_path)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr("tgem._classifier.CGROUP_ROOT", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"n_threads=64 is more than the 1 CPU.*using 1"):
+        assert capped_threads(64) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert capped_threads(1) == 1
+
+
 def test_fit_on_raw_counts_warns_and_points_to_the_preprocessing_guide():
     from tgem._scale import RawCountsWarning
 
