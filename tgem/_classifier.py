@@ -425,8 +425,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if n_genes != self.n_features_in_:
             detail = ""
             if fitted is not None and names is not None:
-                missing = [g for g in fitted if g not in set(names)]
-                extra = [g for g in names if g not in set(fitted)]
+                missing, extra = _gene_difference(fitted, names)
                 detail = f" (missing {missing[:5]}, extra {extra[:5]})"
             raise ValueError(
                 f"warm_start=True but X has {n_genes} genes while the model was fitted on "
@@ -443,11 +442,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         names = np.asarray(names, dtype=object)
         if np.array_equal(names, np.asarray(fitted, dtype=object)):
             return
-        unknown = [g for g in names if g not in set(fitted)]
-        if unknown:
-            missing = [g for g in fitted if g not in set(names)]
+        missing, extra = _gene_difference(fitted, names)
+        if extra:
             raise ValueError(
-                f"warm_start=True but X has genes the model was not fitted on, {unknown[:5]}, "
+                f"warm_start=True but X has genes the model was not fitted on, {extra[:5]}, "
                 f"and lacks fitted genes {missing[:5]}. {fix}"
             )
         i = int(np.flatnonzero(names != np.asarray(fitted, dtype=object))[0])
@@ -979,6 +977,13 @@ def _genes_of(X) -> tuple[int | None, np.ndarray | None]:
     except TypeError:  # e.g. a 1-d array: validate_data gives the clear error
         n_genes = None
     return n_genes, _get_feature_names(X)
+
+
+def _gene_difference(fitted, names) -> tuple[list, list]:
+    """The fitted genes missing from ``names``, and the genes of ``names`` not fitted."""
+    fitted_set, names_set = set(fitted), set(names)
+    missing = [g for g in fitted if g not in names_set]
+    return missing, [g for g in names if g not in fitted_set]
 
 
 def _check_missing_labels(y) -> None:
