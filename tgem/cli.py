@@ -7,7 +7,8 @@ scripts; their flag names (``--head_num``, ``--learning_rate``, ``--act_fun``,
 in tgem's pickle-free model format (``model.save`` / ``tgem.load``).
 
 Exit codes: 0 success; 1 unexpected failure (rerun with ``--debug`` for the traceback);
-2 bad command line or input (missing file, unreadable table, unknown label column);
+2 bad command line or input (missing file, unreadable table, unknown label column,
+missing labels, an output folder that cannot be written);
 3 the data's genes do not match the model's; 4 the model file was refused.
 """
 
