@@ -651,6 +651,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def _checkpoint_writer(self, path, X, y_enc):
+        failures = []
+
         def write(state):
             from tgem._io import save
 
@@ -658,13 +660,16 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             try:
                 save(self, path)
             except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
-                warnings.warn(
+                message = (
                     f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
                     f"({exc}); training goes on and the fitted model is returned as usual. "
-                    "Free space or pass another checkpoint path.",
-                    UserWarning,
-                    stacklevel=2,
+                    "Free space or pass another checkpoint path."
                 )
+                if not failures:  # one warning per fit; later failures are logged
+                    warnings.warn(message, UserWarning, stacklevel=2)
+                else:
+                    logger.warning("%s", message)
+                failures.append(exc)
             finally:
                 self.module_.train()
 
