@@ -208,8 +208,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     n_iter_no_change : int, default=10
         Patience of early stopping, in epochs.
     class_weight : dict, "balanced" or None, default=None
-        Weights of the classes in the loss: ``{label: weight}``, ``"balanced"`` (inverse
-        class frequency) or None (all 1).
+        Weights of the classes in the loss: ``{label: weight}`` (weights >= 0),
+        ``"balanced"`` (inverse class frequency) or None (all 1).
     attention_backend : str, default="auto"
         ``"auto"`` uses the fastest available exact implementation for the device;
         ``"exact"`` the pure-PyTorch O(genes)-memory path; ``"reference"`` the plain
@@ -471,7 +471,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             Class labels (strings, integers, ...); with AnnData input also the name of an
             ``obs`` column (``fit("atlas.h5ad", y="cell_type")``).
         sample_weight : array-like of shape (n_samples,), optional
-            Per-sample weights of the loss.
+            Per-sample weights of the loss: finite, >= 0 (0 leaves a sample out), at least
+            one positive, adding up to at most 1e30 (only their ratios matter).
         checkpoint : str or path, optional
             File to which the best model so far is written (safe model format) each time it
             improves, for long fits. An argument of ``fit``, not a parameter, so that clones
