@@ -1020,11 +1020,15 @@ def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndar
         )
     if class_weight is not None:
         if isinstance(class_weight, dict):
-            bad = {k: v for k, v in class_weight.items() if not (np.isfinite(v) and v >= 0)}
+            bad = {
+                k: v
+                for k, v in class_weight.items()
+                if not (isinstance(v, numbers.Real) and np.isfinite(v) and v >= 0)
+            }
             if bad:
                 label, value = next(iter(bad.items()))
                 raise ValueError(
-                    f"class_weight has a negative or non-finite weight, {value:g} for class "
+                    f"class_weight has a negative or non-finite weight, {value!r} for class "
                     f"{label!r}; pass weights >= 0 (e.g. {{{label!r}: 1.0}}) or "
                     "class_weight='balanced'."
                 )
