@@ -199,6 +199,77 @@ def test_n_threads_is_applied_during_fit_and_restored():
     assert set(seen) == {1} and torch.get_num_threads() == 2
 
 
+def _run_python(code: str, tmp_path):
+    """Run ``code`` in a fresh interpreter (a crash there cannot kill pytest)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+_THREADS_SCRIPT = """
+import warnings
+import numpy as np
+from tgem import TGEMClassifier, load
+rng = np.random.default_rng(0)
+X = rng.normal(size=(30, 5)).astype(np.float32)
+y = np.arange(30) % 2
+warnings.simplefilter("always")
+clf = TGEMClassifier(n_layers=1, n_heads=2, max_epochs=1, random_state=0, n_threads={fit})
+clf.fit(X, y)
+clf.set_params(n_threads={saved}).save("m.tgem")
+p = load("m.tgem").predict_proba(X)
+assert np.isfinite(p).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("fit, saved", [(100000, 1), (1, 1000000)], ids=["fit", "model_file"])
+def test_huge_n_threads_is_capped_at_the_usable_cpus_with_a_warning(fit, saved, tmp_path):
+    done = _run_python(_THREADS_SCRIPT.format(fit=fit, saved=saved), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+    assert f"n_threads={max(fit, saved)} is more than the" in done.stderr
+
+
+def test_available_cpus_follows_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    import os
+
+    from tgem._classifier import available_cpus, capped_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert available_cpus(str(tmp_path)) == 8  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # v2: 2.5 CPUs, rounded up
+    assert available_cpus(str(tmp_path)) == 3
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert available_cpus(str(tmp_path)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr("tgem._classifier.CGROUP_ROOT", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"n_threads=64 is more than the 1 CPU.*using 1"):
+        assert capped_threads(64) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert capped_threads(1) == 1
+
+
 def test_fit_on_raw_counts_warns_and_points_to_the_preprocessing_guide():
     from tgem._scale import RawCountsWarning
 
@@ -270,6 +341,101 @@ def test_warm_start_continues_training():
     assert [h["epoch"] for h in clf.history_] == [1, 2, 3, 4, 5, 6]
 
 
+# warm starts must never move a gene's weights onto another gene (issue 24, item 3)
+GENES = [f"g{i}" for i in range(6)]
+
+
+def _frozen(clf) -> bytes:
+    """Every fitted attribute and weight of ``clf``, as bytes (its pickle)."""
+    return pickle.dumps(clf)
+
+
+@pytest.fixture(scope="module")
+def warm_model():
+    X, y = _data(n=40, classes=2)
+    frame = pd.DataFrame(X, columns=GENES)
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 2}).fit(frame, y)
+    return clf.set_params(warm_start=True), frame, y
+
+
+def _refused_and_unchanged(clf, X, y, match):
+    before, fit_data = _frozen(clf), clf._fit_data
+    with pytest.raises(ValueError, match=match):
+        clf.fit(X, y)
+    assert _frozen(clf) == before and clf._fit_data is fit_data
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda f: f[f.columns[::-1]], r"warm_start.*order.*'g5'.*'g0'.*feature_names_in_"),
+        (lambda f: f[GENES[:4]], r"warm_start.*4 genes.*fitted on 6.*missing.*'g4'"),
+        (lambda f: f.rename(columns={"g2": "CD3E"}), r"warm_start.*'CD3E'.*'g2'"),
+        (lambda f: f.to_numpy(), r"warm_start.*fitted with gene names.*no names.*DataFrame"),
+        (lambda f: f.to_numpy()[:, :4], r"warm_start.*4 genes.*fitted on 6"),
+    ],
+    ids=["reversed", "fewer", "renamed", "unnamed", "unnamed_fewer"],
+)
+def test_warm_start_refuses_other_genes_and_leaves_the_model_unchanged(warm_model, change, match):
+    clf, frame, y = warm_model
+    _refused_and_unchanged(clf, change(frame), y, match)
+    assert np.isfinite(clf.predict_proba(frame)).all()  # still the good model
+
+
+def test_warm_start_without_names_still_checks_the_gene_count():
+    X, y = _data(n=40, classes=2)
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 1}, warm_start=True).fit(X, y)
+    _refused_and_unchanged(clf, X[:, :4], y, r"warm_start.*4 genes.*fitted on 6")
+    _refused_and_unchanged(clf, np.c_[X, X[:, :1]], y, r"warm_start.*7 genes.*fitted on 6")
+
+
+def test_warm_start_refused_for_other_classes_leaves_the_model_unchanged(warm_model):
+    clf, frame, y = warm_model
+    _refused_and_unchanged(clf, frame, np.where(y == 0, "a", "b"), r"warm_start.*classes")
+
+
+def test_warm_start_on_h5ad_refuses_reordered_genes_and_leaves_the_model_unchanged(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    X, y = _data(n=40, classes=2)
+    obs = pd.DataFrame({"cell_type": np.where(y == 0, "a", "b")}, index=map(str, range(40)))
+    anndata.AnnData(X, obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(tmp_path / "a.h5ad")
+    anndata.AnnData(X[:, ::-1].copy(), obs=obs, var=pd.DataFrame(index=GENES[::-1])).write_h5ad(
+        tmp_path / "reversed.h5ad"
+    )
+    anndata.AnnData(X[:, :4].copy(), obs=obs, var=pd.DataFrame(index=GENES[:4])).write_h5ad(
+        tmp_path / "fewer.h5ad"
+    )
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 1}).fit(tmp_path / "a.h5ad", "cell_type")
+    clf.set_params(warm_start=True)
+    _refused_and_unchanged(clf, tmp_path / "reversed.h5ad", "cell_type", r"warm_start.*order")
+    _refused_and_unchanged(clf, tmp_path / "fewer.h5ad", "cell_type", r"warm_start.*4 genes")
+    clf.fit(tmp_path / "a.h5ad", "cell_type")  # the same genes: training goes on
+    assert clf.n_iter_ == 2 and list(clf.feature_names_in_) == GENES
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_property_a_warm_fit_refuses_any_change_of_genes(warm_model, data):
+    clf, frame, y = warm_model
+    order = data.draw(st.permutations(range(6)), label="order")
+    keep = data.draw(st.integers(1, 6), label="genes kept")
+    renamed = data.draw(st.sets(st.integers(0, keep - 1), max_size=2), label="renamed")
+    columns = [GENES[i] for i in order[:keep]]
+    changed = frame[columns].rename(columns={columns[i]: f"new{i}" for i in renamed})
+    if data.draw(st.booleans(), label="identity"):
+        changed = frame.copy()
+    if list(changed.columns) != GENES:
+        _refused_and_unchanged(clf, changed, y, "warm_start")
+    else:
+        model = pickle.loads(pickle.dumps(clf)).set_params(max_epochs=1)
+        model.fit(changed, y)  # identity: training goes on
+        assert model.n_iter_ == clf.n_iter_ + 1
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "X,match",
@@ -294,6 +460,42 @@ def test_length_mismatch_and_single_class_are_clear_errors():
         TGEMClassifier(**FAST).fit(X, y[:-1])
     with pytest.raises(ValueError, match="1 class.*at least two"):
         TGEMClassifier(**FAST).fit(X, np.zeros(10))
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"sample_weight": np.r_[-1.0, np.ones(9)]}, r"sample_weight.*negative.*-1.*row 0.*pass"),
+        ({"class_weight": {0: -1.0, 1: 1.0}}, r"class_weight.*negative.*-1.*class 0.*pass"),
+        ({"sample_weight": np.full(10, 1e300)}, r"sample weights.*1e\+300.*overflow.*rescale"),
+        ({"sample_weight": np.full(10, 1e-300)}, r"sample weights.*float32.*rescale"),
+    ],
+)
+def test_negative_or_extreme_weights_are_clear_errors(weights, match):
+    X, y = _data(n=10, classes=2)
+    params = {k: v for k, v in weights.items() if k == "class_weight"}
+    fit_kw = {k: v for k, v in weights.items() if k == "sample_weight"}
+    with pytest.raises(ValueError, match=match):
+        TGEMClassifier(**FAST, **params).fit(X, y, **fit_kw)
+
+
+def test_a_batch_of_zero_weights_is_not_a_divergence():
+    X, y = _data(n=20, classes=2)
+    w = np.ones(20)
+    w[:10] = 0  # batches of one: the first ten steps have no weight at all
+    clf = TGEMClassifier(**{**FAST, "max_epochs": 2}, batch_size=1).fit(X, y, sample_weight=w)
+    assert np.isfinite([h["train_loss"] for h in clf.history_]).all()
+    kept = TGEMClassifier(**{**FAST, "max_epochs": 2}, batch_size=1).fit(X[10:], y[10:])
+    assert np.isfinite(kept.predict_proba(X)).all()
+
+
+@pytest.mark.parametrize("missing", [None, np.nan])
+def test_missing_labels_are_a_clear_error(missing):
+    X, y = _data(n=10, classes=2, labels=["a", "b"])
+    y = y.astype(object)
+    y[[2, 5]] = missing
+    with pytest.raises(ValueError, match=r"y has 2 missing labels.*rows \[2, 5\].*Drop"):
+        TGEMClassifier(**FAST).fit(X, y)
 
 
 def test_score_with_labels_of_another_kind_is_a_clear_error(fitted):

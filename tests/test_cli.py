@@ -182,6 +182,73 @@ def test_subprocess_mismatched_genes_exit_3_and_name_them(tables, trained, tmp_p
     assert "--fill-missing" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "explain", "attention", "predict"])
+def test_an_unwritable_output_folder_exits_2_before_any_work(
+    command, tables, trained, tmp_path, capsys, monkeypatch
+):
+    import tgem.cli
+
+    (tmp_path / "a_file").write_text("not a folder")
+    output = tmp_path / "a_file" / "out"  # a folder that cannot be made (root ignores modes)
+    work = []
+    monkeypatch.setattr(tgem.cli, "_classifier", lambda args: work.append("fit"))
+    monkeypatch.setattr(tgem.cli, "_load_model", lambda path: work.append("load"))
+    data = ["train", str(tables / "train.csv"), "--label", "cell_type", *TINY]
+    if command != "train":
+        labelled = command == "explain"
+        data = [command, str(trained / "model.tgem")]
+        data += [str(tables / "train.csv"), "--label", "cell_type"] if labelled else []
+        data += [] if labelled else [str(tables / "new.tsv")]
+    target = output / "p.csv" if command == "predict" else output
+    code = main([*data, "--output", str(target)])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert "output folder" in err and str(output) in err and "--output" in err
+    assert "unexpected" not in err and "Traceback" not in err
+    assert work == []  # refused before training or loading anything
+
+
+def test_an_all_empty_label_column_names_the_empty_labels(tables, tmp_path, capsys):
+    frame = pd.read_csv(tables / "train.csv", index_col=0)
+    frame["cell_type"] = np.nan
+    frame.to_csv(tmp_path / "unlabelled.csv")
+    code = main(
+        [
+            "train",
+            str(tmp_path / "unlabelled.csv"),
+            "--label",
+            "cell_type",
+            "--output",
+            str(tmp_path / "out"),
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT
+    assert f"label column 'cell_type' is empty: all {len(frame)} labels are missing" in err
+    assert "--test-size" not in err
+
+
+def test_some_missing_labels_are_named(tables, tmp_path, capsys):
+    frame = pd.read_csv(tables / "train.csv", index_col=0)
+    frame.iloc[[3, 7], frame.columns.get_loc("cell_type")] = np.nan
+    frame.to_csv(tmp_path / "gaps.csv")
+    code = main(
+        [
+            "train",
+            str(tmp_path / "gaps.csv"),
+            "--label",
+            "cell_type",
+            "--output",
+            str(tmp_path / "out"),
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT
+    assert "2 of" in err and str(frame.index[3]) in err and "--test-size" not in err
+
+
 def test_subprocess_missing_model_file_exits_2(tables, tmp_path):
     result = run_tgem("predict", tmp_path / "none.tgem", tables / "new.tsv", cwd=tmp_path)
     assert result.returncode == EXIT_INPUT

@@ -100,7 +100,9 @@ def test_nan_at_the_first_batch_leaves_the_initial_weights(monkeypatch):
         return net.training
 
     _inject(monkeypatch, _nan, when=when)
-    with pytest.raises(TrainingDivergedError, match="epoch 1, batch 1.*epoch None"):
+    with pytest.raises(
+        TrainingDivergedError, match="epoch 1, batch 1.*weights this fit started from"
+    ):
         clf.fit(X, y)
     monkeypatch.undo()
     assert clf.history_ == [] and clf.best_epoch_ is None
@@ -119,6 +121,50 @@ def test_huge_learning_rate_never_leaves_nan_weights():
         assert "learning_rate" in str(exc)
     for value in clf.module_.state_dict().values():
         assert torch.isfinite(value).all()
+
+
+def _all_finite(clf):
+    return all(torch.isfinite(v).all() for v in clf.module_.state_dict().values())
+
+
+def _diverging(**params):
+    # lr 1e38: the epoch's single step (40 samples, batch 40) makes the weights non-finite,
+    # and no loss is computed after that step within the epoch (issue 24, item 4)
+    return _clf(**{"learning_rate": 1e38, "batch_size": 40, "max_epochs": 1, **params})
+
+
+def test_weights_diverged_by_the_last_step_of_an_epoch_are_never_kept():
+    X, y = _data(n=40)
+    clf = _diverging()
+    with pytest.raises(TrainingDivergedError, match=r"non-finite.*epoch 1.*learning_rate"):
+        clf.fit(X, y)
+    assert _all_finite(clf)
+    assert clf.best_epoch_ is None
+    assert np.isfinite(clf.predict_proba(X)).all()
+
+
+def test_diverged_weights_with_early_stopping_are_never_kept():
+    X, y = _data(n=40)
+    clf = _diverging(early_stopping=True, validation_fraction=0.25, batch_size=30)
+    with pytest.raises(TrainingDivergedError, match="non-finite"):
+        clf.fit(X, y)
+    assert _all_finite(clf)
+    assert np.isfinite(clf.predict_proba(X)).all()
+
+
+def test_diverged_weights_never_reach_the_checkpoint(tmp_path):
+    X, y = _data(n=40)
+    path = tmp_path / "c.tgem"
+    clf = _diverging(max_epochs=2)
+    with pytest.raises(TrainingDivergedError, match="non-finite") as info:
+        clf.fit(X, y, checkpoint=path)
+    assert _all_finite(clf)
+    if path.exists():  # whatever the error says was kept is what the file holds
+        kept = load(path)
+        assert _all_finite(kept)
+        assert f"epoch {kept.best_epoch_})" in str(info.value)
+    else:
+        assert "(epoch None)" not in str(info.value)
 
 
 # ------------------------------------------------------------------ Ctrl-C
@@ -199,6 +245,32 @@ def test_warm_start_continues_from_a_loaded_checkpoint(tmp_path):
     resumed.fit(X, y)
     assert [r["epoch"] for r in resumed.history_] == list(range(1, done + 3))
     assert not np.array_equal(resumed.predict_proba(X), before)
+
+
+def test_a_failed_checkpoint_write_warns_and_training_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    import tgem._io
+
+    X, y = _data()
+    path = tmp_path / "c.tgem"
+    writes = []
+
+    def full_disk(model, p):
+        writes.append(model.best_epoch_)
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+
+    monkeypatch.setattr(tgem._io, "save", full_disk)
+    clf = _clf(max_epochs=3)
+    with pytest.warns(
+        UserWarning, match=r"c\.tgem.*No space left on device.*training goes on"
+    ) as w:
+        clf.fit(X, y, checkpoint=path)
+    assert clf.n_iter_ == 3 and len(writes) >= 2
+    assert sum("checkpoint" in str(r.message) for r in w) == 1  # once per fit, then logged
+    assert clf.module_.training is False  # fitted models are in eval mode
+    reference = _clf(max_epochs=3).fit(X, y)  # dropout stayed on after the failed write
+    assert _same_weights(clf, reference)
 
 
 # ------------------------------------------------------------------ out of memory

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import numbers
+import os
 import re
 import warnings
 
@@ -56,12 +58,103 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+#: Where the cgroup CPU quota is read (v2's ``cpu.max``, v1's ``cfs_quota_us``/``cfs_period_us``).
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(256).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs allowed by the cgroup CPU quota under ``root`` (None: no quota, or unreadable)."""
+    quotas = []
+    v2 = _read_text(os.path.join(root, "cpu.max"))  # "max 100000" or "150000 100000"
+    if v2 is not None:
+        fields = v2.split()
+        if len(fields) == 2 and fields[0] != "max":
+            quotas.append((fields[0], fields[1]))
+    for folder in ("cpu", "cpu,cpuacct"):
+        quota = _read_text(os.path.join(root, folder, "cpu.cfs_quota_us"))
+        period = _read_text(os.path.join(root, folder, "cpu.cfs_period_us"))
+        if quota is not None and period is not None:
+            quotas.append((quota, period))
+    allowed = []
+    for quota, period in quotas:
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            continue
+        if q > 0 and p > 0:  # v1 writes -1 for "no quota"
+            allowed.append(q / p)
+    return min(allowed) if allowed else None
+
+
+def available_cpus(cgroup_root: str | None = None) -> int:
+    """The number of CPUs this process may use: its affinity and its cgroup CPU quota.
+
+    The quota (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``) is
+    rounded up; without either limit this is ``os.cpu_count()``.
+
+    Parameters
+    ----------
+    cgroup_root : str, optional
+        The cgroup file system (default :data:`CGROUP_ROOT`).
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Examples
+    --------
+    >>> available_cpus() >= 1
+    True
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(CGROUP_ROOT if cgroup_root is None else cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def capped_threads(n_threads: int, *, stacklevel: int = 2) -> int:
+    """``n_threads``, capped at :func:`available_cpus` with a warning when above it.
+
+    Far more threads than CPUs only slow the work down, and OpenMP cannot start hundreds of
+    thousands of threads (the process crashes); a thread count read from a model file
+    therefore never goes beyond this cap either.
+    """
+    cap = available_cpus()
+    if n_threads <= cap:
+        return n_threads
+    warnings.warn(
+        f"n_threads={n_threads} is more than the {cap} CPU(s) this process may use (its CPU "
+        f"affinity and cgroup quota); using {cap} threads. Pass n_threads={cap} or less "
+        "(or None to keep torch's setting).",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return cap
+
+
 @contextlib.contextmanager
 def torch_threads(n_threads: int | None):
-    """Set torch's intra-op thread count for the duration of the block, then restore it."""
+    """Set torch's intra-op thread count for the duration of the block, then restore it.
+
+    The count is capped at the CPUs this process may use (see :func:`capped_threads`).
+    """
     if n_threads is None:
         yield
         return
+    n_threads = capped_threads(int(n_threads), stacklevel=4)
     before = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
@@ -115,8 +208,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     n_iter_no_change : int, default=10
         Patience of early stopping, in epochs.
     class_weight : dict, "balanced" or None, default=None
-        Weights of the classes in the loss: ``{label: weight}``, ``"balanced"`` (inverse
-        class frequency) or None (all 1).
+        Weights of the classes in the loss: ``{label: weight}`` (weights >= 0),
+        ``"balanced"`` (inverse class frequency) or None (all 1).
     attention_backend : str, default="auto"
         ``"auto"`` uses the fastest available exact implementation for the device;
         ``"exact"`` the pure-PyTorch O(genes)-memory path; ``"reference"`` the plain
@@ -129,7 +222,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         ``fit`` into ``device_``.
     n_threads : int or None, default=None
         Torch CPU threads used during ``fit`` and prediction (restored afterwards); None
-        keeps torch's current setting.
+        keeps torch's current setting. Capped, with a warning, at the CPUs this process may
+        use (its CPU affinity and cgroup CPU quota), also when read from a model file.
     importance_n_samples : int, default=256
         Training samples (stratified, at least 20 per class where available) used to
         compute ``feature_importances_`` with Integrated Gradients.
@@ -138,7 +232,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         original) or the mean of the training data.
     warm_start : bool, default=False
         Continue training the fitted network (same genes and classes) instead of starting
-        anew.
+        anew. Other genes (another count; when fitted with names, as from a DataFrame or
+        AnnData, other names, another order, or no names) or other classes are refused with
+        a ``ValueError`` that leaves the model unchanged.
     distributed : {"auto"} or bool, default="auto"
         Data-parallel training when ``fit`` runs inside an initialised
         ``torch.distributed`` process group (``"auto"``), always (True) or never (False).
@@ -316,6 +412,49 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         )
         return _check_magnitude(_validate_data(self, X, **kw))
 
+    def _check_warm_genes(self, n_genes, names) -> None:
+        """Refuse a warm fit on other genes than the fitted ones (count, names and order)."""
+        if n_genes is None:  # not a 2-d table: validate_data names the problem
+            return
+        fix = (
+            "A warm fit continues the fitted network, whose weights are per gene: pass the "
+            "fitted genes in their order (X[clf.feature_names_in_], or tgem.align_genes(X, "
+            "clf)) or set warm_start=False to train anew."
+        )
+        fitted = getattr(self, "feature_names_in_", None)
+        if n_genes != self.n_features_in_:
+            detail = ""
+            if fitted is not None and names is not None:
+                missing, extra = _gene_difference(fitted, names)
+                detail = f" (missing {missing[:5]}, extra {extra[:5]})"
+            raise ValueError(
+                f"warm_start=True but X has {n_genes} genes while the model was fitted on "
+                f"{self.n_features_in_}{detail}. {fix}"
+            )
+        if fitted is None:
+            return
+        if names is None:
+            raise ValueError(
+                "warm_start=True but the model was fitted with gene names and X has no names "
+                "(e.g. a NumPy array), so its genes cannot be checked. Pass a DataFrame (or "
+                f"AnnData) with the fitted genes as columns. {fix}"
+            )
+        names = np.asarray(names, dtype=object)
+        if np.array_equal(names, np.asarray(fitted, dtype=object)):
+            return
+        missing, extra = _gene_difference(fitted, names)
+        if extra:
+            raise ValueError(
+                f"warm_start=True but X has genes the model was not fitted on, {extra[:5]}, "
+                f"and lacks fitted genes {missing[:5]}. {fix}"
+            )
+        i = int(np.flatnonzero(names != np.asarray(fitted, dtype=object))[0])
+        raise ValueError(
+            f"warm_start=True but X has the fitted genes in another order (position {i} holds "
+            f"{names[i]!r} instead of {fitted[i]!r}); per-gene weights would move to other "
+            f"genes. Reorder the columns: X[clf.feature_names_in_]. {fix}"
+        )
+
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, *, checkpoint=None):
@@ -332,7 +471,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             Class labels (strings, integers, ...); with AnnData input also the name of an
             ``obs`` column (``fit("atlas.h5ad", y="cell_type")``).
         sample_weight : array-like of shape (n_samples,), optional
-            Per-sample weights of the loss.
+            Per-sample weights of the loss: finite, >= 0 (0 leaves a sample out), at least
+            one positive, adding up to at most 1e30 (only their ratios matter).
         checkpoint : str or path, optional
             File to which the best model so far is written (safe model format) each time it
             improves, for long fits. Each write goes to a fresh temporary file that then
@@ -353,14 +493,23 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit(self, X, y, sample_weight, checkpoint):
         self._check_params_extra()
+        # a warm fit continues the fitted network: nothing is written before every check passed
+        warm = self.warm_start and hasattr(self, "module_")
         if is_h5ad_input(X):
             X, y = h5ad_fit_input(self, X, y)
+            if warm:
+                self._check_warm_genes(X.shape[1], X.var_names)
         else:
             _check_columns(X)
+            if warm:
+                self._check_warm_genes(*_genes_of(X))
+            if y is not None:
+                _check_missing_labels(np.asarray(y, dtype=object))
             X, y = _validate_data(
                 self,
                 X,
                 y,
+                reset=not warm,
                 accept_sparse=["csr", "csc"],
                 dtype=[np.float32, np.float64],
                 y_numeric=False,
@@ -369,6 +518,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             _check_magnitude(X)
             check_log_scale(X, stacklevel=4)
         y = column_or_1d(y, warn=True)
+        _check_missing_labels(y)
         check_classification_targets(y)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -376,31 +526,28 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"y contains 1 class ({classes[0]!r}); a classifier needs at least two "
                 "classes. Pass labels of two or more classes."
             )
-        weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        if self.class_weight is not None:
-            cw = compute_class_weight(self.class_weight, classes=classes, y=y)
-            weights = weights * cw[y_enc]
-        if not np.any(weights > 0):
-            raise ValueError("All sample weights are zero; pass at least one positive weight.")
-
-        warm = self.warm_start and hasattr(self, "module_")
-        if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
+        weights = _check_weights(sample_weight, self.class_weight, X, y, classes, y_enc)
+        if warm and not np.array_equal(classes, self.classes_):
             raise ValueError(
                 f"warm_start=True but y has classes {classes.tolist()} while the fitted model "
                 f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False."
             )
-        self.classes_ = classes
         rs = check_random_state(self.random_state)
         seeds = rs.randint(0, _MAX_SEED, size=4)
         device = resolve_device(self.device)
         dist = resolve_distributed(self.distributed, device)
         if dist is not None:  # DDP: one device per process, rank 0's seeds everywhere
             device, seeds = dist.device, dist.broadcast_seeds(seeds)
-        self.device_ = device
 
         X_train, y_train, w_train, valid = X, y_enc, weights, None
         if self.early_stopping:
             X_train, y_train, w_train, valid = self._split_validation(X, y_enc, weights, seeds[0])
+
+        if is_h5ad_input(X) and not warm:  # array input: set by validate_data
+            self.n_features_in_ = X.shape[1]
+            self.feature_names_in_ = X.var_names
+        self.device_ = device
+        self.classes_ = classes
 
         with torch_threads(self.n_threads):
             if warm:
@@ -514,12 +661,27 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def _checkpoint_writer(self, path, X, y_enc):
+        failures = []
+
         def write(state):
             from tgem._io import save
 
             self._finish_fit(state, X, y_enc)
-            save(self, path)
-            self.module_.train()
+            try:
+                save(self, path)
+            except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
+                message = (
+                    f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
+                    f"({exc}); training goes on and the fitted model is returned as usual. "
+                    "Free space or pass another checkpoint path."
+                )
+                if not failures:  # one warning per fit; later failures are logged
+                    warnings.warn(message, UserWarning, stacklevel=2)
+                else:
+                    logger.warning("%s", message)
+                failures.append(exc)
+            finally:
+                self.module_.train()
 
         return write
 
@@ -815,6 +977,88 @@ def _check_magnitude(X):
                 "Log-transform the data (e.g. np.log1p of normalised counts) or scale it."
             )
     return X
+
+
+#: Largest sum of the sample weights: the loss sums weighted NLLs in float32 (max ~3.4e38).
+MAX_TOTAL_WEIGHT = 1e30
+
+
+def _genes_of(X) -> tuple[int | None, np.ndarray | None]:
+    """The number of genes (columns) of ``X`` and their names (None when it has none)."""
+    from sklearn.utils.validation import _get_feature_names, _num_features
+
+    try:
+        n_genes = _num_features(X)
+    except TypeError:  # e.g. a 1-d array: validate_data gives the clear error
+        n_genes = None
+    return n_genes, _get_feature_names(X)
+
+
+def _gene_difference(fitted, names) -> tuple[list, list]:
+    """The fitted genes missing from ``names``, and the genes of ``names`` not fitted."""
+    fitted_set, names_set = set(fitted), set(names)
+    missing = [g for g in fitted if g not in names_set]
+    return missing, [g for g in names if g not in fitted_set]
+
+
+def _check_missing_labels(y) -> None:
+    """Refuse labels that are None or NaN (an unlabelled sample), naming where they are."""
+    import pandas as pd
+
+    if y.dtype.kind not in "OfcmM":  # ints, bools and strings cannot be missing
+        return
+    missing = np.flatnonzero(pd.isna(y))
+    if len(missing):
+        raise ValueError(
+            f"y has {len(missing)} missing labels (None or NaN) out of {len(y)}, at rows "
+            f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; every sample needs a "
+            "class. Drop the unlabelled samples (e.g. keep = pd.notna(y); fit(X[keep], "
+            "y[keep])) or fill their labels."
+        )
+
+
+def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndarray:
+    """The per-sample loss weights (sample_weight x class_weight), checked for the loss."""
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
+    negative = np.flatnonzero(weights < 0)
+    if len(negative):
+        raise ValueError(
+            f"sample_weight has {len(negative)} negative value(s), e.g. "
+            f"{weights[negative[0]]:g} at row {negative[0]}; weights scale each sample's "
+            "loss and must be >= 0; pass non-negative weights (0 leaves a sample out)."
+        )
+    if class_weight is not None:
+        if isinstance(class_weight, dict):
+            bad = {
+                k: v
+                for k, v in class_weight.items()
+                if not (isinstance(v, numbers.Real) and np.isfinite(v) and v >= 0)
+            }
+            if bad:
+                label, value = next(iter(bad.items()))
+                raise ValueError(
+                    f"class_weight has a negative or non-finite weight, {value!r} for class "
+                    f"{label!r}; pass weights >= 0 (e.g. {{{label!r}: 1.0}}) or "
+                    "class_weight='balanced'."
+                )
+        weights = weights * compute_class_weight(class_weight, classes=classes, y=y)[y_enc]
+    if not np.any(weights > 0):
+        raise ValueError("All sample weights are zero; pass at least one positive weight.")
+    total = float(np.sum(weights))
+    if not total <= MAX_TOTAL_WEIGHT:
+        raise ValueError(
+            f"The sample weights add up to {total:g} (largest {np.max(weights):g}), which would "
+            f"overflow the float32 loss (the sum must stay below {MAX_TOTAL_WEIGHT:g}); "
+            "only their ratios matter, so rescale them, e.g. sample_weight / "
+            "sample_weight.max()."
+        )
+    if not np.any(weights.astype(np.float32) > 0):
+        raise ValueError(
+            f"The sample weights are all below float32's smallest positive value (largest "
+            f"{np.max(weights):g}), so the float32 loss would weigh every sample 0; only "
+            "their ratios matter, so rescale them, e.g. sample_weight / sample_weight.max()."
+        )
+    return weights
 
 
 def _module_init(module: TGEMNet) -> dict:

@@ -412,9 +412,11 @@ class _EpochReader:
 
 
 def h5ad_fit_input(estimator, X, y):
-    """The dataset and labels ``fit`` trains on; sets ``n_features_in_``/``feature_names_in_``.
+    """The dataset and labels ``fit`` trains on.
 
-    ``y`` is an ``obs`` column name or an array of one label per row.
+    ``y`` is an ``obs`` column name or an array of one label per row. Nothing is written to
+    ``estimator``: ``fit`` sets ``n_features_in_`` and ``feature_names_in_`` once all its
+    checks passed (a refused warm fit leaves the model unchanged).
     """
     ds = X if isinstance(X, H5ADDataset) else H5ADDataset(X)
     if isinstance(y, str):
@@ -435,8 +437,6 @@ def h5ad_fit_input(estimator, X, y):
         raise ValueError(
             f"the dataset has shape {ds.shape}; it needs at least one cell and one gene."
         )
-    estimator.n_features_in_ = ds.shape[1]
-    estimator.feature_names_in_ = ds.var_names
     return ds, y
 
 

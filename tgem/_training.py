@@ -80,7 +80,8 @@ def _accumulate_gradients(module, xb, yb, wb, n_chunks: int):
     Each part's loss is ``sum(nll * w) / sum(w of the whole batch)``, so the parts' gradients
     add up to the whole batch's gradient (up to rounding).
     """
-    total_w = wb.sum()
+    # a batch of zero weights (allowed: weight 0 leaves a sample out) has a zero loss, not 0/0
+    total_w = wb.sum().clamp_min(torch.finfo(wb.dtype).tiny)
     loss, outs = 0.0, []
     for rows in iter_batches(xb.shape[0], -(-xb.shape[0] // n_chunks)):
         log_proba = module(xb[rows])
@@ -129,6 +130,11 @@ class TrainState:
 
 def _snapshot(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _weights_are_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in module.state_dict().values())
 
 
 def _weighted_nll(log_proba, target, weight):
@@ -227,11 +233,15 @@ def train(
     -------
     TrainState
         The module holds the best weights (with validation) or the last epoch's weights
-        (without). A non-finite loss raises :class:`TrainingDivergedError` after restoring
-        the best weights so far; ``KeyboardInterrupt`` is re-raised the same way and the
-        state's ``stopped`` says so.
+        (without). A non-finite loss, or weights made non-finite by an epoch's last step
+        (whose loss is never measured), raises :class:`TrainingDivergedError` after
+        restoring the best weights so far (the weights the fit started from when no epoch
+        finished); no snapshot or ``on_improvement`` call ever sees non-finite weights.
+        ``KeyboardInterrupt`` is re-raised the same way and the state's ``stopped`` says so.
     """
     state = state or TrainState()
+    # what a divergence before the first finished epoch falls back to (one copy per fit)
+    start_state = _snapshot(module) if state.best_state is None else None
     optimizer = make_optimizer(module.parameters(), learning_rate, weight_decay)
     n = X.shape[0]
     y_t = torch.as_tensor(y)
@@ -254,7 +264,7 @@ def train(
                 if dist is None
                 else dist.epoch(X, n, w_t, batch_size, shuffle_generator)
             )
-            loss_sum, weight_sum, correct = 0.0, 0.0, 0
+            loss_sum, weight_sum, correct, b = 0.0, 0.0, 0, 0
             for b, (idx, source, step) in enumerate(steps, start=1):
                 xb = dense_batch(source, idx, device)
                 yb = y_t[idx].to(device)
@@ -289,11 +299,11 @@ def train(
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"The training loss became {float(loss)} at epoch {epoch}, batch {b}. "
-                        f"The model keeps the best weights so far (epoch {state.best_epoch}). "
-                        f"Try a lower learning_rate (now {learning_rate:g}) or check X for "
-                        "extreme values."
+                        f"{_kept(state)} Try a lower learning_rate (now {learning_rate:g}) or "
+                        "check X and the sample weights for extreme values."
                     )
-                optimizer.step()
+                if step is not None or bool(wb.any()):  # no step for a batch of zero weight
+                    optimizer.step()
                 batch_w, batch_correct = (
                     (wb.sum(), (log_proba.argmax(1) == yb).sum())
                     if step is None
@@ -304,6 +314,12 @@ def train(
                 correct += int(batch_correct)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_sum / weight_sum:.4f}")
+            if not _weights_are_finite(module):  # the last step's loss is never measured
+                raise TrainingDivergedError(
+                    f"The weights became non-finite in the last optimizer step of epoch "
+                    f"{epoch} (batch {b}). {_kept(state)} Try a lower learning_rate (now "
+                    f"{learning_rate:g}) or check X for extreme values."
+                )
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / weight_sum,
@@ -347,6 +363,8 @@ def train(
         )
         if state.best_state is not None:
             module.load_state_dict(state.best_state)
+        elif start_state is not None and isinstance(exc, TrainingDivergedError):
+            module.load_state_dict(start_state)
         raise
     finally:
         if bar is not None:
@@ -360,6 +378,13 @@ def train(
     if valid is not None and state.best_state is not None:
         module.load_state_dict(state.best_state)
     return state
+
+
+def _kept(state: TrainState) -> str:
+    """What the model holds after a divergence, for the error message."""
+    if state.best_state is None:
+        return "The model keeps the weights this fit started from (no epoch of it finished)."
+    return f"The model keeps the best weights so far (epoch {state.best_epoch})."
 
 
 def copy_state(state: TrainState) -> TrainState:

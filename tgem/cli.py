@@ -7,7 +7,8 @@ scripts; their flag names (``--head_num``, ``--learning_rate``, ``--act_fun``,
 in tgem's pickle-free model format (``model.save`` / ``tgem.load``).
 
 Exit codes: 0 success; 1 unexpected failure (rerun with ``--debug`` for the traceback);
-2 bad command line or input (missing file, unreadable table, unknown label column);
+2 bad command line or input (missing file, unreadable table, unknown label column,
+missing labels, an output folder that cannot be written);
 3 the data's genes do not match the model's; 4 the model file was refused.
 """
 
@@ -588,6 +589,40 @@ def _split(X, y, test_size: float, random_state: int):
         ) from exc
 
 
+def _prepare_output(folder: Path) -> Path:
+    """Make ``folder`` and check it can be written to, before any work; returns it."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CLIError(
+            f"cannot write to the output folder {str(folder)!r} ({reason}); pass --output "
+            "with a folder you can write to."
+        ) from exc
+    return folder
+
+
+def _check_labels(y, label: str, samples) -> None:
+    """Refuse missing (empty, NaN) labels before any split or training, naming them."""
+    values = pd.Series(np.asarray(y, dtype=object))
+    missing = (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
+    if missing.all():
+        raise CLIError(
+            f"the label column {label!r} is empty: all {len(values)} labels are missing. "
+            "Pass the column that holds the classes with --label."
+        )
+    if missing.any():
+        names = [str(s) for s in np.asarray(samples)[missing][:5]]
+        raise CLIError(
+            f"{int(missing.sum())} of {len(values)} samples have no label in column {label!r} "
+            f"(e.g. {names}); fill their labels or remove those samples from the data."
+        )
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
 
@@ -645,6 +680,7 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
     from tgem._scale import check_log_scale
     from tgem.plotting import plot_history
 
+    _check_labels(y, args.label or "cell_type", X.index)
     check_log_scale(X)
     X_train, X_test, y_train, y_test = _split(X, y, args.test_size, args.random_state)
     clf = _classifier(args)
@@ -666,7 +702,6 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
     )
     metrics = classification_metrics(scored_y, clf.predict_proba(scored_X), clf.classes_)
     print(format_metrics(metrics, which))
-    out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     clf.save(model_path)
     pd.DataFrame(clf.history_).to_csv(out / "history.csv", index=False)
@@ -690,6 +725,7 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
 
 
 def _cmd_train(args) -> int:
+    _prepare_output(args.output)
     X, y = _load_data(args, need_label=True)
     if args.gene_sets is not None:
         from tgem._gene_sets import GeneSetSelector
@@ -713,6 +749,8 @@ def _cmd_train(args) -> int:
 def _cmd_predict(args) -> int:
     from tgem._reporting import classification_metrics, format_metrics
 
+    if args.output is not None:
+        _prepare_output(args.output.parent)
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=False)
     X_model = _align_to_model(model, X, args.fill_missing)
@@ -721,7 +759,6 @@ def _cmd_predict(args) -> int:
     table = pd.DataFrame(proba, index=X.index, columns=[f"proba_{c}" for c in model.classes_])
     table.insert(0, "predicted", predicted)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.output, index_label="sample")
         print(f"wrote {len(table)} predictions to {args.output}")
     else:
@@ -734,14 +771,13 @@ def _cmd_predict(args) -> int:
 def _cmd_explain(args) -> int:
     from tgem import interpret
 
+    out = _prepare_output(args.output)
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=True)
     X_model = pd.DataFrame(
         _align_to_model(model, X, args.fill_missing), columns=_model_genes(model, X), index=X.index
     )
     X_model, y = _subsample(X_model, y, args.max_samples, args.random_state)
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
     print(f"explain: {args.method} over {len(y)} samples ...", flush=True)
     attributions = interpret.attribute(
         model,
@@ -811,13 +847,12 @@ def _cmd_attention(args) -> int:
     from tgem import attention
     from tgem.plotting import plot_entropy
 
+    out = _prepare_output(args.output)
     model = _load_model(args.model)
     X, y = _load_data(args, need_label=args.target_class is not None)
     X_model = pd.DataFrame(
         _align_to_model(model, X, args.fill_missing), columns=_model_genes(model, X), index=X.index
     )
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
     entropy = attention.attention_entropy(model, X_model, per_sample=True)
     attention.entropy_table(entropy).to_csv(out / "entropy.csv", index=False)
     mean = pd.DataFrame(
@@ -891,6 +926,7 @@ def _safe_name(name) -> str:
 
 
 def _cmd_demo(args) -> int:
+    _prepare_output(args.output)
     if args.quick:
         args.max_epochs = min(args.max_epochs, QUICK_EPOCHS)
     args.data, args.label = BUNDLED, "cell_type"
