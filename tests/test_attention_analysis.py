@@ -473,3 +473,32 @@ def test_entropy_and_attribution_on_pbmc_genes():
     )
     assert scores.shape == (2, 765, 765) and np.isfinite(scores).all()
     assert np.abs(scores).max() > 0
+
+
+# ----------------------------------------------------------------------------- finite (item 6)
+def _overflowing(clf):
+    """A copy of ``clf`` whose first layer's values are infinite (``clf`` is untouched)."""
+    import pickle
+
+    other = pickle.loads(pickle.dumps(clf))
+    with torch.no_grad():
+        other.module_.layers[0].WV[0, 2, 0] = float("inf")
+        other.module_.layers[0].WQ[0, 2, 0] = float("inf")
+    return other
+
+
+@pytest.mark.parametrize(
+    ("call", "what"),
+    [
+        (lambda clf, X: layer_outputs(clf, X), "layer_outputs' values"),
+        (lambda clf, X: attention_map(clf, X, layer=0), "attention_map's attention weights"),
+        (lambda clf, X: attention_entropy(clf, X), "attention_entropy's entropies"),
+        (lambda clf, X: attention_attribution(clf, X, target="up"), "attention_attribution's"),
+    ],
+)
+def test_non_finite_results_are_a_clear_error(fitted, call, what):
+    """Overflowing numbers gave NaN outputs silently (issue 24, item 6)."""
+    clf, X, _ = fitted
+    with pytest.raises(FloatingPointError, match=rf"{what}.* not finite.*log-transform X"):
+        call(_overflowing(clf), X[:5])
+
