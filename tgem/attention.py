@@ -289,8 +289,9 @@ def attention_map(
     Raises
     ------
     MemoryError
-        If the result would take more than half of the machine's memory; the message gives
-        the size. Average, pass fewer samples or select genes.
+        If the result would take more than half of what this process may still allocate
+        (free memory, its cgroup's memory limit and its ``ulimit``, whichever is least); the
+        message gives the size and the limit. Average, pass fewer samples or select genes.
 
     Examples
     --------
@@ -486,7 +487,8 @@ def attention_attribution(
     Raises
     ------
     MemoryError
-        If the score matrices would take more than half of the machine's memory.
+        If the score matrices would take more than half of what this process may still
+        allocate (free memory, its cgroup's memory limit and its ``ulimit``).
 
     See Also
     --------
