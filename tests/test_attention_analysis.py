@@ -181,8 +181,8 @@ def test_attention_map_gene_names_from_dataframe():
 
 def test_attention_map_too_large_raises_memory_error_with_size(fitted, monkeypatch):
     clf, X, _ = fitted
-    monkeypatch.setattr(attr_mod, "total_memory", lambda: 1000)
-    with pytest.raises(MemoryError, match=r"shape \(40, 6, 6\) needing"):
+    monkeypatch.setattr(attr_mod, "available_memory", lambda: (1000, "cgroup memory limit"))
+    with pytest.raises(MemoryError, match=r"shape \(40, 6, 6\) needing.*cgroup memory limit"):
         attention_map(clf, X, average=False)
 
 
@@ -473,3 +473,122 @@ def test_entropy_and_attribution_on_pbmc_genes():
     )
     assert scores.shape == (2, 765, 765) and np.isfinite(scores).all()
     assert np.abs(scores).max() > 0
+
+
+# ----------------------------------------------------------------------------- finite (item 6)
+def _overflowing(clf):
+    """A copy of ``clf`` whose first layer's values are infinite (``clf`` is untouched)."""
+    import pickle
+
+    other = pickle.loads(pickle.dumps(clf))
+    with torch.no_grad():
+        other.module_.layers[0].WV[0, 2, 0] = float("inf")
+        other.module_.layers[0].WQ[0, 2, 0] = float("inf")
+    return other
+
+
+@pytest.mark.parametrize(
+    ("call", "what"),
+    [
+        (lambda clf, X: layer_outputs(clf, X), "layer_outputs' values"),
+        (lambda clf, X: attention_map(clf, X, layer=0), "attention_map's attention weights"),
+        (lambda clf, X: attention_entropy(clf, X), "attention_entropy's entropies"),
+        (lambda clf, X: attention_attribution(clf, X, target="up"), "attention_attribution's"),
+    ],
+)
+def test_non_finite_results_are_a_clear_error(fitted, call, what):
+    """Overflowing numbers gave NaN outputs silently (issue 24, item 6)."""
+    clf, X, _ = fitted
+    with pytest.raises(FloatingPointError, match=rf"{what}.* not finite.*log-transform X"):
+        call(_overflowing(clf), X[:5])
+
+
+# ----------------------------------------------------------------------------- memory (item 14)
+GIB = 1 << 30
+
+
+def _fake_memory(monkeypatch, tmp_path, *, available_kib, cgroup=None, rlimit_as=None):
+    """Point the memory limits' sources at files under ``tmp_path``.
+
+    ``cgroup`` is ``(version, limit, usage)`` for this process's cgroup (``limit`` None: no
+    limit), ``rlimit_as`` the soft RLIMIT_AS (None: unlimited) with a VmSize of 1 GiB.
+    """
+    import resource
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: 65536000 kB\nMemAvailable: {available_kib} kB\n")
+    status = tmp_path / "status"
+    status.write_text(f"Name: python\nVmSize: {GIB // 1024} kB\nVmData: {GIB // 2048} kB\n")
+    root = tmp_path / "cgroup"
+    proc_cgroup = tmp_path / "proc_cgroup"
+    proc_cgroup.write_text("")
+    if cgroup is not None:
+        version, limit, usage = cgroup
+        if version == "v2":
+            d = root / "user.slice" / "job"
+            d.mkdir(parents=True)
+            (d / "memory.max").write_text("max\n" if limit is None else f"{limit}\n")
+            (d / "memory.current").write_text(f"{usage}\n")
+            proc_cgroup.write_text("0::/user.slice/job\n")
+        else:
+            d = root / "memory" / "job"
+            d.mkdir(parents=True)
+            unlimited = 9223372036854771712
+            (d / "memory.limit_in_bytes").write_text(f"{unlimited if limit is None else limit}\n")
+            (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+            proc_cgroup.write_text("4:memory:/job\n3:cpu:/job\n")
+    monkeypatch.setattr(attr_mod, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(attr_mod, "PROC_STATUS", str(status))
+    monkeypatch.setattr(attr_mod, "PROC_CGROUP", str(proc_cgroup))
+    monkeypatch.setattr(attr_mod, "CGROUP_ROOT", str(root))
+    real = resource.getrlimit
+
+    def getrlimit(which):
+        if which == resource.RLIMIT_AS and rlimit_as is not None:
+            return rlimit_as, resource.RLIM_INFINITY
+        if which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            return resource.RLIM_INFINITY, resource.RLIM_INFINITY
+        return real(which)
+
+    monkeypatch.setattr(resource, "getrlimit", getrlimit)
+
+
+def test_available_memory_is_free_memory_when_nothing_else_limits(monkeypatch, tmp_path):
+    _fake_memory(monkeypatch, tmp_path, available_kib=8 * GIB // 1024)
+    assert attr_mod.memory_limits() == {"available memory": 8 * GIB}
+    assert attr_mod.available_memory() == (8 * GIB, "available memory")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_available_memory_is_bounded_by_the_cgroup_limit(monkeypatch, tmp_path, version):
+    cgroup = (version, 3 * GIB, 1 * GIB)
+    _fake_memory(monkeypatch, tmp_path, available_kib=8 * GIB // 1024, cgroup=cgroup)
+    assert attr_mod.available_memory() == (2 * GIB, "cgroup memory limit")
+    unlimited = (version, None, 1 * GIB)
+    _fake_memory(monkeypatch, tmp_path / "x", available_kib=8 * GIB // 1024, cgroup=unlimited)
+    assert attr_mod.available_memory() == (8 * GIB, "available memory")
+
+
+def test_available_memory_is_bounded_by_the_ulimit(monkeypatch, tmp_path):
+    # RLIMIT_AS of 2.5 GiB with 1 GiB of address space in use: 1.5 GiB left
+    cgroup = ("v2", 4 * GIB, 1 * GIB)
+    _fake_memory(
+        monkeypatch, tmp_path, available_kib=8 * GIB // 1024, cgroup=cgroup, rlimit_as=5 * GIB // 2
+    )
+    limits = attr_mod.memory_limits()
+    assert limits["RLIMIT_AS"] == 3 * GIB // 2 and "RLIMIT_DATA" not in limits
+    assert attr_mod.available_memory() == (3 * GIB // 2, "RLIMIT_AS")
+
+
+def test_attention_map_guard_follows_the_cgroup_limit_not_physical_memory(
+    fitted, monkeypatch, tmp_path
+):
+    """The guard allowed half of physical RAM whatever the cgroup or ulimit (issue 24,
+    item 14): a 64 GiB machine with 10 kB left in this process's cgroup must refuse."""
+    clf, X, _ = fitted
+    cgroup = ("v2", 64 * GIB, 64 * GIB - 10_000)
+    _fake_memory(monkeypatch, tmp_path, available_kib=60 * GIB // 1024, cgroup=cgroup)
+    with pytest.raises(MemoryError, match=r"shape \(40, 6, 6\).*cgroup memory limit"):
+        attention_map(clf, X, average=False)
+    assert attention_map(clf, X[:2], average=False).shape == (2, 6, 6)  # 288 bytes fit

@@ -567,3 +567,41 @@ def test_plots_without_matplotlib_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "tgem\[plot\]"'):
         plot_ablation(res)
+
+
+# ----------------------------------------------------------------------------- finite (item 6)
+def _broken(clf, where: str):
+    """A copy of ``clf`` whose network gives NaN for every input (``clf`` is untouched)."""
+    other = pickle.loads(pickle.dumps(clf))
+    with torch.no_grad():
+        if where == "head":
+            other.module_.classifier.weight[0, 0] = float("nan")
+        else:
+            other.module_.layers[0].WV[0, 0, 0] = float("inf")
+    return other
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_non_finite_or_huge_baseline_is_a_clear_error(fitted, bad):
+    """A NaN, infinite or 1e30 baseline gave all-NaN attributions (issue 24, item 6)."""
+    clf, X, y = fitted
+    baseline = np.zeros(N_GENES)
+    baseline[3] = bad
+    before = baseline.copy()
+    with pytest.raises(ValueError, match=r"baseline holds .*gene 3|baseline holds .*index 3"):
+        attribute(clf, X[:4], y=y[:4], baseline=baseline)
+    np.testing.assert_array_equal(baseline, before)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "guided_backprop", "ig_vargrad"])
+def test_non_finite_attributions_are_a_clear_error(fitted, method):
+    """A network whose numbers overflow gave NaN attributions silently (issue 24, item 6)."""
+    clf, X, y = fitted
+    with pytest.raises(FloatingPointError, match=rf"attribute\(method='{method}'\).*not finite"):
+        attribute(_broken(clf, "head"), X[:4], y=y[:4], method=method, n_steps=4)
+
+
+def test_gene_ranking_refuses_non_finite_attributions():
+    attr = np.array([[1.0, np.nan], [0.5, 2.0]])
+    with pytest.raises(ValueError, match=r"attributions holds 1 NaN.*sample 0, gene 1"):
+        gene_ranking(attr, ["a", "b"])

@@ -201,6 +201,27 @@ def test_native_paths_agree_with_each_other():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+#: Scales of the rows of one call: ordinary, then row maxima past 2^24 (from inputs of about
+#: 2e4 on, the fused exponent's rounding error overflowed exp2 or wiped out a whole row),
+#: up to the products of two values at the input limit (1e15, tgem._classifier.MAX_ABS_VALUE).
+LARGE_ROW_SCALES = (1.0, 1e3, 2e4, 1e5, 1e10, 1e15)
+
+
+def test_native_large_scores_are_finite_and_match_the_reference(isa):
+    """Rows of very large scores next to ordinary ones (issue 24, item 5): the float32 rule,
+    every result finite, on every instruction-set path."""
+    gen = torch.Generator().manual_seed(24)
+    scale = torch.tensor(LARGE_ROW_SCALES, dtype=torch.float64)[:, None, None]
+    q, k, v = (torch.randn(6, 2, 40, generator=gen, dtype=torch.float64) * scale for _ in "qkv")
+    grad = torch.randn(6, 2, 40, generator=gen, dtype=torch.float64)
+    got = _run(nat.native_attention, q, k, v, grad, torch.float32)
+    assert all(torch.isfinite(t).all() for t in got)
+    for row in range(len(LARGE_ROW_SCALES)):  # the rule row by row: each at its own scale
+        assert_float32_rule(
+            float32_errors(nat.native_attention, *(t[row : row + 1] for t in (q, k, v, grad)))
+        )
+
+
 def test_native_does_not_modify_inputs_and_accepts_views(isa):
     q, k, v, grad = (t.float() for t in _inputs(33, "normal"))
     q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous view

@@ -29,6 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from tgem._attention import attention_entropy_rows, attention_rows, row_max
 from tgem._attention_attr import attribute_module, check_fits, rows_per_pass_for
 from tgem._classifier import torch_threads
+from tgem._finite import RESULT_FIX, check_finite_result
 from tgem._gene_network import (
     attention_edges,
     hub_genes,
@@ -53,6 +54,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# names of the axes of each result, for the position of a non-finite value in an error
+_ENTROPY_AXES = ("sample", "layer", "head", "gene")
+_MAP_AXES = ("sample", "query gene", "key gene")
+_OUTPUT_AXES = ("layer", "sample", "gene")
+_PAIR_AXES = ("layer", "query gene", "key gene")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -186,6 +193,7 @@ def attention_entropy(clf, X, *, per_sample: bool = False, per_gene: bool = Fals
                     acc[0, li] += ent.sum(0)
     if not per_sample:
         acc = acc[0] / n
+    check_finite_result(acc, "attention_entropy's entropies", RESULT_FIX, _ENTROPY_AXES)
     return acc if per_gene else acc[..., 0]
 
 
@@ -281,8 +289,9 @@ def attention_map(
     Raises
     ------
     MemoryError
-        If the result would take more than half of the machine's memory; the message gives
-        the size. Average, pass fewer samples or select genes.
+        If the result would take more than half of what this process may still allocate
+        (free memory, its cgroup's memory limit and its ``ulimit``, whichever is least); the
+        message gives the size and the limit. Average, pass fewer samples or select genes.
 
     Examples
     --------
@@ -334,7 +343,7 @@ def attention_map(
                     out[sl, r_idx] = block.cpu().numpy()
     if average:
         out[...] = acc / n
-    return out
+    return check_finite_result(out, "attention_map's attention weights", RESULT_FIX, _MAP_AXES)
 
 
 def _map_blocks(q, k, idx, masked):
@@ -405,7 +414,7 @@ def layer_outputs(clf, X, *, layers: Sequence[int] | None = None) -> np.ndarray:
             _, states = module(dense_batch(X, sl, device), return_layers=True)
             for pos, li in enumerate(chosen):
                 out[pos, sl] = states[li + 1].float().cpu().numpy()
-    return out
+    return check_finite_result(out, "layer_outputs' values", RESULT_FIX, _OUTPUT_AXES)
 
 
 # ----------------------------------------------------------------------------- attribution
@@ -478,7 +487,8 @@ def attention_attribution(
     Raises
     ------
     MemoryError
-        If the score matrices would take more than half of the machine's memory.
+        If the score matrices would take more than half of what this process may still
+        allocate (free memory, its cgroup's memory limit and its ``ulimit``).
 
     See Also
     --------
@@ -524,6 +534,10 @@ def attention_attribution(
     with torch_threads(clf.n_threads):
         scores, delta = attribute_module(module, batches, t, chosen, n_steps, method, n)
     scores = scores.cpu().numpy()
+    check_finite_result(scores, "attention_attribution's scores", RESULT_FIX, _PAIR_AXES)
+    check_finite_result(
+        delta, "attention_attribution's convergence deltas", RESULT_FIX, ("sample", "layer")
+    )
     logger.info(
         "attention attribution of class %r over %d samples: max |delta| %.3g",
         target,

@@ -31,6 +31,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from tgem import _ig
 from tgem._classifier import torch_threads
+from tgem._finite import RESULT_FIX, check_finite_input, check_finite_result
 from tgem._training import dense_batch
 
 __all__ = [
@@ -168,6 +169,9 @@ def _resolve_baseline(clf, baseline, n: int, n_genes: int) -> np.ndarray:
             f"baseline has shape {np.shape(baseline)}; pass 'zeros', 'mean' or an "
             f"array of shape ({n_genes},) or ({n}, {n_genes})."
         )
+    check_finite_input(
+        arr, "baseline", "Pass 'zeros', 'mean' or an array of finite values in X's range."
+    )
     return arr
 
 
@@ -356,6 +360,10 @@ def attribute(
         verbose,
         need_delta=return_convergence_delta,
     )
+    what = f"attribute(method={method!r})'s"
+    check_finite_result(attr, f"{what} attributions", RESULT_FIX)
+    if return_convergence_delta:
+        check_finite_result(delta, f"{what} convergence deltas", RESULT_FIX)
     _warn_unconverged(converged, delta, tol)
     out = _as_output(clf, X_in, attr)
     return (out, delta) if return_convergence_delta else out
@@ -508,6 +516,9 @@ def gene_ranking(
     values = np.asarray(attributions, dtype=np.float64)
     if values.ndim != 2:
         raise ValueError(f"attributions must be 2-d (samples x genes); got shape {values.shape}.")
+    check_finite_input(
+        values, "attributions", "Pass the finite output of attribute() to rank.", limit=None
+    )
     n, g = values.shape
     genes = np.asarray([f"gene_{j}" for j in range(g)] if genes is None else genes)
     if genes.shape != (g,):
@@ -944,6 +955,7 @@ def training_importances(clf) -> np.ndarray:
         need_delta=False,
         on_chunk=on_chunk,
     )
+    check_finite_result(attr, "feature_importances_'s attributions", RESULT_FIX)
     _warn_unconverged(converged, delta, 1e-3)
     imp = np.abs(attr).mean(0)
     total = imp.sum()

@@ -15,7 +15,16 @@
  *              Rounding h_i scales a row's exponents by 1 + d_i (|d_i| <= 2^-24): the peak
  *              term becomes 2^(d_i m_i) instead of 1, a factor common to the whole row that
  *              cancels in out = N / Z and in the gradients; what remains is d_i (s_ij - m_i),
- *              which is small where e_ij is not
+ *              which is small where e_ij is not. The fused exponent of the peak is the
+ *              product's rounding error c_i = h_i k* - m_i, up to half an ulp of m_i: also a
+ *              factor 2^c_i common to the row, but one that overflows (c_i > 128) or wipes
+ *              out the whole row (c_i < -150) once |m_i| passes 2^32 (scores from inputs of
+ *              about 2e4 on). Rows n with some |m_i| >= TGEM_FUSED_MAX (2^24, |c_i| <= 0.5)
+ *              therefore round the product first in every path, as the scalar path always
+ *              does: fl(h_i k_j) <= m_i by monotone rounding, so every exponent is <= 0 and
+ *              the peak term is exactly 1. The choice is made per row n from m alone, in
+ *              the forward and the backward prologue alike, so both passes compute the same
+ *              exponents
  *   forward  : Z_i = sum_{j!=i} e_ij + e_ii, inv_z = 1 / Z, out_i = sum_{j!=i} e_ij v_j inv_z
  *   backward : w1 = grad inv_z, w2 = w1 q, D_ij = e_ij (v_j - out_i) for j != i (element by
  *              element, as the plain softmax backward: the gradients are covariances under
@@ -82,6 +91,7 @@ enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
 #define TGEM_PARTIAL_BYTES (64.0 * 1024 * 1024) /* cap on the backward's per-block partials */
 #define TGEM_EXP2_LO (-150.0f)       /* 2^-150 rounds to 0: everything below underflows */
 #define TGEM_EXP2_HI 128.0f          /* 2^128 overflows to +inf */
+#define TGEM_FUSED_MAX 16777216.0f   /* 2^24: row maxima below it use the fused exponent */
 
 /* 2^f on [0, 1): near-minimax relative error 8.2e-8 with these float32 coefficients (fitted
  * by iteratively reweighted least squares on the relative error); p(0) = 1 exactly, so
@@ -147,6 +157,7 @@ typedef struct {
     const float *q, *k, *v;
     int64_t n, g, blocks, rows;      /* rows per task, blocks = ceil(g / rows) */
     float *scratch;                  /* per row n: h (g) */
+    unsigned char *rounded;          /* per row n: exponents from rounded products (see top) */
     float *out, *m, *inv_z, *e_diag;
 } tgem_fwd_ctx;
 
@@ -161,6 +172,7 @@ typedef struct {
     float *scratch;                  /* per row n: h, w1, w2 (3 g) */
     float *dqpart;                   /* block tasks only: per row n and key block, the partial
                                         sums_j D_ij k_j (g x lanes) */
+    unsigned char *rounded;          /* per row n: as the forward's, from m */
     float *dq, *dk, *dv;
     atomic_int *failed;              /* set by a task whose work buffer could not be allocated */
 } tgem_bwd_ctx;
@@ -168,10 +180,29 @@ typedef struct {
 /* -0 and +0 compare equal; make the result independent of the reduction order */
 TGEM_INLINE float tgem_canon_zero(float x) { return x == 0.0f ? 0.0f : x; }
 
+/* smallest and largest of k[0 .. g-1] (g >= 1), as vector min/max take them (x < m ? x : m);
+ * four lanes at a time on x86 (SSE2 is part of the baseline), where one running pair of
+ * scalars would be a chain of dependent compares */
 static void tgem_minmax_scalar(const float *k, int64_t g, float *kmin, float *kmax)
 {
     float lo = k[0], hi = k[0];
-    for (int64_t j = 1; j < g; ++j) {
+    int64_t j = 0;
+#if TGEM_X86
+    __m128 vlo = _mm_set1_ps(k[0]), vhi = vlo;
+    for (; j + 4 <= g; j += 4) {
+        const __m128 x = _mm_loadu_ps(k + j);
+        vlo = _mm_min_ps(x, vlo);
+        vhi = _mm_max_ps(x, vhi);
+    }
+    float l4[4], h4[4];
+    _mm_storeu_ps(l4, vlo);
+    _mm_storeu_ps(h4, vhi);
+    for (int u = 0; u < 4; ++u) {
+        lo = l4[u] < lo ? l4[u] : lo;
+        hi = h4[u] > hi ? h4[u] : hi;
+    }
+#endif
+    for (; j < g; ++j) {
         lo = k[j] < lo ? k[j] : lo;
         hi = k[j] > hi ? k[j] : hi;
     }
@@ -186,10 +217,28 @@ static void tgem_scale_queries(const float *q, int64_t g, float *h)
         h[i] = (float)((double)q[i] * 1.4426950408889634);
 }
 
+/* 1 when a row maximum of m[0 .. g-1] is too large (or not a number) for fused exponents */
+static unsigned char tgem_needs_rounding(const float *m, int64_t g)
+{
+    int big = 0; /* no early exit: the loop vectorises */
+    for (int64_t i = 0; i < g; ++i)
+        big |= !(fabsf(m[i]) < TGEM_FUSED_MAX);
+    return (unsigned char)big;
+}
+
+/* Forward prologue for row n: scaled queries, the closed-form row maxima m (the largest key
+ * for q_i >= 0, else the smallest, times h_i) and the row's choice of exponent. */
 static void tgem_fwd_prologue(const void *vctx, int64_t n)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
-    tgem_scale_queries(c->q + n * c->g, c->g, c->scratch + n * c->g);
+    const int64_t g = c->g, o = n * g;
+    const float *q = c->q + o;
+    float *h = c->scratch + o, *m = c->m + o, kmin, kmax;
+    tgem_scale_queries(q, g, h);
+    tgem_minmax_scalar(c->k + o, g, &kmin, &kmax);
+    for (int64_t i = 0; i < g; ++i)
+        m[i] = h[i] * (q[i] >= 0.0f ? kmax : kmin);
+    c->rounded[n] = tgem_needs_rounding(m, g);
 }
 
 /* Backward prologue for row n: scaled queries and the gradient weights. ISA-independent. */
@@ -199,6 +248,7 @@ static void tgem_bwd_prologue(const void *vctx, int64_t n)
     const int64_t g = c->g, o = n * g;
     float *hs = c->scratch + 3 * o, *w1 = hs + g, *w2 = w1 + g;
     tgem_scale_queries(c->q + o, g, hs);
+    c->rounded[n] = tgem_needs_rounding(c->m + o, g);
     for (int64_t i = 0; i < g; ++i) {
         w1[i] = c->grad[o + i] * c->inv_z[o + i];
         w2[i] = w1[i] * c->q[o + i];
@@ -321,14 +371,11 @@ static void tgem_fwd_task_scalar(const void *vctx, int64_t task)
     const int64_t o = n * g, nr = g - i0 < TGEM_SL ? g - i0 : TGEM_SL;
     const float *k = c->k + o, *v = c->v + o;
     const float *hs = c->scratch + o;
-    float kmin, kmax, qh[TGEM_SL], ms[TGEM_SL];
+    float qh[TGEM_SL], ms[TGEM_SL];
     float z[TGEM_SL] = {0}, s1[TGEM_SL] = {0};
-    tgem_minmax_scalar(k, g, &kmin, &kmax);
     for (int64_t l = 0; l < nr; ++l) {
-        const float kx = c->q[o + i0 + l] >= 0.0f ? kmax : kmin;
         qh[l] = hs[i0 + l];
-        ms[l] = qh[l] * kx;
-        c->m[o + i0 + l] = ms[l];
+        ms[l] = c->m[o + i0 + l];
     }
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
         const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
@@ -455,41 +502,23 @@ TGEM_INLINE256 __m256i tgem_tailmask_256(int64_t remaining)
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), iota);
 }
 
-TGEM_INLINE256 void tgem_minmax_256(const float *k, int64_t g, float *kmin, float *kmax)
+/* exponent h k - m: one fused multiply-subtract, or the product rounded first (see top) */
+TGEM_INLINE256 __m256 tgem_exponent_256(__m256 h, __m256 k, __m256 m, int rounded)
 {
-    __m256 lo = _mm256_set1_ps(k[0]), hi = lo;
-    int64_t j = 0;
-    for (; j + 8 <= g; j += 8) {
-        const __m256 x = _mm256_loadu_ps(k + j);
-        lo = _mm256_min_ps(lo, x);
-        hi = _mm256_max_ps(hi, x);
-    }
-    float l8[8], h8[8];
-    _mm256_storeu_ps(l8, lo);
-    _mm256_storeu_ps(h8, hi);
-    float a = l8[0], b = h8[0];
-    for (int u = 1; u < 8; ++u) {
-        a = l8[u] < a ? l8[u] : a;
-        b = h8[u] > b ? h8[u] : b;
-    }
-    for (; j < g; ++j) {
-        a = k[j] < a ? k[j] : a;
-        b = k[j] > b ? k[j] : b;
-    }
-    *kmin = tgem_canon_zero(a);
-    *kmax = tgem_canon_zero(b);
+    return rounded ? _mm256_sub_ps(_mm256_mul_ps(h, k), m) : _mm256_fmsub_ps(h, k, m);
 }
 
 TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, int64_t jb, int64_t je,
                                   const __m256 *qh, const __m256 *ms,
-                                  const __m256i *rowidx, __m256 *az, __m256 *an, int masked)
+                                  const __m256i *rowidx, __m256 *az, __m256 *an, int masked,
+                                  int rounded)
 {
     for (int64_t j = jb; j < je; ++j) {
         const __m256 kj = _mm256_set1_ps(k[j]), vj = _mm256_set1_ps(v[j]);
         const __m256i jj = _mm256_set1_epi32((int32_t)j);
         __m256 e[NVMAX256];
         for (int u = 0; u < NVI256; ++u)
-            e[u] = _mm256_fmsub_ps(qh[u], kj, ms[u]);
+            e[u] = tgem_exponent_256(qh[u], kj, ms[u], rounded);
         tgem_exp2n_256(e, NVI256);
         if (masked)
             for (int u = 0; u < NVI256; ++u)
@@ -502,40 +531,35 @@ TGEM_INLINE256 void tgem_rows_256(const float *k, const float *v, int64_t jb, in
     }
 }
 
-TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
+/* forward task body; `rounded` is a constant in each of the two functions below */
+TGEM_INLINE256 void tgem_fwd_body_avx2(const void *vctx, int64_t task, const int rounded)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 8 * NVI256;
     const int64_t o = n * g;
     const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + o;
-    float kmin, kmax;
     __m256 qh[NVMAX256], ms[NVMAX256], z[NVMAX256], s1[NVMAX256];
     __m256i tm[NVMAX256], rowidx[NVMAX256];
-    tgem_minmax_256(k, g, &kmin, &kmax);
-    const __m256 vkmin = _mm256_set1_ps(kmin), vkmax = _mm256_set1_ps(kmax);
     const __m256 zero = _mm256_setzero_ps();
     for (int u = 0; u < NVI256; ++u) {
         const int64_t r0 = i0 + 8 * u;
         tm[u] = tgem_tailmask_256(g - r0);
         rowidx[u] = _mm256_add_epi32(_mm256_set1_epi32((int32_t)r0),
                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 q = r0 < g ? _mm256_maskload_ps(c->q + o + r0, tm[u]) : zero;
-        const __m256 kx = _mm256_blendv_ps(vkmin, vkmax, _mm256_cmp_ps(q, zero, _CMP_GE_OQ));
         qh[u] = r0 < g ? _mm256_maskload_ps(hs + r0, tm[u]) : zero;
-        ms[u] = _mm256_mul_ps(qh[u], kx);
-        if (r0 < g)
-            _mm256_maskstore_ps(c->m + o + r0, tm[u], ms[u]);
+        ms[u] = r0 < g ? _mm256_maskload_ps(c->m + o + r0, tm[u]) : zero;
         z[u] = s1[u] = zero;
     }
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
         const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
+        const int masked = jb < i0 + 8 * NVI256 && je > i0;
         __m256 az[NVMAX256], an[NVMAX256];
         for (int u = 0; u < NVI256; ++u)
             az[u] = an[u] = zero;
-        if (jb < i0 + 8 * NVI256 && je > i0)
-            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 1);
+        if (masked) /* constant arguments: a specialised copy of the loop each */
+            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 1, rounded);
         else
-            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 0);
+            tgem_rows_256(k, v, jb, je, qh, ms, rowidx, az, an, 0, rounded);
         for (int u = 0; u < NVI256; ++u) {
             z[u] = _mm256_add_ps(z[u], az[u]);
             s1[u] = _mm256_add_ps(s1[u], an[u]);
@@ -546,13 +570,29 @@ TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
         if (r0 >= g)
             break;
         const __m256 kr = _mm256_maskload_ps(k + r0, tm[u]);
-        __m256 ed = _mm256_fmsub_ps(qh[u], kr, ms[u]);
+        __m256 ed = tgem_exponent_256(qh[u], kr, ms[u], rounded);
         tgem_exp2n_256(&ed, 1);
         const __m256 iz = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(z[u], ed));
         _mm256_maskstore_ps(c->e_diag + o + r0, tm[u], ed);
         _mm256_maskstore_ps(c->inv_z + o + r0, tm[u], iz);
         _mm256_maskstore_ps(c->out + o + r0, tm[u], _mm256_mul_ps(s1[u], iz));
     }
+}
+
+/* the rows of large scores in a function of their own, so that the common one keeps its
+ * code (and speed) as it was */
+TGEM_T256 __attribute__((noinline)) static void tgem_fwd_rounded_avx2(const void *vctx, int64_t task)
+{
+    tgem_fwd_body_avx2(vctx, task, 1);
+}
+
+TGEM_T256 static void tgem_fwd_task_avx2(const void *vctx, int64_t task)
+{
+    const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
+    if (c->rounded[task / c->blocks])
+        tgem_fwd_rounded_avx2(vctx, task);
+    else
+        tgem_fwd_body_avx2(vctx, task, 0);
 }
 
 TGEM_INLINE256 float tgem_hsum_256(__m256 x)
@@ -568,7 +608,7 @@ TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ms,
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, const __m256 *kc, const __m256 *vc,
                                   const __m256i *colidx, const __m256i *tm, __m256 *av,
-                                  __m256 *ak, float *dqp, int acc, int masked)
+                                  __m256 *ak, float *dqp, int acc, int masked, int rounded)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m256 hi = _mm256_set1_ps(hs[i]);
@@ -577,7 +617,7 @@ TGEM_INLINE256 void tgem_cols_256(const float *hs, const float *ms,
         const __m256i ii = _mm256_set1_epi32((int32_t)i);
         __m256 e[NVMAX256], dsum = _mm256_setzero_ps();
         for (int u = 0; u < NVB256; ++u)
-            e[u] = _mm256_fmsub_ps(hi, kc[u], mi);
+            e[u] = tgem_exponent_256(hi, kc[u], mi, rounded);
         tgem_exp2n_256(e, NVB256);
         if (masked)
             for (int u = 0; u < NVB256; ++u)
@@ -618,12 +658,16 @@ TGEM_T256 static void tgem_bwd_block_avx2(const tgem_bwd_ctx *c, int64_t n, int6
         __m256 av[NVMAX256], ak[NVMAX256];
         for (int u = 0; u < NVB256; ++u)
             av[u] = ak[u] = zero;
-        if (tail || (ib < j0 + 8 * NVB256 && ie > j0))
+        const int masked = tail || (ib < j0 + 8 * NVB256 && ie > j0);
+        if (c->rounded[n])
             tgem_cols_256(hs, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
-                          ak, dqp, acc, 1);
+                          ak, dqp, acc, masked, 1);
+        else if (masked)
+            tgem_cols_256(hs, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
+                          ak, dqp, acc, 1, 0);
         else
             tgem_cols_256(hs, c->m + o, w1, w2, c->out + o, ib, ie, kc, vc, colidx, tm, av,
-                          ak, dqp, acc, 0);
+                          ak, dqp, acc, 0, 0);
         for (int u = 0; u < NVB256; ++u) {
             cv[u] = _mm256_add_ps(cv[u], av[u]);
             ck[u] = _mm256_add_ps(ck[u], ak[u]);
@@ -717,40 +761,21 @@ TGEM_INLINE512 __mmask16 tgem_tailmask_512(int64_t remaining)
     return (__mmask16)((1u << remaining) - 1u);
 }
 
-TGEM_INLINE512 void tgem_minmax_512(const float *k, int64_t g, float *kmin, float *kmax)
+/* exponent h k - m: one fused multiply-subtract, or the product rounded first (see top) */
+TGEM_INLINE512 __m512 tgem_exponent_512(__m512 h, __m512 k, __m512 m, int rounded)
 {
-    __m512 lo = _mm512_set1_ps(k[0]), hi = lo;
-    int64_t j = 0;
-    for (; j + 16 <= g; j += 16) {
-        const __m512 x = _mm512_loadu_ps(k + j);
-        lo = _mm512_min_ps(lo, x);
-        hi = _mm512_max_ps(hi, x);
-    }
-    float l16[16], h16[16];
-    _mm512_storeu_ps(l16, lo);
-    _mm512_storeu_ps(h16, hi);
-    float a = l16[0], b = h16[0];
-    for (int u = 1; u < 16; ++u) {
-        a = l16[u] < a ? l16[u] : a;
-        b = h16[u] > b ? h16[u] : b;
-    }
-    for (; j < g; ++j) {
-        a = k[j] < a ? k[j] : a;
-        b = k[j] > b ? k[j] : b;
-    }
-    *kmin = tgem_canon_zero(a);
-    *kmax = tgem_canon_zero(b);
+    return rounded ? _mm512_sub_ps(_mm512_mul_ps(h, k), m) : _mm512_fmsub_ps(h, k, m);
 }
 
 TGEM_INLINE512 void tgem_rows_512(const float *k, const float *v, int64_t jb, int64_t je,
                                   int64_t i0, const __m512 *qh, const __m512 *ms,
-                                  __m512 *az, __m512 *an, int masked)
+                                  __m512 *az, __m512 *an, int masked, int rounded)
 {
     for (int64_t j = jb; j < je; ++j) {
         const __m512 kj = _mm512_set1_ps(k[j]), vj = _mm512_set1_ps(v[j]);
         __m512 e[NVMAX512];
         for (int u = 0; u < NVI512; ++u)
-            e[u] = _mm512_fmsub_ps(qh[u], kj, ms[u]);
+            e[u] = tgem_exponent_512(qh[u], kj, ms[u], rounded);
         tgem_exp2n_512(e, NVI512);
         if (masked) {
             for (int u = 0; u < NVI512; ++u) {
@@ -766,38 +791,33 @@ TGEM_INLINE512 void tgem_rows_512(const float *k, const float *v, int64_t jb, in
     }
 }
 
-TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
+/* forward task body; `rounded` is a constant in each of the two functions below */
+TGEM_INLINE512 void tgem_fwd_body_avx512(const void *vctx, int64_t task, const int rounded)
 {
     const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
     const int64_t g = c->g, n = task / c->blocks, i0 = (task % c->blocks) * 16 * NVI512;
     const int64_t o = n * g;
     const float *k = c->k + o, *v = c->v + o, *hs = c->scratch + o;
-    float kmin, kmax;
     __m512 qh[NVMAX512], ms[NVMAX512], z[NVMAX512], s1[NVMAX512];
     __mmask16 tm[NVMAX512];
-    tgem_minmax_512(k, g, &kmin, &kmax);
-    const __m512 vkmin = _mm512_set1_ps(kmin), vkmax = _mm512_set1_ps(kmax);
     const __m512 zero = _mm512_setzero_ps();
     for (int u = 0; u < NVI512; ++u) {
         const int64_t r0 = i0 + 16 * u, r = r0 < g ? r0 : 0;
         tm[u] = tgem_tailmask_512(g - r0);
-        const __m512 q = _mm512_maskz_loadu_ps(tm[u], c->q + o + r);
-        const __mmask16 pos = _mm512_cmp_ps_mask(q, zero, _CMP_GE_OQ);
-        const __m512 kx = _mm512_mask_blend_ps(pos, vkmin, vkmax);
         qh[u] = _mm512_maskz_loadu_ps(tm[u], hs + r);
-        ms[u] = _mm512_mul_ps(qh[u], kx);
-        _mm512_mask_storeu_ps(c->m + o + r, tm[u], ms[u]);
+        ms[u] = _mm512_maskz_loadu_ps(tm[u], c->m + o + r);
         z[u] = s1[u] = zero;
     }
     for (int64_t jb = 0; jb < g; jb += TGEM_JB) {
         const int64_t je = jb + TGEM_JB < g ? jb + TGEM_JB : g;
+        const int masked = jb < i0 + 16 * NVI512 && je > i0;
         __m512 az[NVMAX512], an[NVMAX512];
         for (int u = 0; u < NVI512; ++u)
             az[u] = an[u] = zero;
-        if (jb < i0 + 16 * NVI512 && je > i0)
-            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 1);
+        if (masked) /* constant arguments: a specialised copy of the loop each */
+            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 1, rounded);
         else
-            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 0);
+            tgem_rows_512(k, v, jb, je, i0, qh, ms, az, an, 0, rounded);
         for (int u = 0; u < NVI512; ++u) {
             z[u] = _mm512_add_ps(z[u], az[u]);
             s1[u] = _mm512_add_ps(s1[u], an[u]);
@@ -808,7 +828,7 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
         if (r0 >= g)
             break;
         const __m512 kr = _mm512_maskz_loadu_ps(tm[u], k + r0);
-        __m512 ed = _mm512_fmsub_ps(qh[u], kr, ms[u]);
+        __m512 ed = tgem_exponent_512(qh[u], kr, ms[u], rounded);
         tgem_exp2n_512(&ed, 1);
         const __m512 iz = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(z[u], ed));
         _mm512_mask_storeu_ps(c->e_diag + o + r0, tm[u], ed);
@@ -817,12 +837,28 @@ TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
     }
 }
 
+/* the rows of large scores in a function of their own, so that the common one keeps its
+ * code (and speed) as it was */
+TGEM_T512 __attribute__((noinline)) static void tgem_fwd_rounded_avx512(const void *vctx, int64_t task)
+{
+    tgem_fwd_body_avx512(vctx, task, 1);
+}
+
+TGEM_T512 static void tgem_fwd_task_avx512(const void *vctx, int64_t task)
+{
+    const tgem_fwd_ctx *c = (const tgem_fwd_ctx *)vctx;
+    if (c->rounded[task / c->blocks])
+        tgem_fwd_rounded_avx512(vctx, task);
+    else
+        tgem_fwd_body_avx512(vctx, task, 0);
+}
+
 /* keys in lanes, queries i in [ib, ie): see tgem_cols_256 */
 TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ms,
                                   const float *w1, const float *w2, const float *out,
                                   int64_t ib, int64_t ie, int64_t j0, const __m512 *kc,
                                   const __m512 *vc, const __mmask16 *tm, __m512 *av,
-                                  __m512 *ak, float *dqp, int acc, int masked)
+                                  __m512 *ak, float *dqp, int acc, int masked, int rounded)
 {
     for (int64_t i = ib; i < ie; ++i) {
         const __m512 hi = _mm512_set1_ps(hs[i]);
@@ -830,7 +866,7 @@ TGEM_INLINE512 void tgem_cols_512(const float *hs, const float *ms,
         const __m512 a = _mm512_set1_ps(w1[i]), b = _mm512_set1_ps(w2[i]);
         __m512 e[NVMAX512], dsum = _mm512_setzero_ps();
         for (int u = 0; u < NVB512; ++u)
-            e[u] = _mm512_fmsub_ps(hi, kc[u], mi);
+            e[u] = tgem_exponent_512(hi, kc[u], mi, rounded);
         tgem_exp2n_512(e, NVB512);
         if (masked) {
             for (int u = 0; u < NVB512; ++u) {
@@ -872,12 +908,16 @@ TGEM_T512 static void tgem_bwd_block_avx512(const tgem_bwd_ctx *c, int64_t n, in
         __m512 av[NVMAX512], ak[NVMAX512];
         for (int u = 0; u < NVB512; ++u)
             av[u] = ak[u] = zero;
-        if (tail || (ib < j0 + 16 * NVB512 && ie > j0))
+        const int masked = tail || (ib < j0 + 16 * NVB512 && ie > j0);
+        if (c->rounded[n])
             tgem_cols_512(hs, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
-                          dqp, acc, 1);
+                          dqp, acc, masked, 1);
+        else if (masked)
+            tgem_cols_512(hs, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
+                          dqp, acc, 1, 0);
         else
             tgem_cols_512(hs, c->m + o, w1, w2, c->out + o, ib, ie, j0, kc, vc, tm, av, ak,
-                          dqp, acc, 0);
+                          dqp, acc, 0, 0);
         for (int u = 0; u < NVB512; ++u) {
             cv[u] = _mm512_add_ps(cv[u], av[u]);
             ck[u] = _mm512_add_ps(ck[u], ak[u]);
@@ -1015,11 +1055,16 @@ TGEM_API int tgem_forward(const float *q, const float *k, const float *v, int64_
     c.blocks = (g + c.rows - 1) / c.rows;
     c.out = out; c.m = m; c.inv_z = inv_z; c.e_diag = e_diag;
     c.scratch = (float *)malloc((size_t)(n * g) * sizeof(float));
-    if (c.scratch == NULL)
+    c.rounded = (unsigned char *)malloc((size_t)n);
+    if (c.scratch == NULL || c.rounded == NULL) {
+        free(c.scratch);
+        free(c.rounded);
         return TGEM_ENOMEM;
+    }
     tgem_parallel(nthreads, n, tgem_fwd_prologue, &c);
     tgem_parallel(nthreads, n * c.blocks, fn, &c);
     free(c.scratch);
+    free(c.rounded);
     return TGEM_OK;
 }
 
@@ -1068,17 +1113,23 @@ TGEM_API int tgem_backward(const float *q, const float *k, const float *v, const
                     TGEM_PARTIAL_BYTES;
     c.scratch = (float *)malloc((size_t)((3 + (c.rowwise ? 0 : c.blocks * c.lanes)) * n * g) *
                                 sizeof(float));
-    if (c.scratch == NULL)
+    c.rounded = (unsigned char *)malloc((size_t)n);
+    if (c.scratch == NULL || c.rounded == NULL) {
+        free(c.scratch);
+        free(c.rounded);
         return TGEM_ENOMEM;
+    }
     c.dqpart = c.rowwise ? NULL : c.scratch + 3 * n * g;
     tgem_parallel(nthreads, n, tgem_bwd_prologue, &c);
     tgem_parallel(nthreads, c.rowwise ? n : n * c.blocks, fn, &c);
     if (atomic_load(&failed)) {
         free(c.scratch);
+        free(c.rounded);
         return TGEM_ENOMEM;
     }
     tgem_parallel(nthreads, n, tgem_bwd_epilogue, &c);
     free(c.scratch);
+    free(c.rounded);
     return TGEM_OK;
 }
 
