@@ -208,22 +208,18 @@ def test_an_unwritable_output_folder_exits_2_before_any_work(
     assert work == []  # refused before training or loading anything
 
 
+def _train_on_table(frame, tmp_path, capsys):
+    """Exit code and stderr of `tgem train` on ``frame`` written as a CSV table."""
+    frame.to_csv(tmp_path / "table.csv")
+    args = ["train", str(tmp_path / "table.csv"), "--label", "cell_type"]
+    code = main([*args, "--output", str(tmp_path / "out"), *TINY])
+    return code, capsys.readouterr().err
+
+
 def test_an_all_empty_label_column_names_the_empty_labels(tables, tmp_path, capsys):
     frame = pd.read_csv(tables / "train.csv", index_col=0)
     frame["cell_type"] = np.nan
-    frame.to_csv(tmp_path / "unlabelled.csv")
-    code = main(
-        [
-            "train",
-            str(tmp_path / "unlabelled.csv"),
-            "--label",
-            "cell_type",
-            "--output",
-            str(tmp_path / "out"),
-            *TINY,
-        ]
-    )
-    err = capsys.readouterr().err
+    code, err = _train_on_table(frame, tmp_path, capsys)
     assert code == EXIT_INPUT
     assert f"label column 'cell_type' is empty: all {len(frame)} labels are missing" in err
     assert "--test-size" not in err
@@ -232,19 +228,7 @@ def test_an_all_empty_label_column_names_the_empty_labels(tables, tmp_path, caps
 def test_some_missing_labels_are_named(tables, tmp_path, capsys):
     frame = pd.read_csv(tables / "train.csv", index_col=0)
     frame.iloc[[3, 7], frame.columns.get_loc("cell_type")] = np.nan
-    frame.to_csv(tmp_path / "gaps.csv")
-    code = main(
-        [
-            "train",
-            str(tmp_path / "gaps.csv"),
-            "--label",
-            "cell_type",
-            "--output",
-            str(tmp_path / "out"),
-            *TINY,
-        ]
-    )
-    err = capsys.readouterr().err
+    code, err = _train_on_table(frame, tmp_path, capsys)
     assert code == EXIT_INPUT
     assert "2 of" in err and str(frame.index[3]) in err and "--test-size" not in err
 
