@@ -15,8 +15,6 @@ a script with ``--triton-worker`` this file is that worker.
 
 import json
 import math
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +28,7 @@ if __name__ == "__main__":  # the Triton worker runs this file as a script
     sys.path.insert(0, str(REPO))
 
 from tests._oracle import assert_float32_rule, float32_errors  # noqa: E402
+from tests._triton_interp import require_triton, run_interpreted  # noqa: E402
 from tgem._attention import backend_names, backend_status, resolve_backend  # noqa: E402
 from tgem._classifier import MAX_ABS_VALUE  # noqa: E402
 
@@ -167,27 +166,8 @@ def test_fit_with_one_huge_column_trains_like_the_reference(name):
 # ------------------------------------------------------------------ Triton's interpreter
 @pytest.mark.parametrize("name", sorted(INTERPRETED))
 def test_interpreted_backends_are_finite_and_within_the_float32_rule(name):
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        if os.environ.get("TGEM_REQUIRE_TRITON") == "1":
-            pytest.fail(f"TGEM_REQUIRE_TRITON=1 but triton is not importable: {exc}")
-        pytest.skip(f"triton is not importable: {exc}")
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--triton-worker"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    require_triton()
+    results = run_interpreted(__file__, "--triton-worker")
     assert [r["scale"] for r in results] == list(SCALES)
     for result in results:
         assert result["finite"], f"triton: non-finite results at inputs up to {result['scale']:g}"

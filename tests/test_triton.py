@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._triton_interp import require_triton, run_interpreted
+
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_ULPS = 64
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -56,42 +58,15 @@ CASES = {
 }
 
 
-def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def triton_ok():
-    reason = _triton_missing()
-    if reason is not None:
-        if os.environ.get("TGEM_REQUIRE_TRITON") == "1":
-            pytest.fail(f"TGEM_REQUIRE_TRITON=1 but triton is not importable: {reason}")
-        pytest.skip(f"triton is not importable: {reason}")
+    require_triton()
 
 
 @pytest.fixture(scope="module")
 def interpreted(triton_ok):
     """Errors of every case, computed once in a subprocess that runs the interpreter."""
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, "--worker")
 
 
 def _assert_within(errors: dict, name: str):
