@@ -196,8 +196,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     The defaults are the original's. In the project's cross-validated benchmarks
     (``benchmarks/README.md``) they lose to simple baselines on PBMC and ALL data, while
     ``make_pipeline(StandardScaler(), TGEMClassifier(learning_rate=1e-3))`` ties the random
-    forest, MLP and gradient boosting on all three data sets: standardise the genes and
-    consider the higher learning rate.
+    forest, MLP and gradient boosting on all three data sets: standardise the genes
+    (``standardize=True`` does it inside the network) and consider the higher learning
+    rate. :meth:`original` returns the original's configuration with every value explicit.
 
     References
     ----------
