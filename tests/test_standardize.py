@@ -244,3 +244,30 @@ def test_qk_init_scale_zero_keeps_the_attention_uniform_during_the_fit():
     for layer in clf.module_.layers:
         assert torch.all(layer.WQ == 0) and torch.all(layer.WK == 0)
         assert torch.any(layer.WV != 0)
+
+
+def _ddp_statistics(rank, init_file, out_dir, X, y):
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        mine = X if rank == 0 else X * 2 + 1  # a rank given other rows must still use rank 0's
+        clf = TGEMClassifier(standardize=True, **dict(FAST, max_epochs=1)).fit(mine, y)
+        stats = (clf.module_.input_mean.numpy(), clf.module_.input_scale.numpy())
+        np.save(f"{out_dir}/rank{rank}.npy", np.stack(stats))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_every_ddp_process_standardises_with_rank_zeros_statistics(tmp_path):
+    import torch.multiprocessing as mp
+
+    X, y = _data()
+    mp.spawn(
+        _ddp_statistics, args=(str(tmp_path / "rdv"), str(tmp_path), X, y), nprocs=2, join=True
+    )
+    mean, scale = gene_statistics(X)
+    want = np.stack([mean, scale]).astype(np.float32)
+    for rank in range(2):
+        assert np.array_equal(np.load(tmp_path / f"rank{rank}.npy"), want)
