@@ -271,3 +271,14 @@ def test_every_ddp_process_standardises_with_rank_zeros_statistics(tmp_path):
     want = np.stack([mean, scale]).astype(np.float32)
     for rank in range(2):
         assert np.array_equal(np.load(tmp_path / f"rank{rank}.npy"), want)
+
+
+def test_attention_analyses_see_the_standardised_input():
+    X, y = _data()
+    inside = TGEMClassifier(standardize=True, **FAST).fit(X, y)
+    Z = StandardScaler().fit_transform(X)  # float32 in, float32 out: the same rounding
+    outside = TGEMClassifier(**FAST).fit(Z, y)
+    np.testing.assert_allclose(
+        inside.attention_entropy(X), outside.attention_entropy(Z), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(inside.layer_outputs(X), outside.layer_outputs(Z), atol=1e-5)
