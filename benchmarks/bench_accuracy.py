@@ -331,8 +331,19 @@ class _TunedT(GridSearchCV):
 
 
 def model_key(model) -> str:
-    """A stable text description of an estimator's configuration (for the cache key)."""
-    params = model.get_params(deep=True)
+    """A stable text description of an estimator's configuration (for the cache key).
+
+    Parameters added to ``TGEMClassifier`` after tgem 0.1 are left out while they hold the value
+    that behaves as 0.1 did (``tgem._presets.V01_VALUES``), so folds cached before they existed
+    keep their keys.
+    """
+    from tgem._presets import V01_VALUES
+
+    params = {
+        k: v
+        for k, v in model.get_params(deep=True).items()
+        if not (k.rsplit("__", 1)[-1] in V01_VALUES and v == V01_VALUES[k.rsplit("__", 1)[-1]])
+    }
     flat = {
         k: (
             v

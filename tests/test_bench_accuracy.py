@@ -421,3 +421,19 @@ def test_citeseq_is_log1p_of_counts_scaled_per_cell(data_dir):
     assert "citeseq" not in bench.DATASETS  # hours of fits: only when named
     with pytest.raises(ValueError, match="citeseq"):
         bench.load_dataset("no_such_set", data_dir)
+
+
+def test_model_key_leaves_out_new_parameters_at_their_01_values():
+    from sklearn.preprocessing import StandardScaler
+
+    from tgem import TGEMClassifier
+
+    def key(**params):
+        return bench.model_key(
+            Pipeline([("s", StandardScaler()), ("clf", TGEMClassifier(**params))])
+        )
+
+    assert "standardize" not in key() and "qk_init_scale" not in key()
+    assert '"clf__standardize": true' in key(standardize=True)
+    assert '"clf__qk_init_scale": 10.0' in key(qk_init_scale=10.0)
+    assert key() != key(qk_init_scale=10.0) and key() == key(qk_init_scale=1.0)

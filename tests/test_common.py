@@ -1,5 +1,6 @@
 """scikit-learn's own estimator checks on TGEMClassifier."""
 
+from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from tgem import TGEMClassifier
@@ -15,6 +16,9 @@ CHECKED = TGEMClassifier(
     n_threads=1,
 )
 
+# The same with the genes standardised inside the network (the statistics code runs in every check).
+CHECKED_STANDARDIZED = clone(CHECKED).set_params(standardize=True)
+
 EXPECTED_FAILED = {
     "check_sample_weight_equivalence_on_dense_data": (
         "Mini-batch Adam: a weight of 2 is not the same optimisation path as a repeated row "
@@ -26,6 +30,8 @@ EXPECTED_FAILED = {
 }
 
 
-@parametrize_with_checks([CHECKED], expected_failed_checks=lambda est: EXPECTED_FAILED)
+@parametrize_with_checks(
+    [CHECKED, CHECKED_STANDARDIZED], expected_failed_checks=lambda est: EXPECTED_FAILED
+)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)

@@ -192,6 +192,21 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Dropout rate on each attention output.
     shared_norm : bool, default=True
         One LayerNorm shared by all layers, as in the original; False gives one per layer.
+    standardize : bool, default=False
+        Standardise each gene inside the network: ``fit`` computes the per-gene mean and
+        standard deviation (``ddof=0``, float64) of the training ``X`` (all of it, before any
+        validation split; unweighted) and the network applies ``(x - mean) / scale`` as its
+        first operation, so prediction, attributions (still per input gene, in input units)
+        and attention analyses all see the same scaling. Sparse and ``.h5ad`` input are read
+        one block of rows at a time, never densified whole. Genes with zero variance get
+        scale 1 (as in scikit-learn's ``StandardScaler``). A ``warm_start`` fit keeps the
+        statistics of the first fit. The statistics are the module's buffers
+        ``input_mean`` and ``input_scale`` (float32), saved in model files and pickles.
+    qk_init_scale : float, default=1.0
+        Factor on the initial query and key weights (``WQ``, ``WK``; not ``WV``) after the
+        usual Xavier draws: larger values start with more focused attention. 1 is the
+        original's initialisation; 0 keeps the attention uniform (``A_ij = 1/G`` for
+        ``j != i``) for the whole fit, since the query and key gradients are then exactly 0.
     learning_rate : float, default=1e-4
         Adam's learning rate.
     batch_size : int, default=16
@@ -277,8 +292,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     The defaults are the original's. In the project's cross-validated benchmarks
     (``benchmarks/README.md``) they lose to simple baselines on PBMC and ALL data, while
     ``make_pipeline(StandardScaler(), TGEMClassifier(learning_rate=1e-3))`` ties the random
-    forest, MLP and gradient boosting on all three data sets: standardise the genes and
-    consider the higher learning rate.
+    forest, MLP and gradient boosting on all three data sets: standardise the genes
+    (``standardize=True`` does it inside the network) and consider the higher learning
+    rate. :meth:`original` returns the original's configuration with every value explicit.
 
     References
     ----------
@@ -309,6 +325,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         "activation": [StrOptions({"leakyrelu", "relu", "gelu"}), None],
         "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
         "shared_norm": ["boolean"],
+        "standardize": ["boolean"],
+        "qk_init_scale": [Interval(numbers.Real, 0, None, closed="left")],
         "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -339,6 +357,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         activation="leakyrelu",
         dropout=0.3,
         shared_norm=True,
+        standardize=False,
+        qk_init_scale=1.0,
         learning_rate=1e-4,
         batch_size=16,
         max_epochs=50,
@@ -362,6 +382,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.activation = activation
         self.dropout = dropout
         self.shared_norm = shared_norm
+        self.standardize = standardize
+        self.qk_init_scale = qk_init_scale
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_epochs = max_epochs
@@ -379,6 +401,42 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
+
+    @classmethod
+    def original(cls, **overrides) -> TGEMClassifier:
+        """The configuration of the original T-GEM (Zhang et al. 2022), every value explicit.
+
+        3 layers of 5 heads, leaky ReLU, dropout 0.3, one shared LayerNorm, Adam at learning
+        rate 1e-4 without weight decay, batches of 16, 50 epochs, no early stopping, no class
+        weights, no standardisation, Xavier-initialised query and key weights and a zero
+        Integrated-Gradients baseline. These values do not follow the constructor's
+        defaults, so the preset stays the original's if the defaults change.
+
+        Parameters
+        ----------
+        **overrides
+            Parameters set on top of the preset (e.g. ``random_state=0``, ``device="cpu"``).
+
+        Returns
+        -------
+        TGEMClassifier
+            An unfitted estimator.
+
+        Raises
+        ------
+        TypeError
+            If an override is not a parameter of TGEMClassifier.
+
+        Examples
+        --------
+        >>> from tgem import TGEMClassifier
+        >>> clf = TGEMClassifier.original(random_state=0)
+        >>> clf.learning_rate, clf.n_heads, clf.standardize
+        (0.0001, 5, False)
+        """
+        from tgem._presets import ORIGINAL_PARAMS
+
+        return cls(**{**ORIGINAL_PARAMS, **overrides})
 
     # ------------------------------------------------------------------ scikit-learn glue
     def __sklearn_tags__(self):
@@ -532,12 +590,22 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"warm_start=True but y has classes {classes.tolist()} while the fitted model "
                 f"has {self.classes_.tolist()}. Fit with the same classes or warm_start=False."
             )
+        if warm and self.module_.standardize != bool(self.standardize):
+            raise ValueError(
+                f"warm_start=True but standardize={self.standardize!r} while the fitted model "
+                f"was fitted with standardize={self.module_.standardize!r}. Keep the fitted "
+                "value or fit with warm_start=False."
+            )
         rs = check_random_state(self.random_state)
         seeds = rs.randint(0, _MAX_SEED, size=4)
         device = resolve_device(self.device)
         dist = resolve_distributed(self.distributed, device)
         if dist is not None:  # DDP: one device per process, rank 0's seeds everywhere
             device, seeds = dist.device, dist.broadcast_seeds(seeds)
+
+        statistics = None
+        if self.standardize and not warm:  # a warm fit keeps the first fit's statistics
+            statistics = input_statistics(X, dist)
 
         X_train, y_train, w_train, valid = X, y_enc, weights, None
         if self.early_stopping:
@@ -566,7 +634,12 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     shared_norm=self.shared_norm,
                     attention_backend=self.attention_backend,
                     generator=gen,
-                ).to(device)
+                    qk_init_scale=self.qk_init_scale,
+                    standardize=self.standardize,
+                )
+                if statistics is not None:
+                    module.set_standardization(*statistics)
+                module = module.to(device)
                 state = TrainState()
             dropout_gen = torch.Generator(device=device).manual_seed(
                 int(seeds[2]) + (0 if dist is None else dist.rank)
@@ -868,8 +941,12 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         return new
 
     def __setstate__(self, state):
+        from tgem._presets import V01_VALUES
+
         init = state.pop("_module_init", None)
         weights = state.pop("_module_state", None)
+        for name, value in V01_VALUES.items():  # pickles written by tgem 0.1 lack these
+            state.setdefault(name, value)
         self.__dict__.update(state)
         if "device_" in state:
             self.device_ = torch.device(state["device_"])
@@ -1072,4 +1149,18 @@ def _module_init(module: TGEMNet) -> dict:
         dropout=module.dropout.p,
         shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
         attention_backend=module.attention_backend,
-    )
+    ) | ({"standardize": True} if module.standardize else {})
+
+
+def input_statistics(X, dist=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and scale of the training ``X`` (float64); rank 0's under DDP.
+
+    Every process holds (or can read) all of ``X`` and computes the same statistics; they are
+    broadcast from rank 0 all the same, so all processes standardise identically.
+    """
+    from tgem._standardize import gene_statistics
+
+    mean, scale = gene_statistics(X)
+    if dist is not None:
+        mean, scale = dist.broadcast(mean), dist.broadcast(scale)
+    return mean, scale

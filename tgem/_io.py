@@ -766,9 +766,11 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     """Make the classifier from a verified header and its arrays."""
     from tgem._classifier import TGEMClassifier
     from tgem._model import TGEMNet
+    from tgem._presets import FILE_VERSION_VALUES
     from tgem._training import TrainState
 
-    params = header["params"]
+    # parameters added since a format version was introduced take that version's values
+    params = {**FILE_VERSION_VALUES[header["format_version"]], **header["params"]}
     unknown = sorted(set(params) - set(TGEMClassifier().get_params()))
     if unknown:
         raise ModelFileError(
@@ -803,6 +805,7 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     module.to(_ARRAY_DTYPES[dtypes.pop().newbyteorder("<").str])
     module.load_state_dict({k: torch.from_numpy(v) for k, v in module_arrays.items()}, strict=True)
     module.eval()
+    _check_input_statistics(module, name)
 
     classes = _classes_from_json(fitted["classes_"])
     n_features = fitted["n_features_in_"]
@@ -885,6 +888,18 @@ def _check_params(model, name: str) -> None:
             )
 
 
+def _check_input_statistics(module, name: str) -> None:
+    """``standardize``'s per-gene statistics must be finite, with positive scales."""
+    if not module.standardize:
+        return
+    mean, scale = module.input_mean, module.input_scale
+    if not (torch.isfinite(mean).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ModelFileError(
+            f"{name}: the input statistics (input_mean, input_scale) hold non-finite values or "
+            "scales <= 0; the file was modified or not written by tgem."
+        )
+
+
 def _check_class_weight(class_weight, classes: np.ndarray, name: str) -> None:
     """A mapping ``class_weight`` must weigh known classes with finite non-negative numbers."""
     if not isinstance(class_weight, dict):
@@ -963,6 +978,7 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
         or init.get("attention_backend") not in ("auto", *backend_names())
         or type(init.get("dropout")) not in (int, float)
         or not 0 <= init["dropout"] < 1
+        or type(init.get("standardize", False)) is not bool
     ):
         raise ModelFileError(f"{name}: the network's arguments {init} are not valid.")
     if init["n_layers"] * 4 > len(arrays):

@@ -4,7 +4,8 @@ Each gene is a token holding one number. A layer gives every head per-gene scala
 ``WQ, WK, WV`` (shape ``(heads, genes, 1)``, as in the original), applies the exact T-GEM
 attention (softmax over keys, the gene's own weight zeroed after the softmax) and mixes the
 heads with ``W_0``. The block is ``x + LayerNorm(dropout(attention(x)))``; by default one
-LayerNorm is shared by all layers, as in the original.
+LayerNorm is shared by all layers, as in the original. With ``standardize=True`` the network
+first maps its input to ``(x - input_mean) / input_scale`` with per-gene buffers.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ class TGEMNet(nn.Module):
     generator : torch.Generator, optional
         Draws the initial weights (Xavier-normal for WQ/WK/WV as (heads, genes, 1) tensors,
         Xavier-uniform for the linear head).
+    qk_init_scale : float, default=1.0
+        Factor applied to the initial WQ and WK (not WV), after the same random draws.
+    standardize : bool, default=False
+        Register the per-gene buffers ``input_mean`` (zeros) and ``input_scale`` (ones) and
+        apply ``(x - input_mean) / input_scale`` as the first operation of ``forward`` (set
+        them with :meth:`set_standardization`). Without it the input goes in unchanged and
+        the module has no such buffers (as in tgem 0.1).
 
     Examples
     --------
@@ -132,6 +140,8 @@ class TGEMNet(nn.Module):
         shared_norm: bool = True,
         attention_backend: str = "auto",
         generator: torch.Generator | None = None,
+        qk_init_scale: float = 1.0,
+        standardize: bool = False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS + (None,):
@@ -144,20 +154,33 @@ class TGEMNet(nn.Module):
             TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers)
         )
         self.dropout = Dropout(dropout)
+        self.standardize = bool(standardize)
+        if self.standardize:
+            self.register_buffer("input_mean", torch.zeros(n_genes))
+            self.register_buffer("input_scale", torch.ones(n_genes))
         # no default initialisation: it would draw from torch's global generator
         self.classifier = nn.utils.skip_init(
             nn.Linear, n_genes, n_classes, device=torch.empty(()).device
         )
-        self.reset_parameters(generator)
+        self.reset_parameters(generator, qk_init_scale=qk_init_scale)
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialise the weights as the original does, drawing from ``generator``."""
+    def reset_parameters(
+        self, generator: torch.Generator | None = None, qk_init_scale: float = 1.0
+    ) -> None:
+        """Initialise the weights as the original does, drawing from ``generator``.
+
+        ``qk_init_scale`` multiplies the initial WQ and WK after the draws (1 leaves them as
+        drawn, bit for bit; 0 gives uniform attention, whose query and key gradients are 0).
+        """
         for layer in self.layers:
             h, g, _ = layer.WQ.shape
             std = math.sqrt(2.0 / (g + h))  # xavier_normal_ on a (heads, genes, 1) tensor
             for w in (layer.WQ, layer.WK, layer.WV):
                 w.copy_(torch.randn(w.shape, generator=generator) * std)
+            if qk_init_scale != 1.0:
+                layer.WQ.mul_(qk_init_scale)
+                layer.WK.mul_(qk_init_scale)
             layer.W_0.fill_(0.001)
         fan_out, fan_in = self.classifier.weight.shape
         bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform_
@@ -169,6 +192,29 @@ class TGEMNet(nn.Module):
         for norm in self.norms:
             norm.weight.fill_(1.0)
             norm.bias.fill_(0.0)
+
+    @torch.no_grad()
+    def set_standardization(self, mean, scale) -> None:
+        """Set the per-gene ``input_mean`` and ``input_scale`` (``standardize=True`` only)."""
+        if not self.standardize:
+            raise ValueError(
+                "this network was built with standardize=False and has no input statistics; "
+                "build it with TGEMNet(..., standardize=True)."
+            )
+        for buffer, values in ((self.input_mean, mean), (self.input_scale, scale)):
+            values = torch.as_tensor(values, dtype=torch.float64)
+            if values.shape != buffer.shape:
+                raise ValueError(
+                    f"input statistics of shape {tuple(values.shape)}; expected "
+                    f"{tuple(buffer.shape)} (one value per gene)."
+                )
+            buffer.copy_(values.to(buffer.dtype))
+
+    def standardize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - input_mean) / input_scale`` with ``standardize=True``; ``x`` otherwise."""
+        if not self.standardize:
+            return x
+        return (x - self.input_mean) / self.input_scale
 
     def norm(self, index: int) -> TGEMLayerNorm:
         """The LayerNorm used by layer ``index``."""
@@ -200,8 +246,10 @@ class TGEMNet(nn.Module):
         """Log-probabilities of shape (batch, classes) for ``x`` of shape (batch, genes).
 
         With ``return_layers`` also returns the list of each layer's input followed by the
-        last layer's output (``n_layers + 1`` tensors of shape (batch, genes)).
+        last layer's output (``n_layers + 1`` tensors of shape (batch, genes)); the first
+        layer's input is the standardised ``x`` when ``standardize`` is on.
         """
+        x = self.standardize_input(x)
         backend = self.backend(x)
         states = [x]
         h = x

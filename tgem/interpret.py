@@ -12,6 +12,14 @@
 
 Attributions explain the target's **log-probability** (the network's output), as in the
 original, which applied captum to the log-softmax output.
+
+Attributions and baselines are in the units of ``X`` as passed to the classifier, one value
+per input gene. The ``"zeros"`` baseline is an input of zeros in those units (zero
+expression on log-normalised data), also for a model fitted with ``standardize=True``: its
+per-gene standardisation is the network's first operation, so the path from the baseline
+to ``x`` runs through the standardised values ``(0 - mean) / scale`` to ``(x - mean) /
+scale`` and the gradients include the ``1 / scale`` factors. To ask "compared with average
+expression" pass ``baseline="mean"``.
 """
 
 from __future__ import annotations
@@ -241,9 +249,10 @@ def attribute(
         Integrated Gradients: gradient evaluations per sample of the fixed rules, and the
         starting number for ``quadrature="adaptive"``.
     baseline : {"zeros", "mean"} or array-like, default="zeros"
-        Integrated Gradients' reference input: all zeros (the original), the mean of the
-        training data (available while the fitted classifier is in memory), or an array of
-        shape (n_genes,) or (n_samples, n_genes).
+        Integrated Gradients' reference input, in the units of ``X``: all zeros (the
+        original; zero expression, also with ``standardize=True``, see the module
+        docstring), the mean of the training data (available while the fitted classifier
+        is in memory), or an array of shape (n_genes,) or (n_samples, n_genes).
     quadrature : str, default="adaptive"
         How the path integral is evaluated. ``"adaptive"``: Gauss-Legendre panels (5 nodes
         each, ``n_steps`` nodes to start), bisected where the completeness defect is largest

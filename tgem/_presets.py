@@ -1,0 +1,38 @@
+"""Named parameter sets of :class:`tgem.TGEMClassifier`: the original's, and tgem 0.1's values.
+
+``ORIGINAL_PARAMS`` is the configuration of Zhang et al. (2022) written out in full, so that
+:meth:`TGEMClassifier.original <tgem.TGEMClassifier.original>` does not depend on the
+constructor's defaults (which may change). ``V01_VALUES`` holds, for every parameter added
+after tgem 0.1, the value that reproduces 0.1's behaviour: model files of format version 1
+and pickles written by 0.1 lack these parameters, and are given these values when loaded
+(never the current defaults).
+"""
+
+from __future__ import annotations
+
+#: The original T-GEM's model and training configuration (every parameter it fixes).
+ORIGINAL_PARAMS: dict = {
+    "n_layers": 3,
+    "n_heads": 5,
+    "activation": "leakyrelu",
+    "dropout": 0.3,
+    "shared_norm": True,
+    "learning_rate": 1e-4,
+    "batch_size": 16,
+    "max_epochs": 50,
+    "weight_decay": 0.0,
+    "early_stopping": False,
+    "class_weight": None,
+    "standardize": False,
+    "qk_init_scale": 1.0,
+    "importance_baseline": "zeros",
+}
+
+#: Values of the parameters added after tgem 0.1 that behave as 0.1 did.
+V01_VALUES: dict = {
+    "standardize": False,
+    "qk_init_scale": 1.0,
+}
+
+#: Per model-file format version: the values of parameters such files may lack.
+FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES}
