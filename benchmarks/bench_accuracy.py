@@ -118,6 +118,10 @@ VARIANTS = {
     # the defaults study's screen (issue 26): regularisation on top of the standardised recipe
     "tgem_scaled_lr1e-3_wd1e-2": (True, {"learning_rate": 1e-3, "weight_decay": 1e-2}),
     "tgem_scaled_lr1e-3_do0.1": (True, {"learning_rate": 1e-3, "dropout": 0.1}),
+    # attention that starts sharper (query and key weights x10 at initialisation), and the
+    # ablation with uniform attention (x0: scores stay 0, so A_ij = 1/G for j != i throughout)
+    "tgem_scaled_lr1e-3_qk10": (True, {"learning_rate": 1e-3, "qk_init_scale": 10.0}),
+    "tgem_scaled_lr1e-3_uniform": (True, {"learning_rate": 1e-3, "qk_init_scale": 0.0}),
 }
 DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 #: Data sets run only when named with ``--datasets`` (hours of T-GEM fits each).
