@@ -64,6 +64,229 @@ def _labels(column) -> np.ndarray:
     return column.to_numpy()
 
 
+# ------------------------------------------------------------------ validating untrusted files
+#: Widest fixed-width string accepted in an ``.h5ad`` element read here (gene names, labels):
+#: a few bytes of header may declare strings of any width, which reading would allocate.
+MAX_STRING_BYTES = 1 << 16
+
+_REWRITE = (
+    "The file is damaged or was not written by anndata; rewrite it from the original data "
+    "(e.g. `adata.write_h5ad(path)`)."
+)
+
+
+def _damaged(where: str, problem: str) -> ValueError:
+    return ValueError(f"{where}: {problem}. {_REWRITE}")
+
+
+def check_string_widths(elem, where: str) -> None:
+    """Refuse fixed-width strings wider than :data:`MAX_STRING_BYTES` in ``elem`` (a dataset
+    or a group, walked), before anything is read from it."""
+    h5py = _import_h5py()
+    datasets = [elem] if isinstance(elem, h5py.Dataset) else []
+
+    def collect(_, obj):
+        if isinstance(obj, h5py.Dataset):
+            datasets.append(obj)
+
+    if not datasets:
+        elem.visititems(collect)
+    for dataset in datasets:
+        if dataset.dtype.kind in "SUV" and dataset.dtype.itemsize > MAX_STRING_BYTES:
+            raise _damaged(
+                where,
+                f"{dataset.name} holds strings of {dataset.dtype.itemsize} bytes each, above the "
+                f"limit of {MAX_STRING_BYTES} bytes (tgem._h5ad.MAX_STRING_BYTES)",
+            )
+
+
+def _check_codes(elem, where: str, name: str) -> None:
+    """Refuse a categorical whose codes are not integers or point outside its categories."""
+    h5py = _import_h5py()
+    encoding = _attr_str(elem, "encoding-type")
+    if encoding != "categorical" or not isinstance(elem, h5py.Group):
+        return
+    if not isinstance(elem.get("codes"), h5py.Dataset) or not isinstance(
+        elem.get("categories"), h5py.Dataset
+    ):
+        raise _damaged(where, f"the categorical obs column {name!r} lacks codes or categories")
+    codes, categories = elem["codes"], elem["categories"]
+    if codes.dtype.kind not in "iu" or codes.ndim != 1 or categories.ndim != 1:
+        raise _damaged(
+            where,
+            f"the categorical obs column {name!r} has codes of dtype {codes.dtype} and "
+            f"{codes.ndim} dimension(s); they must be one-dimensional integers",
+        )
+    values = codes[()]
+    n = categories.shape[0]
+    bad = (values < -1) | (values >= n)
+    if bad.any():
+        raise _damaged(
+            where,
+            f"the obs column {name!r} has category code {values[bad][0]}, but only {n} "
+            f"categories (codes run from -1, missing, to {n - 1})",
+        )
+
+
+def _attr_str(elem, key: str) -> str:
+    value = elem.attrs.get(key, "")
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value if isinstance(value, str) else ""
+
+
+def _declared_shape(elem, where: str) -> tuple[int, int]:
+    """The ``shape`` attribute of a sparse group: two non-negative integers."""
+    if "shape" not in elem.attrs:
+        raise _damaged(where, "the sparse matrix has no shape attribute")
+    shape = np.asarray(elem.attrs["shape"])
+    if (
+        shape.shape != (2,)
+        or shape.dtype.kind not in "iu"
+        or (shape < 0).any()
+        or (shape >= 2**62).any()
+    ):
+        raise _damaged(
+            where,
+            f"the sparse matrix's shape attribute {shape.tolist()!r} is not two non-negative "
+            "integers (rows, columns)",
+        )
+    return int(shape[0]), int(shape[1])
+
+
+def _check_sparse_group(elem, where: str, n_rows: int) -> None:
+    """Check a CSR group's arrays against each other before any row is read.
+
+    Reads two entries of ``indptr``; the rest of ``indptr`` and the ``indices`` are checked
+    block by block as rows are read (:func:`check_compressed`).
+    """
+    h5py = _import_h5py()
+    for key in ("data", "indices", "indptr"):
+        if not isinstance(elem.get(key), h5py.Dataset):
+            raise _damaged(where, f"the sparse matrix has no {key!r} array")
+        if elem[key].ndim != 1:
+            raise _damaged(
+                where,
+                f"the sparse matrix's {key} has shape {elem[key].shape}; it must be "
+                "one-dimensional",
+            )
+    data, indices, indptr = elem["data"], elem["indices"], elem["indptr"]
+    for key, dataset in (("indices", indices), ("indptr", indptr)):
+        if dataset.dtype.kind not in "iu":
+            raise _damaged(
+                where, f"the sparse matrix's {key} has dtype {dataset.dtype}; it must be integers"
+            )
+    _check_numeric(data.dtype, where, "the sparse matrix's data")
+    if indptr.shape[0] != n_rows + 1:
+        raise _damaged(
+            where,
+            f"the sparse matrix's shape attribute says {n_rows} rows, but its indptr has "
+            f"{indptr.shape[0]} entries ({indptr.shape[0] - 1} rows); it needs one entry per "
+            "row plus one",
+        )
+    if indices.shape[0] != data.shape[0]:
+        raise _damaged(
+            where,
+            f"the sparse matrix's indices has {indices.shape[0]} entries but its data has "
+            f"{data.shape[0]}; they must have one entry per stored value each",
+        )
+    first, last = int(indptr[0]), int(indptr[n_rows])
+    if first != 0:
+        raise _damaged(where, f"the sparse matrix's indptr starts at {first}; it must start at 0")
+    if last != data.shape[0]:
+        raise _damaged(
+            where,
+            f"the sparse matrix's indptr ends at {last}, but it stores {data.shape[0]} values; "
+            "it must end at the number of stored values",
+        )
+
+
+def _check_numeric(dtype, where: str, what: str) -> None:
+    if np.dtype(dtype).kind not in "biuf":
+        raise _damaged(where, f"{what} has dtype {dtype}; expression values must be numbers")
+
+
+def check_compressed(
+    indptr, indices, n_minor: int, *, nnz: int, where: str, row0: int = 0, csc: bool = False
+) -> None:
+    """Refuse CSR (or CSC) arrays that would make scipy read or write out of bounds.
+
+    ``indptr`` holds the offsets of consecutive rows (columns for CSC) ``row0, row0 + 1, ...``
+    into arrays of ``nnz`` stored values; ``indices`` the stored values of those rows, each of
+    which must lie in ``[0, n_minor)``. Vectorised: a few passes over ``indptr`` and
+    ``indices``.
+
+    Parameters
+    ----------
+    indptr : ndarray of int
+        Row offsets (``n + 1`` entries for ``n`` rows).
+    indices : ndarray of int
+        The column index of each stored value of those rows.
+    n_minor : int
+        Number of columns (rows for CSC).
+    nnz : int
+        Number of stored values of the whole matrix.
+    where : str
+        What the arrays come from, for the error message.
+    row0 : int, default=0
+        The matrix row of ``indptr[0]``, for the error message.
+    csc : bool, default=False
+        Whether the arrays are CSC (``indptr`` over columns, ``indices`` rows).
+
+    Raises
+    ------
+    ValueError
+        If ``indptr`` leaves ``[0, nnz]`` or decreases, ``indices`` does not hold exactly the
+        values ``indptr`` spans, or an index lies outside ``[0, n_minor)``.
+    """
+    major, minor = ("column", "row") if csc else ("row", "column")
+    if len(indptr) and (indptr[0] < 0 or indptr[-1] > nnz):
+        raise _damaged(
+            where,
+            f"indptr points outside the {nnz} stored values ({int(indptr[0])} to "
+            f"{int(indptr[-1])} for {major}s {row0}-{row0 + len(indptr) - 2})",
+        )
+    steps = np.diff(indptr)
+    if len(steps) and steps.min() < 0:
+        at = row0 + int(np.flatnonzero(steps < 0)[0])
+        raise _damaged(where, f"indptr decreases at {major} {at}; it must be non-decreasing")
+    span = int(indptr[-1] - indptr[0]) if len(indptr) else 0
+    if len(indices) != span:
+        raise _damaged(
+            where, f"indptr spans {span} stored values but {len(indices)} indices were read"
+        )
+    if len(indices):
+        low, high = indices.min(), indices.max()
+        if low < 0 or high >= n_minor:
+            bad = int(low) if low < 0 else int(high)
+            raise _damaged(
+                where,
+                f"{minor} index {bad} in {major}s {row0}-{row0 + len(indptr) - 2}, but the "
+                f"matrix has {n_minor} {minor}s",
+            )
+
+
+def check_sparse_matrix(M, where: str) -> None:
+    """Refuse a SciPy CSR/CSC matrix whose structure is out of bounds (see
+    :func:`check_compressed`); other sparse formats are left to SciPy."""
+    if M.format not in ("csr", "csc"):
+        return
+    n_major, n_minor = M.shape if M.format == "csr" else M.shape[::-1]
+    kind = "(CSR)" if M.format == "csr" else "(CSC)"
+    where = f"{where} {kind}"
+    if len(M.indptr) != n_major + 1 or len(M.indices) != len(M.data):
+        raise _damaged(
+            where,
+            f"indptr has {len(M.indptr)} entries for {n_major} rows and indices has "
+            f"{len(M.indices)} entries for {len(M.data)} values",
+        )
+    if M.indices.dtype.kind not in "iu" or M.indptr.dtype.kind not in "iu":
+        raise _damaged(where, "indptr and indices must be integers")
+    check_compressed(
+        M.indptr, M.indices, n_minor, nnz=len(M.data), where=where, csc=M.format == "csc"
+    )
+
+
 class H5ADDataset:
     """Rows of an AnnData ``.h5ad`` file, read from disk on demand.
 
@@ -129,10 +352,15 @@ class H5ADDataset:
                 self._adata = data
         elif isinstance(data, (str, os.PathLike)):
             self.path = Path(data)
-            if not self.path.is_file():
+            if not self.path.exists():
                 raise FileNotFoundError(
                     f"No .h5ad file at {str(self.path)!r}. Pass the path of an existing "
                     "AnnData file."
+                )
+            if not self.path.is_file():
+                raise ValueError(
+                    f"{str(self.path)!r} is not a regular file (a directory, device or pipe); "
+                    "pass the path of an .h5ad file."
                 )
         else:
             raise TypeError(
@@ -155,6 +383,11 @@ class H5ADDataset:
             )
         return f["layers"][self.layer]
 
+    def _where(self) -> str:
+        """The file (or in-memory AnnData) and the element read, for error messages."""
+        source = "the in-memory AnnData" if self.path is None else repr(str(self.path))
+        return f"{source} ({'X' if self.layer is None else 'layers/' + self.layer})"
+
     def _read_metadata(self) -> None:
         if self._adata is not None:
             a = self._adata
@@ -164,6 +397,8 @@ class H5ADDataset:
                     f"{sorted(a.layers.keys())}. Pass one of them, or layer=None for X."
                 )
             M = a.X if self.layer is None else a.layers[self.layer]
+            if sp.issparse(M):
+                check_sparse_matrix(M, self._where())
             self._memory = M.tocsr() if sp.issparse(M) and not sp.isspmatrix_csr(M) else M
             self.sparse = sp.issparse(M)
             self._n_rows, self.n_genes = M.shape
@@ -171,14 +406,20 @@ class H5ADDataset:
             return
         h5py = _import_h5py()
         self._memory = None
+        where = self._where()
         elem = self._matrix_elem(self._file())
         if isinstance(elem, h5py.Dataset):
             self.sparse = False
+            if elem.ndim != 2:
+                raise _damaged(
+                    where,
+                    f"the matrix has {elem.ndim} dimensions (shape {elem.shape}); it must have "
+                    "two (cells x genes)",
+                )
+            _check_numeric(elem.dtype, where, "the matrix")
             self._n_rows, self.n_genes = (int(s) for s in elem.shape)
         else:
-            encoding = elem.attrs.get("encoding-type", "")
-            if isinstance(encoding, bytes):
-                encoding = encoding.decode()
+            encoding = _attr_str(elem, "encoding-type")
             if encoding != "csr_matrix":
                 raise ValueError(
                     f"the matrix in {str(self.path)!r} is stored as {encoding or 'unknown'!r}; "
@@ -186,9 +427,23 @@ class H5ADDataset:
                     "`adata.X = adata.X.tocsr(); adata.write_h5ad(path)`."
                 )
             self.sparse = True
-            self._n_rows, self.n_genes = (int(s) for s in elem.attrs["shape"])
-        var = _read_elem(self._file()["var"])
+            self._n_rows, self.n_genes = _declared_shape(elem, where)
+            _check_sparse_group(elem, where, self._n_rows)
+        var = self._file().get("var")
+        if not isinstance(var, h5py.Group):
+            raise _damaged(where, "the file has no var group (the gene names)")
+        check_string_widths(var, where)
+        try:
+            var = _read_elem(var)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise _damaged(where, f"its var (the gene names) cannot be read: {exc}") from exc
         self.var_names = np.asarray(pd.Index(var.index).astype(str), dtype=object)
+        if len(self.var_names) != self.n_genes:
+            raise _damaged(
+                where,
+                f"the matrix has {self.n_genes} columns but var lists {len(self.var_names)} "
+                "genes; there must be one gene name per column",
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -213,11 +468,26 @@ class H5ADDataset:
                 raise ValueError(_unknown(name, list(obs.columns)))
             values = _labels(obs[name])
         else:
-            group = self._file()["obs"]
-            columns = [c for c in group.keys() if c != group.attrs.get("_index", "_index")]
+            where = repr(str(self.path))
+            group = self._file().get("obs")
+            if not isinstance(group, _import_h5py().Group):
+                raise _damaged(where, "the file has no obs group (the cell annotations)")
+            index_key = _attr_str(group, "_index") or "_index"
+            columns = [c for c in group.keys() if c != index_key]
             if name not in columns:
                 raise ValueError(_unknown(name, columns))
-            values = _labels(_read_elem(group[name]))
+            check_string_widths(group[name], where)
+            _check_codes(group[name], where, name)
+            try:
+                values = _labels(_read_elem(group[name]))
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                raise _damaged(where, f"its obs column {name!r} cannot be read: {exc}") from exc
+        if values.ndim != 1 or len(values) != self._n_rows:
+            raise _damaged(
+                repr(str(self.path)) if self.path is not None else "the in-memory AnnData",
+                f"the obs column {name!r} has {len(values)} values but X has {self._n_rows} "
+                "rows; there must be one value per cell",
+            )
         return values if self._rows is None else values[self._rows]
 
     def mean(self, axis: int = 0, block_rows: int = 4096) -> np.ndarray:
@@ -268,14 +538,23 @@ class H5ADDataset:
 
         All reads of the file go through here (tests count them).
         """
+        where = self._where()
         if self._memory is not None:
             return self._memory[start:stop]
         elem = self._matrix_elem(self._file())
         if not self.sparse:
             return np.asarray(elem[start:stop], dtype=np.float32)
         ptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
+        if len(ptr) != stop - start + 1:
+            raise _damaged(where, f"its indptr ends before row {stop - 1}")
+        nnz = elem["data"].shape[0]
+        if ptr[0] < 0 or ptr[-1] > nnz:  # before slicing: a negative start would wrap around
+            check_compressed(ptr, ptr[:0], self.n_genes, nnz=nnz, where=where, row0=start)
         data = elem["data"][ptr[0] : ptr[-1]]
         indices = elem["indices"][ptr[0] : ptr[-1]]
+        check_compressed(ptr, indices, self.n_genes, nnz=nnz, where=where, row0=start)
+        if data.dtype.kind == "f" and data.dtype.itemsize < 4:  # SciPy has no float16
+            data = data.astype(np.float32)
         return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
 
     def _read_file_rows(self, file_rows: np.ndarray):
