@@ -7,6 +7,7 @@ killing the test run.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -241,6 +242,34 @@ def test_valid_files_still_stream_exactly(tmp_path):
     empty_rows[5:9] = 0
     path = _write(tmp_path / "empty_rows.h5ad", sp.csr_matrix(empty_rows))
     np.testing.assert_array_equal(H5ADDataset(path)[3:12], empty_rows.toarray()[3:12])
+
+
+# ----------------------------------------------------------------------------- item 7: values
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr", "dense"])
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        (np.nan, r"Input X contains NaN"),
+        (np.inf, r"Input X contains infinity"),
+        (1e20, r"X contains values as large as 1e\+20.*below 1e\+15"),
+    ],
+    ids=["nan", "inf", "large"],
+)
+def test_h5ad_values_get_the_checks_arrays_get(tmp_path, sparse, value, pattern):
+    X = np.abs(np.random.default_rng(1).normal(size=(N_CELLS, N_GENES))).astype(np.float64)
+    X[37, 2] = value
+    with pytest.raises(ValueError, match=pattern):  # the array path's message
+        TGEMClassifier(max_epochs=1).fit(X, np.arange(N_CELLS) % 2)
+    path = _write(tmp_path / "values.h5ad", sp.csr_matrix(X) if sparse else X)
+    where = re.escape("values.h5ad")
+    with pytest.raises(ValueError, match=rf"{where}.*row 37: {pattern}"):
+        _fit(path)
+    clf = TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, n_threads=1)
+    clf.fit(np.nan_to_num(X, posinf=0.0, nan=0.0, copy=True).clip(max=10), np.arange(N_CELLS) % 2)
+    with pytest.raises(ValueError, match=rf"{where}.*{pattern}"):
+        clf.predict(path)
+    with pytest.raises(ValueError, match=pattern):  # an in-memory AnnData too
+        _fit(_adata(sp.csr_matrix(X) if sparse else X))
 
 
 # ----------------------------------------------------------------------------- other readers

@@ -287,6 +287,40 @@ def check_sparse_matrix(M, where: str) -> None:
     )
 
 
+def check_values(block, where: str, row0: int = 0) -> None:
+    """The checks arrays get in ``fit`` and ``predict``, for a block of rows read from a file.
+
+    Runs scikit-learn's finiteness check and :func:`tgem._classifier._check_magnitude` (the
+    same functions, so the same messages), prefixed with ``where`` and the first bad row.
+    """
+    from sklearn.utils import assert_all_finite
+
+    from tgem._classifier import _check_magnitude
+
+    data = block.data if sp.issparse(block) else block
+    try:
+        assert_all_finite(data, input_name="X")
+        _check_magnitude(data)
+    except ValueError as exc:
+        raise ValueError(
+            f"{where}, row {row0 + _first_bad_row(block)}: {exc} Fix the values and rewrite "
+            "the file, or drop those cells."
+        ) from None
+
+
+def _first_bad_row(block) -> int:
+    from tgem._classifier import MAX_ABS_VALUE
+
+    if sp.issparse(block):
+        data = np.asarray(block.data, dtype=np.float64)
+        bad = ~(np.abs(data) <= MAX_ABS_VALUE)
+        position = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+        return int(np.searchsorted(block.indptr, position, side="right")) - 1
+    data = np.asarray(block, dtype=np.float64)
+    bad = ~(np.abs(data) <= MAX_ABS_VALUE).all(axis=1)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else 0
+
+
 class H5ADDataset:
     """Rows of an AnnData ``.h5ad`` file, read from disk on demand.
 
@@ -540,10 +574,14 @@ class H5ADDataset:
         """
         where = self._where()
         if self._memory is not None:
-            return self._memory[start:stop]
+            block = self._memory[start:stop]
+            check_values(block, where, start)
+            return block
         elem = self._matrix_elem(self._file())
         if not self.sparse:
-            return np.asarray(elem[start:stop], dtype=np.float32)
+            block = elem[start:stop]
+            check_values(block, where, start)
+            return np.asarray(block, dtype=np.float32)
         ptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
         if len(ptr) != stop - start + 1:
             raise _damaged(where, f"its indptr ends before row {stop - 1}")
@@ -555,7 +593,9 @@ class H5ADDataset:
         check_compressed(ptr, indices, self.n_genes, nnz=nnz, where=where, row0=start)
         if data.dtype.kind == "f" and data.dtype.itemsize < 4:  # SciPy has no float16
             data = data.astype(np.float32)
-        return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
+        block = sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
+        check_values(block, where, start)
+        return block
 
     def _read_file_rows(self, file_rows: np.ndarray):
         """Sorted unique file rows, read as few contiguous blocks; stacked in that order."""
