@@ -136,6 +136,9 @@ def test_crafted_csc_is_refused_by_read_h5ad_before_conversion(tmp_path):
         ("X/indices", ("replace", np.zeros(7, dtype=np.int32)), r"indices.*7.*data.*120"),
         ("X/data", ("replace", np.array(["x"] * 120, dtype="S1")), r"data.*\|S1.*numbers"),
         ("X/indptr", ("replace", np.zeros((N_CELLS + 1, 2), dtype=np.int64)), r"one-dim"),
+        ("X/indices", ("replace", np.full(120, 50_000_000, ">i4")), r"column index 50000000"),
+        ("X/indices", ("replace", np.full(120, -7, ">i8")), r"column index -7"),
+        ("X/indices", ("replace", np.full(120, 2**64 - 1, ">u8")), r"column index 1844674"),
     ],
 )
 def test_inconsistent_csr_structure_is_refused(tmp_path, key, value, pattern):
@@ -234,6 +237,13 @@ def test_in_memory_anndata_with_bad_indices_is_refused(tmp_path):
     assert run_in_fork(_refused(call, r"column index 50000000"), b"", timeout=120) == "ok"
 
 
+def test_a_file_that_is_not_hdf5_is_a_clear_error(tmp_path):
+    path = tmp_path / "text.h5ad"
+    path.write_text("cell,gene\n")
+    with pytest.raises(ValueError, match=r"could not open .*text\.h5ad.* as an \.h5ad"):
+        H5ADDataset(path)
+
+
 def test_valid_files_still_stream_exactly(tmp_path):
     X = sp.random(N_CELLS, N_GENES, density=0.5, format="csr", dtype=np.float32, random_state=0)
     path = _write(tmp_path / "good.h5ad", X)
@@ -311,3 +321,231 @@ def test_read_gmt_utf8_error_gives_the_file_offset(tmp_path):
     path.write_bytes(b"A\td\tX\tY\nB\td\tZ\xe9\n")
     with pytest.raises(ValueError, match=r"byte 0xe9 at offset 13"):
         read_gmt(path)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+#: Values that break naive index arithmetic: off-by-one, sign, int32 and int64 limits.
+_NASTY = [-(2**63), -(2**31), -3_000_000, -1, 0, 1, 5, 39, 40, 41, 2**31 - 1, 2**62, 50_000_000]
+_FUZZ_SECONDS = float(os.environ.get("TGEM_FUZZ_SECONDS", "150"))
+
+
+def _nasty(rng, n=None):
+    values = np.array(_NASTY, dtype=np.int64)
+    return rng.choice(values) if n is None else rng.choice(values, size=n)
+
+
+def _replace(f, key, value, attrs=True):
+    kept = dict(f[key].attrs) if attrs and key in f else {}
+    if key in f:
+        del f[key]
+    f[key] = value
+    f[key].attrs.update(kept)
+
+
+def _mutate_h5(path, rng) -> str:
+    """One random structural mutation of the file, through h5py; returns what it did."""
+    with h5py.File(path, "r+") as f:
+        sparse = isinstance(f["X"], h5py.Group)
+        kind = rng.choice(
+            ["indices", "indptr", "data", "shape", "encoding", "codes", "var", "obs", "delete"]
+            if sparse
+            else ["dense", "codes", "var", "obs", "delete"]
+        )
+        if kind == "indices":
+            values = f["X/indices"][...].astype(np.int64)
+            at = rng.integers(len(values), size=rng.integers(1, 4))
+            values[at] = _nasty(rng, len(at))
+            dtype = rng.choice(["int32", "int64", "uint64", "float32"])
+            _replace(f, "X/indices", values.astype(dtype))
+            return f"indices[{at.tolist()}] = {values[at].tolist()} as {dtype}"
+        if kind == "indptr":
+            values = f["X/indptr"][...].astype(np.int64)
+            how = rng.choice(["set", "shorter", "longer", "reverse", "uint64", "float"])
+            if how == "set":
+                at = int(rng.integers(len(values)))
+                values[at] = _nasty(rng)
+                out, what = values, f"indptr[{at}] = {values[at]}"
+            elif how == "shorter":
+                out, what = values[: int(rng.integers(len(values)))], "indptr shortened"
+            elif how == "longer":
+                out, what = np.r_[values, values[-1]], "indptr lengthened"
+            elif how == "reverse":
+                out, what = values[::-1].copy(), "indptr reversed"
+            elif how == "uint64":
+                out = values.astype(np.uint64)
+                out[int(rng.integers(len(out)))] = np.uint64(2**64 - 5)
+                what = "indptr uint64 near 2**64"
+            else:
+                out, what = values.astype(np.float64) + 0.5, "indptr float"
+            _replace(f, "X/indptr", out)
+            return what
+        if kind == "data":
+            values = f["X/data"][...].astype(np.float64)
+            how = rng.choice(["special", "length", "strings", "2d"])
+            if how == "special":
+                at = int(rng.integers(len(values)))
+                values[at] = rng.choice([np.nan, np.inf, -np.inf, 1e30, -1e300, 1e16])
+                _replace(f, "X/data", values)
+                return f"data[{at}] = {values[at]}"
+            if how == "length":
+                n = int(rng.integers(0, 2 * len(values)))
+                _replace(f, "X/data", np.resize(values, n))
+                return f"data of length {n}"
+            if how == "strings":
+                _replace(f, "X/data", values.astype("S8"))
+                return "data as strings"
+            _replace(f, "X/data", np.resize(values, (len(values), 2)))
+            return "data two-dimensional"
+        if kind == "shape":
+            shapes = [
+                np.array([_nasty(rng), N_GENES]),
+                np.array([N_CELLS, _nasty(rng)]),
+                np.array([N_CELLS, N_GENES, 1]),
+                np.array([N_CELLS + 0.5, N_GENES]),
+                np.array(["40", "6"], dtype="S2"),
+                np.array([N_CELLS]),
+            ]
+            shape = shapes[int(rng.integers(len(shapes)))]
+            f["X"].attrs["shape"] = shape
+            return f"shape attribute {shape!r}"
+        if kind == "encoding":
+            value = str(rng.choice(["csc_matrix", "dense", "", "csr_matrix ", "array"]))
+            f["X"].attrs["encoding-type"] = value
+            return f"X encoding-type {value!r}"
+        if kind == "codes":
+            codes = f["obs/cell_type/codes"][...].astype(np.int64)
+            at = int(rng.integers(len(codes)))
+            codes[at] = int(rng.choice([-2, 2, 127, -128, 2**40]))
+            dtype = rng.choice(["int8", "int64", "float32"])
+            _replace(f, "obs/cell_type/codes", codes.astype(dtype))
+            return f"codes[{at}] = {codes[at]} as {dtype}"
+        if kind == "var":
+            how = rng.choice(["shorter", "longer", "wide"])
+            names = np.array([f"g{j}".encode() for j in range(N_GENES)])
+            if how == "shorter":
+                names = names[: int(rng.integers(N_GENES))]
+            elif how == "longer":
+                names = np.r_[names, names]
+            else:
+                names = names.astype("S70000")
+            _replace(f, "var/_index", names)
+            return f"var/_index {how}"
+        if kind == "obs":
+            n = int(rng.integers(0, 2 * N_CELLS))
+            _replace(f, "obs/cell_type/codes", (np.arange(n) % 2).astype(np.int8))
+            return f"obs codes of length {n}"
+        if kind == "dense":
+            how = rng.choice(["special", "rank", "strings"])
+            values = f["X"][...].astype(np.float64)
+            if how == "special":
+                values.flat[int(rng.integers(values.size))] = rng.choice([np.nan, np.inf, 1e30])
+                _replace(f, "X", values)
+            elif how == "rank":
+                _replace(f, "X", values[..., None])
+            else:
+                _replace(f, "X", values.astype("S4"))
+            return f"dense X {how}"
+        names = []
+        f.visit(names.append)
+        victim = str(rng.choice(names))
+        del f[victim]
+        return f"deleted {victim}"
+
+
+def _storage_ranges(path) -> list[tuple[int, int]]:
+    """File offsets of the contiguous datasets' bytes (the arrays, not HDF5's own metadata)."""
+    ranges = []
+    with h5py.File(path, "r") as f:
+
+        def visit(_, obj):
+            if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
+                ranges.append((obj.id.get_offset(), obj.id.get_storage_size()))
+
+        f.visititems(visit)
+    return [(start, size) for start, size in ranges if size]
+
+
+def _flip_bytes(data: bytes, ranges, rng) -> tuple[bytes, str]:
+    mutated = bytearray(data)
+    flips = []
+    for _ in range(int(rng.integers(1, 9))):
+        start, size = ranges[int(rng.integers(len(ranges)))]
+        at = start + int(rng.integers(size))
+        mutated[at] ^= 1 << int(rng.integers(8))
+        flips.append(at)
+    return bytes(mutated), f"bit flips at offsets {flips}"
+
+
+@pytest.mark.slow
+def test_fuzz_h5ad_readers_never_crash(tmp_path):
+    """Random mutations of small valid files, read, fitted on and predicted from in a forked
+    worker: a Python exception is a refusal (fine), a crash or a hang fails the test.
+
+    Structural mutations go through h5py (indices, indptr, shape attributes, dtypes, encodings,
+    categorical codes, obs/var lengths, string widths, deleted elements); raw bit flips hit
+    the datasets' stored bytes. Flips in HDF5's own metadata (B-trees, object headers) test
+    libhdf5, which tgem trusts to parse the container (see the security page), not tgem.
+    Seeded; stops after ``TGEM_FUZZ_SECONDS`` (150 s by default).
+    """
+    import time
+
+    from tests._fuzz import ForkWorker, is_failure
+    from tgem.datasets import read_h5ad
+
+    sources = {
+        "csr": _write(tmp_path / "csr.h5ad"),
+        "dense": _write(
+            tmp_path / "dense.h5ad",
+            np.abs(np.random.default_rng(2).normal(size=(N_CELLS, N_GENES))).astype(np.float32),
+        ),
+    }
+    model = TGEMClassifier(n_layers=1, n_heads=1, max_epochs=1, n_threads=1, random_state=0)
+    model.fit(sources["csr"], "cell_type")
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def exercise(data: bytes):
+        path = work / f"case{os.getpid()}.h5ad"
+        path.write_bytes(data)
+        outcomes = []
+        for step in (
+            lambda: H5ADDataset(path)[:],
+            lambda: H5ADDataset(path, chunk_size=3, chunks_per_read=2).mean(),
+            lambda: model.predict_proba(path),
+            lambda: TGEMClassifier(
+                n_layers=1, n_heads=1, max_epochs=1, n_threads=1, batch_size=7
+            ).fit(path, "cell_type"),
+            lambda: _dense_of(read_h5ad(path, "cell_type").data),
+        ):
+            try:
+                step()
+                outcomes.append("ok")
+            except (ValueError, KeyError, TypeError, OSError, IndexError) as exc:
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    rng = np.random.default_rng(20261207)
+    ranges = {name: _storage_ranges(path) for name, path in sources.items()}
+    failures, cases, deadline = [], 0, time.monotonic() + _FUZZ_SECONDS
+    with ForkWorker(exercise, timeout=60) as worker:
+        while time.monotonic() < deadline:
+            name = "csr" if rng.random() < 0.7 else "dense"
+            case = tmp_path / "case.h5ad"
+            case.write_bytes(sources[name].read_bytes())
+            if rng.random() < 0.25:
+                data, what = _flip_bytes(case.read_bytes(), ranges[name], rng)
+            else:
+                what = _mutate_h5(case, rng)
+                data = case.read_bytes()
+            outcome = worker(data)
+            cases += 1
+            if is_failure(outcome):
+                failures.append(f"{name}: {what} -> {outcome}")
+    assert cases >= 50, f"only {cases} cases ran in {_FUZZ_SECONDS} s"
+    assert not failures, f"{len(failures)} of {cases} mutated files crashed or hung:\n" + "\n".join(
+        failures[:20]
+    )
+
+
+def _dense_of(X):
+    return X.toarray() if sp.issparse(X) else np.asarray(X)

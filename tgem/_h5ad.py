@@ -207,14 +207,13 @@ def _check_numeric(dtype, where: str, what: str) -> None:
 
 
 def check_compressed(
-    indptr, indices, n_minor: int, *, nnz: int, where: str, row0: int = 0, csc: bool = False
+    indptr, indices, n_minor: int, *, nnz: int, where: str, rows=0, csc: bool = False
 ) -> None:
-    """Refuse CSR (or CSC) arrays that would make scipy read or write out of bounds.
+    """Refuse CSR (or CSC) arrays that would make SciPy read or write out of bounds.
 
-    ``indptr`` holds the offsets of consecutive rows (columns for CSC) ``row0, row0 + 1, ...``
-    into arrays of ``nnz`` stored values; ``indices`` the stored values of those rows, each of
-    which must lie in ``[0, n_minor)``. Vectorised: a few passes over ``indptr`` and
-    ``indices``.
+    ``indptr`` holds the offsets of consecutive rows (columns for CSC) into arrays of ``nnz``
+    stored values; ``indices`` the stored values of those rows, each of which must lie in
+    ``[0, n_minor)``. Vectorised: one pass over ``indptr`` and one over ``indices``.
 
     Parameters
     ----------
@@ -228,8 +227,9 @@ def check_compressed(
         Number of stored values of the whole matrix.
     where : str
         What the arrays come from, for the error message.
-    row0 : int, default=0
-        The matrix row of ``indptr[0]``, for the error message.
+    rows : int or ndarray of int, default=0
+        The matrix row of ``indptr[0]``, or the matrix row of each entry of ``indptr`` but
+        the last, for the error message.
     csc : bool, default=False
         Whether the arrays are CSC (``indptr`` over columns, ``indices`` rows).
 
@@ -244,26 +244,33 @@ def check_compressed(
         raise _damaged(
             where,
             f"indptr points outside the {nnz} stored values ({int(indptr[0])} to "
-            f"{int(indptr[-1])} for {major}s {row0}-{row0 + len(indptr) - 2})",
+            f"{int(indptr[-1])})",
         )
-    steps = np.diff(indptr)
-    if len(steps) and steps.min() < 0:
-        at = row0 + int(np.flatnonzero(steps < 0)[0])
-        raise _damaged(where, f"indptr decreases at {major} {at}; it must be non-decreasing")
+    if len(indptr) > 1:
+        decreasing = indptr[1:] < indptr[:-1]
+        if decreasing.any():
+            at = _row_name(rows, int(np.flatnonzero(decreasing)[0]))
+            raise _damaged(where, f"indptr decreases at {major} {at}; it must be non-decreasing")
     span = int(indptr[-1] - indptr[0]) if len(indptr) else 0
     if len(indices) != span:
         raise _damaged(
             where, f"indptr spans {span} stored values but {len(indices)} indices were read"
         )
     if len(indices):
-        low, high = indices.min(), indices.max()
-        if low < 0 or high >= n_minor:
-            bad = int(low) if low < 0 else int(high)
+        # one pass: seen as unsigned, a negative index is larger than any valid one
+        unsigned = indices.view(indices.dtype.str.replace("i", "u"))  # same byte order
+        if unsigned.max() >= n_minor:
+            position = int(np.flatnonzero((indices < 0) | (indices >= n_minor))[0])
+            at = int(np.searchsorted(indptr, indptr[0] + position, side="right")) - 1
             raise _damaged(
                 where,
-                f"{minor} index {bad} in {major}s {row0}-{row0 + len(indptr) - 2}, but the "
-                f"matrix has {n_minor} {minor}s",
+                f"{minor} index {int(indices[position])} in {major} {_row_name(rows, at)}, but "
+                f"the matrix has {n_minor} {minor}s",
             )
+
+
+def _row_name(rows, i: int) -> int:
+    return int(rows) + i if np.ndim(rows) == 0 else int(rows[i])
 
 
 def check_sparse_matrix(M, where: str) -> None:
@@ -287,24 +294,33 @@ def check_sparse_matrix(M, where: str) -> None:
     )
 
 
-def check_values(block, where: str, row0: int = 0) -> None:
+def check_values(block, where: str, rows=0) -> None:
     """The checks arrays get in ``fit`` and ``predict``, for a block of rows read from a file.
 
-    Runs scikit-learn's finiteness check and :func:`tgem._classifier._check_magnitude` (the
-    same functions, so the same messages), prefixed with ``where`` and the first bad row.
+    A block whose smallest and largest values lie within ``MAX_ABS_VALUE`` passes after one
+    ``min`` and one ``max`` (NaN propagates through both). Any other block goes through the
+    array path's own checks, scikit-learn's finiteness check and
+    :func:`tgem._classifier._check_magnitude` (so the messages are the same), prefixed with
+    ``where`` and the first bad row (``rows``: the file row of the block's first row, or of
+    each of its rows).
     """
-    from sklearn.utils import assert_all_finite
-
-    from tgem._classifier import _check_magnitude
+    from tgem._classifier import MAX_ABS_VALUE, _check_magnitude
 
     data = block.data if sp.issparse(block) else block
+    if not data.size:
+        return
+    low, high = data.min(), data.max()
+    if -MAX_ABS_VALUE <= low and high <= MAX_ABS_VALUE:
+        return
+    from sklearn.utils import assert_all_finite
+
     try:
         assert_all_finite(data, input_name="X")
         _check_magnitude(data)
     except ValueError as exc:
         raise ValueError(
-            f"{where}, row {row0 + _first_bad_row(block)}: {exc} Fix the values and rewrite "
-            "the file, or drop those cells."
+            f"{where}, row {_row_name(rows, _first_bad_row(block))}: {exc} Fix the values and "
+            "rewrite the file, or drop those cells."
         ) from None
 
 
@@ -548,7 +564,15 @@ class H5ADDataset:
         """This process's read-only handle (re-opened after a fork or unpickling)."""
         if self._h5 is None or self._pid != os.getpid():
             h5py = _import_h5py()
-            self._h5 = h5py.File(self.path, "r")
+            try:
+                self._h5 = h5py.File(self.path, "r")
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise ValueError(
+                    f"could not open {str(self.path)!r} as an .h5ad (HDF5) file: {exc}. Check "
+                    "that the file is a complete .h5ad written by anndata."
+                ) from exc
             self._pid = os.getpid()
         return self._h5
 
@@ -568,37 +592,37 @@ class H5ADDataset:
 
     # ------------------------------------------------------------------ reading
     def _read_block(self, start: int, stop: int):
-        """File rows ``start:stop`` (contiguous): dense float32 array or CSR matrix.
+        """File rows ``start:stop`` (contiguous), as stored: dense array or CSR matrix.
 
-        All reads of the file go through here (tests count them).
+        All reads of the file go through here (tests count them). Only what slicing the file
+        needs is checked here (``indptr`` within the stored values); the indices and values
+        are checked by :meth:`_read_file_rows`, once per read, before anything uses them.
         """
-        where = self._where()
         if self._memory is not None:
-            block = self._memory[start:stop]
-            check_values(block, where, start)
-            return block
+            return self._memory[start:stop]
         elem = self._matrix_elem(self._file())
         if not self.sparse:
-            block = elem[start:stop]
-            check_values(block, where, start)
-            return np.asarray(block, dtype=np.float32)
+            return elem[start:stop]
         ptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
-        if len(ptr) != stop - start + 1:
-            raise _damaged(where, f"its indptr ends before row {stop - 1}")
         nnz = elem["data"].shape[0]
-        if ptr[0] < 0 or ptr[-1] > nnz:  # before slicing: a negative start would wrap around
-            check_compressed(ptr, ptr[:0], self.n_genes, nnz=nnz, where=where, row0=start)
+        if len(ptr) != stop - start + 1 or ptr[0] < 0 or ptr[-1] > nnz or ptr[0] > ptr[-1]:
+            raise _damaged(
+                self._where(),
+                f"the sparse matrix's indptr for rows {start}-{stop - 1} runs from "
+                f"{int(ptr[0])} to {int(ptr[-1])} over {len(ptr)} entries, outside its "
+                f"{nnz} stored values",
+            )
         data = elem["data"][ptr[0] : ptr[-1]]
         indices = elem["indices"][ptr[0] : ptr[-1]]
-        check_compressed(ptr, indices, self.n_genes, nnz=nnz, where=where, row0=start)
+        if indices.dtype.kind == "u" and indices.dtype.itemsize == 8:  # SciPy casts to int64
+            check_compressed(ptr, indices, self.n_genes, nnz=nnz, where=self._where(), rows=start)
         if data.dtype.kind == "f" and data.dtype.itemsize < 4:  # SciPy has no float16
             data = data.astype(np.float32)
-        block = sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
-        check_values(block, where, start)
-        return block
+        return sp.csr_matrix((data, indices, ptr - ptr[0]), shape=(stop - start, self.n_genes))
 
     def _read_file_rows(self, file_rows: np.ndarray):
-        """Sorted unique file rows, read as few contiguous blocks; stacked in that order."""
+        """Sorted unique file rows, read as few contiguous blocks, stacked in that order and
+        checked: dense float32 array or CSR matrix."""
         if len(file_rows) == 0:
             return np.zeros((0, self.n_genes), dtype=np.float32)
         breaks = np.flatnonzero(np.diff(file_rows) != 1) + 1
@@ -609,8 +633,28 @@ class H5ADDataset:
             for a, b in zip(starts, stops, strict=True)
         ]
         if len(blocks) == 1:
-            return blocks[0]
-        return sp.vstack(blocks, format="csr") if self.sparse else np.concatenate(blocks)
+            block = blocks[0]
+        else:  # stacking reads only the arrays' lengths, never an index
+            block = sp.vstack(blocks, format="csr") if self.sparse else np.concatenate(blocks)
+        return self._checked(block, file_rows)
+
+    def _checked(self, block, rows: np.ndarray):
+        """``block`` (the file rows ``rows``) once its indices and values are checked."""
+        where = self._where()
+        if sp.issparse(block):
+            if self._memory is None:  # an in-memory matrix was checked whole at construction
+                check_compressed(
+                    block.indptr,
+                    block.indices,
+                    self.n_genes,
+                    nnz=len(block.indices),
+                    where=where,
+                    rows=rows,
+                )
+            check_values(block, where, rows)
+            return block
+        check_values(block, where, rows)
+        return np.asarray(block, dtype=np.float32)
 
     def read_rows(self, rows) -> np.ndarray:
         """Rows ``rows`` (local indices, any order) as a dense float32 array."""
