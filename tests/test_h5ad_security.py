@@ -549,3 +549,18 @@ def test_fuzz_h5ad_readers_never_crash(tmp_path):
 
 def _dense_of(X):
     return X.toarray() if sp.issparse(X) else np.asarray(X)
+
+
+def test_read_expression_table_refuses_an_index_col_outside_the_table(tmp_path):
+    from tgem.datasets import read_expression_table
+
+    path = tmp_path / "t.csv"
+    path.write_text("cell,A,B\nc1,1,2\nc2,3,4\n")
+    for index_col, pattern in (
+        (10, r"index_col=10 .*t\.csv' has 3 columns"),
+        (-5, r"index_col=-5 .*3 columns"),
+        ("nope", r"index_col='nope' .*'cell', 'A', 'B'"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            read_expression_table(path, index_col=index_col)
+    assert read_expression_table(path, index_col=-3).data.index.tolist() == ["c1", "c2"]

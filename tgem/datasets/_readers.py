@@ -232,6 +232,7 @@ def read_expression_table(
     if genes_as not in ("columns", "rows"):
         raise ValueError(f"genes_as must be 'columns' or 'rows', got {genes_as!r}.")
     path = _existing_file(path, "expression table")
+    _check_index_col(path, _separator(path, sep), index_col)
     try:
         table = pd.read_csv(path, sep=_separator(path, sep), index_col=index_col)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -280,6 +281,34 @@ def read_expression_table(
     if return_X_y:
         return data.data, data.target
     return data
+
+
+def _check_index_col(path: Path, sep: str, index_col) -> None:
+    """Refuse an ``index_col`` that names no column of the table's header."""
+    if index_col is None or isinstance(index_col, bool):
+        return
+    try:
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0].tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IndexError):
+        return  # the full read below reports what is wrong with the file
+    n = len(header)
+    if isinstance(index_col, (int, np.integer)):
+        if not -n <= index_col < n:
+            raise ValueError(
+                f"index_col={index_col} is outside the table: {str(path)!r} has {n} columns; "
+                f"pass the position (0 to {n - 1}) or the name of the column holding the row "
+                "names, or index_col=None if there is none."
+            )
+    elif isinstance(index_col, str) and index_col not in map(str, header):
+        raise ValueError(
+            f"index_col={index_col!r} is not a column of {str(path)!r}; its header is "
+            f"{_shown_names(header)}. Pass one of these, or index_col=None."
+        )
+
+
+def _shown_names(names) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
 
 
 def _clean_target(target: pd.Series) -> pd.Series:
