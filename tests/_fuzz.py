@@ -28,10 +28,10 @@ import os
 import signal
 from collections.abc import Callable
 
-__all__ = ["ForkWorker", "is_failure", "run_in_fork"]
+__all__ = ["ForkWorker", "is_failure", "limit_memory", "run_in_fork"]
 
 
-def _serve(func: Callable[[bytes], object], conn) -> None:
+def _serve(func: Callable[[bytes], object], conn, setup) -> None:
     """The child's loop: run ``func`` on each input received and send back the outcome."""
     faulthandler.disable()  # pytest's tracebacks on SIGSEGV would only clutter the log
     try:
@@ -40,6 +40,8 @@ def _serve(func: Callable[[bytes], object], conn) -> None:
         torch.set_num_threads(1)  # a child's OpenMP pool is rebuilt lazily; keep it small
     except ImportError:  # pragma: no cover - the helper does not need torch
         pass
+    if setup is not None:
+        setup()
     while True:
         try:
             data = conn.recv()
@@ -76,6 +78,9 @@ class ForkWorker:
     timeout : float, default=30.0
         Seconds one call may take; a child that takes longer is killed and the call reports
         ``"timeout"``.
+    setup : callable, optional
+        Called once in each new child before its first input, e.g. to bound its memory with
+        :func:`limit_memory` so that a huge allocation is a ``MemoryError``, not an OOM kill.
 
     Notes
     -----
@@ -84,9 +89,10 @@ class ForkWorker:
     ``os._exit`` in a library) or ``"timeout"``.
     """
 
-    def __init__(self, func: Callable[[bytes], object], timeout: float = 30.0):
+    def __init__(self, func: Callable[[bytes], object], timeout: float = 30.0, setup=None):
         self.func = func
         self.timeout = timeout
+        self.setup = setup
         self._context = multiprocessing.get_context("fork")
         self._process = None
         self._conn = None
@@ -94,7 +100,9 @@ class ForkWorker:
 
     def _start(self) -> None:
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_serve, args=(self.func, child), daemon=True)
+        process = self._context.Process(
+            target=_serve, args=(self.func, child, self.setup), daemon=True
+        )
         process.start()
         child.close()
         self._process, self._conn = process, parent
@@ -144,7 +152,25 @@ class ForkWorker:
         self.close()
 
 
-def run_in_fork(func: Callable[[bytes], object], data: bytes, timeout: float = 30.0) -> str:
+def run_in_fork(
+    func: Callable[[bytes], object], data: bytes, timeout: float = 30.0, setup=None
+) -> str:
     """Run ``func(data)`` once in a forked child; return its outcome (see :class:`ForkWorker`)."""
-    with ForkWorker(func, timeout=timeout) as worker:
+    with ForkWorker(func, timeout=timeout, setup=setup) as worker:
         return worker(data)
+
+
+def limit_memory(extra: int = 1 << 30) -> None:
+    """Allow this process at most ``extra`` more bytes of address space (Linux; else no-op).
+
+    Meant as a :class:`ForkWorker` ``setup``: an allocation a crafted file asks for then
+    fails with ``MemoryError`` instead of exhausting the machine.
+    """
+    try:
+        import resource
+
+        with open("/proc/self/statm") as fh:
+            size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError):
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))

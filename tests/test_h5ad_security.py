@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tests._fuzz import run_in_fork
+from tests._fuzz import limit_memory, run_in_fork
 from tgem import H5ADDataset, TGEMClassifier
 
 anndata = pytest.importorskip("anndata")
@@ -165,6 +165,25 @@ def test_declared_shape_must_match_the_arrays(tmp_path, shape, pattern):
         f["X"].attrs["shape"] = np.asarray(shape)
     check = _refused(lambda: H5ADDataset(path)[:], pattern)
     assert run_in_fork(check, b"", timeout=120) == "ok"
+
+
+def test_read_h5ad_checks_declared_shapes_before_anndata_allocates_them(tmp_path):
+    from tgem.datasets import read_h5ad
+
+    for fmt, attrs, pattern in (
+        ("csr", [2**31 - 1, N_GENES], r"\(/X\).*says 2147483647 rows.*41 entries"),
+        ("csc", [N_CELLS, 2**31 - 1], r"\(/X\).*says 2147483647 columns.*7 entries"),
+    ):
+        path = _write(tmp_path / f"{fmt}.h5ad", sp.random(N_CELLS, N_GENES, 0.5, fmt, np.float32))
+        with h5py.File(path, "r+") as f:
+            f["X"].attrs["shape"] = np.asarray(attrs)
+
+        def call(path=path):
+            limit_memory(2 << 30)  # before the fix, anndata asked for 8 GiB here
+            read_h5ad(path)
+
+        outcome = run_in_fork(_refused(call, pattern), b"", timeout=120)
+        assert outcome == "ok", (fmt, outcome)
 
 
 def test_dense_x_of_wrong_rank_or_dtype_is_refused(tmp_path):
@@ -479,7 +498,8 @@ def _flip_bytes(data: bytes, ranges, rng) -> tuple[bytes, str]:
 @pytest.mark.slow
 def test_fuzz_h5ad_readers_never_crash(tmp_path):
     """Random mutations of small valid files, read, fitted on and predicted from in a forked
-    worker: a Python exception is a refusal (fine), a crash or a hang fails the test.
+    worker: a Python exception is a refusal (fine); a crash, a hang or a ``MemoryError`` (an
+    allocation the file asked for) fails the test.
 
     Structural mutations go through h5py (indices, indptr, shape attributes, dtypes, encodings,
     categorical codes, obs/var lengths, string widths, deleted elements); raw bit flips hit
@@ -489,7 +509,7 @@ def test_fuzz_h5ad_readers_never_crash(tmp_path):
     """
     import time
 
-    from tests._fuzz import ForkWorker, is_failure
+    from tests._fuzz import ForkWorker, is_failure, limit_memory
     from tgem.datasets import read_h5ad
 
     sources = {
@@ -527,7 +547,9 @@ def test_fuzz_h5ad_readers_never_crash(tmp_path):
     rng = np.random.default_rng(20261207)
     ranges = {name: _storage_ranges(path) for name, path in sources.items()}
     failures, cases, deadline = [], 0, time.monotonic() + _FUZZ_SECONDS
-    with ForkWorker(exercise, timeout=60) as worker:
+    # 2 GiB of address space: an allocation a crafted file asks for is a MemoryError (a
+    # failure below: sizes must be checked before allocating), not an OOM kill
+    with ForkWorker(exercise, timeout=60, setup=lambda: limit_memory(2 << 30)) as worker:
         while time.monotonic() < deadline:
             name = "csr" if rng.random() < 0.7 else "dense"
             case = tmp_path / "case.h5ad"
@@ -539,7 +561,7 @@ def test_fuzz_h5ad_readers_never_crash(tmp_path):
                 data = case.read_bytes()
             outcome = worker(data)
             cases += 1
-            if is_failure(outcome):
+            if is_failure(outcome) or outcome == "exception:MemoryError":
                 failures.append(f"{name}: {what} -> {outcome}")
     assert cases >= 50, f"only {cases} cases ran in {_FUZZ_SECONDS} s"
     assert not failures, f"{len(failures)} of {cases} mutated files crashed or hung:\n" + "\n".join(

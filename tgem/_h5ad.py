@@ -154,8 +154,28 @@ def _declared_shape(elem, where: str) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _check_sparse_group(elem, where: str, n_rows: int) -> None:
-    """Check a CSR group's arrays against each other before any row is read.
+def check_sparse_groups(f, where: str) -> None:
+    """Check every CSR/CSC group of an open ``.h5ad`` file (X, layers, raw, obsp, ...) as
+    :func:`_check_sparse_group` does, before a reader allocates what their shapes declare."""
+    h5py = _import_h5py()
+    groups = []
+
+    def collect(_, obj):
+        if isinstance(obj, h5py.Group) and _attr_str(obj, "encoding-type") in (
+            "csr_matrix",
+            "csc_matrix",
+        ):
+            groups.append(obj)
+
+    f.visititems(collect)
+    for group in groups:
+        csc = _attr_str(group, "encoding-type") == "csc_matrix"
+        shape = _declared_shape(group, f"{where} ({group.name})")
+        _check_sparse_group(group, f"{where} ({group.name})", shape[1] if csc else shape[0], csc)
+
+
+def _check_sparse_group(elem, where: str, n_rows: int, csc: bool = False) -> None:
+    """Check a CSR (or CSC) group's arrays against each other before any row is read.
 
     Reads two entries of ``indptr``; the rest of ``indptr`` and the ``indices`` are checked
     block by block as rows are read (:func:`check_compressed`).
@@ -171,6 +191,7 @@ def _check_sparse_group(elem, where: str, n_rows: int) -> None:
                 "one-dimensional",
             )
     data, indices, indptr = elem["data"], elem["indices"], elem["indptr"]
+    major = "column" if csc else "row"
     for key, dataset in (("indices", indices), ("indptr", indptr)):
         if dataset.dtype.kind not in "iu":
             raise _damaged(
@@ -180,9 +201,9 @@ def _check_sparse_group(elem, where: str, n_rows: int) -> None:
     if indptr.shape[0] != n_rows + 1:
         raise _damaged(
             where,
-            f"the sparse matrix's shape attribute says {n_rows} rows, but its indptr has "
-            f"{indptr.shape[0]} entries ({indptr.shape[0] - 1} rows); it needs one entry per "
-            "row plus one",
+            f"the sparse matrix's shape attribute says {n_rows} {major}s, but its indptr has "
+            f"{indptr.shape[0]} entries ({indptr.shape[0] - 1} {major}s); it needs one entry "
+            f"per {major} plus one",
         )
     if indices.shape[0] != data.shape[0]:
         raise _damaged(

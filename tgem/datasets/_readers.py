@@ -432,7 +432,7 @@ def read_h5ad(
         ) from exc
     import scipy.sparse as sp
 
-    from tgem._h5ad import check_sparse_matrix, check_string_widths
+    from tgem._h5ad import check_sparse_groups, check_sparse_matrix, check_string_widths
 
     path = _existing_file(path, "AnnData file")
     try:
@@ -440,6 +440,7 @@ def read_h5ad(
 
         with h5py.File(path, "r") as f:  # before anndata reads the whole file
             check_string_widths(f, repr(str(path)))
+            check_sparse_groups(f, repr(str(path)))
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     try:
