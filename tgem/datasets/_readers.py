@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
+#: Largest GMT file :func:`read_gmt` reads (MSigDB's collections are a few tens of MB).
+MAX_GMT_BYTES = 256 << 20
+#: Longest line (one gene set) :func:`read_gmt` accepts.
+MAX_GMT_LINE_BYTES = 16 << 20
+
 
 def _existing_file(path: PathLike, what: str) -> Path:
     path = Path(path)
@@ -24,6 +30,11 @@ def _existing_file(path: PathLike, what: str) -> Path:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist; check the path.")
     if path.is_dir():
         raise IsADirectoryError(f"{what} {str(path)!r} is a directory; pass the file inside it.")
+    if not path.is_file():  # a pipe would block, a device (e.g. /dev/zero) read forever
+        raise ValueError(
+            f"{what} {str(path)!r} is not a regular file (a pipe, socket or device); pass the "
+            "path of a file."
+        )
     return path
 
 
@@ -61,7 +72,9 @@ def read_gmt(path: PathLike) -> dict[str, list[str]]:
         If the file does not exist.
     ValueError
         If a line has no gene (fewer than three tab-separated fields) or a set name is
-        repeated (the message gives the line number), or the file is not UTF-8 text.
+        repeated (the message gives the line number), if the file is not UTF-8 text, is not
+        a regular file, is larger than ``MAX_GMT_BYTES`` (256 MiB) or has a line longer than
+        ``MAX_GMT_LINE_BYTES`` (16 MiB).
 
     See Also
     --------
@@ -77,15 +90,14 @@ def read_gmt(path: PathLike) -> dict[str, list[str]]:
     {'T_CELL': ['CD3E', 'CD3D'], 'B_CELL': ['CD79A', 'MS4A1']}
     """
     path = _existing_file(path, "GMT file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
+    size = path.stat().st_size
+    if size > MAX_GMT_BYTES:
         raise ValueError(
-            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-            f"{exc.start}); re-save the file as UTF-8."
-        ) from exc
+            f"{path} is {size} bytes, above the limit of {MAX_GMT_BYTES} bytes for a GMT file "
+            "(tgem.datasets._readers.MAX_GMT_BYTES); check the file, or split it."
+        )
     gene_sets: dict[str, list[str]] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in _gmt_lines(path):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("\t")]
@@ -106,6 +118,38 @@ def read_gmt(path: PathLike) -> dict[str, list[str]]:
     if not gene_sets:
         raise ValueError(f"{path} holds no gene set (the file is empty); check the file.")
     return gene_sets
+
+
+def _gmt_lines(path: Path):
+    """``(line number, text)`` of each line, read one at a time with a bounded length."""
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno in itertools.count(1):
+            raw = fh.readline(MAX_GMT_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_GMT_LINE_BYTES:
+                raise ValueError(
+                    f"{path}: line {lineno} is longer than {MAX_GMT_LINE_BYTES} bytes "
+                    "(tgem.datasets._readers.MAX_GMT_LINE_BYTES); a GMT line is one gene set. "
+                    "Check that the file is a GMT file with one set per line."
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                    f"{offset + exc.start}); re-save the file as UTF-8."
+                ) from exc
+            offset += len(raw)
+            yield lineno, text.rstrip("\r\n")
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"could not read {str(path)!r} as an AnnData .h5ad file: {exc}. "
+        "Check that the file is a complete .h5ad written by anndata."
+    )
 
 
 def _separator(path: Path, sep: str | None) -> str:
@@ -188,6 +232,7 @@ def read_expression_table(
     if genes_as not in ("columns", "rows"):
         raise ValueError(f"genes_as must be 'columns' or 'rows', got {genes_as!r}.")
     path = _existing_file(path, "expression table")
+    _check_index_col(path, _separator(path, sep), index_col)
     try:
         table = pd.read_csv(path, sep=_separator(path, sep), index_col=index_col)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -236,6 +281,34 @@ def read_expression_table(
     if return_X_y:
         return data.data, data.target
     return data
+
+
+def _check_index_col(path: Path, sep: str, index_col) -> None:
+    """Refuse an ``index_col`` that names no column of the table's header."""
+    if index_col is None or isinstance(index_col, bool):
+        return
+    try:
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0].tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IndexError):
+        return  # the full read below reports what is wrong with the file
+    n = len(header)
+    if isinstance(index_col, (int, np.integer)):
+        if not -n <= index_col < n:
+            raise ValueError(
+                f"index_col={index_col} is outside the table: {str(path)!r} has {n} columns; "
+                f"pass the position (0 to {n - 1}) or the name of the column holding the row "
+                "names, or index_col=None if there is none."
+            )
+    elif isinstance(index_col, str) and index_col not in map(str, header):
+        raise ValueError(
+            f"index_col={index_col!r} is not a column of {str(path)!r}; its header is "
+            f"{_shown_names(header)}. Pass one of these, or index_col=None."
+        )
+
+
+def _shown_names(names) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
 
 
 def _clean_target(target: pd.Series) -> pd.Series:
@@ -326,7 +399,10 @@ def read_h5ad(
     FileNotFoundError
         If the file does not exist.
     ValueError
-        If ``label_column`` is not a column of ``obs`` or ``layer`` is not a layer.
+        If ``label_column`` is not a column of ``obs`` or ``layer`` is not a layer, or if the
+        file is not a valid AnnData file: not a regular file, unreadable, strings wider than
+        ``tgem._h5ad.MAX_STRING_BYTES``, or a sparse matrix whose ``indptr``/``indices`` are
+        inconsistent or out of bounds (checked before the matrix is used).
 
     Notes
     -----
@@ -356,14 +432,21 @@ def read_h5ad(
         ) from exc
     import scipy.sparse as sp
 
+    from tgem._h5ad import check_sparse_groups, check_sparse_matrix, check_string_widths
+
     path = _existing_file(path, "AnnData file")
     try:
+        import h5py
+
+        with h5py.File(path, "r") as f:  # before anndata reads the whole file
+            check_string_widths(f, repr(str(path)))
+            check_sparse_groups(f, repr(str(path)))
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    try:
         adata = anndata.read_h5ad(path)
-    except (OSError, KeyError) as exc:
-        raise ValueError(
-            f"could not read {str(path)!r} as an AnnData .h5ad file: {exc}. "
-            "Check that the file is a complete .h5ad written by anndata."
-        ) from exc
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
     if layer is None:
         X = adata.X
     else:
@@ -376,6 +459,7 @@ def read_h5ad(
     if X is None:
         raise ValueError(f"{str(path)!r} holds no expression matrix X; pass layer=...")
     if sp.issparse(X):
+        check_sparse_matrix(X, f"{str(path)!r} ({'X' if layer is None else 'layers/' + layer})")
         X = sp.csr_matrix(X)
     else:
         X = np.asarray(X)
