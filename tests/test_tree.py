@@ -244,9 +244,9 @@ def test_double_backward_is_refused():
 
 # ------------------------------------------------------------------------ tolerance
 def test_tolerance_sets_order_and_bounds_the_error():
-    assert tree_parameters(torch.float32, 1000).order == 14
-    assert tree_parameters(torch.float64, 1000).order == 17
-    assert tree_parameters(torch.float64, 1000, 1e-4).order < 14
+    assert tree_parameters(torch.float32, 1000).order == 28
+    assert tree_parameters(torch.float64, 1000).order == 33
+    assert tree_parameters(torch.float64, 1000, 1e-4).order < 28
     for tol in (1e-9, 1e-13):
         assert T.expansion_bound(tree_parameters(torch.float64, 10, tol).order) <= tol
     q, k, v, grad = _qkv(2, 2, 300, 10.0, seed=2)
