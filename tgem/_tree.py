@@ -213,8 +213,9 @@ def exp_sums(
     targets: torch.Tensor,
     valid: torch.Tensor,
     params: TreeParameters,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[r, m, :] = sum_s weights[r, s, :] exp(-targets[r, m] points[r, s])``.
+    """``out[r, m, :] += sum_s weights[r, s, :] exp(-targets[r, m] points[r, s])``.
 
     Parameters
     ----------
@@ -227,13 +228,16 @@ def exp_sums(
     valid : (R, M) bool tensor
         Targets to evaluate; the others get 0.
     params : TreeParameters
+    out : (R, M, C) tensor, optional
+        Accumulator (float64) the sums are added to; a zero one is made when not given.
 
     Returns
     -------
-    (R, M, C) tensor, float64 (the working dtype of all inputs).
+    (R, M, C) tensor, float64 (the working dtype of all inputs): ``out``.
     """
     n_rows, n_targets = targets.shape
-    out = torch.zeros(n_rows, n_targets, weights.shape[-1], dtype=WORK, device=points.device)
+    if out is None:
+        out = torch.zeros(n_rows, n_targets, weights.shape[-1], dtype=WORK, device=points.device)
     if n_rows == 0 or n_targets == 0 or points.shape[1] == 0:
         return out
     t_max = torch.where(valid, targets, 0.0).amax(1)
@@ -242,15 +246,18 @@ def exp_sums(
     cheap = active & (t_max * (0.5 * (p_max - p_min)) <= params.rho)
     tree = active & ~cheap
     # one host sync to split the rows; everything after is batched over the rows of each kind
-    cheap_rows, tree_rows = cheap.nonzero().squeeze(1), tree.nonzero().squeeze(1)
-    if cheap_rows.numel():
-        out[cheap_rows] = _root_expansion(
-            points[cheap_rows], weights[cheap_rows], targets[cheap_rows], valid[cheap_rows], params
-        )
-    if tree_rows.numel():
+    n_cheap, n_tree = (int(x) for x in torch.stack([cheap.sum(), tree.sum()]).tolist())
+    if n_cheap == n_rows:  # the usual case with weights as initialised: no copies
+        return out.add_(_root_expansion(points, weights, targets, valid, params))
+    if n_cheap:
+        rows = cheap.nonzero().squeeze(1)
+        part = _root_expansion(points[rows], weights[rows], targets[rows], valid[rows], params)
+        out.index_add_(0, rows, part)
+    if n_tree:
         per_chunk = max(1, TARGET_BUDGET // (n_targets + points.shape[1]))
-        for rows in tree_rows.split(per_chunk):
-            out[rows] = _tree_sums(points[rows], weights[rows], targets[rows], valid[rows], params)
+        for rows in tree.nonzero().squeeze(1).split(per_chunk):
+            part = _tree_sums(points[rows], weights[rows], targets[rows], valid[rows], params)
+            out.index_add_(0, rows, part)
     return out
 
 
@@ -387,37 +394,27 @@ class _Sides:
         self.d_own = torch.where(self.pos, self.d_plus, self.d_minus)
         self.e_diag = torch.exp(-self.t * self.d_own)  # exp(q_i k_i - m_i) <= 1
 
-    def row_sums(self, weights: torch.Tensor, params: TreeParameters) -> torch.Tensor:
-        """``sum_j w_j exp(q_i k_j - m_i)`` per query; ``weights`` (2, N, G, C) per side."""
-        n = self.q.shape[0]
-        res = exp_sums(
-            torch.cat([self.d_plus, self.d_minus]),
-            weights.flatten(0, 1),
-            torch.cat([self.t, self.t]),
-            torch.cat([self.pos, ~self.pos]),
-            params,
-        )
-        return res[:n] + res[n:]
+    def row_sums(self, weights, params: TreeParameters) -> torch.Tensor:
+        """``sum_j w_j exp(q_i k_j - m_i)`` per query.
+
+        ``weights`` is one (N, G, C) tensor for both signs of ``q``, or a pair (``q >= 0``,
+        ``q < 0``) of them.
+        """
+        plus, minus = weights if isinstance(weights, tuple) else (weights, weights)
+        out = exp_sums(self.d_plus, plus, self.t, self.pos, params)
+        return exp_sums(self.d_minus, minus, self.t, ~self.pos, params, out=out)
 
     def column_sums(self, coeffs: torch.Tensor, params: TreeParameters) -> torch.Tensor:
         """``sum_i c_i exp(q_i k_j - m_i)`` per key; ``coeffs`` (N, G, C)."""
-        n = self.q.shape[0]
-        points, weights, has = [], [], []
-        for side in (self.pos, ~self.pos):
+        out = None
+        for side, d in ((self.pos, self.d_plus), (~self.pos, self.d_minus)):
             # sources of the other sign become zero-weight copies of the largest source
-            t_side = torch.where(side, self.t, 0.0)
-            top = t_side.amax(1, keepdim=True)
-            points.append(torch.where(side, self.t, top))
-            weights.append(torch.where(side[..., None], coeffs, 0.0))
-            has.append(side.any(1, keepdim=True).expand_as(side))
-        res = exp_sums(
-            torch.cat(points),
-            torch.cat(weights),
-            torch.cat([self.d_plus, self.d_minus]),
-            torch.cat(has),
-            params,
-        )
-        return res[:n] + res[n:]
+            top = torch.where(side, self.t, 0.0).amax(1, keepdim=True)
+            points = torch.where(side, self.t, top)
+            weights = coeffs * side.unsqueeze(-1)
+            has = side.any(1, keepdim=True).expand_as(side)
+            out = exp_sums(points, weights, d, has, params, out=out)
+        return out
 
 
 def _to_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -435,7 +432,7 @@ def tree_forward(q, k, v, params: TreeParameters, with_grad_sums: bool):
     sides = _Sides(q, k)
     cols = [torch.ones_like(v), v] + ([v * k, k] if with_grad_sums else [])
     w = torch.stack(cols, -1)
-    sums = sides.row_sums(torch.stack([w, w]), params)
+    sums = sides.row_sums(w, params)
     z = sums[..., 0]
     out = (sums[..., 1] - sides.e_diag * v) / z
     grad_sums = (sums[..., 2], sums[..., 3]) if with_grad_sums else (None, None)
@@ -534,9 +531,7 @@ def tree_entropy_rows(q: torch.Tensor, k: torch.Tensor, *, tol: float | None = N
     q2, k2 = (x.reshape(-1, genes).to(WORK) for x in (q, k))
     sides = _Sides(q2, k2)
     ones = torch.ones_like(q2)
-    weights = torch.stack(
-        [torch.stack([ones, sides.d_plus], -1), torch.stack([ones, sides.d_minus], -1)]
-    )
+    weights = (torch.stack([ones, sides.d_plus], -1), torch.stack([ones, sides.d_minus], -1))
     sums = sides.row_sums(weights, params)
     z = sums[..., 0]
     ent = torch.log(z) + sides.t * sums[..., 1] / z
