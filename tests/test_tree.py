@@ -119,6 +119,21 @@ def test_row_chunks_do_not_change_the_result(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_results_do_not_depend_on_thread_count():
+    q, k, v, grad = _qkv(4, 5, 300, 30.0, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(attention_and_grads(tree_attention, q, k, v, grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     g=st.integers(1, 80),

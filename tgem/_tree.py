@@ -80,12 +80,17 @@ DEFAULT_TOL = {torch.float32: 1e-9, torch.float64: 1e-13}
 #: Accepted tolerance range.
 MIN_TOL, MAX_TOL = 1e-30, 0.1
 #: Largest number of (row, target) pairs one tree traversal handles at once; rows are
-#: processed in chunks below it, which bounds the traversal's temporaries.
-TARGET_BUDGET = 1 << 17
+#: processed in chunks below it, which bounds the traversal's index arrays. Larger chunks
+#: mean fewer (and larger) tensor operations: the tree build runs P operations per level.
+TARGET_BUDGET = 1 << 19
+#: Largest number of expansions (or leaf sums) gathered at once: (GATHER_BATCH, P, C) moments.
+GATHER_BATCH = 1 << 16
 #: Exponents below ``-(CUT + EXP_MARGIN)`` are clamped there: such terms are negligible
 #: against the tolerance, and clamping keeps every exponential a normal float (subnormal
 #: arithmetic is many times slower on x86).
 EXP_MARGIN = 60.0
+#: Largest exponent magnitude of a diagonal term: exp(-700) is still a normal float64.
+EXP_FLOOR = 700.0
 WORK = torch.float64
 
 
@@ -335,18 +340,18 @@ def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch
         live = t * level.dmin[idx] <= params.cut
         expand = live & (t * level.radius[idx] <= params.rho)
         rest = live & ~expand
-        sel = expand.nonzero().squeeze(1)
-        if sel.numel():
-            at = idx[sel]
+        for part in expand.nonzero().squeeze(1).split(GATHER_BATCH):
+            at = idx[part]
             moments = level.moments.index_select(0, at)
-            out.index_add_(0, flat[sel], _expand(moments, t[sel], level.centre[at], params.cut))
+            out.index_add_(0, flat[part], _expand(moments, t[part], level.centre[at], params.cut))
         sel = rest.nonzero().squeeze(1)
         if sel.numel() == 0:
             break
         if lev == depth:  # direct sums at the leaves
-            at = idx[sel]
-            e = _exp_neg(t[sel, None] * leaf_d[at], params.cut)
-            out.index_add_(0, flat[sel], torch.bmm(e.unsqueeze(1), leaf_w[at]).squeeze(1))
+            for part in sel.split(GATHER_BATCH):
+                at = idx[part]
+                e = _exp_neg(t[part, None] * leaf_d[at], params.cut)
+                out.index_add_(0, flat[part], torch.bmm(e.unsqueeze(1), leaf_w[at]).squeeze(1))
             break
         flat, row, t = (x[sel].repeat_interleave(2) for x in (flat, row, t))
         node = (2 * node[sel, None] + torch.arange(2, device=node.device)).reshape(-1)
@@ -392,7 +397,8 @@ class _Sides:
         self.t = q.abs()
         self.d_plus, self.d_minus = kmax - k, k - kmin
         self.d_own = torch.where(self.pos, self.d_plus, self.d_minus)
-        self.e_diag = torch.exp(-self.t * self.d_own)  # exp(q_i k_i - m_i) <= 1
+        # exp(q_i k_i - m_i) <= 1, its exponent clamped where the result would be subnormal
+        self.e_diag = torch.exp(-(self.t * self.d_own).clamp(max=EXP_FLOOR))
 
     def row_sums(self, weights, params: TreeParameters) -> torch.Tensor:
         """``sum_j w_j exp(q_i k_j - m_i)`` per query.
