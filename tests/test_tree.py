@@ -340,8 +340,8 @@ def test_trained_pbmc_models(name, pbmc):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_tree_at_20000_genes_against_float64_exact(scale):
-    genes = 20000
+@pytest.mark.parametrize("genes", [22283, 60000])
+def test_tree_at_whole_transcriptome_sizes_against_float64_exact(genes, scale):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, 1, genes, generator=gen, dtype=torch.float64).abs() * 2
     w = torch.randn(3, 1, genes, generator=gen, dtype=torch.float64) * math.sqrt(2 / genes)
