@@ -110,6 +110,20 @@ def test_the_tree_descends_to_expansions_and_leaves(monkeypatch):
     torch.testing.assert_close(levels[0].moments[:, 0, 0], v.sum().reshape(1))
 
 
+def test_tree_stops_at_the_level_its_targets_need():
+    points = torch.linspace(0.0, 1.0, 1024, dtype=torch.float64)[None]
+    weights = torch.ones(1, 1024, 1, dtype=torch.float64)
+    full = T._build(points, weights, 5)
+    assert full[3] == 5  # 32 leaves of 32 points
+    levels, nodes_d, _, depth = T._build(points, weights, 5, torch.tensor([16.0]), rho=4.0)
+    assert depth == 1 and nodes_d.shape == (2, 512)  # radius 0.25 x 16 = 4
+    for a, b in zip(levels, full[0]):
+        torch.testing.assert_close(a.moments, b.moments)
+    q = torch.linspace(-16.0, 16.0, 1024, dtype=torch.float64)[None]
+    grad = torch.ones_like(q)
+    _assert_float64_close(tree_attention, q, points, torch.cos(7 * points), grad)
+
+
 def test_row_chunks_do_not_change_the_result(monkeypatch):
     q, k, v, grad = _qkv(4, 3, 200, 20.0)
     full = attention_and_grads(tree_attention, q, k, v, grad)

@@ -290,8 +290,16 @@ class _Level:
     moments: torch.Tensor  # (R * nodes, P, C)
 
 
-def _build(points, weights, order: int):
-    """Sorted, padded points and the levels of the count-balanced tree over them."""
+def _build(points, weights, order: int, reach: torch.Tensor | None = None, rho: float = RHO):
+    """Sorted, padded points and the levels of the count-balanced tree over them.
+
+    With ``reach`` (each row's largest target), the tree stops at the first level where every
+    node satisfies ``reach * radius <= rho``: no target descends below it, so its moments are
+    computed there from the points and the levels below are never built.
+
+    Returns the levels (root first), the last level's points (nodes, size) and weights
+    (nodes, size, C), and the index of the last level.
+    """
     n_rows, size = points.shape
     depth = max(0, math.ceil(math.log2(size / LEAF))) if size > LEAF else 0
     leaf = -(-size // (1 << depth))
@@ -301,11 +309,19 @@ def _build(points, weights, order: int):
     if padded > size:
         d = torch.cat([d, d[:, -1:].expand(n_rows, padded - size)], 1)
         w = torch.cat([w, w.new_zeros(n_rows, padded - size, w.shape[-1])], 1)
-    leaves_d = d.view(n_rows, 1 << depth, leaf)
-    dmin, dmax = leaves_d[..., 0], leaves_d[..., -1]
+    if reach is not None and depth > 0:
+        wide = []
+        for lev in range(depth):
+            nodes = d.view(n_rows, 1 << lev, -1)
+            radius = 0.5 * (nodes[..., -1] - nodes[..., 0])
+            wide.append((reach[:, None] * radius > rho).any())
+        enough = [i for i, w_ in enumerate(torch.stack(wide).tolist()) if not w_]
+        depth = enough[0] if enough else depth
+    nodes_d = d.view(n_rows, 1 << depth, -1)
+    dmin, dmax = nodes_d[..., 0], nodes_d[..., -1]
     centre = 0.5 * (dmin + dmax)
     moments = _moments(
-        leaves_d - centre[..., None], w.view(n_rows, 1 << depth, leaf, -1), order
+        nodes_d - centre[..., None], w.view(n_rows, 1 << depth, nodes_d.shape[-1], -1), order
     )  # (P, R, nodes, C)
     levels = [None] * (depth + 1)
     for lev in range(depth, -1, -1):
@@ -321,14 +337,16 @@ def _build(points, weights, order: int):
         moved = _translate(moments, delta)
         moments = moved.reshape(order, n_rows, -1, 2, moved.shape[-1]).sum(3)
         dmin, dmax, centre = p_min, p_max, p_centre
-    return levels, d.view(-1, leaf), w.view(-1, leaf, w.shape[-1]), depth
+    size_last = nodes_d.shape[-1]
+    return levels, d.view(-1, size_last), w.view(-1, size_last, w.shape[-1]), depth
 
 
 def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch.Tensor:
     """The tree code for rows whose targets need more than one expansion."""
     n_rows, n_targets = targets.shape
     n_cols = weights.shape[-1]
-    levels, leaf_d, leaf_w, depth = _build(points, weights, params.order)
+    reach = torch.where(valid, targets, 0.0).amax(1)
+    levels, leaf_d, leaf_w, depth = _build(points, weights, params.order, reach, params.rho)
     out = torch.zeros(n_rows * n_targets, n_cols, dtype=WORK, device=points.device)
     flat = valid.reshape(-1).nonzero().squeeze(1)  # row * M + target of each live pair
     row = flat // n_targets
@@ -347,7 +365,7 @@ def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch
         sel = rest.nonzero().squeeze(1)
         if sel.numel() == 0:
             break
-        if lev == depth:  # direct sums at the leaves
+        if lev == depth:  # direct sums at the last level's nodes (the leaves)
             for part in sel.split(GATHER_BATCH):
                 at = idx[part]
                 e = _exp_neg(t[part, None] * leaf_d[at], params.cut)
