@@ -368,3 +368,24 @@ def test_tree_at_whole_transcriptome_sizes_against_float64_exact(genes, scale):
             err = float((r - e.double()).abs().max())
             assert err <= tol * max(1.0, float(r.abs().max())), f"{dtype} {name}: {err:.3g}"
     assert np.isfinite(float(tree_entropy_rows(q, k).sum()))
+
+
+@pytest.mark.parametrize("magnitude", [1e6, 1e10, 1e14])
+def test_points_and_targets_of_any_magnitude_stay_finite_and_exact(magnitude):
+    """Moments normalised by each node's radius: keys and queries of 1e14 (scores of 1e28,
+    the input limit times Xavier weights) overflow no Taylor term, and a row whose keys are
+    all equal (radius 0) with a huge query needs no power of it."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, grad = (torch.randn(2, 3, 40, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, k, v = q * magnitude, k * magnitude, v * magnitude
+    k[0, 0] = magnitude  # all keys equal in one row
+    ref = attention_and_grads(reference_attention, q, k, v, grad)
+    got = attention_and_grads(tree_attention, q, k, v, grad)
+    # float64 rounding of either result is relative to the scale of the terms each is summed
+    # from (as in tests/_oracle.py), which here dwarfs the results themselves
+    mq, mk, mv, mg = (float(t.abs().max()) for t in (q, k, v, grad))
+    scales = (mv, mg * mv * mk, mg * mv * mq, mg)
+    for name, r, e, scale in zip(("out", "dq", "dk", "dv"), ref, got, scales):
+        assert torch.isfinite(e).all(), name
+        err = float((r - e).abs().max())
+        assert err <= 1e-10 * scale, f"{name}: error {err:.3g} at scale {scale:.3g}"

@@ -365,7 +365,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_PLUGINS = ("tgem._native", "tgem._compiled", "tgem._triton_attention")
+_PLUGINS = ("tgem._native", "tgem._compiled", "tgem._triton_attention", "tgem._tree")
 _plugin_errors: dict[str, str] = {}
 _plugins_loaded = False
 

@@ -25,12 +25,13 @@ The tree code
 The source points are sorted and cut into a count-balanced binary tree whose levels are
 contiguous slices of the sorted order (padded with zero-weight copies of the largest point).
 Each node keeps its centre ``c``, radius ``r`` and the Taylor moments
-``M_n = sum_j w_j (d_j - c)^n / n!`` (``n < P``): computed at the leaves, then translated up
-the tree. A target ``t`` walks down from the root, all targets of all rows at once, level by
-level:
+``M_n = sum_j w_j ((d_j - c) / r)^n / n!`` (``n < P``), normalised by the radius so that no
+term exceeds ``|w_j|`` whatever the scale of the points: computed at the leaves, then
+translated up the tree. A target ``t`` walks down from the root, all targets of all rows at
+once, level by level:
 
 * **skip** a node when ``t * dmin > CUT``: each skipped term is below ``exp(-CUT) |w_j|``;
-* **expand** when ``t * r <= RHO``: ``sum_j w_j exp(-t d_j) = exp(-t c) sum_n (-t)^n M_n``;
+* **expand** when ``t * r <= RHO``: ``sum_j w_j exp(-t d_j) = exp(-t c) sum_n (-t r)^n M_n``;
 * **sum directly** at the leaves otherwise, and **descend** to the two children otherwise.
 
 A row whose largest ``t`` times its points' radius is at most ``RHO`` (the usual case with
@@ -175,12 +176,25 @@ def _moments(u: torch.Tensor, w: torch.Tensor, order: int) -> torch.Tensor:
     return torch.matmul(powers, w).movedim(-2, 0)
 
 
-def _translate(moments: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Moments about ``c`` (order, ..., C) re-expressed about ``c - delta``.
+def _normalised(offsets: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """``offsets / radius`` in [-1, 1], 0 where the radius is 0 (all points at the centre)."""
+    r = radius.unsqueeze(-1)
+    return torch.where(r > 0, offsets / torch.where(r > 0, r, 1.0), 0.0)
 
-    ``M'_n = sum_{m <= n} M_m delta^(n - m) / (n - m)!`` (binomial series).
+
+def _translate(moments: torch.Tensor, ratio: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Normalised moments about ``c`` with radius ``r`` (order, ..., C) re-expressed about
+    ``c - delta * R`` with radius ``R``, where ``ratio = r / R`` and ``delta`` is in units of R.
+
+    ``M'_n = sum_{m <= n} M_m ratio^m delta^(n - m) / (n - m)!``; with ``ratio <= 1`` and
+    ``|delta| <= 1`` no factor exceeds 1, whatever the scale of the points.
     """
     order = moments.shape[0]
+    scale = torch.ones_like(ratio).unsqueeze(-1)
+    moments = moments.clone()
+    for m in range(1, order):
+        scale = scale * ratio.unsqueeze(-1)
+        moments[m] *= scale
     out = moments.clone()
     step = delta.unsqueeze(-1)
     factor = torch.ones_like(step)
@@ -204,9 +218,10 @@ def _neg_powers(t: torch.Tensor, order: int) -> torch.Tensor:
     return powers
 
 
-def _expand(moments, t, centre, cut: float) -> torch.Tensor:
-    """``exp(-t c) sum_n (-t)^n M_n``: ``moments`` (E, P, C), ``t`` and ``centre`` (E,)."""
-    powers = _neg_powers(t, moments.shape[1]).unsqueeze(1)  # (E, 1, P)
+def _expand(moments, t, centre, radius, cut: float) -> torch.Tensor:
+    """``exp(-t c) sum_n (-t r)^n M_n`` for normalised moments ``M_n`` (E, P, C) of nodes of
+    centre ``c`` and radius ``r``; ``t``, ``centre`` and ``radius`` (E,)."""
+    powers = _neg_powers(t * radius, moments.shape[1]).unsqueeze(1)  # (E, 1, P)
     acc = torch.bmm(powers, moments).squeeze(1)
     return acc * _exp_neg(t * centre, cut).unsqueeze(-1)
 
@@ -273,11 +288,12 @@ def _root_expansion(points, weights, targets, valid, params: TreeParameters) -> 
     (6 to 9 terms with weights as initialised, instead of the tree's ``P``).
     """
     p_min, p_max = points.amin(1), points.amax(1)
-    centre = 0.5 * (p_min + p_max)
-    reach = float((torch.where(valid, targets, 0.0).amax(1) * (0.5 * (p_max - p_min))).max())
+    centre, radius = 0.5 * (p_min + p_max), 0.5 * (p_max - p_min)
+    live_t = torch.where(valid, targets, 0.0)  # powers of the others could overflow
+    reach = float((live_t.amax(1) * radius).max())
     order = min(params.order, expansion_order(params.tol, reach))
-    moments = _moments(points - centre[:, None], weights, order)  # (P, R, C)
-    acc = torch.bmm(_neg_powers(targets, order), moments.movedim(0, 1))  # (R, M, C)
+    moments = _moments(_normalised(points - centre[:, None], radius), weights, order)  # (P, R, C)
+    acc = torch.bmm(_neg_powers(live_t * radius[:, None], order), moments.movedim(0, 1))
     scale = _exp_neg(targets * centre[:, None], params.cut)
     return acc.mul_(torch.where(valid, scale, 0.0)[..., None])
 
@@ -321,8 +337,10 @@ def _build(points, weights, order: int, reach: torch.Tensor | None = None, rho: 
     dmin, dmax = nodes_d[..., 0], nodes_d[..., -1]
     centre = 0.5 * (dmin + dmax)
     moments = _moments(
-        nodes_d - centre[..., None], w.view(n_rows, 1 << depth, nodes_d.shape[-1], -1), order
-    )  # (P, R, nodes, C)
+        _normalised(nodes_d - centre[..., None], 0.5 * (dmax - dmin)),
+        w.view(n_rows, 1 << depth, nodes_d.shape[-1], -1),
+        order,
+    )  # (P, R, nodes, C), normalised by each node's radius
     levels = [None] * (depth + 1)
     for lev in range(depth, -1, -1):
         levels[lev] = _Level(
@@ -332,9 +350,13 @@ def _build(points, weights, order: int, reach: torch.Tensor | None = None, rho: 
         if lev == 0:
             break
         p_min, p_max = dmin[:, 0::2], dmax[:, 1::2]
-        p_centre = 0.5 * (p_min + p_max)
-        delta = centre - p_centre.repeat_interleave(2, dim=1)
-        moved = _translate(moments, delta)
+        p_centre, p_radius = 0.5 * (p_min + p_max), 0.5 * (p_max - p_min)
+        up = p_radius.repeat_interleave(2, dim=1)
+        positive = up > 0
+        safe = torch.where(positive, up, 1.0)
+        ratio = torch.where(positive, 0.5 * (dmax - dmin) / safe, 0.0)
+        delta = torch.where(positive, (centre - p_centre.repeat_interleave(2, dim=1)) / safe, 0.0)
+        moved = _translate(moments, ratio, delta)
         moments = moved.reshape(order, n_rows, -1, 2, moved.shape[-1]).sum(3)
         dmin, dmax, centre = p_min, p_max, p_centre
     size_last = nodes_d.shape[-1]
@@ -361,7 +383,8 @@ def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch
         for part in expand.nonzero().squeeze(1).split(GATHER_BATCH):
             at = idx[part]
             moments = level.moments.index_select(0, at)
-            out.index_add_(0, flat[part], _expand(moments, t[part], level.centre[at], params.cut))
+            expanded = _expand(moments, t[part], level.centre[at], level.radius[at], params.cut)
+            out.index_add_(0, flat[part], expanded)
         sel = rest.nonzero().squeeze(1)
         if sel.numel() == 0:
             break
