@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tgem._alignment import GeneAlignment, align_genes
+from tgem._annotate import annotate, fit_rejection_threshold, predict_with_rejection
 from tgem._classifier import TGEMClassifier
 from tgem._gene_sets import GeneSetSelector
 from tgem._h5ad import H5ADDataset
@@ -31,6 +32,9 @@ __all__ = [
     "H5ADDataset",
     "RawCountsWarning",
     "align_genes",
+    "annotate",
+    "fit_rejection_threshold",
+    "predict_with_rejection",
     "check_log_scale",
     "load",
     "show_versions",

@@ -1,0 +1,523 @@
+"""Cell-type annotation of AnnData objects, and rejection of cells of unseen types.
+
+:func:`annotate` runs a fitted :class:`~tgem.TGEMClassifier` on an AnnData object, scanpy
+style: labels, confidence and probabilities go to ``obs``, ``obsm`` and ``uns``, so that the
+next step can be ``sc.pl.umap(adata, color="tgem_label")``. :func:`predict_with_rejection`
+and :func:`fit_rejection_threshold` mark cells the model is unsure of as unassigned;
+``TGEMClassifier.predict`` itself never rejects (scikit-learn's contract).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
+
+__all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
+
+#: Rejection rules: the score of each cell, higher meaning more confident.
+RULES = ("max_proba", "energy")
+
+#: Threshold of the max-probability rule when none is given.
+DEFAULT_MAX_PROBA_THRESHOLD = 0.5
+
+_INSTALL = 'install it with `pip install "tgem[anndata]"`'
+
+
+# ------------------------------------------------------------------ rejection
+def _check_rule(rule) -> str:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
+    return rule
+
+
+def _check_threshold(threshold, rule: str) -> float:
+    """The threshold as a float, in the range of the rule's score."""
+    if threshold is None:
+        if rule == "max_proba":
+            return DEFAULT_MAX_PROBA_THRESHOLD
+        raise ValueError(
+            "rule='energy' has no default threshold (its scale depends on the model); got "
+            "threshold=None. Pass threshold=tgem.fit_rejection_threshold(model, X_cal, "
+            "y_cal, rule='energy') with cells the model did not train on."
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a real number; got {threshold!r}.")
+    threshold = float(threshold)
+    if rule == "max_proba" and not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"threshold for rule='max_proba' is a probability in [0, 1]; got {threshold!r}. "
+            "Pass e.g. 0.5, or 0 to reject nothing."
+        )
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite; got {threshold!r}.")
+    return threshold
+
+
+def _check_unassigned(unassigned, classes) -> str:
+    if not isinstance(unassigned, str) or not unassigned:
+        raise TypeError(f"unassigned must be a non-empty str; got {unassigned!r}.")
+    if unassigned in {str(c) for c in classes}:
+        raise ValueError(
+            f"unassigned={unassigned!r} is one of the model's classes; pass another label, "
+            "e.g. unassigned='tgem_unassigned'."
+        )
+    return unassigned
+
+
+@contextmanager
+def _captured_logits(model, store: list):
+    """Record the output of the network's last linear layer (the logits) batch by batch."""
+    handle = model.module_.classifier.register_forward_hook(
+        lambda module, inputs, output: store.append(output.detach().double().cpu().numpy())
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _energy(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and each row's confidence score under ``rule``."""
+    logits: list[np.ndarray] = []
+    with _captured_logits(model, logits):
+        proba = model.predict_proba(X)
+    if rule == "max_proba":
+        return proba, proba.max(axis=1)
+    logits = np.concatenate(logits) if logits else np.empty((0, proba.shape[1]))
+    if logits.shape != proba.shape:  # e.g. a batch rerun after running out of memory
+        raise RuntimeError(
+            f"collected logits of shape {logits.shape} for probabilities of shape "
+            f"{proba.shape}; rerun with a smaller predict_batch_size."
+        )
+    return proba, _energy(logits)
+
+
+def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
+    """Confidence score of each sample under a rejection rule (higher: more confident).
+
+    Parameters
+    ----------
+    model : TGEMClassifier
+        A fitted classifier.
+    X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+        Samples, with the model's genes.
+    rule : {"max_proba", "energy"}, default="max_proba"
+        ``"max_proba"``: the largest class probability. ``"energy"``: the negative free
+        energy, ``logsumexp`` of the network's logits (before the softmax), which keeps
+        the overall magnitude that the softmax normalises away (Liu et al. 2020).
+
+    Returns
+    -------
+    scores : ndarray of shape (n_samples,)
+    """
+    return _proba_and_score(model, X, _check_rule(rule))[1]
+
+
+def predict_with_rejection(
+    model, X, *, threshold=None, rule: str = "max_proba", unassigned: str = "unassigned"
+) -> np.ndarray:
+    """Predicted labels, with ``unassigned`` for samples whose score is below a threshold.
+
+    Parameters
+    ----------
+    model : TGEMClassifier
+        A fitted classifier.
+    X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+        Samples, with the model's genes (never modified).
+    threshold : float, optional
+        Samples with a score (see :func:`rejection_scores`) strictly below it are
+        unassigned. ``rule="max_proba"``: a probability in [0, 1], 0.5 when not given.
+        ``rule="energy"``: any finite number, required; fit it with
+        :func:`fit_rejection_threshold` on cells the model did not train on.
+    rule : {"max_proba", "energy"}, default="max_proba"
+        The confidence score.
+    unassigned : str, default="unassigned"
+        The label of rejected samples; must not be one of the model's classes.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), object
+        ``model.predict(X)`` where the score reaches the threshold, ``unassigned``
+        elsewhere.
+
+    Examples
+    --------
+    >>> import tgem
+    >>> from tgem.datasets import load_pbmc68k
+    >>> X, y = load_pbmc68k(return_X_y=True)
+    >>> model = tgem.TGEMClassifier(max_epochs=2, random_state=0).fit(X[:300], y[:300])
+    >>> labels = tgem.predict_with_rejection(model, X[300:310], threshold=1.0)
+    >>> set(labels)
+    {'unassigned'}
+    """
+    rule = _check_rule(rule)
+    threshold = _check_threshold(threshold, rule)
+    unassigned = _check_unassigned(unassigned, model.classes_)
+    proba, score = _proba_and_score(model, X, rule)
+    labels = model.classes_[np.argmax(proba, axis=1)].astype(object)
+    labels[score < threshold] = unassigned
+    return labels
+
+
+def fit_rejection_threshold(
+    model, X_cal, y_cal, *, rule: str = "max_proba", target_rejection: float = 0.05
+) -> float:
+    """The threshold that rejects at most a given share of calibration cells of seen types.
+
+    Use cells the model did not train on (e.g. a held-out share of the training data): on
+    its own training cells a model is over-confident and the threshold would be too high.
+
+    Parameters
+    ----------
+    model : TGEMClassifier
+        A fitted classifier.
+    X_cal : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+        Calibration cells, not used in training.
+    y_cal : array-like of shape (n_samples,)
+        Their labels. Cells of types the model does not know are ignored.
+    rule : {"max_proba", "energy"}, default="max_proba"
+        The confidence score (see :func:`rejection_scores`).
+    target_rejection : float in [0, 1), default=0.05
+        The largest share of the calibration cells that the threshold may reject.
+
+    Returns
+    -------
+    threshold : float
+        The ``floor(target_rejection * n)``-th smallest score: scores strictly below it are
+        rejected, which is at most that many calibration cells.
+    """
+    rule = _check_rule(rule)
+    if isinstance(target_rejection, bool) or not isinstance(target_rejection, numbers.Real):
+        raise TypeError(f"target_rejection must be a real number; got {target_rejection!r}.")
+    if not 0.0 <= target_rejection < 1.0:
+        raise ValueError(
+            f"target_rejection is a share of cells in [0, 1); got {target_rejection!r}. "
+            "Pass e.g. 0.05 to reject at most 5% of the calibration cells."
+        )
+    y_cal = np.asarray(y_cal)
+    scores = rejection_scores(model, X_cal, rule=rule)
+    if len(y_cal) != len(scores):
+        raise ValueError(
+            f"X_cal has {len(scores)} rows but y_cal has {len(y_cal)} labels; pass one label "
+            "per calibration cell."
+        )
+    seen = np.isin(y_cal, model.classes_)
+    if not seen.any():
+        raise ValueError(
+            "none of the calibration labels is one of the model's classes "
+            f"{list(model.classes_)[:5]}; pass labelled cells of the types the model knows."
+        )
+    ordered = np.sort(scores[seen])
+    return float(ordered[int(math.floor(target_rejection * len(ordered)))])
+
+
+# ------------------------------------------------------------------ annotate
+def _import_anndata():
+    try:
+        import anndata
+    except ImportError as exc:
+        raise ImportError(f"tgem.annotate needs the optional package anndata; {_INSTALL}.") from exc
+    return anndata
+
+
+def _matrix(adata, layer):
+    if layer is None:
+        return adata.X
+    if not isinstance(layer, str) or layer not in adata.layers:
+        raise ValueError(
+            f"layer {layer!r} is not in adata.layers {list(adata.layers)}; pass one of "
+            "them, or layer=None for adata.X."
+        )
+    return adata.layers[layer]
+
+
+def _fill_values(model, match, fill_value) -> tuple[np.ndarray, str]:
+    """The value given to each model gene missing from the data, and the rule used."""
+    n_genes = len(match.model_genes)
+    if fill_value is not None:
+        if isinstance(fill_value, bool) or not isinstance(fill_value, numbers.Real):
+            raise TypeError(f"fill_value must be a real number or None; got {fill_value!r}.")
+        if not math.isfinite(fill_value):
+            raise ValueError(f"fill_value must be finite; got {fill_value!r}.")
+        return np.full(n_genes, float(fill_value), dtype=np.float32), "value"
+    if getattr(model.module_, "standardize", False):
+        mean = model.module_.input_mean.detach().cpu().numpy().astype(np.float32)
+        return mean, "training_mean"
+    if match.missing:
+        raise ValueError(
+            f"{len(match.missing)} of the model's {n_genes} genes are missing from the data "
+            f"({', '.join(match.missing[:5])}{', ...' if len(match.missing) > 5 else ''}) and "
+            "the model keeps no training means (it was fitted with standardize=False). Pass "
+            "fill_value=0.0 (or another value in the data's units) to fill them, or use a "
+            "model fitted with standardize=True."
+        )
+    return np.zeros(n_genes, dtype=np.float32), "none"
+
+
+def _batches(matrix, match, fill, batch_size: int):
+    """Row blocks of the data in the model's gene order, missing genes filled."""
+    found = np.flatnonzero(match.index >= 0)
+    columns = match.index[found]
+    n_rows = matrix.shape[0]
+    for start in range(0, n_rows, batch_size):
+        block = matrix[start : min(start + batch_size, n_rows)]
+        if sp.issparse(block) or hasattr(block, "to_memory"):
+            block = sp.csr_matrix(block)[:, columns].toarray()
+        else:
+            block = np.asarray(block)[:, columns]
+        out = np.repeat(fill[None, :], block.shape[0], axis=0)
+        out[:, found] = block
+        yield start, out
+
+
+def _h5ad_safe(value):
+    """A parameter value as something ``write_h5ad`` stores and reads back (never None)."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (numbers.Integral, numbers.Real, str)):
+        return value
+    return repr(value)
+
+
+def _identity(model, match, rule, threshold, unassigned, layer, fill_rule) -> dict:
+    from tgem import __version__
+
+    return {
+        "tgem_version": __version__,
+        "params": {k: _h5ad_safe(v) for k, v in model.get_params().items()},
+        "classes": [str(c) for c in model.classes_],
+        "gene_match": match.to_dict(),
+        "fill_rule": fill_rule,
+        "rejection": {
+            "rule": rule if rule is not None else "none",
+            "threshold": float(threshold) if threshold is not None else float("nan"),
+            "unassigned": unassigned,
+        },
+        "layer": "X" if layer is None else layer,
+    }
+
+
+def _majority_vote(adata, column, labels: pd.Categorical, key: str) -> dict:
+    if not isinstance(column, str) or column not in adata.obs:
+        raise ValueError(
+            f"majority_voting={column!r} is not a column of adata.obs {list(adata.obs)[:10]}; "
+            "pass the name of a clustering column, e.g. 'leiden'."
+        )
+    clusters = adata.obs[column]
+    n_missing = int(clusters.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"the clustering column {column!r} has {n_missing} cell(s) without a cluster "
+            "(NaN); give them a cluster of their own first, e.g. adata.obs[column] = "
+            "adata.obs[column].astype(str).fillna('none'), or pass majority_voting=None."
+        )
+    frame = pd.DataFrame({"cluster": clusters.astype(str).to_numpy(), "label": labels})
+    counts = pd.crosstab(frame["cluster"], frame["label"])
+    winner = counts.idxmax(axis=1)
+    share = counts.max(axis=1) / counts.sum(axis=1)
+    voted = frame["cluster"].map(winner).to_numpy()
+    adata.obs[f"{key}_majority_voting"] = pd.Categorical(voted, categories=labels.categories)
+    adata.obs[f"{key}_vote_share"] = frame["cluster"].map(share).to_numpy().astype(np.float64)
+    return {"column": column, "clusters": [str(c) for c in counts.index]}
+
+
+def annotate(
+    adata,
+    model,
+    *,
+    layer: str | None = None,
+    key_added: str = "tgem",
+    copy: bool = False,
+    batch_size: int = 1024,
+    reject: str | None = "max_proba",
+    threshold=None,
+    unassigned: str = "unassigned",
+    fill_value=None,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    organism: str = "human",
+    importances: bool = False,
+    majority_voting: str | None = None,
+):
+    """Annotate the cells of an AnnData object with a fitted model, scanpy style.
+
+    The data are read in row blocks of ``batch_size`` cells (sparse blocks stay sparse
+    until the model's genes are picked), so a backed AnnData is never loaded whole. The
+    data's genes are matched to the model's with :func:`tgem.datasets.match_genes`
+    (symbols, Ensembl ids, versions, case, aliases).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The cells, in memory or backed (``anndata.read_h5ad(path, backed="r")``). Values
+        in the units the model was trained on (e.g. log-normalised).
+    model : TGEMClassifier
+        A classifier fitted on named genes (a DataFrame or AnnData).
+    layer : str, optional
+        The layer to read; ``adata.X`` when None.
+    key_added : str, default="tgem"
+        Prefix of the keys written (see Returns).
+    copy : bool, default=False
+        Annotate a copy and return it, leaving ``adata`` untouched. Not available for a
+        backed AnnData (load it with ``adata.to_memory()`` first).
+    batch_size : int, default=1024
+        Cells read and predicted at a time.
+    reject : {"max_proba", "energy"} or None, default="max_proba"
+        The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
+    threshold : float, optional
+        Cells whose score is below it are labelled ``unassigned``; 0.5 for
+        ``"max_proba"`` when not given, required for ``"energy"``.
+    unassigned : str, default="unassigned"
+        The label of rejected cells.
+    fill_value : float, optional
+        Value of the model's genes missing from the data. When None, a model fitted with
+        ``standardize=True`` fills each with its training mean (the input that moves a
+        prediction least), and any other model refuses missing genes with an error.
+    min_overlap : float in [0, 1], default=0.5
+        Least share of the model's genes that must be found (see ``match_genes``).
+    organism : {"human"}, default="human"
+        Whose gene table matches the identifiers.
+    importances : bool, default=False
+        Also compute Integrated Gradients attributions of each cell's predicted class
+        (slow: about 50 to 1000 network evaluations per cell) and store the mean over the
+        cells predicted as each class.
+    majority_voting : str, optional
+        A clustering column of ``adata.obs`` (e.g. ``"leiden"``): every cell also gets
+        the most frequent label of its cluster and that label's share of the cluster's
+        cells. Cells without a cluster (NaN) raise an error: give them a cluster first.
+
+    Returns
+    -------
+    adata : anndata.AnnData or None
+        The annotated copy with ``copy=True``, else None. Written (``key = key_added``):
+
+        - ``obs[key + "_label"]``: categorical, the model's classes and ``unassigned``;
+        - ``obs[key + "_confidence"]``: the largest class probability;
+        - ``obs[key + "_energy"]``: the energy score, with ``reject="energy"``;
+        - ``obsm[key + "_probabilities"]``: (n_cells, n_classes), columns in the order
+          of ``uns[key]["classes"]``;
+        - ``varm[key + "_importances"]``: (n_genes, n_classes) mean attribution of each
+          data gene to the cells predicted as each class (0 for genes the model lacks),
+          with ``importances=True``;
+        - ``obs[key + "_majority_voting"]`` and ``obs[key + "_vote_share"]`` with
+          ``majority_voting``;
+        - ``uns[key]``: the model's identity (``tgem_version``, ``params``, ``classes``),
+          the gene-match report (``gene_match``), the fill rule and the rejection rule,
+          threshold and label; plain values that survive ``write_h5ad`` and ``read_h5ad``.
+
+    Notes
+    -----
+    With a backed AnnData the results go to the object in memory (``obs``, ``obsm``,
+    ``varm`` and ``uns`` are in-memory parts of it), never to its file: a file opened
+    read-only stays untouched. Save them with ``adata.write_h5ad(new_path)``, or with
+    ``adata.write()`` for a file opened with ``backed="r+"``.
+
+    Examples
+    --------
+    >>> import anndata
+    >>> import tgem
+    >>> from tgem.datasets import load_pbmc68k
+    >>> X, y = load_pbmc68k(return_X_y=True, as_frame=True)
+    >>> model = tgem.TGEMClassifier(max_epochs=2, random_state=0).fit(X[:500], y[:500])
+    >>> adata = anndata.AnnData(X[500:])
+    >>> tgem.annotate(adata, model)
+    >>> adata.obs["tgem_label"].cat.categories[-1]
+    'unassigned'
+    >>> adata.obsm["tgem_probabilities"].shape
+    (200, 10)
+    """
+    anndata = _import_anndata()
+    if not isinstance(adata, anndata.AnnData):
+        raise TypeError(f"adata must be an anndata.AnnData; got {type(adata).__name__}.")
+    names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        raise ValueError(
+            "the model has no gene names (it was fitted on an array); fit it on a DataFrame "
+            "or AnnData whose columns are the genes."
+        )
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty str; got {key_added!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size!r}.")
+    if reject is not None:
+        reject = _check_rule(reject)
+        threshold = _check_threshold(threshold, reject)
+    unassigned = _check_unassigned(unassigned, model.classes_)
+    if copy:
+        if adata.isbacked:
+            raise ValueError(
+                "copy=True is not available for a backed AnnData (its copy would need a new "
+                "file); pass copy=False (results stay in memory, the file is untouched) or "
+                "load it first with adata = adata.to_memory()."
+            )
+        adata = adata.copy()
+    matrix = _matrix(adata, layer)
+    match = match_genes(
+        list(adata.var_names), list(names), organism=organism, min_overlap=min_overlap
+    )
+    fill, fill_rule = _fill_values(model, match, fill_value)
+    n_cells, n_classes = adata.n_obs, len(model.classes_)
+    proba = np.empty((n_cells, n_classes), dtype=np.float64)
+    score = np.empty(n_cells, dtype=np.float64)
+    attributions = np.zeros((n_classes, len(names)), dtype=np.float64)
+    for start, block in _batches(matrix, match, fill, batch_size):
+        frame = pd.DataFrame(block, columns=names)
+        rows = slice(start, start + len(block))
+        proba[rows], score[rows] = _proba_and_score(model, frame, reject or "max_proba")
+        if importances:
+            _add_importances(model, frame, proba[rows], attributions)
+    predicted = np.argmax(proba, axis=1)
+    labels = model.classes_[predicted].astype(str).astype(object)
+    if reject is not None:
+        labels[score < threshold] = unassigned
+    categories = [str(c) for c in model.classes_] + [unassigned]
+    labels = pd.Categorical(labels, categories=categories)
+    adata.obs[f"{key_added}_label"] = labels
+    adata.obs[f"{key_added}_confidence"] = proba.max(axis=1)
+    if reject == "energy":
+        adata.obs[f"{key_added}_energy"] = score
+    adata.obsm[f"{key_added}_probabilities"] = proba
+    if importances:
+        adata.varm[f"{key_added}_importances"] = _per_data_gene(
+            attributions, predicted, n_classes, match, adata.n_vars
+        )
+    identity = _identity(model, match, reject, threshold, unassigned, layer, fill_rule)
+    if majority_voting is not None:
+        identity["majority_voting"] = _majority_vote(adata, majority_voting, labels, key_added)
+    adata.uns[key_added] = identity
+    return adata if copy else None
+
+
+def _add_importances(model, frame, proba, sums: np.ndarray) -> None:
+    from tgem.interpret import attribute
+
+    predicted = np.argmax(proba, axis=1)
+    with warnings.catch_warnings():  # interpret passes the frame on as an array
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        values = np.asarray(attribute(model, frame, target="predicted", internal_batch_size=64))
+    np.add.at(sums, predicted, values)
+
+
+def _per_data_gene(sums, predicted, n_classes, match, n_vars) -> np.ndarray:
+    counts = np.bincount(predicted, minlength=n_classes).astype(np.float64)
+    means = sums / np.maximum(counts, 1)[:, None]
+    out = np.zeros((n_vars, n_classes), dtype=np.float64)
+    found = match.index >= 0
+    out[match.index[found]] = means[:, found].T
+    return out
