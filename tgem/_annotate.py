@@ -312,7 +312,8 @@ def _identity(model, match, rule, threshold, unassigned, layer, fill_rule) -> di
     }
 
 
-def _majority_vote(adata, column, labels: pd.Categorical, key: str) -> dict:
+def _check_clusters(adata, column) -> pd.Series:
+    """The clustering column named by ``majority_voting``, checked before any work."""
     if not isinstance(column, str) or column not in adata.obs:
         raise ValueError(
             f"majority_voting={column!r} is not a column of adata.obs {list(adata.obs)[:10]}; "
@@ -326,6 +327,10 @@ def _majority_vote(adata, column, labels: pd.Categorical, key: str) -> dict:
             "(NaN); give them a cluster of their own first, e.g. adata.obs[column] = "
             "adata.obs[column].astype(str).fillna('none'), or pass majority_voting=None."
         )
+    return clusters
+
+
+def _majority_vote(adata, column: str, clusters, labels: pd.Categorical, key: str) -> dict:
     frame = pd.DataFrame({"cluster": clusters.astype(str).to_numpy(), "label": labels})
     counts = pd.crosstab(frame["cluster"], frame["label"])
     winner = counts.idxmax(axis=1)
@@ -459,6 +464,7 @@ def annotate(
         reject = _check_rule(reject)
         threshold = _check_threshold(threshold, reject)
     unassigned = _check_unassigned(unassigned, model.classes_)
+    clusters = None if majority_voting is None else _check_clusters(adata, majority_voting)
     if copy:
         if adata.isbacked:
             raise ValueError(
@@ -499,7 +505,9 @@ def annotate(
         )
     identity = _identity(model, match, reject, threshold, unassigned, layer, fill_rule)
     if majority_voting is not None:
-        identity["majority_voting"] = _majority_vote(adata, majority_voting, labels, key_added)
+        identity["majority_voting"] = _majority_vote(
+            adata, majority_voting, clusters, labels, key_added
+        )
     adata.uns[key_added] = identity
     return adata if copy else None
 

@@ -343,6 +343,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_predict)
 
+    p = add(
+        "annotate",
+        "annotate the cells of an .h5ad file with a saved model: labels, confidence, "
+        "unassigned cells and class probabilities written to a new .h5ad file",
+    )
+    p.add_argument("model", type=Path, metavar="MODEL", help="a model file written by tgem")
+    p.add_argument("data", type=Path, metavar="DATA", help="an .h5ad file of cells")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the .h5ad file to write")
+    p.add_argument("--layer", default=None, help="the layer to read (default: X)")
+    p.add_argument(
+        "--rule",
+        choices=("max_proba", "energy", "none"),
+        default="max_proba",
+        help="rejection rule for unassigned cells (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cells scoring below it are unassigned (max_proba: in [0, 1], default 0.5; "
+        "energy: required)",
+    )
+    p.add_argument(
+        "--majority-voting",
+        default=None,
+        metavar="COLUMN",
+        help="an obs clustering column: add each cluster's majority label",
+    )
+    p.add_argument(
+        "--fill-missing",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="give the model's genes missing from DATA this value (default: the training "
+        "mean for standardize=True models, else stop)",
+    )
+    p.set_defaults(handler=_cmd_annotate)
+
     p = add("explain", "rank genes per class by attribution and run the ablation study")
     p.add_argument("model", type=Path, metavar="MODEL", help="a model file written by tgem")
     _add_data_arguments(p, label_required=True)
@@ -765,6 +803,31 @@ def _cmd_predict(args) -> int:
         print(table[["predicted"]].to_csv(index_label="sample"), end="")
     if y is not None:
         print(format_metrics(classification_metrics(y, proba, model.classes_), "labelled data"))
+    return EXIT_OK
+
+
+def _cmd_annotate(args) -> int:
+    from tgem._annotate import _import_anndata, annotate
+
+    anndata = _import_anndata()
+    if not args.data.is_file():
+        raise CLIError(f"data file {str(args.data)!r} does not exist.")
+    _prepare_output(args.output.parent)
+    model = _load_model(args.model)
+    adata = anndata.read_h5ad(args.data)
+    annotate(
+        adata,
+        model,
+        layer=args.layer,
+        reject=None if args.rule == "none" else args.rule,
+        threshold=args.threshold,
+        fill_value=args.fill_missing,
+        majority_voting=args.majority_voting,
+    )
+    adata.write_h5ad(args.output)
+    labels = adata.obs["tgem_label"]
+    n_unassigned = int((labels == adata.uns["tgem"]["rejection"]["unassigned"]).sum())
+    print(f"annotated {adata.n_obs} cells ({n_unassigned} unassigned); wrote {args.output}")
     return EXIT_OK
 
 
