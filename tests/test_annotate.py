@@ -247,3 +247,40 @@ def test_cli_annotate(adata, model, tmp_path, capsys):
     assert main([*argv, "--threshold", "2"]) == EXIT_INPUT
     assert "probability in [0, 1]; got 2.0" in capsys.readouterr().err
     assert main([*argv, "--rule", "energy"]) == EXIT_INPUT
+    assert main([*argv, "--layer", "nope"]) == EXIT_INPUT
+    not_h5ad = tmp_path / "table.h5ad"
+    not_h5ad.write_text("gene,cell\n")
+    bad = ["annotate", str(model_path), str(not_h5ad), "-o", str(out)]
+    assert main(bad) == EXIT_INPUT
+    assert "could not be read as an .h5ad file" in capsys.readouterr().err
+    assert main(["annotate", str(model_path), str(tmp_path / "none.h5ad"), "-o", str(out)]) == 2
+
+
+def test_energy_is_logsumexp_of_the_logits(model, frame):
+    import torch
+
+    X, _ = frame
+    x = torch.as_tensor(X.iloc[:20].to_numpy(np.float32))
+    with torch.no_grad():
+        model.module_.eval()
+        _, states = model.module_(x, return_layers=True)
+        logits = model.module_.classifier(torch.nn.functional.leaky_relu(states[-1], 0.1))
+    expected = torch.logsumexp(logits.double(), dim=1).numpy()
+    scores = rejection_scores(model, X.iloc[:20], rule="energy")
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    labels = tgem.predict_with_rejection(
+        model, X.iloc[:20], rule="energy", threshold=float(np.median(scores))
+    )
+    np.testing.assert_array_equal(labels == "unassigned", scores < np.median(scores))
+
+
+def test_backed_dense_file(adata, model, tmp_path):
+    path = tmp_path / "dense.h5ad"
+    adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        tgem.annotate(backed, model, batch_size=50, reject=None)
+    finally:
+        backed.file.close()
+    expected = model.predict(adata.to_df())
+    np.testing.assert_array_equal(backed.obs["tgem_label"].astype(str), expected.astype(str))

@@ -814,7 +814,13 @@ def _cmd_annotate(args) -> int:
         raise CLIError(f"data file {str(args.data)!r} does not exist.")
     _prepare_output(args.output.parent)
     model = _load_model(args.model)
-    adata = anndata.read_h5ad(args.data)
+    try:
+        adata = anndata.read_h5ad(args.data)
+    except OSError as exc:  # not an HDF5 file, or a damaged one
+        raise CLIError(
+            f"data file {str(args.data)!r} could not be read as an .h5ad file ({exc}); pass "
+            "an AnnData file written by anndata or scanpy."
+        ) from exc
     annotate(
         adata,
         model,
