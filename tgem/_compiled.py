@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -28,7 +29,9 @@ import warnings
 import torch
 
 from ._attention import (
+    EXP2_FLOOR,
     Backend,
+    diagonal_exp2,
     exact_attention,
     exact_backward,
     exact_forward,
@@ -51,8 +54,18 @@ _compiled: dict = {}
 
 
 def _exponent(hi, lo, k, m2):
+    """The base-2 exponent of each entry, ``-inf`` where ``exp2`` would be subnormal.
+
+    Those terms are below the smallest normal float of a row whose largest term is 1, so
+    dropping them moves the sums by less than rounding, and no subnormal float (each one a
+    microcode assist of about 100 cycles on x86; ATen's threads never flush them) reaches the
+    exponential or the products after it. Fused into the loop, the select costs nothing
+    measurable; NaN scores stay NaN (``NaN < floor`` is false).
+    """
     k_row = k[:, None, :]
-    return hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]
+    y = hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]
+    floor = EXP2_FLOOR[torch.float32] if y.dtype == torch.float32 else EXP2_FLOOR[torch.float64]
+    return torch.where(y < floor, -math.inf, y)
 
 
 def _off_diagonal(idx):
@@ -168,7 +181,7 @@ def compiled_forward(q, k, v):
     if sums is None:  # compilation failed: the eager blocked sums
         return exact_forward(q, k, v)
     z, numerator = sums
-    e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
+    e_diag = diagonal_exp2(q2, k, m2)
     inv_z = z.reciprocal()
     return numerator * inv_z, m2, inv_z, e_diag
 
