@@ -29,7 +29,6 @@ import warnings
 import torch
 
 from ._attention import (
-    EXP2_FLOOR,
     Backend,
     diagonal_exp2,
     exact_attention,
@@ -64,7 +63,9 @@ def _exponent(hi, lo, k, m2):
     """
     k_row = k[:, None, :]
     y = hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]
-    floor = EXP2_FLOOR[torch.float32] if y.dtype == torch.float32 else EXP2_FLOOR[torch.float64]
+    # literal constants: the same floats read from a module-level dict here gave a different
+    # compiled kernel, measured at 2.8x the float32 error in dk (765 genes, scale 0.5)
+    floor = -126.0 if y.dtype == torch.float32 else -1022.0  # EXP2_FLOOR
     return torch.where(y < floor, -math.inf, y)
 
 
