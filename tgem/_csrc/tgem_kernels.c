@@ -46,8 +46,10 @@
  * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-5
  * polynomial (relative approximation error 8.2e-8; at most 1.2 ulp (1.4e-7) after the float32
  * Horner evaluation with fused multiply-adds, 1.6e-7 without), with
- * exact power-of-two scaling that underflows gradually to zero and overflows to +inf. Sums are
- * accumulated in blocks of TGEM_JB terms that are then added to the running totals.
+ * exact power-of-two scaling that underflows gradually to zero and overflows to +inf (inside
+ * the kernels' threads, which run with flush-to-zero on x86, results below 2^-126 are 0: see
+ * tgem_fp_enter; tgem_exp2, the accuracy tests' entry point, runs on the caller's settings).
+ * Sums are accumulated in blocks of TGEM_JB terms that are then added to the running totals.
  *
  * Parallelism and determinism: the work is cut into tasks (row n, block of rows or columns)
  * whose decomposition does not depend on the thread count; every output element is computed
