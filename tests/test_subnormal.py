@@ -111,6 +111,11 @@ def test_compiled_exponentials_are_never_subnormal(dtype):
     e = torch.exp2(y)
     assert _subnormal_count(e) == 0
     assert (e == 0).any()  # the dropped terms are exact zeros
+    # kept terms are at least 2^64 x the smallest normal, so that their products with the
+    # weights of the fused loop (grad / Z can be 1e-10) stay normal too
+    assert float(e[e > 0].min()) >= TINY[dtype] * 2.0**64
+    w = torch.full_like(e, 2.0**-64)
+    assert _subnormal_count(e * w) == 0
     # a NaN score is not hidden by the select
     y_nan = _compiled._exponent(hi, lo, torch.full_like(k, float("nan")), m2)
     assert torch.isnan(y_nan).all()
