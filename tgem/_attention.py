@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,6 +138,32 @@ def scaled_row_max(q2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.where(q2[..., 0] >= 0, (q2 * kmax).sum(-1), (q2 * kmin).sum(-1))
 
 
+#: Smallest base-2 exponent the PyTorch paths pass to ``exp2``, per dtype: ``2 ** floor`` is
+#: the smallest normal float. Below it the exponential would be subnormal, and every operation
+#: that produces or reads a subnormal float takes a microcode assist on x86 (about 100 cycles):
+#: the exponentials of a sharp attention (query and key weights x30, x300) made a training
+#: step 4-25x slower. ATen's threads never see a flush-to-zero setting (the native kernel sets
+#: one in its own threads), so these paths keep the exponentials normal instead. Each raised
+#: term was below ``2 ** floor`` of a row whose largest term is 1, so the sums move by at
+#: most ``genes * 2 ** floor`` relative: far below rounding.
+EXP2_FLOOR = {torch.float32: -126.0, torch.float64: -1022.0}
+
+#: The same bound for the natural exponential ``exp`` (``log(2) * EXP2_FLOOR``, rounded up so
+#: that the result stays normal).
+EXP_FLOOR = {torch.float32: -87.33, torch.float64: -708.39}
+
+
+def exp2_normal_(x: torch.Tensor) -> torch.Tensor:
+    """``2 ** x`` in place, exponents below :data:`EXP2_FLOOR` raised to it (no subnormal).
+
+    ``clamp_`` propagates NaN, so a non-finite score still shows in the result.
+    """
+    floor = EXP2_FLOOR.get(x.dtype)
+    if floor is not None:
+        x.clamp_(min=floor)
+    return x.exp2_()
+
+
 def _exp2_block(
     rows: torch.Tensor, cols: torch.Tensor, offset: int, out: torch.Tensor
 ) -> torch.Tensor:
@@ -148,10 +175,11 @@ def _exp2_block(
     diagonal of the full matrix. The result is written into ``out`` (a contiguous (N, r, G)
     view of a work buffer reused across blocks, so the loop does not page-fault a fresh
     allocation per block). Base 2 because ``exp2`` is several times faster than ``exp`` on
-    CPUs; the queries come pre-scaled by log2(e) as :func:`scaled_queries` terms.
+    CPUs; the queries come pre-scaled by log2(e) as :func:`scaled_queries` terms. Exponents
+    below the normal range are raised to it (:func:`exp2_normal_`).
     """
     torch.bmm(rows, cols, out=out)
-    out.exp2_()
+    exp2_normal_(out)
     out.diagonal(offset=offset, dim1=-2, dim2=-1).zero_()
     return out
 
@@ -204,9 +232,14 @@ def exact_forward(q, k, v, block_elements: int | None = None):
         i1 = min(g, i0 + step)
         e = _exp2_block(rows[:, i0:i1], cols, i0, _buffer_view(buf, n, i1 - i0, g))
         sums[:, i0:i1] = torch.bmm(e.to(sum_dtype), rhs_t.mT)
-    e_diag = torch.exp2((q2 * k.unsqueeze(-1)).sum(-1) - m2)
+    e_diag = diagonal_exp2(q2, k, m2)
     inv_z = (sums[..., 0] + e_diag).reciprocal()
     return (sums[..., 1] * inv_z).to(q.dtype), m2, inv_z.to(q.dtype), e_diag
+
+
+def diagonal_exp2(q2: torch.Tensor, k: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """The diagonal exponentials ``2 ** (q2_i k_i - m2_i)``, kept normal (:func:`exp2_normal_`)."""
+    return exp2_normal_((q2 * k.unsqueeze(-1)).sum(-1) - m2)
 
 
 def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | None = None):
@@ -256,10 +289,12 @@ def exact_backward(q, k, v, m2, inv_z, e_diag, out, grad, block_elements: int | 
         j1 = min(g, j0 + step)
         # rows are keys j, columns are queries i: entry 2 ** (k_j q2_i - m2_i), own entry 0
         e = _exp2_block(rows[:, j0:j1], cols, j0, _buffer_view(buf, n, j1 - j0, g))
-        dv[:, j0:j1] = torch.bmm(e.to(sum_dtype), w1_col).squeeze(-1)
-        diff = torch.sub(v[:, j0:j1, None], out_row, out=_buffer_view(diff_buf, n, j1 - j0, g))
-        e.mul_(diff)  # D, transposed: rows j, columns i
         d = e.to(sum_dtype)
+        dv[:, j0:j1] = torch.bmm(d, w1_col).squeeze(-1)
+        diff = torch.sub(v[:, j0:j1, None], out_row, out=_buffer_view(diff_buf, n, j1 - j0, g))
+        # D, transposed: rows j, columns i; in the sum dtype (float64 on CPU and CUDA), where
+        # an exponential near the bottom of float32's range times a difference stays normal
+        d.mul_(diff)
         dk[:, j0:j1] = torch.bmm(d, w2_col).squeeze(-1)
         dq_sum += torch.bmm(k_sum[:, None, j0:j1], d, out=dq_block)
     diag = e_diag * out
@@ -467,7 +502,7 @@ def attention_entropy_rows(
     for i0 in range(0, g, step):
         i1 = min(g, i0 + step)
         s = q2[:, i0:i1, None] * k2[:, None, :] - m[:, i0:i1, None]
-        e = torch.exp(s)
+        e = torch.exp(s.clamp(min=EXP_FLOOR.get(s.dtype, -math.inf)))  # no subnormal
         z[:, i0:i1] = e.sum(-1)
         weighted[:, i0:i1] = (e * s).sum(-1)
     ent = torch.log(z) - weighted / z

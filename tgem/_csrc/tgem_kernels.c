@@ -46,8 +46,10 @@
  * Accuracy: the exponential is 2^y = 2^n p(f), n = floor(y), f = y - n in [0, 1), p a degree-5
  * polynomial (relative approximation error 8.2e-8; at most 1.2 ulp (1.4e-7) after the float32
  * Horner evaluation with fused multiply-adds, 1.6e-7 without), with
- * exact power-of-two scaling that underflows gradually to zero and overflows to +inf. Sums are
- * accumulated in blocks of TGEM_JB terms that are then added to the running totals.
+ * exact power-of-two scaling that underflows gradually to zero and overflows to +inf (inside
+ * the kernels' threads, which run with flush-to-zero on x86, results below 2^-126 are 0: see
+ * tgem_fp_enter; tgem_exp2, the accuracy tests' entry point, runs on the caller's settings).
+ * Sums are accumulated in blocks of TGEM_JB terms that are then added to the running totals.
  *
  * Parallelism and determinism: the work is cut into tasks (row n, block of rows or columns)
  * whose decomposition does not depend on the thread count; every output element is computed
@@ -107,6 +109,31 @@ enum { TGEM_OK = 0, TGEM_EARGS = -1, TGEM_EISA = -2, TGEM_ENOMEM = -3 };
 /* ------------------------------------------------------------------------------ threads */
 typedef void (*tgem_task_fn)(const void *ctx, int64_t task);
 
+/* Floating-point state of the kernels' threads: flush-to-zero and denormals-are-zero (x86).
+ * Scores far below a row's maximum give exponentials below 2^-126; with gradual underflow
+ * every operation that produces or reads such a subnormal float takes a microcode assist
+ * (about 100 cycles), which made a training step 6-25x slower once attention sharpened
+ * (query and key weights x30 and x300). Flushed, those terms are 0: they are below 2^-126
+ * of a row maximum term of 1, so the sums are unchanged to float32 rounding, and the
+ * PyTorch paths drop the same terms (they clamp the exponent instead, ATen's threads never
+ * seeing this setting). Every thread that runs tasks, the caller included, sets the mode for
+ * the duration of the call; the caller's own state is restored before the call returns. */
+#if TGEM_X86 && defined(__SSE__)
+#define TGEM_FTZ_DAZ 0x8040u /* MXCSR bits: FTZ (15) and DAZ (6) */
+typedef unsigned int tgem_fpstate;
+static tgem_fpstate tgem_fp_enter(void)
+{
+    const tgem_fpstate saved = _mm_getcsr();
+    _mm_setcsr(saved | TGEM_FTZ_DAZ);
+    return saved;
+}
+static void tgem_fp_leave(tgem_fpstate saved) { _mm_setcsr(saved); }
+#else /* other platforms: gradual underflow, as before (the results are the same) */
+typedef int tgem_fpstate;
+static tgem_fpstate tgem_fp_enter(void) { return 0; }
+static void tgem_fp_leave(tgem_fpstate saved) { (void)saved; }
+#endif
+
 typedef struct {
     tgem_task_fn fn;
     const void *ctx;
@@ -117,18 +144,21 @@ typedef struct {
 static void *tgem_worker(void *arg)
 {
     tgem_job *job = (tgem_job *)arg;
+    const tgem_fpstate saved = tgem_fp_enter();
     for (;;) {
         const int64_t task = (int64_t)atomic_fetch_add(&job->next, 1);
         if (task >= job->ntasks)
             break;
         job->fn(job->ctx, task);
     }
+    tgem_fp_leave(saved);
     return NULL;
 }
 
 #define TGEM_MAX_THREADS 256
 
-/* Run fn(ctx, 0 .. ntasks-1) on up to nthreads threads (the caller is one of them). */
+/* Run fn(ctx, 0 .. ntasks-1) on up to nthreads threads (the caller is one of them), each with
+ * flush-to-zero set for the call (see tgem_fp_enter). */
 static void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const void *ctx)
 {
     tgem_job job;
