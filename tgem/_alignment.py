@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tgem._gene_sets import _shown, gene_names_of
+from tgem._gene_sets import gene_names_of
+from tgem._text import shown
 
 __all__ = ["GeneAlignment", "align_genes"]
 
@@ -74,7 +75,7 @@ def _expected_genes(genes) -> list[str]:
     duplicated = pd.Index(names)[pd.Index(names).duplicated()].unique()
     if len(duplicated):
         raise ValueError(
-            f"genes names {len(duplicated)} gene(s) twice ({_shown(duplicated)}); "
+            f"genes names {len(duplicated)} gene(s) twice ({shown(duplicated)}); "
             "pass each gene once."
         )
     return names
@@ -140,7 +141,7 @@ def align_genes(X, genes, *, feature_names=None, fill_value: float | None = None
     if present.has_duplicates:
         duplicated = present[present.duplicated()].unique()
         raise ValueError(
-            f"X names {len(duplicated)} gene(s) in more than one column ({_shown(duplicated)});"
+            f"X names {len(duplicated)} gene(s) in more than one column ({shown(duplicated)});"
             " make gene names unique first, e.g. average duplicated columns with "
             "X.T.groupby(level=0).mean().T."
         )
@@ -152,13 +153,13 @@ def align_genes(X, genes, *, feature_names=None, fill_value: float | None = None
     if not found.any():
         raise ValueError(
             f"none of the {len(expected)} expected genes is among the {len(names)} gene names "
-            f"of X (X has e.g. {_shown(names, 3)}; expected e.g. {_shown(expected, 3)}). Use "
+            f"of X (X has e.g. {shown(names, 3)}; expected e.g. {shown(expected, 3)}). Use "
             "the same identifiers (gene symbols or Ensembl ids) and case as the model."
         )
     if missing and fill_value is None:
         raise ValueError(
             f"X lacks {len(missing)} of the {len(expected)} genes the model was fitted on: "
-            f"{_shown(missing, 20)}. Add those columns, or pass fill_value (e.g. 0.0, 'not "
+            f"{shown(missing, 20)}. Add those columns, or pass fill_value (e.g. 0.0, 'not "
             "detected' for log-scale data) to fill them, knowing it changes predictions."
         )
     matched = index[found]

@@ -28,6 +28,8 @@ from sklearn.utils.validation import (
 
 from tgem._attention import backend_names
 from tgem._distributed import resolve_distributed
+from tgem._finite import MAX_ABS_VALUE  # noqa: F401 - re-exported: the documented input limit
+from tgem._finite import check_magnitude as _check_magnitude
 from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
 from tgem._model import TGEMNet
 from tgem._scale import check_log_scale
@@ -1009,7 +1011,6 @@ def _validate_data(estimator, *args, **kw):
 
 
 #: Largest |value| accepted in X: T-GEM multiplies pairs of values in float32 (max ~3.4e38).
-MAX_ABS_VALUE = 1e15
 
 
 def _check_columns(X) -> None:
@@ -1038,22 +1039,6 @@ def _check_columns(X) -> None:
                 f"{bad.iloc[0]!r}; T-GEM needs a number for every gene. Drop or convert that "
                 "column (e.g. X.drop(columns=[...]) or pd.to_numeric)."
             )
-
-
-def _check_magnitude(X):
-    """Refuse values whose pairwise products would overflow float32; returns ``X``."""
-    import scipy.sparse as sp
-
-    data = X.data if sp.issparse(X) else X
-    if isinstance(data, np.ndarray) and data.size:
-        peak = max(abs(float(np.max(data))), abs(float(np.min(data))))
-        if peak > MAX_ABS_VALUE:
-            raise ValueError(
-                f"X contains values as large as {peak:.3g} in absolute value; T-GEM multiplies "
-                f"pairs of values in float32, so |X| must stay below {MAX_ABS_VALUE:g}. "
-                "Log-transform the data (e.g. np.log1p of normalised counts) or scale it."
-            )
-    return X
 
 
 #: Largest sum of the sample weights: the loss sums weighted NLLs in float32 (max ~3.4e38).

@@ -1,4 +1,7 @@
-"""Finite inputs in, finite results out: the checks shared by the interpretation functions.
+"""Finite inputs in, finite results out: the range of values tgem accepts, and its checks.
+
+``MAX_ABS_VALUE`` bounds every input that goes through the network (``X`` in ``fit`` and
+``predict``, ``.h5ad`` rows as they are read, baselines): :func:`check_magnitude` refuses more.
 
 :mod:`tgem.interpret` and :mod:`tgem.attention` check the arrays they are given besides ``X``
 (baselines, attributions to rank) with :func:`check_finite_input` before any work, and what
@@ -11,8 +14,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Largest |value| accepted in an input that goes through the network (as ``X``'s limit).
-from tgem._classifier import MAX_ABS_VALUE
+#: Largest |value| accepted in an input that goes through the network: T-GEM multiplies pairs
+#: of values in float32, and every backend stays finite up to here (tests/test_numeric_range.py).
+MAX_ABS_VALUE = 1e15
+
+
+def check_magnitude(X):
+    """Refuse values whose pairwise products would overflow float32; returns ``X``."""
+    import scipy.sparse as sp
+
+    data = X.data if sp.issparse(X) else X
+    if isinstance(data, np.ndarray) and data.size:
+        peak = max(abs(float(np.max(data))), abs(float(np.min(data))))
+        if peak > MAX_ABS_VALUE:
+            raise ValueError(
+                f"X contains values as large as {peak:.3g} in absolute value; T-GEM multiplies "
+                f"pairs of values in float32, so |X| must stay below {MAX_ABS_VALUE:g}. "
+                "Log-transform the data (e.g. np.log1p of normalised counts) or scale it."
+            )
+    return X
 
 
 def _as_numpy(values) -> np.ndarray:

@@ -12,16 +12,11 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from tgem._text import shown
+
 __all__ = ["GeneSetSelector"]
 
 logger = logging.getLogger(__name__)
-
-
-def _shown(names, limit: int = 10) -> str:
-    names = [str(n) for n in names]
-    return ", ".join(names[:limit]) + (
-        f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    )
 
 
 def resolve_gene_sets(gene_sets) -> dict[str, list[str]]:
@@ -187,8 +182,8 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
         if not support.any():
             raise ValueError(
                 f"none of the {len(wanted)} genes of the gene sets is among the "
-                f"{len(names)} gene names of X (X has e.g. {_shown(names, 3)}; the sets have "
-                f"e.g. {_shown(wanted, 3)}). Use the same kind of identifiers (gene symbols "
+                f"{len(names)} gene names of X (X has e.g. {shown(names, 3)}; the sets have "
+                f"e.g. {shown(wanted, 3)}). Use the same kind of identifiers (gene symbols "
                 "or Ensembl ids) and the same case in both."
             )
         kept = present[support]
@@ -196,7 +191,7 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
             duplicated = kept[kept.duplicated()].unique()
             raise ValueError(
                 f"X has {len(duplicated)} selected gene(s) in more than one column "
-                f"({_shown(duplicated)}); make gene names unique, e.g. average duplicated "
+                f"({shown(duplicated)}); make gene names unique, e.g. average duplicated "
                 "columns with X.T.groupby(level=0).mean().T."
             )
         found = set(kept)
@@ -217,7 +212,7 @@ class GeneSetSelector(SelectorMixin, BaseEstimator):
                 "left out (%s); see missing_genes_ and coverage_.",
                 len(self.missing_genes_),
                 len(wanted),
-                _shown(self.missing_genes_),
+                shown(self.missing_genes_),
             )
         return self
 

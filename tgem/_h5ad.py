@@ -24,6 +24,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from tgem._finite import MAX_ABS_VALUE, check_magnitude
+
 logger = logging.getLogger(__name__)
 
 _INSTALL = 'install it with `pip install "tgem[anndata]"`'
@@ -321,11 +323,10 @@ def check_values(block, where: str, rows=0) -> None:
     A block whose smallest and largest values lie within ``MAX_ABS_VALUE`` passes after one
     ``min`` and one ``max`` (NaN propagates through both). Any other block goes through the
     array path's own checks, scikit-learn's finiteness check and
-    :func:`tgem._classifier._check_magnitude` (so the messages are the same), prefixed with
+    :func:`tgem._finite.check_magnitude` (so the messages are the same), prefixed with
     ``where`` and the first bad row (``rows``: the file row of the block's first row, or of
     each of its rows).
     """
-    from tgem._classifier import MAX_ABS_VALUE, _check_magnitude
 
     data = block.data if sp.issparse(block) else block
     if not data.size:
@@ -337,7 +338,7 @@ def check_values(block, where: str, rows=0) -> None:
 
     try:
         assert_all_finite(data, input_name="X")
-        _check_magnitude(data)
+        check_magnitude(data)
     except ValueError as exc:
         raise ValueError(
             f"{where}, row {_row_name(rows, _first_bad_row(block))}: {exc} Fix the values and "
@@ -346,7 +347,6 @@ def check_values(block, where: str, rows=0) -> None:
 
 
 def _first_bad_row(block) -> int:
-    from tgem._classifier import MAX_ABS_VALUE
 
     if sp.issparse(block):
         data = np.asarray(block.data, dtype=np.float64)

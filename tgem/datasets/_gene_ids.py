@@ -22,7 +22,7 @@ from importlib import resources
 
 import numpy as np
 
-from tgem._gene_sets import _shown
+from tgem._text import shown
 
 __all__ = ["GeneMatch", "match_genes"]
 
@@ -186,11 +186,11 @@ class GeneMatch:
             f"({self.overlap:.1%}): {how or 'none'}"
         )
         if counts["missing"]:
-            text += f"; {counts['missing']} missing ({_shown(self.missing, 5)})"
+            text += f"; {counts['missing']} missing ({shown(self.missing, 5)})"
         if self.ambiguous:
-            text += f"; {len(self.ambiguous)} ambiguous ({_shown(self.ambiguous, 5)})"
+            text += f"; {len(self.ambiguous)} ambiguous ({shown(self.ambiguous, 5)})"
         if self.unknown:
-            text += f"; {len(self.unknown)} not in the gene table ({_shown(self.unknown, 5)})"
+            text += f"; {len(self.unknown)} not in the gene table ({shown(self.unknown, 5)})"
         return text
 
 
@@ -295,7 +295,7 @@ def match_genes(
         raise ValueError(_low_overlap_message(match, min_overlap, table))
     if _share(query, _looks_mouse) > 0.5:
         warnings.warn(
-            f"the data's gene names look like mouse genes (e.g. {_shown(query, 3)}) and were "
+            f"the data's gene names look like mouse genes (e.g. {shown(query, 3)}) and were "
             f"matched to the model's with the {organism} gene table, ignoring case; "
             "same-named orthologues are not the same genes. Use a model trained on the "
             "data's organism.",
@@ -349,7 +349,7 @@ class _Matcher:
             if len(candidates) > 1:
                 self.settled[j] = True
                 self.reasons[self.model[j]] = (
-                    f"several data columns name it ({_shown([self.query[i] for i in candidates])}"
+                    f"several data columns name it ({shown([self.query[i] for i in candidates])}"
                     "); keep one of them"
                 )
             elif candidates:
@@ -359,7 +359,7 @@ class _Matcher:
             claimed[i].append(j)
         for i, claimants in claimed.items():
             if len(claimants) > 1:
-                others = _shown([self.model[j] for j in claimants])
+                others = shown([self.model[j] for j in claimants])
                 for j in claimants:
                     self.settled[j] = True
                     self.reasons[self.model[j]] = (
@@ -388,7 +388,7 @@ class _Matcher:
             if len(resolved.genes) > 1:
                 ambiguous[name] = self._symbols(resolved.genes)
                 self.reasons.setdefault(
-                    name, f"ambiguous: it can mean {_shown(ambiguous[name])}; never guessed"
+                    name, f"ambiguous: it can mean {shown(ambiguous[name])}; never guessed"
                 )
             elif not resolved.genes:
                 unknown.append(name)
@@ -434,7 +434,7 @@ class _Matcher:
                     self.reasons.setdefault(
                         self.model[j],
                         f"not in the data; data column {name} could mean it but is "
-                        f"ambiguous ({_shown(ambiguous[name])}): never guessed",
+                        f"ambiguous ({shown(ambiguous[name])}): never guessed",
                     )
             elif not genes:
                 unknown.append(name)
@@ -484,18 +484,18 @@ def _low_overlap_message(match: GeneMatch, min_overlap: float, table: _GeneTable
     )
     if _share(query, _looks_mouse) > 0.5:
         cause = (
-            f"The data's genes look like mouse genes (e.g. {_shown(query, 3)}) but the model's "
+            f"The data's genes look like mouse genes (e.g. {shown(query, 3)}) but the model's "
             f"are matched as {match.organism} genes. Use a model trained on the data's organism."
         )
     elif _share(query, lambda n: not _resolve(n, table).genes) > 0.5:
         cause = (
-            f"Most of the data's gene names (e.g. {_shown(query, 3)}) are neither "
+            f"Most of the data's gene names (e.g. {shown(query, 3)}) are neither "
             f"{match.organism} gene symbols nor Ensembl gene ids. Set the data's gene names to "
             "symbols or Ensembl ids (e.g. adata.var_names = adata.var['gene_ids'])."
         )
     else:
         cause = (
-            f"The data and the model (e.g. {_shown(model, 3)}) share few genes: the data may "
+            f"The data and the model (e.g. {shown(model, 3)}) share few genes: the data may "
             "be a targeted panel or filtered to other genes. Use data that measure the "
             "model's genes."
         )
@@ -571,7 +571,7 @@ def _check_unique(names: list[str], parameter: str, fix: str) -> None:
             twice.append(name)
         seen.add(name)
     if twice:
-        raise ValueError(f"{parameter} names {len(twice)} gene(s) twice ({_shown(twice)}); {fix}")
+        raise ValueError(f"{parameter} names {len(twice)} gene(s) twice ({shown(twice)}); {fix}")
 
 
 @cache
