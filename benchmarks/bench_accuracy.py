@@ -11,7 +11,9 @@ Data (real, from ``../shared/data``; see its README):
 
 Models, each a Pipeline with the preprocessing it needs (``TopVariance`` first on ALL):
 
-* ``tgem``: ``TGEMClassifier`` with its defaults on the log-scale expression.
+* ``tgem``: ``TGEMClassifier`` with the library's current defaults on the log-scale expression.
+* ``tgem_original``: the published configuration, ``TGEMClassifier.original()`` (tgem 0.1's
+  defaults); the ``tgem_*`` variants below change it by what their names say.
 * ``tgem_tuned``: ``TGEMClassifier`` tuned by an inner stratified 3-fold ``GridSearchCV``
   (accuracy) over ``n_heads`` in {1, 3, 5} x ``activation`` in {"leakyrelu", None}.
 * ``random_forest``: ``RandomForestClassifier(n_estimators=500)``.
@@ -103,6 +105,7 @@ RESULTS_DIR = HERE / "results"
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc_ovr_macro", "roc_auc_micro")
 MODELS = (
     "tgem",
+    "tgem_original",
     "tgem_tuned",
     "random_forest",
     "logistic_regression",
@@ -263,7 +266,11 @@ class Settings:
     mlp_max_iter: int = 500
 
 
-def _tgem(settings: Settings, extra: dict):
+def _tgem(settings: Settings, extra: dict, *, original: bool = True):
+    """A TGEMClassifier of this run: the original's configuration (``TGEMClassifier.original``)
+    changed by ``extra``, or with ``original=False`` the library's current defaults. The
+    variants are defined on the original so that their meaning (and cache keys) never move
+    with the defaults."""
     from tgem import TGEMClassifier
 
     params = {
@@ -272,7 +279,7 @@ def _tgem(settings: Settings, extra: dict):
         **settings.tgem_params,
         **extra,
     }
-    return TGEMClassifier(**params)
+    return TGEMClassifier.original(**params) if original else TGEMClassifier(**params)
 
 
 def _inner_cv(settings: Settings) -> StratifiedKFold:
@@ -283,7 +290,9 @@ def make_model(name: str, dataset: Dataset, settings: Settings):
     """The Pipeline of model ``name`` for ``dataset`` (unfitted)."""
     seed = settings.seed
     head = [("top_variance", TopVariance(dataset.top_k))] if dataset.top_k else []
-    if name == "tgem":
+    if name == "tgem":  # the library's defaults, whatever they are
+        return Pipeline(head + [("clf", _tgem(settings, {}, original=False))])
+    if name == "tgem_original":  # the published configuration
         return Pipeline(head + [("clf", _tgem(settings, {}))])
     if name in VARIANTS:
         scaled, params = VARIANTS[name]
@@ -477,8 +486,20 @@ def _cache_path(cache_file: Path, key: str) -> Path:
     return cache_file
 
 
-def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None, key: str) -> dict:
-    """Fit ``model`` on the training rows, score the test rows; cached in ``cache_file``."""
+def run_fold(
+    model,
+    dataset: Dataset,
+    train,
+    test,
+    cache_file: Path | None,
+    key: str,
+    *,
+    cached_only: bool = False,
+) -> dict | None:
+    """Fit ``model`` on the training rows, score the test rows; cached in ``cache_file``.
+
+    With ``cached_only`` nothing is fitted: the cached record, or None when there is none.
+    """
     if cache_file is not None:
         cache_file = _cache_path(cache_file, key)
     if cache_file is not None and cache_file.exists():
@@ -486,6 +507,8 @@ def run_fold(model, dataset: Dataset, train, test, cache_file: Path | None, key:
         if record.get("key") == key:
             record["cached"] = True
             return record
+    if cached_only:
+        return None
     est = clone(model)
     load_before = os.getloadavg()[0]
     with warnings.catch_warnings():
@@ -575,6 +598,7 @@ def run_cv(
     cache_dir: Path | None,
     max_folds: int | None = None,
     shard: tuple[int, int] | None = None,
+    cached_only: bool = False,
     model_factory: Callable = make_model,
 ) -> dict:
     """Every model on every data set and fold; returns ``{dataset: {model: [records]}}``.
@@ -582,6 +606,7 @@ def run_cv(
     A model given as ``"name@ds1+ds2"`` runs on those data sets only. ``shard=(i, n)`` runs
     only the folds whose position in the repeated CV (after ``max_folds``) is ``i`` modulo
     ``n``, so that ``n`` processes or machines sharing the cache folder fill it together.
+    ``cached_only`` fits nothing: folds without a cached record are left out of the result.
     """
     if shard is not None:
         _check_shard(shard)
@@ -609,7 +634,10 @@ def run_cv(
                     if cache_dir is None
                     else cache_dir / ds.name / name / f"r{repeat}_f{fold}.json"
                 )
-                rec = run_fold(model, ds, tr, te, cache_file, key)
+                rec = run_fold(model, ds, tr, te, cache_file, key, cached_only=cached_only)
+                if rec is None:  # cached_only and not banked: left out, and said
+                    logger.info("%s %s r%d f%d: not cached", ds.name, name, repeat, fold)
+                    continue
                 rec.update(repeat=repeat, fold=fold)
                 logger.info(
                     "%s %s r%d f%d: acc %.3f bacc %.3f fit %.1fs%s",

@@ -398,7 +398,7 @@ def test_quick_mode_writes_markdown_json_and_figure(tmp_path):
 def test_tgem_variants_change_only_what_their_names_say():
     ds = _toy_dataset()
     settings = bench.Settings(seed=0, tgem_params={"max_epochs": 10})
-    base = bench.make_model("tgem", ds, settings).named_steps["clf"].get_params()
+    base = bench.make_model("tgem_original", ds, settings).named_steps["clf"].get_params()
     for name, (scaled, params) in bench.VARIANTS.items():
         pipe = bench.make_model(name, ds, settings)
         assert ("scale" in pipe.named_steps) == scaled == ("scaled" in name)

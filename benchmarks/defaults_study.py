@@ -1,0 +1,330 @@
+"""The defaults study (issue 26): the decision, computed from ``bench_accuracy``'s banked folds.
+
+Fits nothing. It reads the fold records that ``bench_accuracy.py`` cached under
+``benchmarks/results/cache/`` (the same stratified 5 folds, seed 0, for every model; the
+commands that filled them are in ``COMMANDS``), and prints, per data set, accuracy, balanced
+accuracy, log loss, fit time and T-GEM's attention entropy per layer, then the paired
+differences the decision rests on, each with its 95 % confidence interval, and the rules:
+
+1. **CITE-seq, non-inferiority:** the candidate's accuracy minus today's recipe's
+   (``StandardScaler`` + learning rate 1e-3), 95 % interval above -0.5 points.
+2. **PBMC and ALL mol_biol, no loss:** the candidate never significantly worse (p < 0.05) than
+   the original's defaults.
+3. **Targets:** on CITE-seq the candidate's interval against logistic regression above -1 point;
+   on PBMC and mol_biol never significantly worse than the best of the random forest, the MLP
+   and gradient boosting, and significantly better than the original's defaults on at least one.
+4. **Ablation:** the candidate against the same network with uniform attention
+   (``qk_init_scale=0``), on the same folds.
+
+The intervals are Student-t intervals on the fold-wise differences with the Nadeau-Bengio
+variance correction for overlapping training sets (``bench_accuracy.nadeau_bengio``, the
+paired test every table of ``bench_accuracy`` uses); the uncorrected interval is printed
+beside it. On PBMC and mol_biol the candidate is represented by its screen twin
+``tgem_scaled_lr1e-3_wd1e-2`` (``StandardScaler`` in front instead of ``standardize=True``:
+the same statistics, ``ddof=0`` and scale 1 for constant genes) wherever the candidate's own
+folds are not banked; both are shown when both are.
+
+Usage::
+
+    python benchmarks/defaults_study.py            # prints the tables, saves JSON and Markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_accuracy as bench  # noqa: E402
+
+#: The configurations compared on each data set (bench_accuracy model names).
+RECIPE = "tgem_scaled_lr1e-3"
+CANDIDATE = "tgem_std_lr1e-3_wd1e-2"
+SCREEN_TWIN = "tgem_scaled_lr1e-3_wd1e-2"
+UNIFORM = "tgem_std_lr1e-3_wd1e-2_uniform"
+ORIGINAL = "tgem_original"
+BASELINES = ("logistic_regression", "random_forest", "mlp", "hist_gradient_boosting")
+STUDY = {
+    "citeseq": (ORIGINAL, RECIPE, CANDIDATE, UNIFORM, *BASELINES),
+    "pbmc": (ORIGINAL, RECIPE, SCREEN_TWIN, CANDIDATE, UNIFORM, *BASELINES),
+    "all_mol_biol": (ORIGINAL, RECIPE, SCREEN_TWIN, CANDIDATE, UNIFORM, *BASELINES),
+}
+#: How the folds were banked (each resumable; the cache makes reruns free).
+COMMANDS = (
+    "python benchmarks/bench_accuracy.py --datasets pbmc,all_mol_biol --models "
+    "tgem_original,tgem_scaled_lr1e-3,tgem_scaled_lr1e-3_wd1e-2,random_forest,"
+    "logistic_regression,mlp,hist_gradient_boosting --n-repeats 1 --timing-genes= --tag screen_r1",
+    "python benchmarks/bench_accuracy.py --datasets citeseq --models logistic_regression,"
+    "random_forest,tgem_scaled_lr1e-3,tgem_std_lr1e-3_wd1e-2,tgem_std_lr1e-3_wd1e-2_uniform "
+    "--n-repeats 1 --timing-genes= --threads 2 --tag citeseq_r2",
+    "python benchmarks/bench_accuracy.py --datasets pbmc,all_mol_biol --models "
+    "tgem_std_lr1e-3_wd1e-2,tgem_std_lr1e-3_wd1e-2_uniform --n-repeats 1 --timing-genes= "
+    "--threads 2 --tag guards_r2",
+)
+#: Non-inferiority margins (accuracy, as a fraction).
+MARGIN_RECIPE = -0.005
+MARGIN_LR = -0.01
+
+
+def paired(a: list[dict], b: list[dict], metric: str = "accuracy") -> dict | None:
+    """Fold-wise ``a - b`` on the folds both have: mean, 95 % intervals (Nadeau-Bengio
+    corrected and plain), p (corrected), the number of folds.
+
+    Examples
+    --------
+    >>> recs = lambda v: [{"fold": i, "n_train": 80, "n_test": 20, "accuracy": x}
+    ...                   for i, x in enumerate(v)]
+    >>> r = paired(recs([0.9, 0.8, 0.85]), recs([0.8, 0.8, 0.8]))
+    >>> r["n"], round(r["mean"], 3), r["ci"][0] < r["ci_plain"][0] < r["mean"]
+    (3, 0.05, True)
+    """
+    ra = {r["fold"]: r for r in a if r.get(metric) is not None}
+    rb = {r["fold"]: r for r in b if r.get(metric) is not None}
+    common = sorted(set(ra) & set(rb))
+    if len(common) < 2:
+        return None
+    d = np.array([ra[k][metric] - rb[k][metric] for k in common], dtype=np.float64)
+    n_train = float(np.mean([ra[k]["n_train"] for k in common]))
+    n_test = float(np.mean([ra[k]["n_test"] for k in common]))
+    j = d.size
+    var = float(d.var(ddof=1)) if np.ptp(d) > 0 else 0.0
+    t = float(stats.t.ppf(0.975, j - 1))
+    se_nb = math.sqrt((1.0 / j + n_test / n_train) * var)
+    se = math.sqrt(var / j)
+    test = bench.nadeau_bengio(d.tolist(), int(n_train), int(n_test))
+    mean = float(d.mean())
+    return {
+        "n": j,
+        "folds": common,
+        "diffs": d.tolist(),
+        "mean": mean,
+        "ci": [mean - t * se_nb, mean + t * se_nb],
+        "ci_plain": [mean - t * se, mean + t * se],
+        "p": test["p"],
+    }
+
+
+def _row(recs: list[dict]) -> dict:
+    def mean(key):
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        return (float(np.mean(vals)), len(vals)) if vals else (math.nan, 0)
+
+    ent = [
+        r["entropy_below_uniform_per_layer"] for r in recs if "entropy_below_uniform_per_layer" in r
+    ]
+    return {
+        "folds": [r["fold"] for r in recs],
+        "accuracy": mean("accuracy"),
+        "balanced_accuracy": mean("balanced_accuracy"),
+        "log_loss": mean("log_loss"),
+        "fit_s": mean("fit_s"),
+        "entropy_below_uniform_per_layer": (
+            np.mean(np.asarray(ent, dtype=np.float64), axis=0).tolist() if ent else None
+        ),
+        "entropy_per_layer": (
+            np.mean(
+                [r["entropy_per_layer"] for r in recs if "entropy_per_layer" in r], axis=0
+            ).tolist()
+            if ent
+            else None
+        ),
+    }
+
+
+def collect(data_dir: Path, cache_dir: Path, datasets) -> dict:
+    """``{dataset: {model: [records]}}`` of the banked folds (nothing is fitted)."""
+    out = {}
+    for name in datasets:
+        ds = bench.load_dataset(name, data_dir)
+        res = bench.run_cv(
+            [ds],
+            list(STUDY[name]),
+            bench.Settings(),
+            n_splits=5,
+            n_repeats=1,
+            cache_dir=cache_dir,
+            cached_only=True,
+        )
+        out[name] = res[name]
+    return out
+
+
+def _fmt_ci(p: dict | None, scale: float = 100.0) -> str:
+    if p is None:
+        return "n/a"
+    lo, hi = p["ci"]
+    return (
+        f"{scale * p['mean']:+.2f} [{scale * lo:+.2f}, {scale * hi:+.2f}] "
+        f"({p['n']} folds, p {p['p']:.3f})"
+    )
+
+
+def decide(results: dict) -> dict:
+    """Every comparison of the study and the verdict of each rule (None: not yet decidable)."""
+    comp: dict = {}
+    verdicts: dict = {}
+    for ds, by in results.items():
+        c = {}
+
+        def pair(a, b, *, _by=by, _c=c):
+            if _by.get(a) and _by.get(b):
+                _c[f"{a} - {b}"] = paired(_by[a], _by[b])
+
+        cand = CANDIDATE if len(by.get(CANDIDATE, [])) == 5 or ds == "citeseq" else SCREEN_TWIN
+        for other in (RECIPE, ORIGINAL, UNIFORM, SCREEN_TWIN, *BASELINES):
+            if other != cand:
+                pair(cand, other)
+        if cand != CANDIDATE:
+            pair(CANDIDATE, ORIGINAL)
+        pair(RECIPE, ORIGINAL)
+        comp[ds] = {"candidate": cand, "pairs": c}
+    cite = comp.get("citeseq", {}).get("pairs", {})
+    vs_recipe = cite.get(f"{CANDIDATE} - {RECIPE}")
+    verdicts["citeseq_not_worse_than_recipe"] = (
+        None if vs_recipe is None or vs_recipe["n"] < 5 else vs_recipe["ci"][0] > MARGIN_RECIPE
+    )
+    vs_lr = cite.get(f"{CANDIDATE} - logistic_regression")
+    verdicts["citeseq_within_1pt_of_lr"] = (
+        None if vs_lr is None or vs_lr["n"] < 5 else vs_lr["ci"][0] > MARGIN_LR
+    )
+    guards_ok, better_somewhere, vs_best = [], [], {}
+    for ds in ("pbmc", "all_mol_biol"):
+        if ds not in comp:
+            continue
+        cand = comp[ds]["candidate"]
+        p = comp[ds]["pairs"].get(f"{cand} - {ORIGINAL}")
+        if p is not None:
+            guards_ok.append(not (p["p"] < 0.05 and p["mean"] < 0))
+            better_somewhere.append(p["p"] < 0.05 and p["mean"] > 0)
+        best = max(
+            (b for b in ("random_forest", "mlp", "hist_gradient_boosting") if results[ds].get(b)),
+            key=lambda b: np.mean([r["accuracy"] for r in results[ds][b]]),
+            default=None,
+        )
+        if best is not None:
+            q = comp[ds]["pairs"].get(f"{cand} - {best}")
+            vs_best[ds] = {
+                "best": best,
+                "not_significantly_worse": None
+                if q is None
+                else not (q["p"] < 0.05 and q["mean"] < 0),
+            }
+    verdicts["guards_never_worse_than_original"] = all(guards_ok) if guards_ok else None
+    verdicts["significantly_better_than_original_somewhere"] = (
+        any(better_somewhere) if better_somewhere else None
+    )
+    verdicts["guards_vs_best_tree_or_mlp"] = vs_best
+    abl = {ds: comp[ds]["pairs"].get(f"{comp[ds]['candidate']} - {UNIFORM}") for ds in comp}
+    verdicts["ablation_learned_minus_uniform"] = abl
+    change = (
+        verdicts["citeseq_not_worse_than_recipe"] and verdicts["guards_never_worse_than_original"]
+    )
+    verdicts["change_defaults"] = change
+    return {"comparisons": comp, "verdicts": verdicts}
+
+
+def to_markdown(results: dict, decision: dict) -> str:
+    lines = [
+        "# The defaults study (issue 26)",
+        "",
+        f"Generated by `python benchmarks/defaults_study.py` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the banked folds of "
+        "`bench_accuracy.py` (1 x stratified 5 folds, seed 0; same folds for every model). "
+        "The folds were banked by:",
+        "",
+        *[f"    {c}" for c in COMMANDS],
+        "",
+        "Candidate: `TGEMClassifier(standardize=True, learning_rate=1e-3, weight_decay=1e-2)`; "
+        "recipe: `make_pipeline(StandardScaler(), TGEMClassifier(learning_rate=1e-3))`; "
+        "original: `TGEMClassifier.original()` (tgem 0.1's defaults); uniform: the candidate "
+        "with `qk_init_scale=0` (scores stay 0, A_ij = 1/G for j != i).",
+        "",
+    ]
+    for ds, by in results.items():
+        lines += [
+            f"## {ds}",
+            "",
+            "| model | folds | accuracy | balanced acc. | log loss | fit s | "
+            "entropy below uniform per layer (nats) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, recs in by.items():
+            if not recs:
+                continue
+            r = _row(recs)
+            ent = r["entropy_below_uniform_per_layer"]
+            ent_s = "" if ent is None else " / ".join(f"{v:.4f}" for v in ent)
+            ll = r["log_loss"]
+            ll_s = (
+                "n/a"
+                if ll[1] == 0
+                else f"{ll[0]:.3f}" + ("" if ll[1] == len(recs) else f" ({ll[1]} folds)")
+            )
+            lines.append(
+                f"| {name} | {len(recs)} | {r['accuracy'][0]:.3f} | "
+                f"{r['balanced_accuracy'][0]:.3f} | {ll_s} | {r['fit_s'][0]:.0f} | {ent_s} |"
+            )
+        comp = decision["comparisons"].get(ds, {})
+        lines += [
+            "",
+            f"Paired accuracy differences, points, mean [95 % interval, Nadeau-Bengio corrected] "
+            f"(candidate here: `{comp.get('candidate')}`):",
+            "",
+        ]
+        for k, p in comp.get("pairs", {}).items():
+            plain = (
+                ""
+                if p is None
+                else f"; uncorrected [{100 * p['ci_plain'][0]:+.2f}, {100 * p['ci_plain'][1]:+.2f}]"
+            )
+            lines.append(f"- {k}: {_fmt_ci(p)}{plain}")
+        lines.append("")
+    v = decision["verdicts"]
+    lines += ["## Verdicts", ""]
+    for k, val in v.items():
+        if isinstance(val, dict):
+            for ds, x in val.items():
+                lines.append(
+                    f"- {k} [{ds}]: {_fmt_ci(x) if isinstance(x, dict) and 'mean' in x else x}"
+                )
+        else:
+            lines.append(f"- {k}: {'not yet decidable' if val is None else val}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=bench.DATA_DIR)
+    parser.add_argument("--results-dir", type=Path, default=bench.RESULTS_DIR)
+    parser.add_argument("--datasets", default="citeseq,pbmc,all_mol_biol")
+    args = parser.parse_args(argv)
+    datasets = [d for d in args.datasets.split(",") if d]
+    results = collect(args.data_dir, args.results_dir / "cache", datasets)
+    decision = decide(results)
+    md = to_markdown(results, decision)
+    print(md)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "defaults_study.md").write_text(md)
+    payload = {
+        "results": {
+            ds: {m: [_row(recs)] for m, recs in by.items() if recs} for ds, by in results.items()
+        },
+        **decision,
+    }
+    (args.results_dir / "defaults_study.json").write_text(
+        json.dumps(payload, indent=1, default=bench._json_default)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
