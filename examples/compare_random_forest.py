@@ -28,7 +28,7 @@ X, y = load_pbmc68k(return_X_y=True, as_frame=True)
 folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
 
 models = {
-    "T-GEM": TGEMClassifier(learning_rate=1e-3, max_epochs=15, random_state=0),
+    "T-GEM": TGEMClassifier(max_epochs=15, random_state=0),
     "random forest": RandomForestClassifier(n_estimators=500, random_state=0),
     "logistic regression": make_pipeline(
         StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)

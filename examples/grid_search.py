@@ -29,7 +29,7 @@ X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratif
 pipeline = Pipeline(
     [
         ("genes", SelectKBest(f_classif, k=200)),
-        ("tgem", TGEMClassifier(learning_rate=1e-3, max_epochs=10, random_state=0)),
+        ("tgem", TGEMClassifier(max_epochs=10, random_state=0)),
     ]
 )
 grid = {

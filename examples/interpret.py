@@ -29,7 +29,7 @@ out.mkdir(parents=True, exist_ok=True)
 
 X, y = load_pbmc68k(return_X_y=True, as_frame=True)
 X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
-clf = TGEMClassifier(learning_rate=1e-3, max_epochs=20, random_state=0).fit(X_train, y_train)
+clf = TGEMClassifier(max_epochs=20, random_state=0).fit(X_train, y_train)
 print(f"held-out accuracy: {clf.score(X_test, y_test):.3f}")
 
 # 1. Gene rankings: mean Integrated Gradients of the true class's log-probability per type.

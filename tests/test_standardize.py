@@ -138,11 +138,13 @@ def test_the_users_arrays_are_not_modified():
             assert np.array_equal(data, before)
 
 
-def test_off_by_default_and_the_network_has_no_statistics():
+def test_on_by_default_and_off_leaves_the_network_without_statistics():
     X, y = _data()
-    clf = TGEMClassifier(**FAST).fit(X, y)
-    assert clf.standardize is False
+    assert TGEMClassifier().standardize is True
+    clf = TGEMClassifier(**{**FAST, "standardize": False}).fit(X, y)
     assert not any(k.startswith("input_") for k in clf.module_.state_dict())
+    on = TGEMClassifier(**{**FAST, "standardize": True}).fit(X, y)
+    assert {"input_mean", "input_scale"} <= set(on.module_.state_dict())
 
 
 def test_warm_start_keeps_the_statistics_of_the_first_fit():
