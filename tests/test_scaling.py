@@ -388,6 +388,8 @@ def test_dask_probabilities_and_integrated_gradients_equal_local(pbmc, dask_clie
     clf = TGEMClassifier(
         n_layers=1, n_heads=2, max_epochs=3, learning_rate=1e-2, n_threads=1, random_state=0
     ).fit(X, y)
+    # the default standardisation travels inside the model: every worker uses fit's statistics
+    assert clf.standardize and clf.module_.standardize
     DX = da.from_array(X, chunks=(50, -1))
     P = tdask.predict_proba(clf, DX)
     # the model is one scattered future, referenced by key: no task holds a copy
