@@ -60,6 +60,7 @@ the ``--threads`` of the final run, or their folds are fitted again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -354,13 +355,37 @@ class _TunedT(GridSearchCV):
         return self.best_estimator_.predict(X)
 
 
+@contextlib.contextmanager
+def _v01_defaults():
+    """``TGEMClassifier``'s constructor defaults set to tgem 0.1's for the duration: the
+    estimators' reprs inside a Pipeline's ``steps`` list only the parameters that differ from
+    the defaults, so a key must be written against fixed defaults to survive their change."""
+    from tgem import TGEMClassifier
+    from tgem._presets import ORIGINAL_PARAMS, V01_VALUES
+
+    kwdefaults = TGEMClassifier.__init__.__kwdefaults__
+    saved = dict(kwdefaults)
+    kwdefaults.update({k: v for k, v in {**ORIGINAL_PARAMS, **V01_VALUES}.items() if k in saved})
+    try:
+        yield
+    finally:
+        kwdefaults.clear()
+        kwdefaults.update(saved)
+
+
 def model_key(model) -> str:
     """A stable text description of an estimator's configuration (for the cache key).
 
     Parameters added to ``TGEMClassifier`` after tgem 0.1 are left out while they hold the value
     that behaves as 0.1 did (``tgem._presets.V01_VALUES``), so folds cached before they existed
-    keep their keys.
+    keep their keys; nested estimators' reprs are written against tgem 0.1's defaults, so the
+    keys do not move when the library's defaults do.
     """
+    with _v01_defaults():
+        return _model_key(model)
+
+
+def _model_key(model) -> str:
     from tgem._presets import V01_VALUES
 
     params = {
