@@ -316,8 +316,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         The temperature of ``predict_proba``: 1 unless fitted with
         ``calibration="temperature"``.
     calibration_report_ : dict
-        With ``calibration="temperature"``: ``n_train`` and ``n_calibration`` (held-out cells
-        with a positive weight), ``temperature``, ``temperature_at_bound`` (True when the
+        With ``calibration="temperature"``: ``n_train`` (cells the network trained on,
+        without early stopping's validation cells), ``n_calibration`` (held-out cells with a
+        positive weight), ``temperature``, ``temperature_at_bound`` (True when the
         fitted temperature lies on a bound of the search, 0.01 or 100, e.g. when every
         held-out cell is classified correctly), the held-out ``accuracy``, the mean negative
         log-likelihood (sample-weighted) ``nll_before`` and ``nll_after`` the temperature,
@@ -823,7 +824,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         """Fit the temperature, the rejection thresholds and the conformal scores."""
         X_cal, y_cal, w_cal, rows = cal
         logits: list[np.ndarray] = []
-        with captured_logits(self, logits):
+        with captured_logits(self, logits), warnings.catch_warnings():
+            # X_cal is the validated array of fit's X: its gene names were checked there
+            warnings.filterwarnings("ignore", message="X does not have valid feature names")
             raw = self._log_proba(X_cal)
         logits = np.concatenate(logits) if logits else np.empty((0, raw.shape[1]))
         if logits.shape != raw.shape:  # a batch rerun after running out of memory
@@ -870,12 +873,18 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.conformal_scores_ = np.asarray(scores, dtype=np.float64)
         self.calibration_indices_ = np.asarray(rows, dtype=np.int64)
         if at_bound:
+            why = (
+                "the held-out cells are classified with margins the log loss keeps rewarding, "
+                "e.g. all of them correctly"
+                if self.temperature_ < 1
+                else "the network's outputs say almost nothing about the held-out labels, "
+                "e.g. it is barely trained"
+            )
             warnings.warn(
                 f"calibration: the temperature that minimises the held-out log loss lies on "
-                f"the bound of its search, T = {self.temperature_:g} (the held-out cells are "
-                "classified with margins the log loss keeps rewarding, e.g. all correctly); "
-                "the calibrated probabilities are then not well determined. Hold out more "
-                "cells (calibration_fraction) or check calibration_report_.",
+                f"the bound of its search, T = {self.temperature_:g} ({why}); the calibrated "
+                "probabilities are then not well determined. Hold out more cells "
+                "(calibration_fraction), train longer, or check calibration_report_.",
                 UserWarning,
                 stacklevel=4,
             )
