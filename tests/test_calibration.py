@@ -172,6 +172,7 @@ def test_the_network_never_trains_on_the_held_out_cells():
     assert held.calibration_report_["n_train"] == len(kept)
 
 
+@pytest.mark.filterwarnings("ignore:calibration. the temperature")  # 3 epochs: maybe T = 100
 def test_early_stopping_validates_on_the_cells_left_after_the_hold_out():
     X, y = _data(n=200)
     clf = TGEMClassifier(

@@ -811,9 +811,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 UserWarning,
                 stacklevel=4,
             )
-        if is_h5ad_input(X):  # sorted rows keep the chunked reads sequential
-            train, held = np.sort(train), np.sort(held)
-        return (
+        return (  # both sorted: an .h5ad file is read in disk order
             take_rows(X, train),
             y_enc[train],
             weights[train],
