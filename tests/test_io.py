@@ -300,11 +300,11 @@ def test_missing_file_raises_file_not_found(tmp_path):
 
 def test_unknown_format_version_is_refused(fitted):
     clf, _ = fitted
-    data = _rebuild(_to_bytes(clf), header=lambda h: h.update(format_version=2))
+    data = _rebuild(_to_bytes(clf), header=lambda h: h.update(format_version=3))
     with pytest.raises(
         ModelFileError,
-        match=r"format version 2 .*reads format version\(s\) "
-        r"\[1\]",
+        match=r"format version 3 .*reads format version\(s\) "
+        r"\[1, 2\]",
     ):
         load(io.BytesIO(data))
 

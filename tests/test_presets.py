@@ -29,6 +29,7 @@ ORIGINAL = {
     "standardize": False,
     "qk_init_scale": 1.0,
     "importance_baseline": "zeros",
+    "calibration": None,
 }
 
 #: Today's defaults, every one of them: changing a default means editing this test.
@@ -39,6 +40,7 @@ DEFAULTS = {
     **CHANGED_FROM_ORIGINAL,
     "validation_fraction": 0.1,
     "n_iter_no_change": 10,
+    "calibration_fraction": 0.1,
     "attention_backend": "auto",
     "device": "auto",
     "n_threads": None,

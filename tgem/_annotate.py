@@ -12,18 +12,15 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
 
 __all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
-
-#: Rejection rules: the score of each cell, higher meaning more confident.
-RULES = ("max_proba", "energy")
 
 #: Threshold of the max-probability rule when none is given.
 DEFAULT_MAX_PROBA_THRESHOLD = 0.5
@@ -38,15 +35,31 @@ def _check_rule(rule) -> str:
     return rule
 
 
+def _resolve_threshold(threshold, rule: str, model) -> tuple[float, str]:
+    """The threshold to use and where it came from: "given", "calibration" or "default".
+
+    Without a given threshold, a model fitted with ``calibration="temperature"`` supplies
+    the one fitted on its held-out cells (``rejection_thresholds_``).
+    """
+    if threshold is not None:
+        return _check_threshold(threshold, rule), "given"
+    fitted = getattr(model, "rejection_thresholds_", None) or {}
+    if rule in fitted:
+        return _check_threshold(fitted[rule], rule), "calibration"
+    return _check_threshold(None, rule), "default"
+
+
 def _check_threshold(threshold, rule: str) -> float:
     """The threshold as a float, in the range of the rule's score."""
     if threshold is None:
         if rule == "max_proba":
             return DEFAULT_MAX_PROBA_THRESHOLD
         raise ValueError(
-            "rule='energy' has no default threshold (its scale depends on the model); got "
-            "threshold=None. Pass threshold=tgem.fit_rejection_threshold(model, X_cal, "
-            "y_cal, rule='energy') with cells the model did not train on."
+            "rule='energy' has no default threshold (its scale depends on the model) and the "
+            "model was not fitted with calibration='temperature'; got threshold=None. Pass "
+            "threshold=tgem.fit_rejection_threshold(model, X_cal, y_cal, rule='energy') with "
+            "cells the model did not train on, or fit the model with "
+            "calibration='temperature'."
         )
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a real number; got {threshold!r}.")
@@ -72,27 +85,10 @@ def _check_unassigned(unassigned, classes) -> str:
     return unassigned
 
 
-@contextmanager
-def _captured_logits(model, store: list):
-    """Record the output of the network's last linear layer (the logits) batch by batch."""
-    handle = model.module_.classifier.register_forward_hook(
-        lambda module, inputs, output: store.append(output.detach().double().cpu().numpy())
-    )
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _energy(logits: np.ndarray) -> np.ndarray:
-    top = logits.max(axis=1, keepdims=True)
-    return (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
-
-
 def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and each row's confidence score under ``rule``."""
     logits: list[np.ndarray] = []
-    with _captured_logits(model, logits):
+    with captured_logits(model, logits):
         proba = model.predict_proba(X)
     if rule == "max_proba":
         return proba, proba.max(axis=1)
@@ -102,7 +98,7 @@ def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
             f"collected logits of shape {logits.shape} for probabilities of shape "
             f"{proba.shape}; rerun with a smaller predict_batch_size."
         )
-    return proba, _energy(logits)
+    return proba, energy(logits)
 
 
 def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
@@ -139,9 +135,12 @@ def predict_with_rejection(
         Samples, with the model's genes (never modified).
     threshold : float, optional
         Samples with a score (see :func:`rejection_scores`) strictly below it are
-        unassigned. ``rule="max_proba"``: a probability in [0, 1], 0.5 when not given.
-        ``rule="energy"``: any finite number, required; fit it with
-        :func:`fit_rejection_threshold` on cells the model did not train on.
+        unassigned. ``rule="max_proba"``: a probability in [0, 1]. ``rule="energy"``: any
+        finite number. When not given: the threshold fitted on the model's held-out cells
+        (``model.rejection_thresholds_[rule]``, for a model fitted with
+        ``calibration="temperature"``), else 0.5 for ``"max_proba"``, while ``"energy"``
+        then requires one; fit it with :func:`fit_rejection_threshold` on cells the model
+        did not train on.
     rule : {"max_proba", "energy"}, default="max_proba"
         The confidence score.
     unassigned : str, default="unassigned"
@@ -164,7 +163,7 @@ def predict_with_rejection(
     {'unassigned'}
     """
     rule = _check_rule(rule)
-    threshold = _check_threshold(threshold, rule)
+    threshold, _ = _resolve_threshold(threshold, rule, model)
     unassigned = _check_unassigned(unassigned, model.classes_)
     proba, score = _proba_and_score(model, X, rule)
     labels = model.classes_[np.argmax(proba, axis=1)].astype(object)
@@ -220,8 +219,7 @@ def fit_rejection_threshold(
             "none of the calibration labels is one of the model's classes "
             f"{list(model.classes_)[:5]}; pass labelled cells of the types the model knows."
         )
-    ordered = np.sort(scores[seen])
-    return float(ordered[int(math.floor(target_rejection * len(ordered)))])
+    return rejection_threshold(scores[seen], target_rejection)
 
 
 # ------------------------------------------------------------------ annotate
@@ -294,7 +292,7 @@ def _h5ad_safe(value):
     return repr(value)
 
 
-def _identity(model, match, rule, threshold, unassigned, layer, fill_rule) -> dict:
+def _identity(model, match, rule, threshold, source, unassigned, layer, fill_rule) -> dict:
     from tgem import __version__
 
     return {
@@ -306,6 +304,7 @@ def _identity(model, match, rule, threshold, unassigned, layer, fill_rule) -> di
         "rejection": {
             "rule": rule if rule is not None else "none",
             "threshold": float(threshold) if threshold is not None else float("nan"),
+            "threshold_source": source,
             "unassigned": unassigned,
         },
         "layer": "X" if layer is None else layer,
@@ -384,8 +383,10 @@ def annotate(
     reject : {"max_proba", "energy"} or None, default="max_proba"
         The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
     threshold : float, optional
-        Cells whose score is below it are labelled ``unassigned``; 0.5 for
-        ``"max_proba"`` when not given, required for ``"energy"``.
+        Cells whose score is below it are labelled ``unassigned``. When not given: the
+        model's threshold fitted on its held-out cells (``rejection_thresholds_``, with
+        ``calibration="temperature"``), else 0.5 for ``"max_proba"``, while ``"energy"``
+        then requires one.
     unassigned : str, default="unassigned"
         The label of rejected cells.
     fill_value : float, optional
@@ -422,7 +423,8 @@ def annotate(
           ``majority_voting``;
         - ``uns[key]``: the model's identity (``tgem_version``, ``params``, ``classes``),
           the gene-match report (``gene_match``), the fill rule and the rejection rule,
-          threshold and label; plain values that survive ``write_h5ad`` and ``read_h5ad``.
+          threshold, its source (``"given"``, ``"calibration"`` or ``"default"``) and
+          label; plain values that survive ``write_h5ad`` and ``read_h5ad``.
 
     Notes
     -----
@@ -460,9 +462,10 @@ def annotate(
         raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size!r}.")
+    source = "none"
     if reject is not None:
         reject = _check_rule(reject)
-        threshold = _check_threshold(threshold, reject)
+        threshold, source = _resolve_threshold(threshold, reject, model)
     unassigned = _check_unassigned(unassigned, model.classes_)
     clusters = None if majority_voting is None else _check_clusters(adata, majority_voting)
     if copy:
@@ -503,7 +506,7 @@ def annotate(
         adata.varm[f"{key_added}_importances"] = _per_data_gene(
             attributions, predicted, n_classes, match, adata.n_vars
         )
-    identity = _identity(model, match, reject, threshold, unassigned, layer, fill_rule)
+    identity = _identity(model, match, reject, threshold, source, unassigned, layer, fill_rule)
     if majority_voting is not None:
         identity["majority_voting"] = _majority_vote(
             adata, majority_voting, clusters, labels, key_added

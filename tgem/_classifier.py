@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -27,6 +28,20 @@ from sklearn.utils.validation import (
 )
 
 from tgem._attention import backend_names
+from tgem._calibration import (
+    TARGET_REJECTION,
+    captured_logits,
+    check_alpha,
+    conformal_quantile,
+    conformity_scores,
+    energy,
+    expected_calibration_error,
+    fit_temperature,
+    prediction_sets,
+    rejection_threshold,
+    scale_log_proba,
+    split_calibration,
+)
 from tgem._distributed import resolve_distributed
 from tgem._finite import MAX_ABS_VALUE  # noqa: F401 - re-exported: the documented input limit
 from tgem._finite import check_magnitude as _check_magnitude
@@ -225,6 +240,20 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Share of the training data held out when ``early_stopping`` is on (ignored otherwise).
     n_iter_no_change : int, default=10
         Patience of early stopping, in epochs.
+    calibration : {"temperature"} or None, default=None
+        ``"temperature"`` holds out ``calibration_fraction`` of the training cells
+        (stratified), trains on the rest, and fits on the held-out cells: a temperature
+        ``temperature_`` that ``predict_proba`` applies (``softmax(logits / T)``, minimising
+        their negative log-likelihood; ``predict`` is unchanged), the thresholds
+        ``rejection_thresholds_`` that :func:`tgem.annotate` and
+        :func:`tgem.predict_with_rejection` use by default, and the scores of the conformal
+        prediction sets of :meth:`predict_set`. The network trains on fewer cells:
+        ``calibration_report_`` shows the held-out accuracy and log loss.
+        None trains on all cells, with temperature 1.
+    calibration_fraction : float, default=0.1
+        Share of each class held out when ``calibration="temperature"`` (rounded per class;
+        at least one cell of each class, and at least one left to train on); ignored
+        otherwise. The ``early_stopping`` validation cells come from the remaining cells.
     class_weight : dict, "balanced" or None, default=None
         Weights of the classes in the loss: ``{label: weight}`` (weights >= 0),
         ``"balanced"`` (inverse class frequency) or None (all 1).
@@ -284,6 +313,30 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         the lowest training loss, kept for recovery from a failed fit).
     n_iter_ : int
         Epochs run.
+    temperature_ : float
+        The temperature of ``predict_proba``: 1 unless fitted with
+        ``calibration="temperature"``.
+    calibration_report_ : dict
+        With ``calibration="temperature"``: ``n_train`` (cells the network trained on,
+        without early stopping's validation cells), ``n_calibration`` (held-out cells with a
+        positive weight), ``temperature``, ``temperature_at_bound`` (True when the
+        fitted temperature lies on a bound of the search, 0.01 or 100, e.g. when every
+        held-out cell is classified correctly), the held-out ``accuracy``, the mean negative
+        log-likelihood (sample-weighted) ``nll_before`` and ``nll_after`` the temperature,
+        the expected calibration errors (15 bins) ``ece_before`` and ``ece_after``, and the
+        ``target_rejection`` of ``rejection_thresholds_``.
+    rejection_thresholds_ : dict
+        With ``calibration="temperature"``: for each rejection rule (``"max_proba"`` on the
+        calibrated probabilities, ``"energy"`` on the logits) the threshold that rejects at
+        most 5 % (``tgem._calibration.TARGET_REJECTION``) of the held-out cells, as
+        :func:`tgem.fit_rejection_threshold` fits it.
+    conformal_scores_ : ndarray of shape (n_calibration,)
+        With ``calibration="temperature"``: ``1 - p(true class)`` of the held-out cells
+        (calibrated probabilities), sorted; the split-conformal scores of
+        :meth:`predict_set`.
+    calibration_indices_ : ndarray of shape (n_calibration_all,)
+        With ``calibration="temperature"``: the rows of ``fit``'s ``X`` held out (sorted).
+        Kept in memory and pickles only; model files do not hold it.
 
     See Also
     --------
@@ -339,6 +392,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+        "calibration": [StrOptions({"temperature"}), None],
+        "calibration_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "attention_backend": [str],
         "device": [str],
@@ -371,6 +426,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=10,
+        calibration=None,
+        calibration_fraction=0.1,
         class_weight=None,
         attention_backend="auto",
         device="auto",
@@ -396,6 +453,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.calibration = calibration
+        self.calibration_fraction = calibration_fraction
         self.class_weight = class_weight
         self.attention_backend = attention_backend
         self.device = device
@@ -602,7 +661,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 "value or fit with warm_start=False."
             )
         rs = check_random_state(self.random_state)
-        seeds = rs.randint(0, _MAX_SEED, size=4)
+        # the calibration split's seed comes fifth: the first four stay those of 0.1
+        seeds = rs.randint(0, _MAX_SEED, size=4 if self.calibration is None else 5)
         device = resolve_device(self.device)
         dist = resolve_distributed(self.distributed, device)
         if dist is not None:  # DDP: one device per process, rank 0's seeds everywhere
@@ -612,15 +672,22 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if self.standardize and not warm:  # a warm fit keeps the first fit's statistics
             statistics = input_statistics(X, dist)
 
-        X_train, y_train, w_train, valid = X, y_enc, weights, None
+        X_train, y_train, w_train, valid, cal = X, y_enc, weights, None, None
+        if self.calibration is not None:
+            X_train, y_train, w_train, cal = self._split_calibration(
+                X, y_enc, weights, sample_weight, int(seeds[4]), warm
+            )
         if self.early_stopping:
-            X_train, y_train, w_train, valid = self._split_validation(X, y_enc, weights, seeds[0])
+            X_train, y_train, w_train, valid = self._split_validation(
+                X_train, y_train, w_train, seeds[0]
+            )
 
         if is_h5ad_input(X) and not warm:  # array input: set by validate_data
             self.n_features_in_ = X.shape[1]
             self.feature_names_in_ = X.var_names
         self.device_ = device
         self.classes_ = classes
+        self._reset_calibration()
 
         with torch_threads(self.n_threads):
             if warm:
@@ -684,6 +751,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 )
             except KeyboardInterrupt:
                 self._finish_fit(state, X, y_enc)
+                if cal is not None:
+                    self._calibrate(cal, X_train.shape[0], dist)
                 warnings.warn(
                     f"fit was interrupted after {len(state.history)} epoch(s); the model keeps "
                     f"the best weights so far (epoch {state.best_epoch}).",
@@ -697,6 +766,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             finally:
                 module.dropout.generator = None
         self._finish_fit(state, X, y_enc)
+        if cal is not None:
+            self._calibrate(cal, X_train.shape[0], dist)
         return self
 
     def _finish_fit(self, state: TrainState, X, y_enc):
@@ -708,6 +779,117 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         # kept (by reference, never copied or pickled) for lazy feature_importances_
         self._fit_data = (X, y_enc)
         self.__dict__.pop("_feature_importances", None)
+
+    # ------------------------------------------------------------------ calibration
+    def _reset_calibration(self) -> None:
+        """A new fit starts uncalibrated (checkpoints written while training hold T = 1)."""
+        for name in (
+            "rejection_thresholds_",
+            "calibration_report_",
+            "conformal_scores_",
+            "calibration_indices_",
+        ):
+            self.__dict__.pop(name, None)
+        self.temperature_ = 1.0
+
+    def _split_calibration(self, X, y_enc, weights, sample_weight, seed, warm):
+        """Training part and held-out calibration cells ``(X, y, sample_weight, rows)``."""
+        train, held = split_calibration(
+            y_enc, int(y_enc.max()) + 1, float(self.calibration_fraction), seed
+        )
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        if not np.any(sw[held] > 0):
+            raise ValueError(
+                f"all {len(held)} held-out calibration cells have sample_weight 0, so nothing "
+                "is left to calibrate on; give them positive weights or fit with "
+                "calibration=None."
+            )
+        if warm and not np.array_equal(held, self.__dict__.get("calibration_indices_")):
+            warnings.warn(
+                "warm_start=True with calibration='temperature' holds out other cells than "
+                "the previous fit did (it was not calibrated, random_state is not an int, or "
+                "X or y changed), so the network may have trained on some of the cells it is "
+                "now calibrated on, which makes the calibration over-confident. Fit with an "
+                "int random_state on the same X and y, or with warm_start=False.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return (  # both sorted: an .h5ad file is read in disk order
+            take_rows(X, train),
+            y_enc[train],
+            weights[train],
+            (take_rows(X, held), y_enc[held], sw[held], held),
+        )
+
+    def _calibrate(self, cal, n_train: int, dist) -> None:
+        """Fit the temperature, the rejection thresholds and the conformal scores."""
+        X_cal, y_cal, w_cal, rows = cal
+        logits: list[np.ndarray] = []
+        with captured_logits(self, logits), warnings.catch_warnings():
+            # X_cal is the validated array of fit's X: its gene names were checked there
+            warnings.filterwarnings("ignore", message="X does not have valid feature names")
+            raw = self._log_proba(X_cal)
+        logits = np.concatenate(logits) if logits else np.empty((0, raw.shape[1]))
+        if logits.shape != raw.shape:  # a batch rerun after running out of memory
+            raise RuntimeError(
+                f"collected logits of shape {logits.shape} for probabilities of shape "
+                f"{raw.shape} while calibrating; set a smaller predict_batch_size and refit."
+            )
+        keep = w_cal > 0
+        raw, logits, y_cal, w_cal = raw[keep], logits[keep], y_cal[keep], w_cal[keep]
+        temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y_cal, w_cal)
+        self.temperature_ = temperature
+        proba = self._proba_from_log(raw)
+        before = self._proba_from_log(raw, temperature=1.0)
+        values = np.array(
+            [
+                temperature,
+                float(at_bound),
+                float(np.mean(np.argmax(raw, axis=1) == y_cal)),
+                nll_before,
+                nll_after,
+                expected_calibration_error(y_cal, before),
+                expected_calibration_error(y_cal, proba),
+                rejection_threshold(proba.max(axis=1), TARGET_REJECTION),
+                rejection_threshold(energy(logits), TARGET_REJECTION),
+            ]
+        )
+        scores = conformity_scores(proba, y_cal)
+        if dist is not None:  # every process calibrates; all keep rank 0's result
+            values, scores = dist.broadcast(values), dist.broadcast(scores)
+        self.temperature_ = float(values[0])
+        self.calibration_report_ = {
+            "n_train": int(n_train),
+            "n_calibration": len(scores),
+            "temperature": float(values[0]),
+            "temperature_at_bound": bool(values[1]),
+            "accuracy": float(values[2]),
+            "nll_before": float(values[3]),
+            "nll_after": float(values[4]),
+            "ece_before": float(values[5]),
+            "ece_after": float(values[6]),
+            "target_rejection": TARGET_REJECTION,
+        }
+        self.rejection_thresholds_ = {"max_proba": float(values[7]), "energy": float(values[8])}
+        self.conformal_scores_ = np.asarray(scores, dtype=np.float64)
+        self.calibration_indices_ = np.asarray(rows, dtype=np.int64)
+        if at_bound:
+            why = (
+                "the held-out cells are classified with margins the log loss keeps rewarding, "
+                "e.g. all of them correctly"
+                if self.temperature_ < 1
+                else "the network's outputs say almost nothing about the held-out labels, "
+                "e.g. it is barely trained"
+            )
+            warnings.warn(
+                f"calibration: the temperature that minimises the held-out log loss lies on "
+                f"the bound of its search, T = {self.temperature_:g} ({why}); the calibrated "
+                "probabilities are then not well determined. Hold out more cells "
+                "(calibration_fraction), train longer, or check calibration_report_.",
+                UserWarning,
+                stacklevel=4,
+            )
+        logger.info("calibration: %s", self.calibration_report_)
 
     def _split_validation(self, X, y_enc, weights, seed):
         idx = np.arange(X.shape[0])
@@ -809,6 +991,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         ndarray of shape (n_samples, n_classes)
         """
         lp = self._log_proba(X)
+        temperature = getattr(self, "temperature_", 1.0)
+        if temperature != 1.0:
+            return scale_log_proba(lp, temperature)
         return lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -822,8 +1007,62 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        p = np.exp(self._log_proba(X))
+        return self._proba_from_log(self._log_proba(X))
+
+    def _proba_from_log(self, lp: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """Probabilities from the network's log-probabilities, at ``temperature_``."""
+        if temperature is None:
+            temperature = getattr(self, "temperature_", 1.0)
+        p = np.exp(lp if temperature == 1.0 else scale_log_proba(lp, temperature))
         return p / p.sum(axis=1, keepdims=True)
+
+    def predict_set(self, X, *, alpha: float = 0.1) -> np.ndarray:
+        """Split-conformal prediction sets: the classes each sample may belong to.
+
+        A class is in a sample's set when ``1 - p(class)`` is at most the
+        ``ceil((n + 1)(1 - alpha))``-th smallest of the ``n`` held-out calibration cells'
+        scores ``1 - p(true class)`` (``conformal_scores_``). When the samples and the
+        calibration cells are exchangeable (drawn alike, of the types the model knows), a
+        set holds the true class with probability at least ``1 - alpha`` (marginal
+        coverage, over samples and calibration draws). An empty set means no class is
+        plausible enough: treat the sample as unassigned; a set of several classes is an
+        ambiguous call. With ``alpha < 1 / (n + 1)`` every set holds every class.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
+        alpha : float in (0, 1), default=0.1
+            The allowed miscoverage.
+
+        Returns
+        -------
+        ndarray of bool, shape (n_samples, n_classes)
+            Columns in ``classes_`` order.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the model was not fitted with ``calibration="temperature"``.
+
+        Examples
+        --------
+        >>> from tgem import TGEMClassifier
+        >>> from tgem.datasets import load_pbmc68k
+        >>> X, y = load_pbmc68k(return_X_y=True)
+        >>> clf = TGEMClassifier(max_epochs=2, calibration="temperature", random_state=0)
+        >>> sets = clf.fit(X[:500], y[:500]).predict_set(X[500:], alpha=0.1)
+        >>> sets.shape, sets.dtype
+        ((200, 10), dtype('bool'))
+        """
+        check_is_fitted(self, "module_")
+        alpha = check_alpha(alpha)
+        scores = self.__dict__.get("conformal_scores_")
+        if scores is None:
+            raise NotFittedError(
+                "predict_set needs held-out calibration cells, but this model was fitted with "
+                f"calibration={self.calibration!r}; refit it with calibration='temperature'."
+            )
+        return prediction_sets(self.predict_proba(X), conformal_quantile(scores, alpha))
 
     def predict(self, X) -> np.ndarray:
         """Most probable class of each sample (``classes_[argmax(predict_proba)]``).
@@ -953,6 +1192,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         for name, value in V01_VALUES.items():  # pickles written by tgem 0.1 lack these
             state.setdefault(name, value)
         self.__dict__.update(state)
+        if init is not None:  # fitted before calibration existed: temperature 1
+            self.__dict__.setdefault("temperature_", 1.0)
         if "device_" in state:
             self.device_ = torch.device(state["device_"])
         if init is not None:

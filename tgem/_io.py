@@ -12,6 +12,11 @@ A tgem model file is a ZIP archive whose entries are stored uncompressed, in thi
     One NumPy ``.npy`` array per entry of the network's ``state_dict`` (little-endian).
 ``attributes/feature_importances_.npy``
     Only when the importances had been computed before saving.
+``attributes/conformal_scores_.npy``
+    Format version 2, only for a model fitted with ``calibration="temperature"``; the
+    header's ``fitted["calibration"]`` then holds the temperature, the rejection thresholds
+    and the calibration report (None otherwise). Version-1 files load without calibration
+    (temperature 1).
 ``SHA256``
     The hex SHA-256 of the payload: for every other entry, in archive order, its name
     (UTF-8), a zero byte, its length (8 bytes, little-endian) and its bytes.
@@ -62,8 +67,8 @@ logger = logging.getLogger(__name__)
 #: Value of the header's ``format`` field.
 FORMAT = "tgem-model"
 #: The format version this tgem writes; it reads this one and the ones listed in _READABLE.
-FORMAT_VERSION = 1
-_READABLE = (1,)
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 #: Largest model file :func:`load` reads, in bytes (1 GiB); larger files and streams are refused
 #: before they are read. A model of 20,000 genes, 8 layers and 8 heads in float64 takes ~40 MB.
 MAX_FILE_SIZE = 1 << 30
@@ -78,6 +83,20 @@ _MAX_COUNT = 2**31 - 1
 _HEADER = "tgem.json"
 _CHECKSUM = "SHA256"
 _FEATURE_IMPORTANCES = "attributes/feature_importances_.npy"
+_CONFORMAL_SCORES = "attributes/conformal_scores_.npy"
+# The calibration report's fields (format version 2) and the type each must have.
+_REPORT_FIELDS = {
+    "n_train": int,
+    "n_calibration": int,
+    "temperature": float,
+    "temperature_at_bound": bool,
+    "accuracy": float,
+    "nll_before": float,
+    "nll_after": float,
+    "ece_before": float,
+    "ece_after": float,
+    "target_rejection": float,
+}
 _ARRAY_DTYPES = {"<f2": torch.float16, "<f4": torch.float32, "<f8": torch.float64}
 _FLOAT_CODES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Fixed entry timestamps make two saves of one model byte-identical.
@@ -162,6 +181,9 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     importances = model.__dict__.get("_feature_importances")
     if importances is not None:
         arrays[_FEATURE_IMPORTANCES] = np.asarray(importances, dtype=np.float64)
+    scores = model.__dict__.get("conformal_scores_")
+    if scores is not None:
+        arrays[_CONFORMAL_SCORES] = np.asarray(scores, dtype=np.float64)
     blobs = {name: _npy_bytes(array) for name, array in arrays.items()}
     header = _header(model, _module_init(model.module_), arrays)
     header_bytes = json.dumps(header, indent=1, allow_nan=False).encode("utf-8")
@@ -398,12 +420,28 @@ def _header(model, module_init: dict, arrays: dict) -> dict:
             "device_": str(model.device_),
             "best_loss": _float_to_json(state.best_loss if state is not None else math.inf),
             "stopped": state.stopped if state is not None else "max_epochs",
+            "calibration": _calibration_to_json(model),
         },
         "module": module_init,
         "arrays": [
             {"name": name, "dtype": a.dtype.newbyteorder("<").str, "shape": list(a.shape)}
             for name, a in arrays.items()
         ],
+    }
+
+
+def _calibration_to_json(model) -> dict | None:
+    """The fitted temperature, rejection thresholds and report; None when not calibrated."""
+    report = model.__dict__.get("calibration_report_")
+    if report is None or "conformal_scores_" not in model.__dict__:
+        return None
+    return {
+        "temperature_": float(model.temperature_),
+        "rejection_thresholds_": {str(k): float(v) for k, v in model.rejection_thresholds_.items()},
+        "calibration_report_": {
+            k: (bool(v) if isinstance(v, bool | np.bool_) else _float_to_json(v))
+            for k, v in report.items()
+        },
     }
 
 
@@ -858,7 +896,81 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
                 f"({n_features},)."
             )
         model._feature_importances = importances
+    _set_calibration(model, header, fitted, arrays, name)
     return model
+
+
+def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str) -> None:
+    """Check and set the calibration of a version-2 file (version 1: temperature 1)."""
+    from tgem._calibration import RULES, TEMPERATURE_BOUNDS
+
+    model.temperature_ = 1.0
+    if header["format_version"] >= 2 and "calibration" not in fitted:
+        raise ModelFileError(
+            f"{name}: a format-2 header must hold fitted['calibration'] (null when the model "
+            "is not calibrated); the file was modified or not written by tgem."
+        )
+    spec = fitted["calibration"] if header["format_version"] >= 2 else None
+    scores = arrays.get(_CONFORMAL_SCORES)
+    if spec is None:
+        if scores is not None:
+            raise ModelFileError(
+                f"{name} holds conformal scores but no calibration; the file was modified or "
+                "not written by tgem."
+            )
+        return
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(
+            f"{name}: the fitted calibration is not valid ({what}); the file was modified or "
+            "not written by tgem. Re-save it from the original model."
+        )
+
+    expected = {"temperature_", "rejection_thresholds_", "calibration_report_"}
+    if not isinstance(spec, dict) or set(spec) != expected:
+        raise bad(f"expected a mapping with the keys {sorted(expected)}")
+    temperature = spec["temperature_"]
+    low, high = TEMPERATURE_BOUNDS
+    if type(temperature) not in (int, float) or not low <= temperature <= high:
+        raise bad(f"temperature_ {temperature!r} is not a number in [{low}, {high}]")
+    thresholds = spec["rejection_thresholds_"]
+    if not isinstance(thresholds, dict) or set(thresholds) != set(RULES):
+        raise bad(f"rejection_thresholds_ must map each of {list(RULES)} to a number")
+    for rule, value in thresholds.items():
+        value = _json_to_float(value)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise bad(f"the {rule} threshold {value!r} is not a finite number")
+        if rule == "max_proba" and not 0.0 <= value <= 1.0:
+            raise bad(f"the max_proba threshold {value!r} is not a probability")
+    report = spec["calibration_report_"]
+    if not isinstance(report, dict) or set(report) != set(_REPORT_FIELDS):
+        raise bad(f"calibration_report_ must hold exactly {sorted(_REPORT_FIELDS)}")
+    clean = {}
+    for key, kind in _REPORT_FIELDS.items():
+        value = _json_to_float(report[key])
+        if kind is float and type(value) is int:
+            value = float(value)
+        if (
+            type(value) is not kind
+            or (kind is int and value < 0)
+            or (kind is float and not math.isfinite(value))
+        ):
+            raise bad(f"calibration_report_[{key!r}] is {report[key]!r}, not a {kind.__name__}")
+        clean[key] = value
+    if scores is None or scores.ndim != 1 or len(scores) != clean["n_calibration"]:
+        raise bad(
+            f"the conformal scores must be an array of calibration_report_['n_calibration'] = "
+            f"{clean['n_calibration']} numbers"
+        )
+    scores = scores.astype(np.float64)
+    if not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
+        raise bad("the conformal scores must be sorted numbers in [0, 1]")
+    if len(scores) < 1 or clean["temperature"] != temperature:
+        raise bad("the report does not match the temperature, or no cell was held out")
+    model.temperature_ = float(temperature)
+    model.rejection_thresholds_ = {r: float(_json_to_float(thresholds[r])) for r in RULES}
+    model.calibration_report_ = clean
+    model.conformal_scores_ = scores
 
 
 def _check_params(model, name: str) -> None:

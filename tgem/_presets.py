@@ -26,13 +26,17 @@ ORIGINAL_PARAMS: dict = {
     "standardize": False,
     "qk_init_scale": 1.0,
     "importance_baseline": "zeros",
+    "calibration": None,
 }
 
 #: Values of the parameters added after tgem 0.1 that behave as 0.1 did.
 V01_VALUES: dict = {
     "standardize": False,
     "qk_init_scale": 1.0,
+    "calibration": None,
+    "calibration_fraction": 0.1,
 }
 
 #: Per model-file format version: the values of parameters such files may lack.
-FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES}
+#: A parameter added after a version's files were written behaves there as it did in 0.1.
+FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES, 2: V01_VALUES}

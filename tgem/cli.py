@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=None,
-        help="cells scoring below it are unassigned (max_proba: in [0, 1], default 0.5; "
-        "energy: required)",
+        help="cells scoring below it are unassigned (max_proba: in [0, 1]); default: the "
+        "threshold the model fitted on its held-out cells (calibration='temperature'), else "
+        "0.5 for max_proba, while energy then requires one",
     )
     p.add_argument(
         "--majority-voting",
