@@ -142,7 +142,9 @@ def test_missing_genes_filled_with_training_mean_or_refused(adata, model, frame)
     assert len(dropped.uns["tgem"]["gene_match"]["missing"]) == 5
 
     X, y = frame
-    plain = TGEMClassifier(max_epochs=1, random_state=0).fit(X.iloc[:100], y[:100])
+    plain = TGEMClassifier(max_epochs=1, standardize=False, random_state=0).fit(
+        X.iloc[:100], y[:100]
+    )
     with pytest.raises(ValueError, match="5 of the model's 765 genes are missing.*fill_value"):
         tgem.annotate(dropped, plain, min_overlap=0.9)
     tgem.annotate(dropped, plain, min_overlap=0.9, fill_value=0.0)

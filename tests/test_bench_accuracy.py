@@ -430,10 +430,25 @@ def test_model_key_leaves_out_new_parameters_at_their_01_values():
 
     def key(**params):
         return bench.model_key(
-            Pipeline([("s", StandardScaler()), ("clf", TGEMClassifier(**params))])
+            Pipeline([("s", StandardScaler()), ("clf", TGEMClassifier.original(**params))])
         )
 
     assert "standardize" not in key() and "qk_init_scale" not in key()
     assert '"clf__standardize": true' in key(standardize=True)
     assert '"clf__qk_init_scale": 10.0' in key(qk_init_scale=10.0)
     assert key() != key(qk_init_scale=10.0) and key() == key(qk_init_scale=1.0)
+
+
+def test_model_key_does_not_move_with_the_defaults(monkeypatch):
+    # a key written before the defaults changed (nested reprs list only non-default values)
+    from tgem import TGEMClassifier
+
+    def key():
+        return bench.model_key(Pipeline([("clf", TGEMClassifier.original(random_state=0))]))
+
+    before = key()
+    kwdefaults = TGEMClassifier.__init__.__kwdefaults__
+    monkeypatch.setitem(kwdefaults, "dropout", 0.1)
+    assert key() == before
+    assert kwdefaults["dropout"] == 0.1  # restored to the (patched) defaults afterwards
+    assert "TGEMClassifier(random_state=0)" in before
