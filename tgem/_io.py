@@ -53,6 +53,7 @@ import torch
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from tgem._runtime import resolve_device
 from tgem.exceptions import DeviceWarning, ModelFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_SIZE", "MAX_HEADER_SIZE", "load", "save"]
@@ -549,8 +550,6 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
     ...
     tgem.exceptions.ModelFileError: <file object> is not a tgem model file ...
     """
-    from tgem._classifier import resolve_device
-
     name = "<file object>" if hasattr(path, "read") else repr(str(path))
     target = None if device == "auto" else resolve_device(device)
     data = _read_stream(path, name) if hasattr(path, "read") else _read_file(path, name)
