@@ -611,7 +611,7 @@ def main(argv=None) -> int:
 
     import tgem
     from tgem import TGEMClassifier
-    from tgem._attention import backend_names
+    from tgem._kernels import backend_names
 
     backend_names()  # load every backend now, and hash the code just loaded
     code = loop_hash()

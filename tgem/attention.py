@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from tgem._attention import attention_entropy_rows, attention_rows, row_max
 from tgem._attention_attr import attribute_module, check_fits, rows_per_pass_for
 from tgem._finite import RESULT_FIX, check_finite_result
 from tgem._gene_network import (
@@ -36,6 +35,7 @@ from tgem._gene_network import (
     write_edges,
     write_graphml,
 )
+from tgem._kernels import attention_entropy_rows, attention_rows, row_max
 from tgem._naming import default_gene_names
 from tgem._runtime import dense_batch, iter_batches, torch_threads
 
