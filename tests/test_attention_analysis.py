@@ -14,7 +14,7 @@ from torch import nn
 
 import tgem._attention_attr as attr_mod
 from tgem import TGEMClassifier
-from tgem._attention import reference_softmax
+from tgem._kernels import reference_softmax
 from tgem.attention import (
     attention_attribution,
     attention_edges,

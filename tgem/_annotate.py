@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
 
 __all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
@@ -295,8 +296,6 @@ def _h5ad_safe(value):
 
 
 def _identity(model, match, rule, threshold, unassigned, layer, fill_rule) -> dict:
-    from tgem import __version__
-
     return {
         "tgem_version": __version__,
         "params": {k: _h5ad_safe(v) for k, v in model.get_params().items()},

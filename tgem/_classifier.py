@@ -23,12 +23,16 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from tgem._attention import backend_names
+from tgem import _io
 from tgem._distributed import resolve_distributed
 from tgem._finite import MAX_ABS_VALUE  # noqa: F401 - re-exported: the documented input limit
 from tgem._finite import check_magnitude as _check_magnitude
 from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
+from tgem._io import checkpoint_lock, register_estimator, writes_checkpoints
+from tgem._kernels import backend_names
 from tgem._model import TGEMNet
+from tgem._model import module_init as _module_init
+from tgem._presets import ORIGINAL_PARAMS, V01_VALUES
 from tgem._runtime import MAX_SEED as _MAX_SEED
 from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old import paths
     available_cpus,
@@ -39,6 +43,7 @@ from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old 
     torch_threads,
 )
 from tgem._scale import check_log_scale
+from tgem._standardize import gene_statistics
 from tgem._training import TrainState, train
 from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
 
@@ -316,8 +321,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         >>> clf.learning_rate, clf.n_heads, clf.standardize
         (0.0001, 5, False)
         """
-        from tgem._presets import ORIGINAL_PARAMS
-
         return cls(**{**ORIGINAL_PARAMS, **overrides})
 
     # ------------------------------------------------------------------ scikit-learn glue
@@ -426,8 +429,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self : TGEMClassifier
             The fitted estimator.
         """
-        from tgem._io import checkpoint_lock, writes_checkpoints
-
         with checkpoint_lock(checkpoint if writes_checkpoints(self.distributed) else None):
             return self._fit(X, y, sample_weight, checkpoint)
 
@@ -619,11 +620,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         failures = []
 
         def write(state):
-            from tgem._io import save
-
             self._finish_fit(state, X, y_enc)
             try:
-                save(self, path)
+                _io.save(self, path)
             except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
                 message = (
                     f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
@@ -783,9 +782,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
         See :func:`tgem.load`.
         """
-        from tgem._io import save
-
-        save(self, path)
+        _io.save(self, path)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -823,8 +820,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         return new
 
     def __setstate__(self, state):
-        from tgem._presets import V01_VALUES
-
         init = state.pop("_module_init", None)
         weights = state.pop("_module_state", None)
         for name, value in V01_VALUES.items():  # pickles written by tgem 0.1 lack these
@@ -1003,29 +998,16 @@ def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndar
     return weights
 
 
-def _module_init(module: TGEMNet) -> dict:
-    layer = module.layers[0]
-    return dict(
-        n_genes=module.n_genes,
-        n_classes=module.n_classes,
-        n_layers=len(module.layers),
-        n_heads=layer.WQ.shape[0],
-        activation=module.activation,
-        dropout=module.dropout.p,
-        shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
-        attention_backend=module.attention_backend,
-    ) | ({"standardize": True} if module.standardize else {})
-
-
 def input_statistics(X, dist=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and scale of the training ``X`` (float64); rank 0's under DDP.
 
     Every process holds (or can read) all of ``X`` and computes the same statistics; they are
     broadcast from rank 0 all the same, so all processes standardise identically.
     """
-    from tgem._standardize import gene_statistics
-
     mean, scale = gene_statistics(X)
     if dist is not None:
         mean, scale = dist.broadcast(mean), dist.broadcast(scale)
     return mean, scale
+
+
+register_estimator(TGEMClassifier)  # the class tgem.load builds (tgem._io does not import this)
