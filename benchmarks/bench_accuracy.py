@@ -753,7 +753,7 @@ def epoch_timing(
     """
     import torch
 
-    from tgem._attention import resolve_backend
+    from tgem._kernels import resolve_backend
     from tgem._model import TGEMNet
 
     rows = []
@@ -827,7 +827,7 @@ def _cpu_model() -> str:
 
 def _native_isa() -> str | None:
     """The instruction-set path the native attention kernel runs, or None without it."""
-    from tgem import _native
+    from tgem._kernels import _native
 
     if _native._disabled():
         return None
@@ -907,7 +907,7 @@ def machine() -> dict:
     import torch
 
     import tgem
-    from tgem._attention import resolve_backend
+    from tgem._kernels import resolve_backend
 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -214,7 +214,7 @@ def accuracy_rows(genes_list, backends, device, seeds: int = 4, batch: int = 16)
 
     import torch
 
-    from tgem._attention import resolve_backend
+    from tgem._kernels import resolve_backend
     from tgem._model import TGEMNet
 
     rows = []
@@ -336,7 +336,7 @@ def run_config(args, backend, genes, mode) -> dict:
 def available_backends(device) -> list[str]:
     import torch
 
-    from tgem._attention import backend_status
+    from tgem._kernels import backend_status
 
     status = backend_status(device, torch.float32)
     return [

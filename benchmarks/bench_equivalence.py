@@ -206,8 +206,8 @@ class Run:
         from sklearn.utils import check_random_state
 
         from tgem import TGEMClassifier
-        from tgem._classifier import _MAX_SEED
         from tgem._model import TGEMNet
+        from tgem._runtime import MAX_SEED as _MAX_SEED
 
         Xtr, ytr, _, _ = self.data
         classes, y_enc = np.unique(ytr, return_inverse=True)
@@ -242,8 +242,8 @@ class Run:
         import torch
 
         from tgem import _training
-        from tgem._classifier import torch_threads
         from tgem._distributed import local_epoch
+        from tgem._runtime import torch_threads
 
         if not self.done():
             return
@@ -284,7 +284,7 @@ class Run:
         """Train (or resume) up to ``epochs`` epochs, checkpointing each one."""
         import torch
 
-        from tgem._classifier import torch_threads
+        from tgem._runtime import torch_threads
         from tgem._training import TrainState, train
 
         start = self.done()
@@ -611,7 +611,7 @@ def main(argv=None) -> int:
 
     import tgem
     from tgem import TGEMClassifier
-    from tgem._attention import backend_names
+    from tgem._kernels import backend_names
 
     backend_names()  # load every backend now, and hash the code just loaded
     code = loop_hash()

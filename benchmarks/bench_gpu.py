@@ -23,7 +23,7 @@ measured):
    marked so in the JSON (never estimated).
 
 Inputs are synthetic expression-like values (``|N(0, 1)| * 2``): the work does not depend on
-the values. Counts per gene pair (what the kernels do, see ``tgem/_triton_attention.py``):
+the values. Counts per gene pair (what the kernels do, see ``tgem/_kernels/_triton.py``):
 one exp2 and 19 / 7 / 10 float32 flops (an FMA is 2) in the training forward / inference
 forward / backward kernels. Score: 2 FMAs (two-term scaled query), 4 flops. Forward: Z 1,
 numerator 2, six centred query-gradient sums 12. Backward: dv 2; dk a product, a difference
@@ -159,7 +159,7 @@ def _kernel_inputs(rows, genes, seed=0):
 
 def time_kernels(rows: int, genes: int) -> dict:
     """Median time of each kernel with the current ``CONFIG``, and its rates."""
-    from tgem import _triton_attention as ta
+    from tgem._kernels import _triton as ta
 
     q, k, v = _kernel_inputs(rows, genes)
     grad = torch.randn_like(q)
@@ -183,7 +183,7 @@ def time_kernels(rows: int, genes: int) -> dict:
 
 def sweep(rows: int, genes: int, fast_exp: bool) -> dict:
     """Time every ``SWEEP`` tile shape for each kernel; keep the fastest in ``CONFIG``."""
-    from tgem import _triton_attention as ta
+    from tgem._kernels import _triton as ta
 
     results = {name: [] for name in ta.CONFIG}
     best = {}
@@ -214,7 +214,7 @@ def kernel_info(genes=1708, rows=320) -> dict:
 
     import triton
 
-    from tgem import _triton_attention as ta
+    from tgem._kernels import _triton as ta
 
     q, k, v = _kernel_inputs(rows, genes)
     out, inv_z, t, (hi, lo, m2) = ta._launch_forward(q, k, v, True, False)
@@ -242,8 +242,8 @@ def kernel_info(genes=1708, rows=320) -> dict:
 
 
 def kernel_accuracy(genes=1708) -> dict:
-    from tgem._attention import exact_attention, reference_attention
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels import exact_attention, reference_attention
+    from tgem._kernels._triton import triton_attention
 
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     q, k, v = (torch.randn(2, 2, genes, generator=gen, device=DEVICE) for _ in range(3))
@@ -392,11 +392,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import triton
 
-    from tgem import _triton_attention as ta
+    from tgem._kernels import _triton as ta
 
     global DEVICE, INTERPRET
     if args.smoke:
-        from tgem._attention import Backend, register_backend
+        from tgem._kernels import Backend, register_backend
 
         global IG_STEPS
         DEVICE, INTERPRET, IG_STEPS = "cpu", True, 2

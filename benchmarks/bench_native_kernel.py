@@ -210,7 +210,7 @@ def compare_composed(genes: int, batch: int, heads: int, layers: int, repeats: i
     import statistics
     from dataclasses import replace
 
-    import tgem._attention as att
+    import tgem._kernels._registry as att
 
     fused = att._BACKENDS["native"]
     composed = replace(fused, layer_fn=None)
@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from tgem import _native as nat
+    from tgem._kernels import _native as nat
 
     if args.library is not None:
         lib, _, error = nat._open_library(str(args.library))

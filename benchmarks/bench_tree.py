@@ -5,9 +5,10 @@ For each gene count and score scale: one attention call with its backward pass o
 Xavier-normal weights of std sqrt(2 / (genes + 1)), the query and key weights multiplied by
 the scale: 1 = as initialised, 30 and 300 = sharpened), by
 
-* ``tree``: :func:`tgem._tree.tree_attention` (pure PyTorch, float64 sums);
-* ``native``: the dense native CPU kernel (:func:`tgem._native.native_attention`), when built;
-* ``exact``: the dense pure-PyTorch exact path (:func:`tgem._attention.exact_attention`).
+* ``tree``: :func:`tgem._kernels._tree.tree_attention` (pure PyTorch, float64 sums);
+* ``native``: the dense native CPU kernel (:func:`tgem._kernels._native.native_attention`),
+  when built;
+* ``exact``: the dense pure-PyTorch exact path (:func:`tgem._kernels.exact_attention`).
 
 The backends alternate within each repeat; the median of ``--repeats`` is reported (a single
 run when one call takes more than ``--single`` seconds). A dense backend is skipped where its
@@ -32,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from tgem._attention import exact_attention
-from tgem._tree import tree_attention, tree_parameters
+from tgem._kernels import exact_attention
+from tgem._kernels._tree import tree_attention, tree_parameters
 
 try:
-    from tgem import _native
+    from tgem._kernels import _native
 except Exception:  # noqa: BLE001 - the benchmark still runs the pure paths
     _native = None
 

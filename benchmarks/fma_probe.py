@@ -38,7 +38,7 @@ FMA_OPS = {"inference": 8, "train_forward": 10, "backward": 10}
 
 
 def _library():
-    from tgem import _native
+    from tgem._kernels import _native
 
     if _native._LIB is None:
         raise RuntimeError(

@@ -56,7 +56,7 @@ def guarded(key, fn):
     save()
 
 
-from tgem._attention import attention, backend_status, resolve_backend
+from tgem._kernels import attention, backend_status, resolve_backend
 result["auto"] = resolve_backend("auto", dev, torch.float32).name
 result["status"] = backend_status(dev, torch.float32)
 save()
@@ -96,7 +96,7 @@ if part == "accuracy":
             rows["rule_ok"] = str(exc)
         return rows
 
-    from tgem._attention import reference_attention as attention_ref
+    from tgem._kernels import reference_attention as attention_ref
     for name in ("triton", "exact", "reference", "compiled"):  # compiled last: it compiles
         for scale in (0.5, 3.0):
             guarded(f"accuracy_765_{name}_scale{scale}", lambda n=name, s=scale: check(n, s))

@@ -2,7 +2,7 @@
 
 import torch
 
-from tgem._attention import reference_attention
+from tgem._kernels import reference_attention
 
 
 def attention_and_grads(fn, q, k, v, g):

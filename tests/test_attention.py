@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tgem._attention as A
+import tgem._kernels._exact as A
 from tests._oracle import (
     assert_float32_rms_rule,
     assert_float32_rule,
     attention_and_grads,
     float32_errors,
 )
-from tgem._attention import (
+from tgem._kernels import (
     attention_entropy_rows,
     attention_rows,
     exact_attention,

@@ -14,7 +14,7 @@ from torch import nn
 
 import tgem._attention_attr as attr_mod
 from tgem import TGEMClassifier
-from tgem._attention import reference_softmax
+from tgem._kernels import reference_softmax
 from tgem.attention import (
     attention_attribution,
     attention_edges,
@@ -235,7 +235,7 @@ class _ReferenceNet(nn.Module):
         self.maps = nn.ModuleList(_SoftmaxMap() for _ in net.layers)
 
     def forward(self, x):
-        h = x
+        h = self.net.standardize_input(x)  # the network's first operation (standardize=True)
         for i, layer in enumerate(self.net.layers):
             q, k, v = layer.qkv(h)
             a = self.maps[i](q, k)
@@ -417,7 +417,7 @@ def test_attention_network_per_class_matches_attribution_and_edges(fitted):
     clf, X, y = fitted
     edges = attention_network(clf, X, y, target="up", top_fraction=0.1, n_steps=6)
     scores = attention_attribution(clf, X[y == "up"], "up", n_steps=6)
-    expected = attention_edges(scores, [f"gene{i}" for i in range(6)], top_fraction=0.1)
+    expected = attention_edges(scores, [f"gene_{i}" for i in range(6)], top_fraction=0.1)
     pd.testing.assert_frame_equal(edges.drop(columns="class"), expected)
     assert set(edges["class"]) == {"up"}
     # without labels: the rows given are the class's samples
@@ -592,3 +592,15 @@ def test_attention_map_guard_follows_the_cgroup_limit_not_physical_memory(
     with pytest.raises(MemoryError, match=r"shape \(40, 6, 6\).*cgroup memory limit"):
         attention_map(clf, X, average=False)
     assert attention_map(clf, X[:2], average=False).shape == (2, 6, 6)  # 288 bytes fit
+
+
+def test_default_gene_names_are_the_same_in_interpret_and_attention():
+    """One rule, ``gene_<j>``, wherever genes have no names (it was ``gene<i>`` in attention)."""
+    from tgem.interpret import gene_ranking
+
+    scores = np.zeros((1, 3, 3), dtype=np.float32)
+    scores[0, 0, 1] = 1.0
+    edges = attention_edges(scores, threshold=0.5)
+    assert edges[["query", "key"]].values.tolist() == [["gene_0", "gene_1"]]
+    ranking = gene_ranking(np.ones((2, 3)), np.array(["a", "a"]))
+    assert sorted(ranking["gene"]) == ["gene_0", "gene_1", "gene_2"]

@@ -246,7 +246,7 @@ def test_huge_n_threads_is_capped_at_the_usable_cpus_with_a_warning(fit, saved, 
 def test_available_cpus_follows_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
     import os
 
-    from tgem._classifier import available_cpus, capped_threads
+    from tgem._runtime import available_cpus, capped_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
     assert available_cpus(str(tmp_path)) == 8  # no cgroup files: no quota
@@ -262,7 +262,7 @@ def test_available_cpus_follows_affinity_and_the_cgroup_quota(tmp_path, monkeypa
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
     assert available_cpus(str(tmp_path)) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    monkeypatch.setattr("tgem._classifier.CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr("tgem._runtime.CGROUP_ROOT", str(tmp_path))
     with pytest.warns(UserWarning, match=r"n_threads=64 is more than the 1 CPU.*using 1"):
         assert capped_threads(64) == 1
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""The torch.compile'd exact attention (tgem._compiled) against the reference formulation.
+"""The torch.compile'd exact attention (tgem._kernels._compiled) against the reference formulation.
 
 With ``TGEM_REQUIRE_COMPILE=1`` (CI) a backend that cannot run (no C++ compiler) makes these
 tests fail instead of skipping; ``TGEM_DISABLE_COMPILE=1`` (the forced-fallback CI run) skips
@@ -23,13 +23,8 @@ from tests._oracle import (
     float32_errors,
 )
 from tgem import TGEMClassifier
-from tgem import _compiled as C
-from tgem._attention import (
-    backend_status,
-    exact_attention,
-    reference_attention,
-    resolve_backend,
-)
+from tgem._kernels import _compiled as C
+from tgem._kernels import backend_status, exact_attention, reference_attention, resolve_backend
 
 REQUIRE = os.environ.get("TGEM_REQUIRE_COMPILE", "").strip() not in ("", "0")
 

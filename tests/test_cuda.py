@@ -25,7 +25,7 @@ def gpu():
     if not torch.cuda.is_available():
         reason = f"torch {torch.__version__} sees no CUDA GPU"
     else:
-        from tgem._triton_attention import triton_unavailable
+        from tgem._kernels._triton import triton_unavailable
 
         reason = triton_unavailable(torch.device("cuda"), torch.float32)
     if reason is not None:
@@ -43,8 +43,8 @@ def _grads(fn, inputs, upstream):
 
 @pytest.mark.parametrize("genes", [17, 765, 1708])
 def test_kernels_match_reference_on_gpu(gpu, genes):
-    from tgem._attention import exact_attention, reference_attention
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels import exact_attention, reference_attention
+    from tgem._kernels._triton import triton_attention
 
     gen = torch.Generator(device=gpu).manual_seed(genes)
     shape = (3, 2, genes) if genes < 1000 else (2, 2, genes)
@@ -66,7 +66,7 @@ def test_kernels_match_reference_on_gpu(gpu, genes):
 
 
 def test_inference_forward_equals_training_forward(gpu):
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels._triton import triton_attention
 
     q, k, v = torch.randn(3, 4, 5, 301, device=gpu).unbind(0)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_inference_forward_equals_training_forward(gpu):
 
 
 def test_every_output_element_is_written(gpu, monkeypatch):
-    from tgem import _triton_attention as m
+    from tgem._kernels import _triton as m
 
     monkeypatch.setattr(m, "_empty", lambda x: torch.full_like(x, float("nan")))
     q, k, v = (torch.randn(2, 3, 131, device=gpu, requires_grad=True) for _ in range(3))
@@ -86,7 +86,7 @@ def test_every_output_element_is_written(gpu, monkeypatch):
 
 
 def test_auto_backend_on_cuda_is_triton(gpu):
-    from tgem._attention import resolve_backend
+    from tgem._kernels import resolve_backend
 
     assert resolve_backend("auto", gpu, torch.float32).name == "triton"
     assert resolve_backend("auto", gpu, torch.float64).name != "triton"

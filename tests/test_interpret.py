@@ -16,9 +16,9 @@ from torch import nn
 
 from tgem import TGEMClassifier, _ig
 from tgem._model import TGEMNet
+from tgem._runtime import draw_seed
 from tgem.interpret import (
     GRIDS,
-    _seed,
     ablation_study,
     attribute,
     gene_ranking,
@@ -271,7 +271,7 @@ def test_noise_tunnel_uses_its_documented_noise_and_is_reproducible(fitted):
         internal_batch_size=3,
     )
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
-    eps = _ig.noise(_seed(7), np.arange(3), 5, N_GENES, 0.1)
+    eps = _ig.noise(draw_seed(7), np.arange(3), 5, N_GENES, 0.1)
     noisy = (X[:3, None, :] + eps).reshape(15, N_GENES)
     per = attribute(clf, noisy, y=np.repeat(y[:3], 5), n_steps=10, quadrature="gausslegendre")
     expected = _ig.smooth(torch.as_tensor(per).reshape(3, 5, N_GENES).transpose(0, 1), "vargrad")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tgem._attention import resolve_backend
+from tgem._kernels import resolve_backend
 from tgem._model import TGEMLayerNorm, TGEMNet
 
 

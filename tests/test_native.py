@@ -1,4 +1,5 @@
-"""The native CPU kernel (tgem._native): agreement with the reference, dispatch, determinism.
+"""The native CPU kernel (tgem._kernels._native): agreement with the reference, dispatch,
+determinism.
 
 With ``TGEM_REQUIRE_NATIVE=1`` (CI) a kernel that is not built or cannot load makes these tests
 fail instead of skipping. ``TGEM_DISABLE_NATIVE=1`` (the forced-fallback CI run) skips the
@@ -15,14 +16,9 @@ import pytest
 import torch
 
 from tests._oracle import assert_float32_rms_rule, assert_float32_rule, float32_errors
-from tgem import _native as nat
-from tgem._attention import (
-    backend_status,
-    exact_backward,
-    exact_forward,
-    reference_attention,
-    resolve_backend,
-)
+from tgem._kernels import _native as nat
+from tgem._kernels import backend_status, reference_attention, resolve_backend
+from tgem._kernels._exact import exact_backward, exact_forward
 
 REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
 # instruction-set paths that must run here, e.g. "avx512" on a machine known to have it
@@ -472,7 +468,7 @@ def test_model_uses_the_fused_layer_and_matches_the_composed_path(isa, monkeypat
     and every parameter gradient agree to float32 rounding."""
     from dataclasses import replace
 
-    import tgem._attention as att
+    import tgem._kernels._registry as att
     from tgem._model import TGEMNet
 
     net = TGEMNet(

@@ -29,8 +29,8 @@ if __name__ == "__main__":  # the Triton worker runs this file as a script
 
 from tests._oracle import assert_float32_rule, float32_errors  # noqa: E402
 from tests._triton_interp import require_triton, run_interpreted  # noqa: E402
-from tgem._attention import backend_names, backend_status, resolve_backend  # noqa: E402
 from tgem._classifier import MAX_ABS_VALUE  # noqa: E402
+from tgem._kernels import backend_names, backend_status, resolve_backend  # noqa: E402
 
 #: Largest |x| of the inputs: ordinary data, the scales where the native kernel failed
 #: (2e4: the first non-finite rows; 1e5: most rows), and the documented limit itself.
@@ -175,7 +175,7 @@ def test_interpreted_backends_are_finite_and_within_the_float32_rule(name):
 
 
 def _triton_worker() -> None:
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels._triton import triton_attention
 
     def fn(q, k, v):
         return triton_attention(q, k, v, interpret=True)

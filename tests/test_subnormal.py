@@ -17,16 +17,19 @@ import pytest
 import torch
 
 from tests._oracle import assert_float32_rule, attention_and_grads, float32_errors
-from tgem import _compiled, _native
-from tgem._attention import (
-    _exp2_block,
+from tgem._kernels import (
+    _compiled,
+    _native,
     backend_names,
     backend_status,
+    reference_attention,
+    resolve_backend,
+)
+from tgem._kernels._exact import (
+    _exp2_block,
     diagonal_exp2,
     exact_backward,
     exact_forward,
-    reference_attention,
-    resolve_backend,
     scaled_queries,
     scaled_row_max,
 )

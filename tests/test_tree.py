@@ -1,4 +1,4 @@
-"""The tree-code attention (tgem._tree) against the plain reference formulation."""
+"""The tree-code attention (tgem._kernels._tree) against the plain reference formulation."""
 
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tgem._tree as T
+import tgem._kernels._tree as T
 from tests._oracle import (
     assert_float32_rms_rule,
     assert_float32_rule,
     attention_and_grads,
     float32_errors,
 )
-from tgem._attention import (
+from tgem._kernels import (
     attention_entropy_rows,
     exact_attention,
     reference_attention,
     resolve_backend,
 )
-from tgem._tree import tree_attention, tree_entropy_rows, tree_parameters
+from tgem._kernels._tree import tree_attention, tree_entropy_rows, tree_parameters
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SCALES = [0.01, 1.0, 30.0, 1000.0]
@@ -319,7 +319,7 @@ def test_tree_backend_is_registered_but_not_autos_choice():
 def _trained_qkv(path: Path, pbmc):
     """q, k, v of every layer of a saved model on 4 PBMC cells (captured from exact)."""
     import tgem
-    from tgem import _attention
+    from tgem._kernels import _registry
 
     clf = tgem.load(path)
     captured = []
@@ -328,12 +328,12 @@ def _trained_qkv(path: Path, pbmc):
         captured.append((q.detach().double(), k.detach().double(), v.detach().double()))
         return exact_attention(q, k, v)
 
-    _attention.register_backend(_attention.Backend("_capture", capture, lambda d, t: None))
+    _registry.register_backend(_registry.Backend("_capture", capture, lambda d, t: None))
     try:
         clf.module_.attention_backend = "_capture"
         clf.predict_proba(pbmc[0][:4])
     finally:
-        _attention._BACKENDS.pop("_capture", None)
+        _registry._BACKENDS.pop("_capture", None)
     return captured
 
 

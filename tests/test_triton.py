@@ -14,7 +14,7 @@ in another order (register tiles, then a tree); differences in summation order o
 missing diagonal, a wrong shift) moves the result by about 1/G of its scale, i.e. 1e-2 to 1.
 
 Sharp softmax rows (``*_sharp``, |q k| in the hundreds) are the exception for the gradients:
-the exact algorithm (``tgem._attention.exact_backward`` and these kernels alike) forms
+the exact algorithm (``tgem._kernels._exact.exact_backward`` and these kernels alike) forms
 ``dk_j = v_j sum_i A_ij g_i q_i - sum_i A_ij g_i q_i out_i`` and
 ``dq_i = g_i (sum_j A_ij k_j v_j - out_i sum_j A_ij k_j)``, which cancel when a row is
 one-hot (``out_i ~ v_j``), while the reference multiplies by ``v_j - out_i`` term by term.
@@ -97,7 +97,7 @@ def test_inference_kernel_matches_training_kernel(interpreted, name):
 
 
 def test_interpreter_runs_in_process_only_when_triton_was_imported_for_it(triton_ok):
-    from tgem._triton_attention import _interpreter_mode, triton_attention
+    from tgem._kernels._triton import _interpreter_mode, triton_attention
 
     q = torch.randn(1, 1, 4)
     if _interpreter_mode():  # the whole pytest run was started with TRITON_INTERPRET=1
@@ -110,7 +110,7 @@ def test_interpreter_runs_in_process_only_when_triton_was_imported_for_it(triton
 
 
 def test_rejects_bad_inputs(triton_ok):
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels._triton import triton_attention
 
     with pytest.raises(TypeError, match="float32"):
         triton_attention(*torch.randn(3, 1, 1, 4, dtype=torch.float64))
@@ -119,8 +119,8 @@ def test_rejects_bad_inputs(triton_ok):
 
 
 def test_backend_claims_only_cuda_float32():
-    from tgem._attention import backend_status, resolve_backend
-    from tgem._triton_attention import triton_unavailable
+    from tgem._kernels import backend_status, resolve_backend
+    from tgem._kernels._triton import triton_unavailable
 
     assert "triton" in backend_status("cpu")
     assert backend_status("cpu")["triton"] is not None
@@ -135,8 +135,8 @@ def test_module_imports_and_reports_when_triton_is_missing():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from tgem._attention import backend_status, resolve_backend\n"
-        "from tgem import _triton_attention as m\n"
+        "from tgem._kernels import backend_status, resolve_backend\n"
+        "from tgem._kernels import _triton as m\n"
         "reason = m.triton_unavailable(torch.device('cuda'), torch.float32)\n"
         "assert 'tgem[gpu]' in reason, reason\n"
         "assert backend_status('cuda')['triton'] == reason\n"
@@ -184,7 +184,7 @@ def _grads(fn, inputs, upstream):
 
 def _cancelling_terms(q, k, v, g, out):
     """Largest magnitude of the sums the exact algorithm subtracts, per output (float64)."""
-    from tgem._attention import reference_softmax
+    from tgem._kernels import reference_softmax
 
     q, k, v, g = (x.double() for x in (q, k, v, g))
     if q.numel() == 0:
@@ -202,8 +202,8 @@ def _cancelling_terms(q, k, v, g, out):
 
 
 def _worker_case(batch, heads, genes, scale, kind, seed):
-    from tgem._attention import exact_attention, reference_attention
-    from tgem._triton_attention import triton_attention
+    from tgem._kernels import exact_attention, reference_attention
+    from tgem._kernels._triton import triton_attention
 
     q, k, v = _inputs(batch, heads, genes, scale, kind, seed)
     upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
@@ -232,11 +232,11 @@ def _worker_main():
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    from tgem import _triton_attention
+    from tgem._kernels import _triton
 
     assert isinstance(tl.zeros, InterpretedFunction), "worker needs TRITON_INTERPRET=1"
     torch.set_num_threads(1)
-    _triton_attention._empty = lambda x: torch.full_like(x, float("nan"))
+    _triton._empty = lambda x: torch.full_like(x, float("nan"))
     results = {
         name: _worker_case(*case, seed=index)
         for index, (name, case) in enumerate(sorted(CASES.items()))

@@ -21,9 +21,8 @@ from tgem._gene_sets import GeneSetSelector
 from tgem._h5ad import H5ADDataset
 from tgem._io import load
 from tgem._scale import RawCountsWarning, check_log_scale
+from tgem._version import __version__
 from tgem._versions import show_versions, versions
-
-__version__ = "0.1.0"
 
 __all__ = [
     "TGEMClassifier",

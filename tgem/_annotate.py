@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
+from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
 
 __all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
@@ -293,8 +294,6 @@ def _h5ad_safe(value):
 
 
 def _identity(model, match, rule, threshold, source, unassigned, layer, fill_rule) -> dict:
-    from tgem import __version__
-
     return {
         "tgem_version": __version__,
         "params": {k: _h5ad_safe(v) for k, v in model.get_params().items()},

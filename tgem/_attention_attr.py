@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from tgem._attention import row_max
+from tgem._kernels import row_max
 
 LOG2E = 1.4426950408889634
 

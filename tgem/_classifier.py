@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import math
 import numbers
-import os
 import re
 import warnings
 
@@ -27,7 +24,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from tgem._attention import backend_names
+from tgem import _io
 from tgem._calibration import (
     TARGET_REJECTION,
     captured_logits,
@@ -46,138 +43,26 @@ from tgem._distributed import resolve_distributed
 from tgem._finite import MAX_ABS_VALUE  # noqa: F401 - re-exported: the documented input limit
 from tgem._finite import check_magnitude as _check_magnitude
 from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
+from tgem._io import checkpoint_lock, register_estimator, writes_checkpoints
+from tgem._kernels import backend_names
 from tgem._model import TGEMNet
+from tgem._model import module_init as _module_init
+from tgem._presets import ORIGINAL_PARAMS, V01_VALUES
+from tgem._runtime import MAX_SEED as _MAX_SEED
+from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old import paths
+    available_cpus,
+    capped_threads,
+    dense_batch,
+    oom_safe_batches,
+    resolve_device,
+    torch_threads,
+)
 from tgem._scale import check_log_scale
-from tgem._training import TrainState, dense_batch, oom_safe_batches, train
+from tgem._standardize import gene_statistics
+from tgem._training import TrainState, train
 from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
 
 logger = logging.getLogger(__name__)
-
-_MAX_SEED = 2**31 - 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; explicit CUDA devices are checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={device!r} but no CUDA GPU is available to torch "
-                f"(torch {torch.__version__}). Use device='auto' or 'cpu'."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
-                "exist. Use a valid index or device='cuda'."
-            )
-    return dev
-
-
-#: Where the cgroup CPU quota is read (v2's ``cpu.max``, v1's ``cfs_quota_us``/``cfs_period_us``).
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read(256).strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _cgroup_quota(root: str) -> float | None:
-    """CPUs allowed by the cgroup CPU quota under ``root`` (None: no quota, or unreadable)."""
-    quotas = []
-    v2 = _read_text(os.path.join(root, "cpu.max"))  # "max 100000" or "150000 100000"
-    if v2 is not None:
-        fields = v2.split()
-        if len(fields) == 2 and fields[0] != "max":
-            quotas.append((fields[0], fields[1]))
-    for folder in ("cpu", "cpu,cpuacct"):
-        quota = _read_text(os.path.join(root, folder, "cpu.cfs_quota_us"))
-        period = _read_text(os.path.join(root, folder, "cpu.cfs_period_us"))
-        if quota is not None and period is not None:
-            quotas.append((quota, period))
-    allowed = []
-    for quota, period in quotas:
-        try:
-            q, p = int(quota), int(period)
-        except ValueError:
-            continue
-        if q > 0 and p > 0:  # v1 writes -1 for "no quota"
-            allowed.append(q / p)
-    return min(allowed) if allowed else None
-
-
-def available_cpus(cgroup_root: str | None = None) -> int:
-    """The number of CPUs this process may use: its affinity and its cgroup CPU quota.
-
-    The quota (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``) is
-    rounded up; without either limit this is ``os.cpu_count()``.
-
-    Parameters
-    ----------
-    cgroup_root : str, optional
-        The cgroup file system (default :data:`CGROUP_ROOT`).
-
-    Returns
-    -------
-    int
-        At least 1.
-
-    Examples
-    --------
-    >>> available_cpus() >= 1
-    True
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_quota(CGROUP_ROOT if cgroup_root is None else cgroup_root)
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
-
-
-def capped_threads(n_threads: int, *, stacklevel: int = 2) -> int:
-    """``n_threads``, capped at :func:`available_cpus` with a warning when above it.
-
-    Far more threads than CPUs only slow the work down, and OpenMP cannot start hundreds of
-    thousands of threads (the process crashes); a thread count read from a model file
-    therefore never goes beyond this cap either.
-    """
-    cap = available_cpus()
-    if n_threads <= cap:
-        return n_threads
-    warnings.warn(
-        f"n_threads={n_threads} is more than the {cap} CPU(s) this process may use (its CPU "
-        f"affinity and cgroup quota); using {cap} threads. Pass n_threads={cap} or less "
-        "(or None to keep torch's setting).",
-        UserWarning,
-        stacklevel=stacklevel + 1,
-    )
-    return cap
-
-
-@contextlib.contextmanager
-def torch_threads(n_threads: int | None):
-    """Set torch's intra-op thread count for the duration of the block, then restore it.
-
-    The count is capped at the CPUs this process may use (see :func:`capped_threads`).
-    """
-    if n_threads is None:
-        yield
-        return
-    n_threads = capped_threads(int(n_threads), stacklevel=4)
-    before = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _valid_device(value) -> bool:
@@ -254,6 +139,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Share of each class held out when ``calibration="temperature"`` (rounded per class;
         at least one cell of each class, and at least one left to train on); ignored
         otherwise. The ``early_stopping`` validation cells come from the remaining cells.
+        The ``standardize`` statistics are computed on all the training cells, held-out ones
+        included (they use no labels).
     class_weight : dict, "balanced" or None, default=None
         Weights of the classes in the loss: ``{label: weight}`` (weights >= 0),
         ``"balanced"`` (inverse class frequency) or None (all 1).
@@ -498,8 +385,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         >>> clf.learning_rate, clf.n_heads, clf.standardize
         (0.0001, 5, False)
         """
-        from tgem._presets import ORIGINAL_PARAMS
-
         return cls(**{**ORIGINAL_PARAMS, **overrides})
 
     # ------------------------------------------------------------------ scikit-learn glue
@@ -608,8 +493,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self : TGEMClassifier
             The fitted estimator.
         """
-        from tgem._io import checkpoint_lock, writes_checkpoints
-
         with checkpoint_lock(checkpoint if writes_checkpoints(self.distributed) else None):
             return self._fit(X, y, sample_weight, checkpoint)
 
@@ -924,11 +807,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         failures = []
 
         def write(state):
-            from tgem._io import save
-
             self._finish_fit(state, X, y_enc)
             try:
-                save(self, path)
+                _io.save(self, path)
             except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
                 message = (
                     f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
@@ -1145,9 +1026,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
         See :func:`tgem.load`.
         """
-        from tgem._io import save
-
-        save(self, path)
+        _io.save(self, path)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -1185,8 +1064,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         return new
 
     def __setstate__(self, state):
-        from tgem._presets import V01_VALUES
-
         init = state.pop("_module_init", None)
         weights = state.pop("_module_state", None)
         for name, value in V01_VALUES.items():  # pickles written by tgem 0.1 lack these
@@ -1367,29 +1244,16 @@ def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndar
     return weights
 
 
-def _module_init(module: TGEMNet) -> dict:
-    layer = module.layers[0]
-    return dict(
-        n_genes=module.n_genes,
-        n_classes=module.n_classes,
-        n_layers=len(module.layers),
-        n_heads=layer.WQ.shape[0],
-        activation=module.activation,
-        dropout=module.dropout.p,
-        shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
-        attention_backend=module.attention_backend,
-    ) | ({"standardize": True} if module.standardize else {})
-
-
 def input_statistics(X, dist=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and scale of the training ``X`` (float64); rank 0's under DDP.
 
     Every process holds (or can read) all of ``X`` and computes the same statistics; they are
     broadcast from rank 0 all the same, so all processes standardise identically.
     """
-    from tgem._standardize import gene_statistics
-
     mean, scale = gene_statistics(X)
     if dist is not None:
         mean, scale = dist.broadcast(mean), dist.broadcast(scale)
     return mean, scale
+
+
+register_estimator(TGEMClassifier)  # the class tgem.load builds (tgem._io does not import this)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tgem._naming import default_gene_names
+
 EDGE_COLUMNS = ["layer", "query", "key", "score"]
 
 
@@ -50,7 +52,7 @@ def attention_edges(
     scores : ndarray or Tensor of shape (n_layers, n_genes, n_genes) or (n_genes, n_genes)
         From :func:`tgem.attention.attention_attribution`. Not modified.
     genes : sequence of str, optional
-        Gene names (default ``gene<i>``).
+        Gene names (default ``gene_<i>``).
     top_fraction : float or None, default=0.001
         Share of all query-key scores (all layers) kept; ignored when ``threshold`` is set.
     threshold : float, optional
@@ -79,7 +81,7 @@ def attention_edges(
     """
     arr = _as_scores(scores)
     n_layers, g, _ = arr.shape
-    names = np.asarray([f"gene{i}" for i in range(g)] if genes is None else genes, dtype=object)
+    names = np.asarray(default_gene_names(g) if genes is None else genes, dtype=object)
     if names.shape != (g,):
         raise ValueError(f"genes has {names.size} names but the scores have {g} genes.")
     layer_ids = np.arange(n_layers) if layers is None else np.asarray(layers)

@@ -13,6 +13,7 @@ from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from tgem._text import shown
+from tgem.datasets import read_gmt
 
 __all__ = ["GeneSetSelector"]
 
@@ -22,8 +23,6 @@ logger = logging.getLogger(__name__)
 def resolve_gene_sets(gene_sets) -> dict[str, list[str]]:
     """Turn any accepted ``gene_sets`` value into an ordered ``{name: [genes]}`` dict."""
     if isinstance(gene_sets, str | os.PathLike):
-        from tgem.datasets import read_gmt
-
         return read_gmt(gene_sets)
     if isinstance(gene_sets, Mapping):
         resolved = {}

@@ -58,6 +58,15 @@ import torch
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from tgem._calibration import RULES, TEMPERATURE_BOUNDS
+from tgem._distributed import under_torchrun
+from tgem._kernels import backend_names
+from tgem._model import TGEMNet
+from tgem._model import module_init as _module_init
+from tgem._presets import FILE_VERSION_VALUES
+from tgem._runtime import resolve_device
+from tgem._training import TrainState
+from tgem._version import __version__
 from tgem.exceptions import DeviceWarning, ModelFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_SIZE", "MAX_HEADER_SIZE", "load", "save"]
@@ -125,6 +134,23 @@ _PARSE_ERRORS = (
 
 
 # ------------------------------------------------------------------------------- save
+#: The estimator class that model files hold. ``tgem._classifier`` registers TGEMClassifier
+#: when it is imported (it imports this module, never the other way round).
+_estimator: type | None = None
+
+
+def register_estimator(cls: type) -> None:
+    """Make ``cls`` the class :func:`save` accepts and :func:`load` builds."""
+    global _estimator
+    _estimator = cls
+
+
+def _estimator_class() -> type:
+    if _estimator is None:  # only when tgem._io is loaded outside the tgem package
+        raise RuntimeError("No estimator is registered with tgem._io; import tgem first.")
+    return _estimator
+
+
 def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     """Write a fitted :class:`~tgem.TGEMClassifier` to ``path`` in tgem's safe format.
 
@@ -166,7 +192,7 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     >>> bool(np.array_equal(same.predict_proba(X), clf.predict_proba(X)))
     True
     """
-    from tgem._classifier import TGEMClassifier, _module_init
+    TGEMClassifier = _estimator_class()
 
     if not isinstance(model, TGEMClassifier):
         raise TypeError(
@@ -315,8 +341,6 @@ def writes_checkpoints(distributed) -> bool:
         return True
     import torch.distributed as tdist
 
-    from tgem._distributed import under_torchrun
-
     if tdist.is_available() and tdist.is_initialized():
         return tdist.get_rank() == 0
     if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -393,8 +417,6 @@ def _digest(entries) -> str:
 def _header(model, module_init: dict, arrays: dict) -> dict:
     import sklearn
 
-    import tgem
-
     state = getattr(model, "_train_state_", None)
     names = getattr(model, "feature_names_in_", None)
     return {
@@ -402,7 +424,7 @@ def _header(model, module_init: dict, arrays: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "estimator": "TGEMClassifier",
         "versions": {
-            "tgem": tgem.__version__,
+            "tgem": __version__,
             "torch": torch.__version__,
             "numpy": np.__version__,
             "scikit-learn": sklearn.__version__,
@@ -587,8 +609,6 @@ def load(path: str | os.PathLike | IO[bytes], device: str = "auto"):
     ...
     tgem.exceptions.ModelFileError: <file object> is not a tgem model file ...
     """
-    from tgem._classifier import resolve_device
-
     name = "<file object>" if hasattr(path, "read") else repr(str(path))
     target = None if device == "auto" else resolve_device(device)
     data = _read_stream(path, name) if hasattr(path, "read") else _read_file(path, name)
@@ -729,13 +749,11 @@ def _parse(data: bytes, name: str) -> tuple[dict, dict[str, np.ndarray]]:
         )
     version = header.get("format_version")
     if type(version) is not int or version not in _READABLE:
-        import tgem
-
         written_by = header.get("versions", {})
         written_by = written_by.get("tgem") if isinstance(written_by, dict) else None
         raise ModelFileError(
             f"{name} has model format version {version!r} (written by tgem {written_by}); "
-            f"this tgem {tgem.__version__} reads format version(s) {list(_READABLE)}. "
+            f"this tgem {__version__} reads format version(s) {list(_READABLE)}. "
             "Install the tgem version that wrote the file, or a newer one."
         )
     manifest = header["arrays"]
@@ -802,10 +820,7 @@ def _read_npy(blob: bytes, entry: dict, name: str) -> np.ndarray:
 
 def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     """Make the classifier from a verified header and its arrays."""
-    from tgem._classifier import TGEMClassifier
-    from tgem._model import TGEMNet
-    from tgem._presets import FILE_VERSION_VALUES
-    from tgem._training import TrainState
+    TGEMClassifier = _estimator_class()
 
     # parameters added since a format version was introduced take that version's values
     params = {**FILE_VERSION_VALUES[header["format_version"]], **header["params"]}
@@ -902,7 +917,6 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
 
 def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str) -> None:
     """Check and set the calibration of a version-2 file (version 1: temperature 1)."""
-    from tgem._calibration import RULES, TEMPERATURE_BOUNDS
 
     model.temperature_ = 1.0
     if header["format_version"] >= 2 and "calibration" not in fitted:
@@ -1075,9 +1089,6 @@ def _device_from_json(value: str, name: str) -> torch.device:
 
 def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> None:
     """Check the network's arguments against the arrays before building anything."""
-    from tgem._attention import backend_names
-    from tgem._model import TGEMNet
-
     counts = ("n_genes", "n_classes", "n_layers", "n_heads")
     total = sum(a.size for a in arrays.values())
     for key in counts:

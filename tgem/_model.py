@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgem._attention import Backend, resolve_backend
+from tgem._kernels import Backend, resolve_backend
 
 ACTIVATIONS = ("relu", "leakyrelu", "gelu")
 
@@ -105,7 +105,7 @@ class TGEMNet(nn.Module):
     shared_norm : bool
         One LayerNorm for all layers (the original) or one per layer.
     attention_backend : str
-        Name understood by :func:`tgem._attention.resolve_backend`; resolved for the input's
+        Name understood by :func:`tgem._kernels.resolve_backend`; resolved for the input's
         device and dtype at each call (cheap).
     generator : torch.Generator, optional
         Draws the initial weights (Xavier-normal for WQ/WK/WV as (heads, genes, 1) tensors,
@@ -258,3 +258,25 @@ class TGEMNet(nn.Module):
             states.append(h)
         out = self.head(h)
         return (out, states) if return_layers else out
+
+
+def module_init(module: TGEMNet) -> dict:
+    """The keyword arguments that rebuild ``module``'s architecture (for pickles and model files).
+
+    Examples
+    --------
+    >>> net = TGEMNet(n_genes=4, n_classes=2, n_heads=2)
+    >>> module_init(net)["n_heads"]
+    2
+    """
+    layer = module.layers[0]
+    return dict(
+        n_genes=module.n_genes,
+        n_classes=module.n_classes,
+        n_layers=len(module.layers),
+        n_heads=layer.WQ.shape[0],
+        activation=module.activation,
+        dropout=module.dropout.p,
+        shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
+        attention_backend=module.attention_backend,
+    ) | ({"standardize": True} if module.standardize else {})

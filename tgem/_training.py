@@ -11,67 +11,23 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from tgem._distributed import local_epoch
+from tgem._runtime import (  # noqa: F401 - iter_batches: its old import path
+    OOM_ERRORS,
+    dense_batch,
+    iter_batches,
+    oom_safe_batches,
+    release_cuda_memory,
+)
 from tgem.exceptions import TrainingDivergedError
 
 logger = logging.getLogger(__name__)
-
-#: What torch raises when a device runs out of memory (``torch.OutOfMemoryError`` since 2.5).
-OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
-)
-
-
-def _release_cuda_memory(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def oom_safe_batches(
-    n: int,
-    batch_size: int,
-    run: Callable[[slice], None],
-    *,
-    device: torch.device,
-    n_genes: int,
-    what: str,
-) -> None:
-    """Call ``run(rows)`` on consecutive slices covering ``range(n)``, halving on OOM.
-
-    When the device runs out of memory the failing slice is halved and retried (later slices
-    keep the smaller size), down to one row; then a ``MemoryError`` gives the sizes involved.
-    ``run`` must have no effect when it fails.
-    """
-    start, size = 0, batch_size
-    while start < n:
-        rows = slice(start, min(n, start + size))
-        try:
-            run(rows)
-        except OOM_ERRORS as exc:
-            if rows.stop - rows.start == 1:
-                raise MemoryError(
-                    f"{device} ran out of memory {what} a single sample of {n_genes} genes "
-                    f"(batches of {batch_size} were halved down to 1). Free device memory, use "
-                    "fewer heads or genes, or device='cpu'."
-                ) from exc
-            size = (rows.stop - rows.start) // 2
-            logger.warning(
-                "%s ran out of memory %s %d samples; retrying with batches of %d.",
-                device,
-                what,
-                rows.stop - rows.start,
-                size,
-            )
-            _release_cuda_memory(device)
-            continue
-        start = rows.stop
 
 
 def _accumulate_gradients(module, xb, yb, wb, n_chunks: int):
@@ -91,30 +47,6 @@ def _accumulate_gradients(module, xb, yb, wb, n_chunks: int):
         loss = loss + part.detach()
         outs.append(log_proba.detach())
     return loss, torch.cat(outs)
-
-
-def dense_batch(X, idx, device: torch.device) -> torch.Tensor:
-    """Rows ``idx`` of ``X`` (dense array or scipy sparse) as a float32 tensor on ``device``.
-
-    Sparse rows are densified here, one batch at a time; ``X`` itself is never densified
-    or copied whole to the device.
-    """
-    rows = X[idx]
-    if sp.issparse(rows):
-        rows = rows.toarray()
-    # C order always: a Fortran-ordered batch (CSC rows densify that way) would make torch's
-    # elementwise ops keep that layout and its sums over genes add in another order, so the
-    # same values would not give bitwise the same fit (1e-7 apart from the dense array's).
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if not rows.flags.writeable:  # e.g. np.memmap(mode="r"): torch needs memory of its own
-        rows = rows.copy()
-    return torch.as_tensor(rows, device=device)
-
-
-def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
-    """Consecutive slices covering ``range(n)``."""
-    for start in range(0, n, batch_size):
-        yield slice(start, min(n, start + batch_size))
 
 
 @dataclass
@@ -295,7 +227,7 @@ def train(
                         b,
                         n_chunks,
                     )
-                    _release_cuda_memory(device)
+                    release_cuda_memory(device)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"The training loss became {float(loss)} at epoch {epoch}, batch {b}. "

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from tgem._attention import backend_status, resolve_backend
+from tgem._kernels import backend_details, backend_status, resolve_backend
+from tgem._version import __version__
 
 
 def versions() -> dict:
@@ -30,12 +31,10 @@ def versions() -> dict:
     import numpy
     import sklearn
 
-    import tgem
-
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "tgem": tgem.__version__,
+        "tgem": __version__,
         "torch": torch.__version__,
         "captum": captum.__version__,
         "scikit-learn": sklearn.__version__,
@@ -44,12 +43,10 @@ def versions() -> dict:
         "torch threads": torch.get_num_threads(),
         "backends": {},
     }
-    try:
-        from tgem._native import native_status
-
-        info["native kernel"] = native_status()
-    except Exception as exc:  # a broken optional backend must never break show_versions
-        info["native kernel"] = f"failed to import tgem._native: {exc}"
+    cpu_status = backend_status("cpu")
+    info["native kernel"] = backend_details().get(
+        "native", cpu_status.get("tgem._kernels._native", "not registered")
+    )
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         status = {name: reason or "available" for name, reason in backend_status(dev).items()}

@@ -26,9 +26,7 @@ import pandas as pd
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from tgem._attention import attention_entropy_rows, attention_rows, row_max
 from tgem._attention_attr import attribute_module, check_fits, rows_per_pass_for
-from tgem._classifier import torch_threads
 from tgem._finite import RESULT_FIX, check_finite_result
 from tgem._gene_network import (
     attention_edges,
@@ -37,7 +35,9 @@ from tgem._gene_network import (
     write_edges,
     write_graphml,
 )
-from tgem._training import dense_batch, iter_batches
+from tgem._kernels import attention_entropy_rows, attention_rows, row_max
+from tgem._naming import default_gene_names
+from tgem._runtime import dense_batch, iter_batches, torch_threads
 
 __all__ = [
     "attention_entropy",
@@ -75,7 +75,7 @@ def _n_heads(module) -> int:
 
 
 def _gene_names(clf, genes: Sequence[str] | None = None) -> np.ndarray:
-    """Names of the model's genes: ``genes``, else ``feature_names_in_``, else ``gene<i>``."""
+    """Names of the model's genes: ``genes``, else ``feature_names_in_``, else ``gene_<i>``."""
     n = clf.n_features_in_
     if genes is not None:
         names = np.asarray(genes, dtype=object)
@@ -87,7 +87,7 @@ def _gene_names(clf, genes: Sequence[str] | None = None) -> np.ndarray:
         return names
     if hasattr(clf, "feature_names_in_"):
         return np.asarray(clf.feature_names_in_, dtype=object)
-    return np.array([f"gene{i}" for i in range(n)], dtype=object)
+    return default_gene_names(n)
 
 
 def _layer_index(layer: int, n_layers: int) -> int:

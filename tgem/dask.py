@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from tgem._h5ad import H5ADDataset, is_h5ad_input
+from tgem.interpret import _resolve_baseline, _resolve_method
+from tgem.interpret import attribute as _attribute
 
 __all__ = ["predict_proba", "predict", "attribute", "from_h5ad"]
 
@@ -183,8 +185,6 @@ def predict(estimator, X, *, client=None, chunk_rows: int = 4096):
 
 
 def _attribute_block(block, labels, baseline, model, kwargs):
-    from tgem.interpret import attribute as _attribute
-
     kw = dict(kwargs)
     if labels is not None:
         kw[kw.pop("_labels_as")] = np.asarray(labels)
@@ -257,7 +257,6 @@ def attribute(
     >>> bool(np.allclose(A.compute(), attribute(clf, X, y=y), atol=1e-6))
     True
     """
-    from tgem.interpret import _resolve_method
 
     if _resolve_method(method)[1] is not None:
         raise ValueError(
@@ -294,8 +293,6 @@ def attribute(
         labels = labels.rechunk((X.chunks[0],))
     base = None
     if isinstance(baseline, str) and baseline == "mean":
-        from tgem.interpret import _resolve_baseline
-
         base = _resolve_baseline(estimator, "mean", n, g)[0]
     elif isinstance(baseline, str):
         kwargs["baseline"] = baseline

@@ -34,13 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from tgem import _ig
-from tgem._classifier import torch_threads
 from tgem._finite import RESULT_FIX, check_finite_input, check_finite_result
-from tgem._training import dense_batch
+from tgem._naming import default_gene_names, encode_labels
+from tgem._runtime import dense_batch, draw_seed, torch_threads
 
 __all__ = [
     "METHODS",
@@ -75,8 +74,6 @@ GRIDS = {
 #: is None.
 MEMORY_BUDGET = 256 << 20
 
-_MAX_SEED = 2**31 - 1
-
 
 # ----------------------------------------------------------------------------- helpers
 def _fitted_module(clf):
@@ -105,21 +102,6 @@ def _resolve_method(method: str) -> tuple[str, str | None]:
     return base, tunnel
 
 
-def _encode_labels(clf, labels, what: str) -> np.ndarray:
-    labels = np.asarray(labels)
-    classes = clf.classes_
-    idx = np.searchsorted(classes, labels)
-    idx = np.clip(idx, 0, len(classes) - 1)
-    bad = classes[idx] != labels
-    if np.any(bad):
-        raise ValueError(
-            f"{what} contains labels the model does not know: "
-            f"{sorted(set(labels[bad].tolist()))[:5]}; the classes are "
-            f"{classes.tolist()}. Pass labels from clf.classes_."
-        )
-    return idx.astype(np.int64)
-
-
 def _resolve_target(clf, X, target, y, n: int) -> np.ndarray:
     """Class indices (n,) for ``target`` ("true", "predicted", a label or per-sample labels)."""
     if isinstance(target, str) and target == "true":
@@ -133,18 +115,18 @@ def _resolve_target(clf, X, target, y, n: int) -> np.ndarray:
             raise ValueError(
                 f"y has {y.shape[0]} labels but X has {n} rows; pass one label per row."
             )
-        return _encode_labels(clf, y, "y")
+        return encode_labels(clf.classes_, y, "y")
     if isinstance(target, str) and target == "predicted":
         return np.argmax(clf._log_proba(X), axis=1).astype(np.int64)
     arr = np.asarray(target)
     if arr.ndim == 0:
-        return np.full(n, _encode_labels(clf, arr[None], "target")[0], dtype=np.int64)
+        return np.full(n, encode_labels(clf.classes_, arr[None], "target")[0], dtype=np.int64)
     if arr.shape != (n,):
         raise ValueError(
             f"target has shape {arr.shape}; pass 'true', 'predicted', one class "
             f"label, or one label per row of X ({n},)."
         )
-    return _encode_labels(clf, arr, "target")
+    return encode_labels(clf.classes_, arr, "target")
 
 
 def _training_mean(clf) -> np.ndarray:
@@ -193,10 +175,6 @@ def _batch_rows(clf, module, internal_batch_size: int | None) -> int:
         return int(internal_batch_size)
     layer = module.layers[0]
     return _ig.rows_budget(module.n_genes, layer.WQ.shape[0], len(module.layers), MEMORY_BUDGET)
-
-
-def _seed(random_state) -> int:
-    return int(check_random_state(random_state).randint(0, _MAX_SEED))
 
 
 def _as_output(clf, X_in, values: np.ndarray):
@@ -350,7 +328,7 @@ def attribute(
     targets = _resolve_target(clf, X, target, y, n)
     baselines = _resolve_baseline(clf, baseline, n, g)
     batch_rows = _batch_rows(clf, module, internal_batch_size)
-    seed = _seed(random_state) if tunnel is not None else 0
+    seed = draw_seed(random_state) if tunnel is not None else 0
     ev = _ig.Evaluator(module, batch_rows, guided=(base == "gb"))
     attr, delta, converged = _run(
         ev,
@@ -529,7 +507,7 @@ def gene_ranking(
         values, "attributions", "Pass the finite output of attribute() to rank.", limit=None
     )
     n, g = values.shape
-    genes = np.asarray([f"gene_{j}" for j in range(g)] if genes is None else genes)
+    genes = np.asarray(default_gene_names(g) if genes is None else genes)
     if genes.shape != (g,):
         raise ValueError(f"genes has {genes.size} names for {g} attribution columns.")
     y = np.asarray(y).ravel()
@@ -709,12 +687,12 @@ def ablation_study(
     y = np.asarray(y).ravel()
     if y.shape[0] != n:
         raise ValueError(f"y has {y.shape[0]} labels but X has {n} rows.")
-    y_enc = _encode_labels(clf, y, "y")
+    y_enc = encode_labels(clf.classes_, y, "y")
     if ranking is None:
         attr = attribute(clf, X_in, target="true", y=y, verbose=verbose, **attribute_kw)
         ranking = gene_ranking(attr, y, genes=_gene_names(clf))
     orders = _class_orders(clf, ranking, score, g)
-    rng = np.random.default_rng(_seed(random_state))
+    rng = np.random.default_rng(draw_seed(random_state))
     device = next(module.parameters()).device
     percents = sorted({float(p) for grid in grids.values() for p in grid})
     for p in percents:
@@ -809,7 +787,7 @@ def _gene_names(clf) -> np.ndarray:
     names = getattr(clf, "feature_names_in_", None)
     if names is not None:
         return np.asarray(names)
-    return np.asarray([f"gene_{j}" for j in range(clf.n_features_in_)])
+    return default_gene_names(clf.n_features_in_)
 
 
 def _class_orders(clf, ranking: pd.DataFrame, score: str, g: int) -> dict:
@@ -911,7 +889,7 @@ def training_importances(clf) -> np.ndarray:
             "you have."
         )
     X, y_enc = data
-    rng = np.random.default_rng(_seed(clf.random_state))
+    rng = np.random.default_rng(draw_seed(clf.random_state))
     idx = stratified_subsample(np.asarray(y_enc), int(clf.importance_n_samples), rng)
     baseline = (
         _training_mean(clf).astype(np.float32)[None, :]

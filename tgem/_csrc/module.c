@@ -1,6 +1,7 @@
 /* A minimal Python module around the kernels, so that the shared library builds and installs as
- * an ordinary setuptools extension (tgem._tgem_kernels). It exposes no Python API: tgem/_native.py
- * loads the same file with ctypes and calls the C functions of tgem_kernels.c directly. */
+ * an ordinary setuptools extension (tgem._tgem_kernels). It exposes no Python API:
+ * tgem/_kernels/_native.py loads the same file with ctypes and calls the C functions of
+ * tgem_kernels.c directly. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 

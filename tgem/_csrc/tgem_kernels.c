@@ -1,7 +1,7 @@
 /*
  * tgem_kernels.c -- fused CPU kernels of T-GEM's exact masked rank-one attention.
  *
- * Plain C11 with no link to Python or PyTorch; tgem/_native.py loads the shared library with
+ * Plain C11 with no link to Python or PyTorch; tgem/_kernels/_native.py loads the shared library with
  * ctypes and calls it on the raw float32 buffers of contiguous (N, G) tensors (N = batch x heads,
  * G = genes). For every row n, with scores s_ij = q_i k_j (no scaling):
  *
@@ -32,8 +32,8 @@
  *              dv_j = sum_{i!=j} e_ij w1_i,  dk_j = sum_{i!=j} D_ij w2_i - e_jj out_j w2_j,
  *              dq_i = w1_i (sum_{j!=i} D_ij k_j - e_ii out_i k_i)
  *
- * which is the algorithm of exact_forward / exact_backward in tgem/_attention.py (that path
- * keeps q log2(e) as two float32 terms, because its exponents come out of a float32 matrix
+ * which is the algorithm of exact_forward / exact_backward in tgem/_kernels/_exact.py (that
+ * path keeps q log2(e) as two float32 terms, because its exponents come out of a float32 matrix
  * product rather than one fused multiply-subtract; its exponential is torch.exp2). The
  * diagonal is excluded inside the sums (not subtracted afterwards). The backward pass runs
  * over key blocks (columns); the query gradient's row sums are added key block by key block,

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from sklearn.utils import Bunch
 
+from tgem._h5ad import check_sparse_groups, check_sparse_matrix, check_string_widths
+
 __all__ = ["read_gmt", "read_expression_table", "read_h5ad"]
 
 logger = logging.getLogger(__name__)
@@ -431,8 +433,6 @@ def read_h5ad(
             '`pip install "tgem[anndata]"`.'
         ) from exc
     import scipy.sparse as sp
-
-    from tgem._h5ad import check_sparse_groups, check_sparse_matrix, check_string_widths
 
     path = _existing_file(path, "AnnData file")
     try:

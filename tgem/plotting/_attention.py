@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from tgem._gene_network import hub_genes
+
 __all__ = ["plot_entropy", "plot_attention_map", "plot_network"]
 
 
@@ -201,7 +203,6 @@ def plot_network(
     >>> [t.get_text() for t in ax.texts]
     ['a']
     """
-    from tgem._gene_network import hub_genes
 
     if "class" in edges and edges["class"].nunique() > 1:
         if label is None:
