@@ -36,6 +36,8 @@ def needs_native() -> None:
             pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {msg}")
         pytest.skip(msg)
     if nat._disabled():
+        if REQUIRE:
+            pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {nat._disabled()}")
         pytest.skip(nat._disabled())
 
 
