@@ -127,6 +127,11 @@ VARIANTS = {
     # ablation with uniform attention (x0: scores stay 0, so A_ij = 1/G for j != i throughout)
     "tgem_scaled_lr1e-3_qk10": (True, {"learning_rate": 1e-3, "qk_init_scale": 10.0}),
     "tgem_scaled_lr1e-3_uniform": (True, {"learning_rate": 1e-3, "qk_init_scale": 0.0}),
+    # early stopping's ablation (early_stopping="auto" turns it on for CITE-seq's folds)
+    "tgem_scaled_lr1e-3_es_uniform": (
+        True,
+        {"learning_rate": 1e-3, "early_stopping": True, "qk_init_scale": 0.0},
+    ),
     # the candidate defaults: standardisation inside the estimator (no scaler in front), the
     # screen's best recipe, and its uniform-attention ablation on the same folds
     "tgem_std_lr1e-3_wd1e-2": (

@@ -9,21 +9,27 @@ differences the decision rests on, each with its 95 % confidence interval, and t
 The configurations:
 
 - **defaults**: ``TGEMClassifier()`` of this release (``standardize=True``,
-  ``learning_rate=1e-3``). Its folds are those of ``tgem_scaled_lr1e-3``, today's recipe
-  ``make_pipeline(StandardScaler(), TGEMClassifier(learning_rate=1e-3))``: on float32 input
-  (all three data sets) the two fit and predict bit for bit the same, which this script
-  checks on every run (``check_twin``: 400 cells of each data set, 2 epochs, one layer);
+  ``learning_rate=1e-3``, ``early_stopping="auto"``: on from 5,000 training samples). Below
+  that size its folds are those of ``tgem_scaled_lr1e-3``, the recipe
+  ``make_pipeline(StandardScaler(), TGEMClassifier.original(learning_rate=1e-3))``; above it
+  (CITE-seq) those of the recipe with early stopping, ``tgem_scaled_lr1e-3_es``. On float32
+  input they fit and predict bit for bit the same, which this script checks on every run
+  (``check_twin``: 400 cells of each data set and 5,000 CITE-seq cells, 2 epochs, one
+  layer);
 - **original**: ``TGEMClassifier.original()`` (tgem 0.1's defaults);
-- **weight decay**: the defaults with ``weight_decay=1e-2`` (the screen's best), run inside
-  the estimator on CITE-seq (``tgem_std_lr1e-3_wd1e-2``) and through its pipeline twin on
-  PBMC and ``mol_biol`` (``tgem_scaled_lr1e-3_wd1e-2``);
+- **the three candidates**, the screen's best configurations besides the recipe: the defaults
+  with ``weight_decay=1e-2`` (the screen's best), run inside the estimator on CITE-seq
+  (``tgem_std_lr1e-3_wd1e-2``) and through its pipeline twin on PBMC and ``mol_biol``
+  (``tgem_scaled_lr1e-3_wd1e-2``); with ``dropout=0.1`` (``tgem_scaled_lr1e-3_do0.1``); with
+  early stopping (``tgem_scaled_lr1e-3_es``);
 - **uniform**: the defaults with ``qk_init_scale=0`` (scores stay 0, so ``A_ij = 1/G`` for
-  ``j != i`` throughout the fit: nothing is learned in the attention), the ablation.
+  ``j != i`` throughout the fit: nothing is learned in the attention), the ablation
+  (``tgem_scaled_lr1e-3_uniform``; on CITE-seq ``tgem_scaled_lr1e-3_es_uniform``).
 
 The rules (issue 26):
 
-1. **CITE-seq, non-inferiority:** a new default's accuracy minus today's recipe's, 95 %
-   interval above -0.5 points.
+1. **CITE-seq, non-inferiority:** a new default's accuracy minus the recipe's (the defaults
+   then recommended), 95 % interval above -0.5 points.
 2. **PBMC and ALL mol_biol, no loss:** never significantly worse (p < 0.05) than the
    original's defaults.
 3. **Targets:** on CITE-seq the interval against logistic regression above -1 point; on PBMC
@@ -59,37 +65,85 @@ sys.path.insert(0, str(HERE))
 import bench_accuracy as bench  # noqa: E402
 
 #: The configurations compared on each data set (bench_accuracy model names).
-DEFAULTS = "tgem_scaled_lr1e-3"  # bit-identical twin of TGEMClassifier() (see check_twin)
+RECIPE = "tgem_scaled_lr1e-3"  # the recipe: TGEMClassifier() below 5,000 samples (check_twin)
 WEIGHT_DECAY = {"citeseq": "tgem_std_lr1e-3_wd1e-2"}  # elsewhere its pipeline twin:
 WEIGHT_DECAY_TWIN = "tgem_scaled_lr1e-3_wd1e-2"
+DROPOUT = "tgem_scaled_lr1e-3_do0.1"
+EARLY_STOPPING = "tgem_scaled_lr1e-3_es"
 UNIFORM = "tgem_scaled_lr1e-3_uniform"
+EARLY_STOPPING_UNIFORM = "tgem_scaled_lr1e-3_es_uniform"
+#: Training samples from which ``early_stopping="auto"`` stops early (tgem._presets).
+AUTO_MIN_SAMPLES = 5000
 ORIGINAL = "tgem_original"
 BASELINES = ("logistic_regression", "random_forest", "mlp", "hist_gradient_boosting")
+
+
+def candidates(dataset: str) -> dict[str, str]:
+    """The screen's three best configurations besides the recipe (mean accuracy over PBMC
+    and ``mol_biol``: weight decay 0.855, dropout 0.1 0.832, early stopping 0.819), by the
+    name of their folds on ``dataset``."""
+    return {
+        "weight decay 1e-2": WEIGHT_DECAY.get(dataset, WEIGHT_DECAY_TWIN),
+        "dropout 0.1": DROPOUT,
+        "early stopping": EARLY_STOPPING,
+    }
+
+
+def defaults_of(dataset: str) -> str:
+    """The folds of ``TGEMClassifier()`` on ``dataset``: with ``early_stopping="auto"`` the
+    recipe plus early stopping on CITE-seq (6,893 training cells per fold), the recipe on
+    PBMC and ALL (under 5,000)."""
+    return EARLY_STOPPING if dataset == "citeseq" else RECIPE
+
+
+def uniform_of(dataset: str) -> str:
+    """The ablation of ``defaults_of(dataset)``: the same with uniform attention."""
+    return EARLY_STOPPING_UNIFORM if dataset == "citeseq" else UNIFORM
+
+
 STUDY = {
-    "citeseq": (ORIGINAL, DEFAULTS, WEIGHT_DECAY["citeseq"], UNIFORM, *BASELINES),
-    "pbmc": (ORIGINAL, DEFAULTS, WEIGHT_DECAY_TWIN, UNIFORM, *BASELINES),
-    "all_mol_biol": (ORIGINAL, DEFAULTS, WEIGHT_DECAY_TWIN, UNIFORM, *BASELINES),
+    ds: tuple(
+        dict.fromkeys(
+            (ORIGINAL, RECIPE, *candidates(ds).values(), UNIFORM, uniform_of(ds), *BASELINES)
+        )
+    )
+    for ds in ("citeseq", "pbmc", "all_mol_biol")
 }
 #: Torch threads of each T-GEM model's banked folds, per data set (part of the cache key):
 #: the screen ran 2-threaded; the CITE-seq and guard runs of this study one thread per
 #: process, two processes side by side (robust to other load on the 2-core machine).
 THREADS = {
-    "citeseq": {DEFAULTS: 1, WEIGHT_DECAY["citeseq"]: 1, UNIFORM: 1, ORIGINAL: 1},
+    "citeseq": {
+        RECIPE: 1,
+        WEIGHT_DECAY["citeseq"]: 1,
+        DROPOUT: 1,
+        EARLY_STOPPING: 1,
+        UNIFORM: 1,
+        EARLY_STOPPING_UNIFORM: 1,
+        ORIGINAL: 1,
+    },
     "pbmc": {UNIFORM: 1},
     "all_mol_biol": {UNIFORM: 1},
 }
 #: How the folds were banked (each resumable; the cache makes reruns free).
 COMMANDS = (
     "python benchmarks/bench_accuracy.py --datasets pbmc,all_mol_biol --models "
-    "tgem_original,tgem_scaled_lr1e-3,tgem_scaled_lr1e-3_wd1e-2,random_forest,"
-    "logistic_regression,mlp,hist_gradient_boosting --n-repeats 1 --timing-genes= --tag screen_r1",
+    "tgem_original,tgem_scaled_lr1e-3,tgem_scaled_lr1e-3_wd1e-2,tgem_scaled_lr1e-3_do0.1,"
+    "tgem_scaled_lr1e-3_es,random_forest,logistic_regression,mlp,hist_gradient_boosting "
+    "--n-repeats 1 --timing-genes= --tag screen_r1",
     "python benchmarks/bench_accuracy.py --datasets citeseq --models logistic_regression,"
     "random_forest --n-repeats 1 --timing-genes= --tag citeseq_r1",
     "python benchmarks/bench_accuracy.py --datasets citeseq --models tgem_std_lr1e-3_wd1e-2,"
     "tgem_scaled_lr1e-3,tgem_scaled_lr1e-3_uniform --n-repeats 1 --timing-genes= "
     "--threads 1 --shard I/2 --tag citeseq_I  # I = 0 and 1, side by side",
+    "python benchmarks/bench_accuracy.py --datasets citeseq --models M --n-repeats 1 "
+    "--timing-genes= --threads 1 --tag citeseq_M  # M = tgem_scaled_lr1e-3_do0.1 and "
+    "tgem_scaled_lr1e-3_es, side by side",
     "python benchmarks/bench_accuracy.py --datasets pbmc,all_mol_biol --models "
     "tgem_scaled_lr1e-3_uniform --n-repeats 1 --timing-genes= --threads 1 --tag guards_r2",
+    "python benchmarks/bench_accuracy.py --datasets citeseq --models "
+    "tgem_scaled_lr1e-3_es_uniform --n-repeats 1 --timing-genes= --threads 1 --shard I/2 "
+    "--tag citeseq_esu_I  # I = 0 and 1, side by side",
 )
 #: Non-inferiority margins (accuracy, as a fraction).
 MARGIN_RECIPE = -0.005
@@ -193,28 +247,38 @@ def _fmt_ci(p: dict | None, scale: float = 100.0) -> str:
 
 
 def check_twin(data_dir: Path, n: int = 400) -> dict:
-    """Whether ``TGEMClassifier()`` and ``make_pipeline(StandardScaler(),
-    TGEMClassifier.original(learning_rate=1e-3))`` give bit-identical probabilities on ``n``
-    random cells of each data set (2 epochs, one layer: the claim is about the arithmetic,
-    which the configuration does not change)."""
+    """Whether ``TGEMClassifier()`` gives bit-identical probabilities to its twin from the
+    recipe: ``make_pipeline(StandardScaler(), TGEMClassifier.original(learning_rate=1e-3))``
+    on ``n`` random cells of each data set, and the same with ``early_stopping=True`` on
+    ``AUTO_MIN_SAMPLES`` CITE-seq cells, where ``"auto"`` turns early stopping on (2 epochs,
+    one layer: the claim is about the arithmetic, which the configuration does not change)."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from tgem import TGEMClassifier
 
     out = {}
-    for name in STUDY:
+    cases = [(name, n, False) for name in STUDY] + [("citeseq", AUTO_MIN_SAMPLES, True)]
+    for name, size, early in cases:
         ds = bench.load_dataset(name, data_dir)
-        rows = np.random.default_rng(0).permutation(len(ds.y))[:n]
+        rows = np.random.default_rng(0).permutation(len(ds.y))[:size]
         X, y = ds.X[rows], ds.y[rows]
         if ds.top_k:
             X = X[:, np.argsort(X.var(axis=0))[-ds.top_k :]]
         kw = dict(max_epochs=2, n_layers=1, random_state=0, n_threads=1)
-        twin = make_pipeline(StandardScaler(), TGEMClassifier.original(learning_rate=1e-3, **kw))
+        twin = make_pipeline(
+            StandardScaler(),
+            TGEMClassifier.original(learning_rate=1e-3, early_stopping=early, **kw),
+        )
         ours = TGEMClassifier(**kw)
         p1 = twin.fit(X, y).predict_proba(X)
         p2 = ours.fit(X, y).predict_proba(X)
-        out[name] = {"dtype": str(X.dtype), "identical": bool(np.array_equal(p1, p2))}
+        key = f"{name} ({size} cells{', early stopping' if early else ''})"
+        out[key] = {
+            "dtype": str(X.dtype),
+            "early_stopping": bool(ours.early_stopping_),
+            "identical": bool(np.array_equal(p1, p2)) and ours.early_stopping_ == early,
+        }
     return out
 
 
@@ -223,15 +287,17 @@ def decide(results: dict) -> dict:
     comp: dict = {}
     for ds, by in results.items():
         c: dict = {}
-        wd = WEIGHT_DECAY.get(ds, WEIGHT_DECAY_TWIN)
-        for a, b in [
-            (DEFAULTS, ORIGINAL),
-            (DEFAULTS, UNIFORM),
-            *((DEFAULTS, base) for base in BASELINES),
-            (wd, DEFAULTS),
-            (wd, ORIGINAL),
-            (wd, "logistic_regression"),
-        ]:
+        dflt = defaults_of(ds)
+        pairs = [
+            (dflt, ORIGINAL),
+            (dflt, uniform_of(ds)),
+            *((dflt, base) for base in BASELINES),
+            (RECIPE, UNIFORM),
+        ]
+        for cand in candidates(ds).values():
+            pairs += [(cand, RECIPE), (cand, ORIGINAL), (cand, "logistic_regression")]
+        pairs = list(dict.fromkeys(pairs))
+        for a, b in pairs:
             if by.get(a) and by.get(b):
                 c[f"{a} - {b}"] = paired(by[a], by[b])
         comp[ds] = c
@@ -243,17 +309,28 @@ def decide(results: dict) -> dict:
     # rule 1: the defaults are today's recipe (bit-identical), so their difference is 0 on
     # every fold; weight decay is judged by its own interval against the recipe
     cite = comp.get("citeseq", {})
-    wd_cite = cite.get(f"{WEIGHT_DECAY['citeseq']} - {DEFAULTS}")
-    v["citeseq_weight_decay_not_worse_than_recipe"] = (
-        wd_cite["ci"][0] > MARGIN_RECIPE if full(wd_cite) else None
-    )
-    vs_lr = cite.get(f"{DEFAULTS} - logistic_regression")
+    v["citeseq_candidate_not_worse_than_recipe"] = {}
+    for label, cand in candidates("citeseq").items():
+        p = cite.get(f"{cand} - {RECIPE}")
+        v["citeseq_candidate_not_worse_than_recipe"][label] = (
+            p["ci"][0] > MARGIN_RECIPE if full(p) else None
+        )
+    # rule 2 for each candidate: never significantly worse than the original's defaults
+    v["guards_candidate_never_worse_than_original"] = {}
+    for label in candidates("citeseq"):
+        ok = []
+        for ds in ("pbmc", "all_mol_biol"):
+            p = comp.get(ds, {}).get(f"{candidates(ds)[label]} - {ORIGINAL}")
+            if full(p):
+                ok.append(not (p["p"] < 0.05 and p["mean"] < 0))
+        v["guards_candidate_never_worse_than_original"][label] = all(ok) if ok else None
+    vs_lr = cite.get(f"{defaults_of('citeseq')} - logistic_regression")
     v["citeseq_defaults_within_1pt_of_lr"] = vs_lr["ci"][0] > MARGIN_LR if full(vs_lr) else None
     never_worse, better, vs_best = [], [], {}
     for ds in ("pbmc", "all_mol_biol"):
         if ds not in comp:
             continue
-        p = comp[ds].get(f"{DEFAULTS} - {ORIGINAL}")
+        p = comp[ds].get(f"{defaults_of(ds)} - {ORIGINAL}")
         if full(p):
             never_worse.append(not (p["p"] < 0.05 and p["mean"] < 0))
             better.append(p["p"] < 0.05 and p["mean"] > 0)
@@ -264,7 +341,7 @@ def decide(results: dict) -> dict:
         }
         if means:
             best = max(means, key=means.get)
-            q = comp[ds].get(f"{DEFAULTS} - {best}")
+            q = comp[ds].get(f"{defaults_of(ds)} - {best}")
             vs_best[ds] = {
                 "best": best,
                 "not_significantly_worse": (
@@ -275,11 +352,11 @@ def decide(results: dict) -> dict:
     v["defaults_significantly_better_than_original_somewhere"] = any(better) if better else None
     v["guards_defaults_vs_best_of_rf_mlp_hgb"] = vs_best
     v["ablation_defaults_minus_uniform"] = {
-        ds: comp[ds].get(f"{DEFAULTS} - {UNIFORM}") for ds in comp
+        ds: comp[ds].get(f"{defaults_of(ds)} - {uniform_of(ds)}") for ds in comp
     }
-    v["weight_decay_minus_defaults"] = {
-        ds: comp[ds].get(f"{WEIGHT_DECAY.get(ds, WEIGHT_DECAY_TWIN)} - {DEFAULTS}") for ds in comp
-    }
+    for label in candidates("citeseq"):
+        key = label.replace(" ", "_").replace(".", "") + "_minus_defaults"
+        v[key] = {ds: comp[ds].get(f"{candidates(ds)[label]} - {RECIPE}") for ds in comp}
     return {"comparisons": {ds: {"pairs": c} for ds, c in comp.items()}, "verdicts": v}
 
 
@@ -294,16 +371,23 @@ def to_markdown(results: dict, decision: dict, twin: dict) -> str:
         "",
         *[f"    {c}" for c in COMMANDS],
         "",
-        f"`{DEFAULTS}` is today's recipe, `make_pipeline(StandardScaler(), "
-        "TGEMClassifier.original(learning_rate=1e-3))`, which fits and predicts bit for bit as "
-        "this release's `TGEMClassifier()` on float32 input (checked on this run: "
+        f"`{RECIPE}` is the recipe, `make_pipeline(StandardScaler(), "
+        "TGEMClassifier.original(learning_rate=1e-3))`, and `tgem_scaled_lr1e-3_es` the same "
+        "with `early_stopping=True`. `TGEMClassifier()` of this release (`early_stopping="
+        f'"auto"`: on from {AUTO_MIN_SAMPLES:,} training samples) fits and predicts bit for '
+        "bit as the recipe below that size and as the recipe with early stopping above it "
+        "(checked on this run, float32: "
         + ", ".join(
             f"{k} {'identical' if v['identical'] else 'DIFFERENT'}" for k, v in twin.items()
         )
-        + "); `tgem_original` is `TGEMClassifier.original()` (tgem 0.1's defaults); "
-        "`*_wd1e-2` add `weight_decay=1e-2` (`std`: `standardize=True` inside the estimator); "
-        f"`{UNIFORM}` is the defaults with `qk_init_scale=0` (scores stay 0, A_ij = 1/G for "
-        "j != i: the ablation). Entropy below uniform: ln G minus the mean attention entropy of "
+        + "), so its folds are the recipe's on PBMC and ALL and `tgem_scaled_lr1e-3_es`'s on "
+        "CITE-seq (6,893 training cells per fold). `tgem_original` is "
+        "`TGEMClassifier.original()` (tgem 0.1's defaults); "
+        "`*_wd1e-2` add `weight_decay=1e-2` (`std`: `standardize=True` inside the estimator), "
+        "`*_do0.1` set `dropout=0.1`, `*_es` add `early_stopping=True` (the screen's three best "
+        "configurations besides the recipe); "
+        "`*_uniform` add `qk_init_scale=0` (scores stay 0, A_ij = 1/G for j != i: the "
+        "ablation). Entropy below uniform: ln G minus the mean attention entropy of "
         "each layer (heads, query genes and the first 256 test cells of each fold), from the "
         "folds that recorded it.",
         "",

@@ -405,7 +405,8 @@ def test_tgem_variants_change_only_what_their_names_say():
         got = pipe.named_steps["clf"].get_params()
         assert {k for k in got if got[k] != base[k]} == set(params)
         assert ("lr1e-3" in name) == (got["learning_rate"] == 1e-3)
-        assert name.endswith("_es") == got["early_stopping"]
+        assert ("_es" in name) == got["early_stopping"]
+        assert name.endswith("_uniform") == (got["qk_init_scale"] == 0.0)
 
 
 def test_citeseq_is_log1p_of_counts_scaled_per_cell(data_dir):

@@ -158,6 +158,40 @@ def test_validation_fraction_is_ignored_without_early_stopping():
     assert all(np.isnan(h["valid_loss"]) for h in clf.history_)
 
 
+def test_early_stopping_auto_follows_the_number_of_training_samples(monkeypatch, tmp_path):
+    import tgem
+    import tgem._presets as presets
+
+    X, y = _data(n=120)
+    kw = {**FAST, "max_epochs": 4, "validation_fraction": 0.25}
+    small = TGEMClassifier(**kw).fit(X, y)  # "auto" below the threshold: off
+    assert small.early_stopping == "auto" and small.early_stopping_ is False
+    assert all(np.isnan(h["valid_loss"]) for h in small.history_)
+    # ... and it is exactly the fit with early_stopping=False
+    off = TGEMClassifier(**kw, early_stopping=False).fit(X, y)
+    np.testing.assert_array_equal(small.predict_proba(X), off.predict_proba(X))
+
+    monkeypatch.setattr(presets, "AUTO_EARLY_STOPPING_MIN_SAMPLES", 120)
+    large = TGEMClassifier(**kw).fit(X, y)  # at the threshold: on
+    assert large.early_stopping_ is True
+    assert all(np.isfinite(h["valid_loss"]) for h in large.history_)
+    on = TGEMClassifier(**kw, early_stopping=True).fit(X, y)
+    np.testing.assert_array_equal(large.predict_proba(X), on.predict_proba(X))
+
+    # the choice survives the model file and pickling
+    for model, expected in ((small, False), (large, True), (on, True), (off, False)):
+        path = tmp_path / f"m{expected}.tgem"
+        model.save(path)
+        assert tgem.load(path).early_stopping_ is expected
+        assert pickle.loads(pickle.dumps(model)).early_stopping_ is expected
+
+
+def test_early_stopping_rejects_other_strings():
+    X, y = _data()
+    with pytest.raises(ValueError, match="early_stopping"):
+        TGEMClassifier(**FAST, early_stopping="yes").fit(X, y)
+
+
 def test_class_weight_balanced_and_dict_change_the_loss():
     X, y = _data(n=60)
     y[:40] = 0

@@ -122,6 +122,15 @@ def test_original_flag_names_are_aliases():
     assert args.absolute is True and args.method == "ig_smoothgrad_sq"
 
 
+def test_early_stopping_flags():
+    def parse(*flags):
+        return build_parser().parse_args(["train", "d.csv", "--label", "y", *flags])
+
+    assert parse().early_stopping == "auto"  # on from 5,000 training cells
+    assert parse("--early-stopping").early_stopping is True
+    assert parse("--no-early-stopping").early_stopping is False
+
+
 def test_model_flag_defaults_are_the_estimators():
     from tgem import TGEMClassifier
 

@@ -47,7 +47,7 @@ from tgem._io import checkpoint_lock, register_estimator, writes_checkpoints
 from tgem._kernels import backend_names
 from tgem._model import TGEMNet
 from tgem._model import module_init as _module_init
-from tgem._presets import ORIGINAL_PARAMS, V01_VALUES
+from tgem._presets import ORIGINAL_PARAMS, V01_VALUES, uses_early_stopping
 from tgem._runtime import MAX_SEED as _MAX_SEED
 from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old import paths
     available_cpus,
@@ -118,9 +118,15 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Number of passes over the training data (upper bound with early stopping).
     weight_decay : float, default=0.0
         Adam's L2 penalty.
-    early_stopping : bool, default=False
+    early_stopping : bool or "auto", default="auto"
         Hold out ``validation_fraction`` of the training data (stratified), stop after
         ``n_iter_no_change`` epochs without a lower validation loss and keep the best weights.
+        ``"auto"`` turns it on when ``fit`` receives at least
+        5,000 samples (``tgem._presets.AUTO_EARLY_STOPPING_MIN_SAMPLES``) and off below: on 8,617
+        CITE-seq cells it was as accurate as training all epochs (+0.5 points), halved the
+        log loss and saved a third of the fit time, while on 700 PBMC cells the small
+        validation split made it stop too early (-4.3 points; see the user guide's
+        preprocessing page). ``fit`` records the choice in ``early_stopping_``.
     validation_fraction : float, default=0.1
         Share of the training data held out when ``early_stopping`` is on (ignored otherwise).
     n_iter_no_change : int, default=10
@@ -276,7 +282,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
-        "early_stopping": ["boolean"],
+        "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
         "calibration": [StrOptions({"temperature"}), None],
@@ -310,7 +316,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         batch_size=16,
         max_epochs=50,
         weight_decay=0.0,
-        early_stopping=False,
+        early_stopping="auto",
         validation_fraction=0.1,
         n_iter_no_change=10,
         calibration=None,
@@ -560,7 +566,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             X_train, y_train, w_train, cal = self._split_calibration(
                 X, y_enc, weights, sample_weight, int(seeds[4]), warm
             )
-        if self.early_stopping:
+        early_stopping = uses_early_stopping(self.early_stopping, X.shape[0])
+        if early_stopping:
             X_train, y_train, w_train, valid = self._split_validation(
                 X_train, y_train, w_train, seeds[0]
             )
@@ -570,6 +577,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             self.feature_names_in_ = X.var_names
         self.device_ = device
         self.classes_ = classes
+        self.early_stopping_ = early_stopping
         self._reset_calibration()
 
         with torch_threads(self.n_threads):
@@ -1071,6 +1079,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
         if init is not None:  # fitted before calibration existed: temperature 1
             self.__dict__.setdefault("temperature_", 1.0)
+            # fitted before early_stopping="auto" existed: the parameter was a bool
+            self.__dict__.setdefault("early_stopping_", bool(self.early_stopping))
         if "device_" in state:
             self.device_ = torch.device(state["device_"])
         if init is not None:

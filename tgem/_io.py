@@ -892,6 +892,13 @@ def _build(header: dict, arrays: dict[str, np.ndarray], name: str):
     _check_fitted(fitted, len(history), name)
     model.module_ = module
     model.history_ = history
+    # whether the fit held out validation cells: the parameter, or for "auto" the record of
+    # a validation loss (files do not store the number of training samples)
+    model.early_stopping_ = (
+        any(math.isfinite(rec.get("valid_loss", math.nan)) for rec in history)
+        if isinstance(model.early_stopping, str)
+        else bool(model.early_stopping)
+    )
     model.n_iter_ = fitted["n_iter_"]
     model.best_epoch_ = best_epoch
     model.attention_backend_ = fitted["attention_backend_"]

@@ -40,3 +40,26 @@ V01_VALUES: dict = {
 #: Per model-file format version: the values of parameters such files may lack.
 #: A parameter added after a version's files were written behaves there as it did in 0.1.
 FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES, 2: V01_VALUES}
+
+#: ``early_stopping="auto"`` turns early stopping on from this many training samples (the
+#: rows ``fit`` receives). The defaults study (issue 26) measured early stopping +0.5 points
+#: on 8,617 CITE-seq cells (6,893 per training fold) and -4.3 points on 700 PBMC cells
+#: (560), where a 10 % validation split of 56 cells stops the fit too early; 5,000 samples
+#: hold out 500 validation cells at the default ``validation_fraction``. The threshold lies
+#: between the two measured sizes; it was reasoned, not tuned.
+AUTO_EARLY_STOPPING_MIN_SAMPLES = 5000
+
+
+def uses_early_stopping(early_stopping, n_samples: int) -> bool:
+    """Whether a fit on ``n_samples`` rows stops early under the ``early_stopping`` parameter.
+
+    Examples
+    --------
+    >>> uses_early_stopping("auto", 700), uses_early_stopping("auto", 8617)
+    (False, True)
+    >>> uses_early_stopping(True, 10)
+    True
+    """
+    if isinstance(early_stopping, str):  # "auto" (the parameter's constraint checks it)
+        return n_samples >= AUTO_EARLY_STOPPING_MIN_SAMPLES
+    return bool(early_stopping)

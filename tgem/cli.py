@@ -183,10 +183,21 @@ def _add_model_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument(
         "--early-stopping",
         "--do_val",
-        action="store_true",
+        dest="early_stopping",
+        action="store_const",
+        const=True,
+        default=defaults["early_stopping"],
         help="hold out --validation-fraction of the training data, track the "
         "validation loss each epoch, stop after --n-iter-no-change epochs "
-        "without improvement and keep the best epoch's weights (--do_val)",
+        "without improvement and keep the best epoch's weights (--do_val; default: "
+        "%(default)s, on from 5,000 training cells)",
+    )
+    g.add_argument(
+        "--no-early-stopping",
+        dest="early_stopping",
+        action="store_const",
+        const=False,
+        help="train all --max-epochs whatever the number of cells",
     )
     g.add_argument(
         "--validation-fraction",
