@@ -446,7 +446,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--tag", default="annotate_rejection", help="file stem of the outputs")
     p.add_argument(
-        "--quick", action="store_true", help="CI smoke run: 2 epochs, 2 PBMC types, temp dir"
+        "--quick",
+        action="store_true",
+        help="CI smoke run: 2 PBMC types, 2 epochs (CITE-seq 1), temp dir",
     )
     return p.parse_args(argv)
 
@@ -455,6 +457,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.quick:  # both modes, cut to the bone; outputs in a temporary folder
         args.epochs = args.epochs or 2
+        args.citeseq_epochs = args.citeseq_epochs or 1
         args.datasets = ["pbmc"]
         args.types = args.types or ["CD19+ B", "CD56+ NK"]
         args.results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="bench_annotate_"))
