@@ -1,26 +1,16 @@
 """Tests of the annotation benchmarks: the conformal rule, the figures, the .h5ad writer."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests._benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_annotate")
+bench = load_benchmark("bench_annotate")
 
 
 def _proba(rng, n, k):
@@ -117,7 +107,7 @@ def test_auroc_is_one_when_unseen_cells_score_lowest():
 def test_pbmc_h5ad_holds_the_drawn_source_cells(tmp_path):
     anndata = pytest.importorskip("anndata")
     pytest.importorskip("h5py")
-    mem = _load("bench_annotate_memory")
+    mem = load_benchmark("bench_annotate_memory")
     from tgem.datasets import load_pbmc68k
 
     path = tmp_path / "cells.h5ad"
