@@ -47,8 +47,9 @@ conformal rule):
 Each fit's scores are cached as JSON under ``benchmarks/results/cache/annotate/`` (keyed by
 data set, left-out types, epochs and seed), so an interrupted run resumes; ``--shard I/N``
 runs every N-th fit (two single-threaded processes share the cache; a last run without it
-writes the tables). Outputs: ``annotate_rejection.json`` and ``annotate_rejection.md`` in
-``--results-dir`` (``benchmarks/results``).
+writes the tables); ``--from-cache`` fits nothing and tabulates the fits cached so far.
+Outputs: ``annotate_rejection.json`` and ``annotate_rejection.md`` in ``--results-dir``
+(``benchmarks/results``).
 
     python benchmarks/bench_annotate.py --mode citeseq-unknown --citeseq-epochs 15
     python benchmarks/bench_annotate.py --mode loto --datasets pbmc
@@ -57,6 +58,7 @@ writes the tables). Outputs: ``annotate_rejection.json`` and ``annotate_rejectio
     python benchmarks/bench_annotate.py --mode loto --datasets citeseq --citeseq-epochs 15 \
         --shard 1/2
     python benchmarks/bench_annotate.py --citeseq-epochs 15   # both modes: the tables
+    python benchmarks/bench_annotate.py --citeseq-epochs 15 --from-cache  # fit nothing
     python benchmarks/bench_annotate.py --quick             # CI smoke run, about a minute
 """
 
@@ -446,6 +448,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--tag", default="annotate_rejection", help="file stem of the outputs")
     p.add_argument(
+        "--from-cache",
+        action="store_true",
+        help="fit nothing: write the tables from the fits already cached",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="CI smoke run: 2 PBMC types, 2 epochs (CITE-seq 1), temp dir",
@@ -472,7 +479,7 @@ def main(argv=None) -> None:
     mine = jobs if args.shard is None else jobs[args.shard[0] :: args.shard[1]]
     print(f"{len(jobs)} fit(s) in this run's protocol; this process fits {len(mine)}", flush=True)
     warnings.filterwarnings("ignore", message="X does not have valid feature names")
-    for job in mine:
+    for job in [] if args.from_cache else mine:
         get_record(job, cache_dir, args.data_dir, fit=True)
     results = []
     for job in jobs:
