@@ -34,13 +34,49 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def write_h5ad(path: Path, size_gb: float, n_genes: int, density: float, seed: int) -> dict:
-    """A sparse CSR .h5ad of about ``size_gb`` GB, written block by block."""
+def write_csr_h5ad(path: Path, indptr, var_names, obs, rows, block: int = 1 << 17) -> None:
+    """Write a sparse CSR ``.h5ad`` block by block, never holding its matrix in memory.
+
+    ``indptr`` (int64, ``n_cells + 1``) fixes the layout; ``rows(start, stop)`` returns the
+    ``(data, indices)`` of cells ``start:stop`` (float32, int32). ``obs`` and ``var_names``
+    go through anndata (an empty matrix first), then ``X`` is replaced by the blocks.
+    """
     import anndata
     import h5py
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
+
+    n_cells, n_genes = len(indptr) - 1, len(var_names)
+    skeleton = anndata.AnnData(
+        X=sp.csr_matrix((n_cells, n_genes), dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=list(var_names)),
+    )
+    skeleton.write_h5ad(path)
+    del skeleton
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        X = f.create_group("X")
+        X.attrs["encoding-type"] = "csr_matrix"
+        X.attrs["encoding-version"] = "0.1.0"
+        X.attrs["shape"] = (n_cells, n_genes)
+        total = int(indptr[-1])
+        chunk = (max(1, min(total, 1 << 20)),)
+        data = X.create_dataset("data", shape=(total,), dtype="float32", chunks=chunk)
+        indices = X.create_dataset("indices", shape=(total,), dtype="int32", chunks=chunk)
+        X.create_dataset("indptr", data=np.asarray(indptr, dtype=np.int64))
+        for start in range(0, n_cells, block):
+            stop = min(n_cells, start + block)
+            values, cols = rows(start, stop)
+            data[indptr[start] : indptr[stop]] = values
+            indices[indptr[start] : indptr[stop]] = cols
+
+
+def write_h5ad(path: Path, size_gb: float, n_genes: int, density: float, seed: int) -> dict:
+    """A sparse CSR .h5ad of about ``size_gb`` GB of synthetic cells, written block by block."""
+    import numpy as np
+    import pandas as pd
 
     nnz_row = max(1, round(n_genes * density))
     n_cells = int(size_gb * 1e9 / (nnz_row * 8 + 8))
@@ -51,35 +87,19 @@ def write_h5ad(path: Path, size_gb: float, n_genes: int, density: float, seed: i
         {"cell_type": pd.Categorical.from_codes(labels, types)},
         index=pd.RangeIndex(n_cells).astype(str),
     )
-    skeleton = anndata.AnnData(
-        X=sp.csr_matrix((n_cells, n_genes), dtype=np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
-    )
-    skeleton.write_h5ad(path)
-    del skeleton, obs
     shift = rng.normal(0, 1.0, size=(len(types), n_genes)).astype(np.float32)
-    with h5py.File(path, "r+") as f:
-        del f["X"]
-        X = f.create_group("X")
-        X.attrs["encoding-type"] = "csr_matrix"
-        X.attrs["encoding-version"] = "0.1.0"
-        X.attrs["shape"] = (n_cells, n_genes)
-        total = n_cells * nnz_row
-        data = X.create_dataset("data", shape=(total,), dtype="float32", chunks=(1 << 20,))
-        indices = X.create_dataset("indices", shape=(total,), dtype="int32", chunks=(1 << 20,))
-        X.create_dataset("indptr", data=np.arange(n_cells + 1, dtype=np.int64) * nnz_row)
-        block = 1 << 17
-        for start in range(0, n_cells, block):
-            stop = min(n_cells, start + block)
-            m = stop - start
-            cols = np.sort(np.argsort(rng.random((m, n_genes)), axis=1)[:, :nnz_row], axis=1)
-            vals = np.abs(
-                rng.normal(1.0, 0.5, size=(m, nnz_row)).astype(np.float32)
-                + shift[labels[start:stop, None], cols]
-            )
-            data[start * nnz_row : stop * nnz_row] = vals.ravel()
-            indices[start * nnz_row : stop * nnz_row] = cols.ravel().astype(np.int32)
+
+    def rows(start, stop):
+        m = stop - start
+        cols = np.sort(np.argsort(rng.random((m, n_genes)), axis=1)[:, :nnz_row], axis=1)
+        vals = np.abs(
+            rng.normal(1.0, 0.5, size=(m, nnz_row)).astype(np.float32)
+            + shift[labels[start:stop, None], cols]
+        )
+        return vals.ravel(), cols.ravel().astype(np.int32)
+
+    indptr = np.arange(n_cells + 1, dtype=np.int64) * nnz_row
+    write_csr_h5ad(path, indptr, [f"g{j}" for j in range(n_genes)], obs, rows)
     return {
         "n_cells": n_cells,
         "n_genes": n_genes,

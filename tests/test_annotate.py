@@ -276,6 +276,22 @@ def test_energy_is_logsumexp_of_the_logits(model, frame):
     np.testing.assert_array_equal(labels == "unassigned", scores < np.median(scores))
 
 
+def test_labels_are_those_of_predict_with_rejection(adata, model):
+    # kept cells carry predict's label, rejected ones the unassigned label, for both rules
+    X = adata.to_df()
+    for rule in RULES:
+        scores = rejection_scores(model, X, rule=rule)
+        threshold = float(np.quantile(scores, 0.3))
+        tgem.annotate(adata, model, reject=rule, threshold=threshold, unassigned="none")
+        expected = tgem.predict_with_rejection(
+            model, X, rule=rule, threshold=threshold, unassigned="none"
+        )
+        got = adata.obs["tgem_label"]
+        assert 0 < (got == "none").sum() < len(got)
+        np.testing.assert_array_equal(got.astype(str).to_numpy(), expected.astype(str))
+        assert list(got.cat.categories) == [*map(str, model.classes_), "none"]
+
+
 def test_backed_dense_file(adata, model, tmp_path):
     path = tmp_path / "dense.h5ad"
     adata.write_h5ad(path)

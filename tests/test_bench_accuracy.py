@@ -1,10 +1,8 @@
 """Tests of benchmarks/bench_accuracy.py: the statistics, the leak-free selection, the cache."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +12,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 
+from tests._benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    name = "bench_accuracy"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("bench_accuracy")
 
 
 def test_nadeau_bengio_matches_hand_computed_values():

@@ -491,11 +491,11 @@ def annotate(
         if importances:
             _add_importances(model, frame, proba[rows], attributions)
     predicted = np.argmax(proba, axis=1)
-    labels = model.classes_[predicted].astype(str).astype(object)
+    codes = predicted.copy()  # category codes: no per-cell strings for a large file
     if reject is not None:
-        labels[score < threshold] = unassigned
+        codes[score < threshold] = n_classes
     categories = [str(c) for c in model.classes_] + [unassigned]
-    labels = pd.Categorical(labels, categories=categories)
+    labels = pd.Categorical.from_codes(codes, categories=categories)
     adata.obs[f"{key_added}_label"] = labels
     adata.obs[f"{key_added}_confidence"] = proba.max(axis=1)
     if reject == "energy":
