@@ -56,6 +56,9 @@
 #define TREE_MAX_ORDER 128 /* tol >= 1e-30 needs at most about 60 terms at RHO = 4 */
 #define TREE_MAX_COLS 8
 #define TREE_MAX_DEPTH 60
+/* counts of the work done (for tests): sums by one expansion (the cheap case), sums through
+ * the tree, expansions evaluated in the tree, points summed directly at the leaves */
+#define TREE_NCOUNTS 4
 
 enum { TREE_OK = 0, TREE_EARGS = -1, TREE_ENOMEM = -3 };
 
@@ -232,7 +235,8 @@ static inline int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i *
  * (valid NULL: all), s < npts. Reorders ws->pts and ws->w.
  */
 static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const double *targets,
-                          const unsigned char *valid, int64_t ntargets, double *out)
+                          const unsigned char *valid, int64_t ntargets, double *out,
+                          int64_t *counts)
 {
     const int cols = p->cols;
     double tmax = -1.0;
@@ -249,6 +253,7 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
     }
     const double centre = 0.5 * (pmin + pmax), radius = 0.5 * (pmax - pmin);
     if (tmax * radius <= p->rho) { /* the cheap case: one expansion, no sort */
+        ++counts[0];
         const int order = tree_terms(p, tmax * radius);
         tree_moments(p, order, pts, w, 0, npts, centre, radius, ws->mom);
         for (int64_t m = 0; m < ntargets; ++m) {
@@ -262,6 +267,7 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
         return;
     }
 
+    ++counts[1];
     /* sort the points (ties by position), weights along */
     for (int64_t s = 0; s < npts; ++s) {
         ws->keys[s].d = pts[s];
@@ -352,8 +358,10 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
             const double c = ws->geom[2 * node], r = ws->geom[2 * node + 1];
             if (t * r <= p->rho) {
                 tree_expand(p, ws->mom + node * stride, t, c, r, acc);
+                ++counts[2];
             } else if (level == last) { /* a leaf: direct sum */
                 const int64_t hi = tree_lo(npts, level, i + 1);
+                counts[3] += hi - lo;
                 for (int64_t s = lo; s < hi; ++s) {
                     const double e = tree_exp_neg(p, t * pts[s]);
                     for (int col = 0; col < cols; ++col)
@@ -379,7 +387,14 @@ typedef struct {
     const tree_params *p;
     double *out;
     atomic_int error;
+    atomic_llong counts[TREE_NCOUNTS];
 } tree_ctx;
+
+static void tree_add_counts(tree_ctx *ctx, const int64_t *counts)
+{
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_fetch_add(&ctx->counts[i], (long long)counts[i]);
+}
 
 static void tree_key_range(const double *k, int64_t g, double *kmin, double *kmax)
 {
@@ -400,6 +415,7 @@ static void tree_row_task(const void *vctx, int64_t row)
     const double *q = ctx->q + row * g, *k = ctx->k + row * g;
     double *out = ctx->out + row * g * cols;
     memset(out, 0, (size_t)g * cols * sizeof(double));
+    int64_t counts[TREE_NCOUNTS] = {0};
     tree_ws ws;
     double *t = malloc((size_t)g * sizeof(double));
     unsigned char *valid = malloc((size_t)g);
@@ -424,8 +440,9 @@ static void tree_row_task(const void *vctx, int64_t row)
         for (int64_t j = 0; j < g; ++j)
             ws.pts[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
         memcpy(ws.w, w, (size_t)g * cols * sizeof(double));
-        tree_exp_sums(p, &ws, g, t, valid, g, out);
+        tree_exp_sums(p, &ws, g, t, valid, g, out, counts);
     }
+    tree_add_counts(ctx, counts);
     tree_ws_free(&ws);
     free(t);
     free(valid);
@@ -440,6 +457,7 @@ static void tree_column_task(const void *vctx, int64_t row)
     const double *coeffs = ctx->coeffs + row * g * cols;
     double *out = ctx->out + row * g * cols;
     memset(out, 0, (size_t)g * cols * sizeof(double));
+    int64_t counts[TREE_NCOUNTS] = {0};
     tree_ws ws;
     double *d = malloc((size_t)g * sizeof(double));
     if (!d || tree_ws_alloc(&ws, g, p) != TREE_OK) {
@@ -462,8 +480,9 @@ static void tree_column_task(const void *vctx, int64_t row)
             continue;
         for (int64_t j = 0; j < g; ++j)
             d[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
-        tree_exp_sums(p, &ws, count, d, NULL, g, out);
+        tree_exp_sums(p, &ws, count, d, NULL, g, out, counts);
     }
+    tree_add_counts(ctx, counts);
     tree_ws_free(&ws);
     free(d);
 }
@@ -471,31 +490,45 @@ static void tree_column_task(const void *vctx, int64_t row)
 /* ---------------------------------------------------------------------------------- API */
 TREE_API int tgem_tree_abi_version(void) { return TREE_ABI_VERSION; }
 
-/* row sums (see the top of this file); arrays contiguous, out (n x g x cols) written */
+/* one task per row; counts (TREE_NCOUNTS entries, may be NULL) receive the work done */
+static int tree_run(tree_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts, int nthreads)
+{
+    atomic_init(&ctx->error, TREE_OK);
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_init(&ctx->counts[i], 0);
+    tgem_parallel(nthreads, n, task, ctx);
+    if (counts)
+        for (int i = 0; i < TREE_NCOUNTS; ++i)
+            counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
+    return atomic_load(&ctx->error);
+}
+
+/* row sums (see the top of this file); arrays contiguous, out (n x g x cols) written,
+ * counts (TREE_NCOUNTS, may be NULL) the work done */
 TREE_API int tgem_tree_row_sums(const double *q, const double *k, const double *w_plus,
                                 const double *w_minus, int64_t n, int64_t g, int cols,
                                 int order, double rho, double cut, double clamp, int64_t leaf,
-                                double tol, double *out, int nthreads)
+                                double tol, double *out, int64_t *counts, int nthreads)
 {
     tree_params p;
-    if (n < 0 || g < 0 || nthreads < 1 || (n > 0 && g > 0 && (!q || !k || !out)))
+    if (n < 0 || g < 0 || nthreads < 1 ||
+        (n > 0 && g > 0 && (!q || !k || !w_plus || !w_minus || !out)))
         return TREE_EARGS;
     int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
         return code;
     if (n == 0 || g == 0)
         return TREE_OK;
-    tree_ctx ctx = {q, k, w_plus, w_minus, NULL, g, &p, out, 0};
-    atomic_init(&ctx.error, TREE_OK);
-    tgem_parallel(nthreads, n, tree_row_task, &ctx);
-    return atomic_load(&ctx.error);
+    tree_ctx ctx = {.q = q, .k = k, .w_plus = w_plus, .w_minus = w_minus, .g = g, .p = &p,
+                    .out = out};
+    return tree_run(&ctx, tree_row_task, n, counts, nthreads);
 }
 
-/* column sums (see the top of this file); arrays contiguous, out (n x g x cols) written */
+/* column sums (see the top of this file); as tgem_tree_row_sums */
 TREE_API int tgem_tree_column_sums(const double *q, const double *k, const double *coeffs,
                                    int64_t n, int64_t g, int cols, int order, double rho,
                                    double cut, double clamp, int64_t leaf, double tol,
-                                   double *out, int nthreads)
+                                   double *out, int64_t *counts, int nthreads)
 {
     tree_params p;
     if (n < 0 || g < 0 || nthreads < 1 || (n > 0 && g > 0 && (!q || !k || !coeffs || !out)))
@@ -505,8 +538,6 @@ TREE_API int tgem_tree_column_sums(const double *q, const double *k, const doubl
         return code;
     if (n == 0 || g == 0)
         return TREE_OK;
-    tree_ctx ctx = {q, k, NULL, NULL, coeffs, g, &p, out, 0};
-    atomic_init(&ctx.error, TREE_OK);
-    tgem_parallel(nthreads, n, tree_column_task, &ctx);
-    return atomic_load(&ctx.error);
+    tree_ctx ctx = {.q = q, .k = k, .coeffs = coeffs, .g = g, .p = &p, .out = out};
+    return tree_run(&ctx, tree_column_task, n, counts, nthreads);
 }

@@ -53,14 +53,23 @@ def _declare(lib) -> str | None:
         )
     ptr, i64, cint, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     params = [cint, dbl, dbl, dbl, i64, dbl]  # order, rho, cut, clamp, leaf, tol
-    lib.tgem_tree_row_sums.argtypes = [ptr] * 4 + [i64, i64, cint] + params + [ptr, cint]
+    lib.tgem_tree_row_sums.argtypes = [ptr] * 4 + [i64, i64, cint] + params + [ptr, ptr, cint]
     lib.tgem_tree_row_sums.restype = cint
-    lib.tgem_tree_column_sums.argtypes = [ptr] * 3 + [i64, i64, cint] + params + [ptr, cint]
+    lib.tgem_tree_column_sums.argtypes = [ptr] * 3 + [i64, i64, cint] + params + [ptr, ptr, cint]
     lib.tgem_tree_column_sums.restype = cint
     return None
 
 
 _LOAD_ERROR = _declare(_native._LIB)
+#: Work counters the C code adds to when set to an int64 tensor of 4 entries (tests only):
+#: sums by one expansion (the cheap case), sums through the tree, expansions evaluated in the
+#: tree, points summed directly at the leaves.
+work_counts: torch.Tensor | None = None
+
+
+def _add_counts(counts: torch.Tensor) -> None:
+    if work_counts is not None:
+        work_counts.add_(counts)
 
 
 def _params(p: tree.TreeParameters) -> tuple:
@@ -97,11 +106,14 @@ class _NativeSides(tree._Sides):
         q, k = _f64(self.q), _f64(self.k)
         n, g = q.shape
         out = torch.empty(n, g, plus.shape[-1], dtype=torch.float64)
+        counts = torch.zeros(4, dtype=torch.int64)
         code = _native._LIB.tgem_tree_row_sums(
             q.data_ptr(), k.data_ptr(), plus.data_ptr(), minus.data_ptr(), n, g,
-            plus.shape[-1], *_params(params), out.data_ptr(), torch.get_num_threads(),
+            plus.shape[-1], *_params(params), out.data_ptr(), counts.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         _raise_on(code, "row sums")
+        _add_counts(counts)
         return out
 
     def column_sums(self, coeffs: torch.Tensor, params: tree.TreeParameters) -> torch.Tensor:
@@ -110,11 +122,13 @@ class _NativeSides(tree._Sides):
         q, k = _f64(self.q), _f64(self.k)
         n, g = q.shape
         out = torch.empty(n, g, coeffs.shape[-1], dtype=torch.float64)
+        counts = torch.zeros(4, dtype=torch.int64)
         code = _native._LIB.tgem_tree_column_sums(
             q.data_ptr(), k.data_ptr(), coeffs.data_ptr(), n, g, coeffs.shape[-1],
-            *_params(params), out.data_ptr(), torch.get_num_threads(),
+            *_params(params), out.data_ptr(), counts.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         _raise_on(code, "column sums")
+        _add_counts(counts)
         return out
 
 
