@@ -22,8 +22,8 @@ from tests._oracle import (
     attention_and_grads,
     float32_errors,
 )
-from tgem._kernels import _tree as T
 from tgem._kernels import (
+    _native,
     _tree_native,
     attention_entropy_rows,
     backend_status,
@@ -31,6 +31,7 @@ from tgem._kernels import (
     reference_attention,
     resolve_backend,
 )
+from tgem._kernels import _tree as T
 from tgem._kernels._tree import tree_attention
 from tgem._kernels._tree_native import tree_native_attention, tree_native_entropy_rows
 from tgem._model import TGEMNet
@@ -214,6 +215,25 @@ def test_results_do_not_depend_on_thread_count(dtype):
             results[-1].append(tree_native_entropy_rows(q, k))
     finally:
         torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_instruction_set_paths_are_bit_identical():
+    """The AVX2 instances compute the same operations in the same order as the baseline."""
+    supported = _native.supported_isas()
+    q, k, v, grad = _qkv(3, 2, 400, 30.0, seed=6)
+    q[0] *= 1e-3  # a row of the cheap case too
+    results = []
+    try:
+        for isa in supported:
+            _native.set_isa(isa)
+            results.append(attention_and_grads(tree_native_attention, q, k, v, grad))
+            results[-1].append(tree_native_entropy_rows(q, k))
+    finally:
+        _native.set_isa(None)
+    assert len(results) >= 1
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -411,6 +431,7 @@ def test_model_runs_with_the_native_tree():
 
 
 # ------------------------------------------------------------------------ whole transcriptome
+@pytest.mark.slow  # the float64 exact path takes about 20 s per case on 2 cores
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_at_22283_genes_against_float64_exact(scale):
     genes = 22283

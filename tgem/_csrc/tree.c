@@ -36,9 +36,13 @@
  * Threads: one task per row, run by tgem_parallel of tgem_kernels.c (the dense kernel's
  * POSIX threads, flush-to-zero inside them, the caller's floating-point state restored).
  * Each row is summed by one task in a fixed order, so the results are bitwise independent of
- * the thread count. The code is portable scalar C (no instruction-set dispatch): its work is
- * dominated by short Taylor sums over 1-4 weight columns, libm exponentials at the leaves and
- * the sort, none of which the dense kernel's vector paths would speed up as written.
+ * the thread count.
+ *
+ * Dispatch: the sums are compiled for each column count the attention uses (2, 3, 4, and any)
+ * for the baseline architecture and with AVX2+FMA (the loops over the columns vectorised by
+ * the compiler), chosen per call from the dense kernel's instruction-set code (AVX-512 runs
+ * the AVX2 code). Multiply-adds are not contracted and no loop is reassociated, so all
+ * instances give bitwise the same results. The exponentials are libm's exp().
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -48,14 +52,26 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define TREE_API __attribute__((visibility("default")))
+#define TREE_INLINE static inline __attribute__((always_inline))
+#define TREE_NOINLINE __attribute__((noinline))
 #else
 #define TREE_API
+#define TREE_INLINE static inline
+#define TREE_NOINLINE
+#endif
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define TREE_X86 1
+#define TREE_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define TREE_X86 0
 #endif
 
 #define TREE_ABI_VERSION 1
 #define TREE_MAX_ORDER 128 /* tol >= 1e-30 needs at most about 60 terms at RHO = 4 */
 #define TREE_MAX_COLS 8
 #define TREE_MAX_DEPTH 60
+#define TREE_BINS 512 /* resolution of the table of expansion orders over x in [0, RHO] */
+#define TREE_SMALL_SORT 48 /* insertion sort below this many points, radix sort above */
 /* counts of the work done (for tests): sums by one expansion (the cheap case), sums through
  * the tree, expansions evaluated in the tree, points summed directly at the leaves */
 #define TREE_NCOUNTS 4
@@ -65,13 +81,24 @@ enum { TREE_OK = 0, TREE_EARGS = -1, TREE_ENOMEM = -3 };
 /* tgem_kernels.c: run fn(ctx, 0 .. ntasks - 1) on up to nthreads threads */
 typedef void (*tgem_task_fn)(const void *ctx, int64_t task);
 void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const void *ctx);
+int tgem_isa_supported(int isa); /* 0 scalar, 1 AVX2+FMA, 2 AVX-512 */
 
-typedef struct {
+struct tree_params;
+struct tree_ws;
+typedef void (*tree_sums_fn)(const struct tree_params *p, struct tree_ws *ws, int64_t npts,
+                             const double *targets, const unsigned char *valid,
+                             int64_t ntargets, double *out, int64_t *counts);
+
+typedef struct tree_params {
     int order;                          /* P: moments kept per node */
     int cols;                           /* weight columns C */
     double rho, cut, clamp;             /* RHO, CUT, largest exponent magnitude */
     int64_t leaf;                       /* LEAF */
     double xmax[TREE_MAX_ORDER + 1];    /* xmax[p]: largest x with exp(2x) x^p / p! <= tol */
+    double bins_per_x;                  /* TREE_BINS / RHO */
+    unsigned char terms_of[TREE_BINS + 2]; /* terms for x in [(b - 1) / bins_per_x,
+                                              b / bins_per_x): those of the bin's upper end */
+    tree_sums_fn sums;                  /* tree_exp_sums for these columns and instruction set */
 } tree_params;
 
 /* log of the remainder bound exp(2x) x^p / p! */
@@ -111,34 +138,43 @@ static int tree_params_init(tree_params *p, int order, int cols, double rho, dou
         p->xmax[n] = lo;
     }
     p->xmax[order] = rho; /* P itself is chosen so that the bound holds at RHO */
+    /* the table: terms at the upper end of each bin of x (the bound grows with x) */
+    p->bins_per_x = TREE_BINS / rho;
+    for (int b = 0; b <= TREE_BINS + 1; ++b) {
+        const double x = b >= TREE_BINS ? rho : b / p->bins_per_x;
+        int n = 1;
+        while (n < order && x > p->xmax[n])
+            ++n;
+        p->terms_of[b] = (unsigned char)n;
+    }
     return TREE_OK;
 }
 
-/* fewest terms whose remainder bound at x = t r is at most tol (x <= RHO) */
-static inline int tree_terms(const tree_params *p, double x)
+/* terms whose remainder bound at x = t r is at most tol (0 <= x <= RHO): the fewest that
+ * meet it at the upper end of x's bin (a monotone function of x) */
+TREE_INLINE int tree_terms(const tree_params *p, double x)
 {
-    int n = 1;
-    while (n < p->order && x > p->xmax[n])
-        ++n;
-    return n;
+    const int b = (int)(x * p->bins_per_x);
+    return p->terms_of[(b < TREE_BINS ? b : TREE_BINS) + 1];
 }
 
-static inline double tree_exp_neg(const tree_params *p, double x)
+TREE_INLINE double tree_exp_neg(const tree_params *p, double x)
 {
     return exp(-(x < p->clamp ? x : p->clamp));
 }
 
 /* --------------------------------------------------------------------------- workspace */
 typedef struct {
-    double d;
-    int64_t i;
+    uint64_t bits; /* of a point >= 0: ordered as the point */
+    int64_t i;     /* its position before the sort */
 } tree_key;
 
-typedef struct {
+typedef struct tree_ws {
     double *pts;     /* source points (g), sorted in place */
     double *w;       /* their weights (g x C) */
     double *w_tmp;   /* permutation buffer (g x C) */
     tree_key *keys;  /* sort keys (g) */
+    tree_key *keys_tmp; /* radix sort buffer (g) */
     double *mom;     /* node moments (nodes x P x C) */
     double *geom;    /* per node: centre, radius (nodes x 2) */
     int64_t max_nodes;
@@ -158,6 +194,7 @@ static void tree_ws_free(tree_ws *ws)
     free(ws->w);
     free(ws->w_tmp);
     free(ws->keys);
+    free(ws->keys_tmp);
     free(ws->mom);
     free(ws->geom);
 }
@@ -172,30 +209,62 @@ static int tree_ws_alloc(tree_ws *ws, int64_t g, const tree_params *p)
     ws->w = malloc((size_t)(g > 0 ? g : 1) * c * sizeof(double));
     ws->w_tmp = malloc((size_t)(g > 0 ? g : 1) * c * sizeof(double));
     ws->keys = malloc((size_t)(g > 0 ? g : 1) * sizeof(tree_key));
+    ws->keys_tmp = malloc((size_t)(g > 0 ? g : 1) * sizeof(tree_key));
     /* the cheap case keeps one node's moments, the tree all of them */
     ws->mom = malloc((size_t)ws->max_nodes * p->order * c * sizeof(double));
     ws->geom = malloc((size_t)ws->max_nodes * 2 * sizeof(double));
-    if (!ws->pts || !ws->w || !ws->w_tmp || !ws->keys || !ws->mom || !ws->geom) {
+    if (!ws->pts || !ws->w || !ws->w_tmp || !ws->keys || !ws->keys_tmp || !ws->mom || !ws->geom) {
         tree_ws_free(ws);
         return TREE_ENOMEM;
     }
     return TREE_OK;
 }
 
-static int tree_key_cmp(const void *a, const void *b)
+/* Sort keys[0 .. n) by bits, stably (ties keep their positions: a total, fixed order):
+ * insertion sort for a few keys, else a least-significant-digit radix sort on bytes, whose
+ * passes are skipped where every key has the same byte. The result is in ws->keys. */
+static void tree_sort(tree_ws *ws, int64_t n)
 {
-    const tree_key *x = (const tree_key *)a, *y = (const tree_key *)b;
-    if (x->d != y->d)
-        return x->d < y->d ? -1 : 1;
-    return (x->i > y->i) - (x->i < y->i); /* ties by position: a total, fixed order */
+    tree_key *a = ws->keys, *b = ws->keys_tmp;
+    if (n < TREE_SMALL_SORT) {
+        for (int64_t s = 1; s < n; ++s) {
+            const tree_key key = a[s];
+            int64_t j = s;
+            for (; j > 0 && a[j - 1].bits > key.bits; --j)
+                a[j] = a[j - 1];
+            a[j] = key;
+        }
+        return;
+    }
+    int64_t count[8][256];
+    memset(count, 0, sizeof(count));
+    for (int64_t s = 0; s < n; ++s)
+        for (int byte = 0; byte < 8; ++byte)
+            ++count[byte][(a[s].bits >> (8 * byte)) & 255];
+    for (int byte = 0; byte < 8; ++byte) {
+        int64_t *c = count[byte], total = 0;
+        if (c[(a[0].bits >> (8 * byte)) & 255] == n)
+            continue; /* one digit value: the pass would not move anything */
+        for (int d = 0; d < 256; ++d) {
+            const int64_t here = c[d];
+            c[d] = total;
+            total += here;
+        }
+        for (int64_t s = 0; s < n; ++s)
+            b[c[(a[s].bits >> (8 * byte)) & 255]++] = a[s];
+        tree_key *swap = a;
+        a = b;
+        b = swap;
+    }
+    if (a != ws->keys)
+        memcpy(ws->keys, a, (size_t)n * sizeof(tree_key));
 }
 
 /* ---------------------------------------------------------------------- moments, sums */
 /* normalised moments about centre c, radius r of points [lo, hi): mom (P x C), zeroed here */
-static void tree_moments(const tree_params *p, int order, const double *pts, const double *w,
-                         int64_t lo, int64_t hi, double c, double r, double *mom)
+TREE_INLINE void tree_moments(int cols, int order, const double *pts, const double *w,
+                              int64_t lo, int64_t hi, double c, double r, double *mom)
 {
-    const int cols = p->cols;
     memset(mom, 0, (size_t)order * cols * sizeof(double));
     for (int64_t j = lo; j < hi; ++j) {
         const double u = r > 0.0 ? (pts[j] - c) / r : 0.0;
@@ -210,35 +279,43 @@ static void tree_moments(const tree_params *p, int order, const double *pts, con
     }
 }
 
-/* acc += exp(-t c) sum_{n < terms} (-x)^n M_n, x = t r (Horner's rule) */
-static inline void tree_expand(const tree_params *p, const double *mom, double t, double c,
-                               double r, double *acc)
+/* acc += exp(-t c) sum_{n < terms} (-x)^n M_n, x = t r */
+TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, double t,
+                             double c, double r, double *acc)
 {
-    const int cols = p->cols;
-    const double x = t * r;
+    /* even and odd terms summed apart (sum_n x^n M_n with the signs applied at the end):
+     * two short dependency chains instead of Horner's one long one */
+    const double x = t * r, x2 = x * x;
     const int terms = tree_terms(p, x);
-    double h[TREE_MAX_COLS];
-    for (int col = 0; col < cols; ++col)
-        h[col] = mom[(terms - 1) * cols + col];
-    for (int n = terms - 2; n >= 0; --n)
+    double even[TREE_MAX_COLS] = {0}, odd[TREE_MAX_COLS] = {0};
+    double pe = 1.0;
+    int n = 0;
+    for (; n + 1 < terms; n += 2) {
+        const double po = pe * x;
+        for (int col = 0; col < cols; ++col) {
+            even[col] += pe * mom[n * cols + col];
+            odd[col] += po * mom[(n + 1) * cols + col];
+        }
+        pe *= x2;
+    }
+    if (n < terms)
         for (int col = 0; col < cols; ++col)
-            h[col] = h[col] * -x + mom[n * cols + col];
+            even[col] += pe * mom[n * cols + col];
     const double scale = tree_exp_neg(p, t * c);
     for (int col = 0; col < cols; ++col)
-        acc[col] += scale * h[col];
+        acc[col] += scale * (even[col] - odd[col]);
 }
 
-static inline int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i * s) >> level; }
+TREE_INLINE int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i * s) >> level; }
 
 /*
  * out[m, :] += sum_s ws->w[s, :] exp(-targets[m] ws->pts[s]) for the targets with valid[m]
  * (valid NULL: all), s < npts. Reorders ws->pts and ws->w.
  */
-static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const double *targets,
-                          const unsigned char *valid, int64_t ntargets, double *out,
-                          int64_t *counts)
+TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
+                               const double *targets, const unsigned char *valid,
+                               int64_t ntargets, double *out, int64_t *counts, const int cols)
 {
-    const int cols = p->cols;
     double tmax = -1.0;
     for (int64_t m = 0; m < ntargets; ++m)
         if ((!valid || valid[m]) && targets[m] > tmax)
@@ -255,12 +332,12 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
     if (tmax * radius <= p->rho) { /* the cheap case: one expansion, no sort */
         ++counts[0];
         const int order = tree_terms(p, tmax * radius);
-        tree_moments(p, order, pts, w, 0, npts, centre, radius, ws->mom);
+        tree_moments(cols, order, pts, w, 0, npts, centre, radius, ws->mom);
         for (int64_t m = 0; m < ntargets; ++m) {
             if (valid && !valid[m])
                 continue;
             double acc[TREE_MAX_COLS] = {0};
-            tree_expand(p, ws->mom, targets[m], centre, radius, acc);
+            tree_expand(p, cols, ws->mom, targets[m], centre, radius, acc);
             for (int col = 0; col < cols; ++col)
                 out[m * cols + col] += acc[col];
         }
@@ -270,12 +347,14 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
     ++counts[1];
     /* sort the points (ties by position), weights along */
     for (int64_t s = 0; s < npts; ++s) {
-        ws->keys[s].d = pts[s];
+        uint64_t bits;
+        memcpy(&bits, pts + s, sizeof(bits));
+        ws->keys[s].bits = bits >> 63 ? 0 : bits; /* -0.0 as +0.0; no point is below 0 */
         ws->keys[s].i = s;
     }
-    qsort(ws->keys, (size_t)npts, sizeof(tree_key), tree_key_cmp);
+    tree_sort(ws, npts);
     for (int64_t s = 0; s < npts; ++s) {
-        pts[s] = ws->keys[s].d;
+        memcpy(pts + s, &ws->keys[s].bits, sizeof(double));
         memcpy(ws->w_tmp + s * cols, w + ws->keys[s].i * cols, (size_t)cols * sizeof(double));
     }
     memcpy(w, ws->w_tmp, (size_t)npts * cols * sizeof(double));
@@ -302,7 +381,7 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
             const double c = 0.5 * (pts[lo] + pts[hi - 1]), r = 0.5 * (pts[hi - 1] - pts[lo]);
             ws->geom[2 * (base + i)] = c;
             ws->geom[2 * (base + i) + 1] = r;
-            tree_moments(p, order, pts, w, lo, hi, c, r, ws->mom + (base + i) * stride);
+            tree_moments(cols, order, pts, w, lo, hi, c, r, ws->mom + (base + i) * stride);
         }
     }
     /* translated up: M'_n = sum_{m <= n} M_m ratio^m delta^(n - m) / (n - m)! */
@@ -357,7 +436,7 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
                 continue; /* every term below exp(-CUT) |w| */
             const double c = ws->geom[2 * node], r = ws->geom[2 * node + 1];
             if (t * r <= p->rho) {
-                tree_expand(p, ws->mom + node * stride, t, c, r, acc);
+                tree_expand(p, cols, ws->mom + node * stride, t, c, r, acc);
                 ++counts[2];
             } else if (level == last) { /* a leaf: direct sum */
                 const int64_t hi = tree_lo(npts, level, i + 1);
@@ -377,6 +456,48 @@ static void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts, const
         for (int col = 0; col < cols; ++col)
             out[m * cols + col] += acc[col];
     }
+}
+
+/* Instances for the column counts the attention uses (a constant count lets the compiler
+ * unroll and vectorise the loops over the columns), each for the baseline architecture and
+ * for AVX2+FMA. The contraction of multiply-adds is off (setup.py: -ffp-contract=off) and no
+ * loop is reassociated, so every instance computes the same operations in the same order:
+ * the results are bitwise the same on every path. */
+#define TREE_INSTANCE(name, attr, cols)                                                      \
+    attr TREE_NOINLINE static void name(const tree_params *p, tree_ws *ws, int64_t npts,     \
+                                        const double *targets, const unsigned char *valid,  \
+                                        int64_t ntargets, double *out, int64_t *counts)     \
+    {                                                                                        \
+        tree_exp_sums(p, ws, npts, targets, valid, ntargets, out, counts, cols);            \
+    }
+#define TREE_BASELINE
+TREE_INSTANCE(tree_sums_any, TREE_BASELINE, p->cols)
+TREE_INSTANCE(tree_sums_2, TREE_BASELINE, 2)
+TREE_INSTANCE(tree_sums_3, TREE_BASELINE, 3)
+TREE_INSTANCE(tree_sums_4, TREE_BASELINE, 4)
+#if TREE_X86
+TREE_INSTANCE(tree_sums_any_avx2, TREE_AVX2, p->cols)
+TREE_INSTANCE(tree_sums_2_avx2, TREE_AVX2, 2)
+TREE_INSTANCE(tree_sums_3_avx2, TREE_AVX2, 3)
+TREE_INSTANCE(tree_sums_4_avx2, TREE_AVX2, 4)
+#endif
+
+/* the instance for `cols` columns and the instruction set `isa` (0 scalar, 1 AVX2, 2 AVX-512:
+ * the AVX2 code, four doubles being all the columns there are) */
+static tree_sums_fn tree_pick(int cols, int isa)
+{
+#if TREE_X86
+    if (isa >= 1 && tgem_isa_supported(1))
+        return cols == 2 ? tree_sums_2_avx2
+               : cols == 3 ? tree_sums_3_avx2
+               : cols == 4 ? tree_sums_4_avx2
+                           : tree_sums_any_avx2;
+#endif
+    (void)isa;
+    return cols == 2   ? tree_sums_2
+           : cols == 3 ? tree_sums_3
+           : cols == 4 ? tree_sums_4
+                       : tree_sums_any;
 }
 
 /* --------------------------------------------------------------------------- row tasks */
@@ -440,7 +561,7 @@ static void tree_row_task(const void *vctx, int64_t row)
         for (int64_t j = 0; j < g; ++j)
             ws.pts[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
         memcpy(ws.w, w, (size_t)g * cols * sizeof(double));
-        tree_exp_sums(p, &ws, g, t, valid, g, out, counts);
+        p->sums(p, &ws, g, t, valid, g, out, counts);
     }
     tree_add_counts(ctx, counts);
     tree_ws_free(&ws);
@@ -480,7 +601,7 @@ static void tree_column_task(const void *vctx, int64_t row)
             continue;
         for (int64_t j = 0; j < g; ++j)
             d[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
-        tree_exp_sums(p, &ws, count, d, NULL, g, out, counts);
+        p->sums(p, &ws, count, d, NULL, g, out, counts);
     }
     tree_add_counts(ctx, counts);
     tree_ws_free(&ws);
@@ -508,7 +629,8 @@ static int tree_run(tree_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts
 TREE_API int tgem_tree_row_sums(const double *q, const double *k, const double *w_plus,
                                 const double *w_minus, int64_t n, int64_t g, int cols,
                                 int order, double rho, double cut, double clamp, int64_t leaf,
-                                double tol, double *out, int64_t *counts, int nthreads)
+                                double tol, double *out, int64_t *counts, int isa,
+                                int nthreads)
 {
     tree_params p;
     if (n < 0 || g < 0 || nthreads < 1 ||
@@ -517,6 +639,7 @@ TREE_API int tgem_tree_row_sums(const double *q, const double *k, const double *
     int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
         return code;
+    p.sums = tree_pick(cols, isa);
     if (n == 0 || g == 0)
         return TREE_OK;
     tree_ctx ctx = {.q = q, .k = k, .w_plus = w_plus, .w_minus = w_minus, .g = g, .p = &p,
@@ -528,7 +651,7 @@ TREE_API int tgem_tree_row_sums(const double *q, const double *k, const double *
 TREE_API int tgem_tree_column_sums(const double *q, const double *k, const double *coeffs,
                                    int64_t n, int64_t g, int cols, int order, double rho,
                                    double cut, double clamp, int64_t leaf, double tol,
-                                   double *out, int64_t *counts, int nthreads)
+                                   double *out, int64_t *counts, int isa, int nthreads)
 {
     tree_params p;
     if (n < 0 || g < 0 || nthreads < 1 || (n > 0 && g > 0 && (!q || !k || !coeffs || !out)))
@@ -536,6 +659,7 @@ TREE_API int tgem_tree_column_sums(const double *q, const double *k, const doubl
     int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
         return code;
+    p.sums = tree_pick(cols, isa);
     if (n == 0 || g == 0)
         return TREE_OK;
     tree_ctx ctx = {.q = q, .k = k, .coeffs = coeffs, .g = g, .p = &p, .out = out};

@@ -10,7 +10,10 @@ to the input dtype. The C code computes the row sums (forward, the query gradien
 entropy) and the column sums (key and value gradients) of every (batch x head) row in
 float64, one row per task on the dense kernel's threads (``torch.get_num_threads()``), so
 the results are bitwise independent of the thread count and the caller's floating-point
-state is restored. It is portable scalar C (no instruction-set dispatch). Its expansions use
+state is restored. Its code is compiled for the baseline architecture and for AVX2 (vectors
+over the 2-4 weight columns), chosen at run time with the dense kernel's instruction set
+(``TGEM_NATIVE_ISA``, :func:`tgem._kernels._native.set_isa`; AVX-512 runs the AVX2 code);
+multiply-adds are not contracted, so both give bitwise the same results. Its expansions use
 the fewest Taylor terms that meet the tolerance at each node and target (the pure-PyTorch
 code does so per row for its cheap case and uses ``P`` inside the tree), so the two agree
 within the tolerance, not bitwise.
@@ -53,9 +56,11 @@ def _declare(lib) -> str | None:
         )
     ptr, i64, cint, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     params = [cint, dbl, dbl, dbl, i64, dbl]  # order, rho, cut, clamp, leaf, tol
-    lib.tgem_tree_row_sums.argtypes = [ptr] * 4 + [i64, i64, cint] + params + [ptr, ptr, cint]
+    lib.tgem_tree_row_sums.argtypes = [ptr] * 4 + [i64, i64, cint] + params + [ptr, ptr, cint, cint]
     lib.tgem_tree_row_sums.restype = cint
-    lib.tgem_tree_column_sums.argtypes = [ptr] * 3 + [i64, i64, cint] + params + [ptr, ptr, cint]
+    lib.tgem_tree_column_sums.argtypes = (
+        [ptr] * 3 + [i64, i64, cint] + params + [ptr, ptr] + [cint] * 2
+    )
     lib.tgem_tree_column_sums.restype = cint
     return None
 
@@ -110,7 +115,7 @@ class _NativeSides(tree._Sides):
         code = _native._LIB.tgem_tree_row_sums(
             q.data_ptr(), k.data_ptr(), plus.data_ptr(), minus.data_ptr(), n, g,
             plus.shape[-1], *_params(params), out.data_ptr(), counts.data_ptr(),
-            torch.get_num_threads(),
+            _native._isa_code(), torch.get_num_threads(),
         )  # fmt: skip
         _raise_on(code, "row sums")
         _add_counts(counts)
@@ -125,7 +130,8 @@ class _NativeSides(tree._Sides):
         counts = torch.zeros(4, dtype=torch.int64)
         code = _native._LIB.tgem_tree_column_sums(
             q.data_ptr(), k.data_ptr(), coeffs.data_ptr(), n, g, coeffs.shape[-1],
-            *_params(params), out.data_ptr(), counts.data_ptr(), torch.get_num_threads(),
+            *_params(params), out.data_ptr(), counts.data_ptr(), _native._isa_code(),
+            torch.get_num_threads(),
         )  # fmt: skip
         _raise_on(code, "column sums")
         _add_counts(counts)
@@ -203,6 +209,9 @@ def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         return disabled
     if _LOAD_ERROR is not None:
         return _LOAD_ERROR
+    isa, why = _native._active_isa()
+    if isa is None:
+        return why
     if torch.device(device).type != "cpu":
         return (
             f"the native tree code runs on CPU tensors only, not {torch.device(device).type} "
@@ -233,9 +242,12 @@ def tree_native_status() -> str:
     reason = _unavailable(torch.device("cpu"), torch.float32)
     if reason is not None:
         return f"native tree code unavailable: {reason}"
+    isa, why = _native._active_isa()
+    code = "scalar" if isa == "scalar" else "AVX2"
     return (
-        "native tree code: portable scalar C, float64 sums; threads follow "
-        f"torch.get_num_threads() (now {torch.get_num_threads()}); library {_native._LIB_PATH}"
+        f"native tree code {code} (the native kernel's {isa}: {why}), float64 sums; threads "
+        f"follow torch.get_num_threads() (now {torch.get_num_threads()}); "
+        f"library {_native._LIB_PATH}"
     )
 
 
