@@ -55,10 +55,24 @@ All sums are computed in float64, float32 inputs included, and the results are r
 the input dtype, subnormal results flushed to zero. An expansion's alternating Taylor sum
 loses up to ``exp(2 RHO)`` (about 3,000) ulps of float64 to rounding, relative to the same
 sum of absolute terms: 7e-13, far below float32's rounding, and the floor of the float64
-error whatever ``tol`` asks for.Half
+error whatever ``tol`` asks for. Half
 precision is refused, as by the other fast paths. The work is ``O(G log G)`` per row for the
 sorts and the tree builds and about ``P`` to a few hundred terms per query for the traversal,
 nearly independent of ``G``.
+
+Two implementations, one algorithm
+----------------------------------
+This module holds the algorithm and its pure-PyTorch sums (backend ``"tree"``: any device
+with float64, CUDA included; what a machine without a C compiler runs). The same sums in C
+(``tgem/_csrc/tree.c``, backend ``"tree_native"``, :mod:`tgem._kernels._tree_native`) plug
+in through :func:`tree_function` and :func:`entropy_rows`: a subclass of :class:`_Sides`
+that overrides ``row_sums`` and ``column_sums``. Everything else (the reduction, the
+parameters, the diagonal, the gradients' elementwise parts, the rounding) is shared. The C
+sums walk the tree depth first per target and use, at each expansion, the fewest terms that
+meet ``tol`` there (this module uses ``P`` inside the tree), so the two agree within ``tol``,
+not bitwise. Which runs when: ``"tree"`` is always this module; ``"tree_native"`` always the
+C code, and is unavailable (saying why) off CPU, without the built extension or under
+``TGEM_DISABLE_NATIVE=1``. ``"auto"`` picks neither.
 """
 
 from __future__ import annotations
