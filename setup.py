@@ -37,7 +37,7 @@ setup(
     ext_modules=[
         Extension(
             "tgem._tgem_kernels",
-            sources=["tgem/_csrc/tgem_kernels.c", "tgem/_csrc/module.c"],
+            sources=["tgem/_csrc/tgem_kernels.c", "tgem/_csrc/tree.c", "tgem/_csrc/module.c"],
             optional=True,
         )
     ],

@@ -1,4 +1,4 @@
-"""Forward + backward time of the pure-PyTorch tree code against the dense kernels.
+"""Forward + backward time of the tree code (pure PyTorch and native C) against the dense kernels.
 
 For each gene count and score scale: one attention call with its backward pass on
 (batch 16 x 5 heads, genes) float32 tensors shaped like the model's (inputs in [0, 4),
@@ -6,12 +6,15 @@ Xavier-normal weights of std sqrt(2 / (genes + 1)), the query and key weights mu
 the scale: 1 = as initialised, 30 and 300 = sharpened), by
 
 * ``tree``: :func:`tgem._kernels._tree.tree_attention` (pure PyTorch, float64 sums);
+* ``tree_native``: :func:`tgem._kernels._tree_native.tree_native_attention` (the same
+  algorithm, its sums in C), when the extension is built;
 * ``native``: the dense native CPU kernel (:func:`tgem._kernels._native.native_attention`),
   when built;
 * ``exact``: the dense pure-PyTorch exact path (:func:`tgem._kernels.exact_attention`).
 
 The backends alternate within each repeat; the median of ``--repeats`` is reported (a single
-run when one call takes more than ``--single`` seconds). A dense backend is skipped where its
+run when one call takes more than ``--single`` seconds). ``--backends`` picks a subset. A dense
+backend is skipped where its
 time, extrapolated as genes^2 from the previous gene count at the same scale, would exceed
 ``--budget`` seconds. Prints a table and writes JSON (``--out``); it never asserts a time. Run
 it on an otherwise idle machine.
@@ -19,6 +22,7 @@ it on an otherwise idle machine.
 Example::
 
     PYTHONPATH=. python benchmarks/bench_tree.py --threads 2 --out benchmarks/results/tree_cpu.json
+    PYTHONPATH=. python benchmarks/bench_tree.py --backends tree_native native --genes 1708 22283
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ import torch
 
 from tgem._kernels import exact_attention
 from tgem._kernels._tree import tree_attention, tree_parameters
+
+try:
+    from tgem._kernels import _tree_native
+except Exception:  # noqa: BLE001 - the benchmark still runs the other paths
+    _tree_native = None
 
 try:
     from tgem._kernels import _native
@@ -63,17 +72,28 @@ def time_call(fn, q, k, v, grad) -> float:
     return time.perf_counter() - t0
 
 
-def backends() -> dict:
+TREES = ("tree", "tree_native")  # never skipped by the dense extrapolation
+DENSE = ("native", "exact")
+
+
+def backends(names=None) -> dict:
     found = {"tree": tree_attention}
+    if _tree_native is not None and _tree_native.tree_native_available():
+        found["tree_native"] = _tree_native.tree_native_attention
     if _native is not None and _native.native_available():
         found["native"] = _native.native_attention
     found["exact"] = exact_attention
+    if names:
+        missing = sorted(set(names) - set(found))
+        if missing:
+            raise SystemExit(f"backends not available here: {missing}; available: {list(found)}")
+        found = {name: fn for name, fn in found.items() if name in names}
     return found
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    fns = backends()
+    fns = backends(args.backends)
     for fn in fns.values():  # first calls pay one-off costs (lazy initialisation)
         time_call(fn, *inputs(64, 30.0))
     rows, last = [], {}
@@ -84,7 +104,7 @@ def run(args) -> dict:
             active = {}
             for name, fn in fns.items():
                 prev = last.get((name, scale))
-                if name != "tree" and prev is not None:
+                if name not in TREES and prev is not None:
                     guess = prev[1] * (genes / prev[0]) ** 2
                     if guess > args.budget:
                         print(f"  skip {name} at {genes} genes x{scale}: ~{guess:.0f} s expected")
@@ -101,9 +121,10 @@ def run(args) -> dict:
                 row[f"{name}_s"] = statistics.median(ts)
                 row[f"{name}_runs"] = len(ts)
                 last[(name, scale)] = (genes, statistics.median(ts))
-            for name in ("native", "exact"):
-                if f"{name}_s" in row:
-                    row[f"{name}_over_tree"] = row[f"{name}_s"] / row["tree_s"]
+            for tree_name in TREES:
+                for name in DENSE:
+                    if f"{name}_s" in row and f"{tree_name}_s" in row:
+                        row[f"{name}_over_{tree_name}"] = row[f"{name}_s"] / row[f"{tree_name}_s"]
             rows.append(row)
             print(_format(row), flush=True)
     return {
@@ -115,6 +136,9 @@ def run(args) -> dict:
             str(g): tree_parameters(torch.float32, g).__dict__ for g in args.genes
         },
         "native": _native.native_status() if _native is not None else "not importable",
+        "tree_native": (
+            _tree_native.tree_native_status() if _tree_native is not None else "not importable"
+        ),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "rows": rows,
@@ -125,11 +149,14 @@ def _format(row: dict) -> str:
     def cell(name):
         return f"{row[name + '_s']:9.3f}" if name + "_s" in row else f"{'-':>9}"
 
-    ratio = row.get("native_over_tree")
+    def ratio(name):
+        value = row.get(name)
+        return f"{value:8.2f}" if value else f"{'-':>8}"
+
     return (
         f"{row['genes']:>7} {row['scale']:>6g} {row['max_abs_q_times_range_k']:>10.2f} "
-        f"{cell('tree')} {cell('native')} {cell('exact')} "
-        f"{(f'{ratio:8.2f}' if ratio else '       -')}"
+        f"{cell('tree')} {cell('tree_native')} {cell('native')} {cell('exact')} "
+        f"{ratio('native_over_tree')} {ratio('native_over_tree_native')}"
     )
 
 
@@ -139,13 +166,16 @@ def main(argv=None) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 30.0, 300.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--backends", nargs="+", choices=TREES + DENSE, help="a subset (default: all available)"
+    )
     parser.add_argument("--budget", type=float, default=30.0, help="skip dense calls above (s)")
     parser.add_argument("--single", type=float, default=20.0, help="one run above (s)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "tree_cpu.json")
     args = parser.parse_args(argv)
     print(
-        f"{'genes':>7} {'scale':>6} {'max|q|rk':>10} {'tree s':>9} {'native s':>9} "
-        f"{'exact s':>9} {'nat/tree':>8}"
+        f"{'genes':>7} {'scale':>6} {'max|q|rk':>10} {'tree s':>9} {'treeC s':>9} "
+        f"{'native s':>9} {'exact s':>9} {'nat/tree':>8} {'nat/trC':>8}"
     )
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

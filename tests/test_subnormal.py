@@ -20,6 +20,7 @@ from tests._oracle import assert_float32_rule, attention_and_grads, float32_erro
 from tgem._kernels import (
     _compiled,
     _native,
+    _tree_native,
     backend_names,
     backend_status,
     reference_attention,
@@ -154,10 +155,14 @@ def test_flush_probe_sees_a_flush_mode():
     assert not _flushes()
 
 
-@pytest.mark.parametrize("backend", ["reference", "exact", "compiled", "native", "tree"])
+@pytest.mark.parametrize(
+    "backend", ["reference", "exact", "compiled", "native", "tree", "tree_native"]
+)
 def test_caller_floating_point_state_unchanged(backend):
-    if backend == "native":
+    if backend in ("native", "tree_native"):
         _needs_native()
+    if backend == "tree_native" and REQUIRE_NATIVE and _tree_native._LOAD_ERROR:
+        pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {_tree_native._LOAD_ERROR}")
     if backend not in _cpu_backends():
         pytest.skip(f"{backend} does not run here: {backend_status('cpu')[backend]}")
     assert not _flushes()

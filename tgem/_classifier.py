@@ -156,7 +156,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         formulation that materialises gene x gene matrices (slow; the test oracle). The
         native CPU kernel, the ``torch.compile``'d sums and the GPU kernels add
         ``"native"``, ``"compiled"`` and ``"triton"`` when available
-        (see :func:`tgem.show_versions`).
+        (see :func:`tgem.show_versions`). ``"tree"`` (pure PyTorch) and ``"tree_native"``
+        (its sums in C, CPU) are the O(genes log genes) tree code for very many genes, never
+        chosen by ``"auto"``.
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         Where to train and predict. ``"auto"`` picks CUDA when available; resolved in
         ``fit`` into ``device_``.

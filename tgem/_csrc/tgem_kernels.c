@@ -159,7 +159,7 @@ static void *tgem_worker(void *arg)
 
 /* Run fn(ctx, 0 .. ntasks-1) on up to nthreads threads (the caller is one of them), each with
  * flush-to-zero set for the call (see tgem_fp_enter). */
-static void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const void *ctx)
+void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const void *ctx)
 {
     tgem_job job;
     pthread_t threads[TGEM_MAX_THREADS];

@@ -16,7 +16,9 @@ against. The modules, from the bottom:
                           ``tgem._tgem_kernels``).
 ``_compiled``             the exact algorithm through ``torch.compile`` (``"compiled"``).
 ``_triton``               the Triton GPU kernel (``"triton"``).
-``_tree``                 the tree code for very many genes (``"tree"``).
+``_tree``                 the tree code for very many genes, pure PyTorch (``"tree"``).
+``_tree_native``          the same tree code with its sums in C (``"tree_native"``; the
+                          extension's ``tree.c``).
 ========================  ==============================================================
 
 Each backend module registers itself when it is imported. This package imports
@@ -53,6 +55,7 @@ OPTIONAL_BACKENDS = (
     "tgem._kernels._compiled",
     "tgem._kernels._triton",
     "tgem._kernels._tree",
+    "tgem._kernels._tree_native",
 )
 
 

@@ -55,10 +55,24 @@ All sums are computed in float64, float32 inputs included, and the results are r
 the input dtype, subnormal results flushed to zero. An expansion's alternating Taylor sum
 loses up to ``exp(2 RHO)`` (about 3,000) ulps of float64 to rounding, relative to the same
 sum of absolute terms: 7e-13, far below float32's rounding, and the floor of the float64
-error whatever ``tol`` asks for.Half
+error whatever ``tol`` asks for. Half
 precision is refused, as by the other fast paths. The work is ``O(G log G)`` per row for the
 sorts and the tree builds and about ``P`` to a few hundred terms per query for the traversal,
 nearly independent of ``G``.
+
+Two implementations, one algorithm
+----------------------------------
+This module holds the algorithm and its pure-PyTorch sums (backend ``"tree"``: any device
+with float64, CUDA included; what a machine without a C compiler runs). The same sums in C
+(``tgem/_csrc/tree.c``, backend ``"tree_native"``, :mod:`tgem._kernels._tree_native`) plug
+in through :func:`tree_function` and :func:`entropy_rows`: a subclass of :class:`_Sides`
+that overrides ``row_sums`` and ``column_sums``. Everything else (the reduction, the
+parameters, the diagonal, the gradients' elementwise parts, the rounding) is shared. The C
+sums walk the tree depth first per target and use, at each expansion, the fewest terms that
+meet ``tol`` there (this module uses ``P`` inside the tree), so the two agree within ``tol``,
+not bitwise. Which runs when: ``"tree"`` is always this module; ``"tree_native"`` always the
+C code, and is unavailable (saying why) off CPU, without the built extension or under
+``TGEM_DISABLE_NATIVE=1``. ``"auto"`` picks neither.
 """
 
 from __future__ import annotations
@@ -470,13 +484,14 @@ def _to_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y.masked_fill_(y.abs() < torch.finfo(dtype).tiny, 0.0)
 
 
-def tree_forward(q, k, v, params: TreeParameters, with_grad_sums: bool):
-    """Forward row sums on (N, G) float64 tensors.
+def tree_forward(q, k, v, params: TreeParameters, with_grad_sums: bool, sums_by=None):
+    """Forward row sums on (N, G) float64 tensors (the sums by ``sums_by``, :class:`_Sides`
+    or a subclass, see :func:`tree_function`).
 
     Returns ``out, z, e_diag`` and, with ``with_grad_sums``, the query gradient's row sums
     ``r = sum_j e_ij v_j k_j`` and ``kk = sum_j e_ij k_j`` (else ``None``).
     """
-    sides = _Sides(q, k)
+    sides = (sums_by or _Sides)(q, k)
     cols = [torch.ones_like(v), v] + ([v * k, k] if with_grad_sums else [])
     w = torch.stack(cols, -1)
     sums = sides.row_sums(w, params)
@@ -499,28 +514,43 @@ def tree_backward(q, k, v, out, z, sides: _Sides, r, kk, grad, params: TreeParam
     return dq, dk, dv
 
 
-class _TreeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, tol):
-        shape, dtype = q.shape, q.dtype
-        genes = shape[-1]
-        params = tree_parameters(dtype, genes, tol)
-        q2, k2, v2 = (x.detach().reshape(-1, genes).to(WORK) for x in (q, k, v))
-        need = any(ctx.needs_input_grad[:3])
-        out, z, sides, (r, kk) = tree_forward(q2, k2, v2, params, need)
-        if need:
-            ctx.save_for_backward(q2, k2, v2, out, z, r, kk)
-            ctx.params = params
-        ctx.shape, ctx.dtype = shape, dtype
-        return _to_output(out, dtype).reshape(shape)
+def tree_function(name: str, sides: type[_Sides] = _Sides) -> type[torch.autograd.Function]:
+    """The autograd function of the tree code whose sums ``sides`` computes.
 
-    @staticmethod
-    def backward(ctx, grad):
-        check_once_differentiable("tree")
-        q, k, v, out, z, r, kk = ctx.saved_tensors
-        g = grad.reshape(q.shape).to(WORK)
-        grads = tree_backward(q, k, v, out, z, _Sides(q, k), r, kk, g, ctx.params)
-        return (*(_to_output(x, ctx.dtype).reshape(ctx.shape) for x in grads), None)
+    ``sides`` is :class:`_Sides` (the pure-PyTorch sums) or a subclass that overrides
+    ``row_sums`` and ``column_sums`` (the native C sums of :mod:`tgem._kernels._tree_native`);
+    everything else (the reduction, the diagonal, the gradients' elementwise parts, the
+    rounding to the input dtype) is this module's, shared by both implementations.
+    """
+
+    class _TreeAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, tol):
+            shape, dtype = q.shape, q.dtype
+            genes = shape[-1]
+            params = tree_parameters(dtype, genes, tol)
+            q2, k2, v2 = (x.detach().reshape(-1, genes).to(WORK).contiguous() for x in (q, k, v))
+            need = any(ctx.needs_input_grad[:3])
+            out, z, _, (r, kk) = tree_forward(q2, k2, v2, params, need, sides)
+            if need:
+                ctx.save_for_backward(q2, k2, v2, out, z, r, kk)
+                ctx.params = params
+            ctx.shape, ctx.dtype = shape, dtype
+            return _to_output(out, dtype).reshape(shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            check_once_differentiable(name)
+            q, k, v, out, z, r, kk = ctx.saved_tensors
+            g = grad.reshape(q.shape).to(WORK)
+            grads = tree_backward(q, k, v, out, z, sides(q, k), r, kk, g, ctx.params)
+            return (*(_to_output(x, ctx.dtype).reshape(ctx.shape) for x in grads), None)
+
+    _TreeAttention.__name__ = _TreeAttention.__qualname__ = f"_TreeAttention_{name}"
+    return _TreeAttention
+
+
+_TreeAttention = tree_function("tree")
 
 
 def tree_attention(
@@ -571,12 +601,17 @@ def tree_entropy_rows(q: torch.Tensor, k: torch.Tensor, *, tol: float | None = N
     ``H_i = log Z_i + t_i S_d(t_i) / Z_i`` with ``S_d = sum_j d_j exp(-t_i d_j)``.
     Input (..., genes); output has the same shape and dtype, values in [0, log genes].
     """
+    return entropy_rows(q, k, tol, _Sides)
+
+
+def entropy_rows(q, k, tol, sums_by: type[_Sides]) -> torch.Tensor:
+    """:func:`tree_entropy_rows` with the sums of ``sums_by`` (see :func:`tree_function`)."""
     _check_inputs(q, k)
     shape, dtype = q.shape, q.dtype
     genes = shape[-1]
     params = tree_parameters(dtype, genes, tol)
     q2, k2 = (x.reshape(-1, genes).to(WORK) for x in (q, k))
-    sides = _Sides(q2, k2)
+    sides = sums_by(q2.contiguous(), k2.contiguous())
     ones = torch.ones_like(q2)
     weights = (torch.stack([ones, sides.d_plus], -1), torch.stack([ones, sides.d_minus], -1))
     sums = sides.row_sums(weights, params)

@@ -1,0 +1,667 @@
+/*
+ * tree.c -- the tree code of T-GEM's rank-one attention in C (backend "tree_native").
+ *
+ * The same algorithm as tgem/_kernels/_tree.py (read its module docstring: the reduction, the
+ * tree, RHO, LEAF, the tolerance rule); that module also does the elementwise parts of the
+ * forward and backward passes around these sums for both implementations. This file computes
+ * only the exponential sums, in double precision, on the raw buffers of contiguous (n, g)
+ * float64 arrays (n = batch x heads, g = genes). Per row, with kmax, kmin the row's key range:
+ *
+ *   tgem_tree_row_sums:    out[i, :] = sum_j w[j, :] exp(-t_i d_j),  t_i = |q_i|,
+ *                          d_j = kmax - k_j and w = w_plus for the queries with q_i >= 0,
+ *                          d_j = k_j - kmin and w = w_minus for the others;
+ *   tgem_tree_column_sums: out[j, :] = sum_{i: q_i >= 0} c[i, :] exp(-t_i (kmax - k_j))
+ *                                    + sum_{i: q_i < 0}  c[i, :] exp(-t_i (k_j - kmin)).
+ *
+ * Each one-dimensional sum S(t) = sum_s w_s exp(-t p_s) over source points p_s >= 0 is
+ * evaluated at the targets t as follows (the parameters come from tree_parameters() in
+ * _tree.py: the order P, RHO, CUT = log(genes / tol), the exponent clamp CUT + EXP_MARGIN,
+ * LEAF and tol):
+ *
+ *   - cheap case: when (largest target) x (half the points' range) <= RHO, one Taylor
+ *     expansion about the centre of the points: no sort, no tree;
+ *   - otherwise the points are sorted and cut into a count-balanced binary tree (node i of
+ *     level l holds the sorted points [floor(i s / 2^l), floor((i + 1) s / 2^l)), leaves of at
+ *     most LEAF points); the tree stops at the first level where every node is expanded for
+ *     the largest target. Node moments M_n = sum w ((p - c) / r)^n / n! (normalised by the
+ *     node's radius r) are computed at the last level from the points and translated up.
+ *     Each target walks the tree depth first: skip a node when t dmin > CUT, expand it when
+ *     t r <= RHO (exp(-t c) sum_n (-t r)^n M_n, Horner's rule), sum its points directly at the
+ *     last level, descend otherwise.
+ *
+ * An expansion evaluated at x = t r uses the fewest terms p <= P whose remainder bound
+ * exp(2x) x^p / p! is at most tol (the rule _tree.py applies to whole rows in the cheap case;
+ * here per target and node), so the bound of _tree.py's docstring holds term by term.
+ *
+ * Threads: one task per row, run by tgem_parallel of tgem_kernels.c (the dense kernel's
+ * POSIX threads, flush-to-zero inside them, the caller's floating-point state restored).
+ * Each row is summed by one task in a fixed order, so the results are bitwise independent of
+ * the thread count.
+ *
+ * Dispatch: the sums are compiled for each column count the attention uses (2, 3, 4, and any)
+ * for the baseline architecture and with AVX2+FMA (the loops over the columns vectorised by
+ * the compiler), chosen per call from the dense kernel's instruction-set code (AVX-512 runs
+ * the AVX2 code). Multiply-adds are not contracted and no loop is reassociated, so all
+ * instances give bitwise the same results. The exponentials are libm's exp().
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define TREE_API __attribute__((visibility("default")))
+#define TREE_INLINE static inline __attribute__((always_inline))
+#define TREE_NOINLINE __attribute__((noinline))
+#else
+#define TREE_API
+#define TREE_INLINE static inline
+#define TREE_NOINLINE
+#endif
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define TREE_X86 1
+#define TREE_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define TREE_X86 0
+#endif
+
+#define TREE_ABI_VERSION 1
+#define TREE_MAX_ORDER 128 /* tol >= 1e-30 needs at most about 60 terms at RHO = 4 */
+#define TREE_MAX_COLS 8
+#define TREE_MAX_DEPTH 60
+#define TREE_BINS 512 /* resolution of the table of expansion orders over x in [0, RHO] */
+#define TREE_SMALL_SORT 48 /* insertion sort below this many points, radix sort above */
+/* counts of the work done (for tests): sums by one expansion (the cheap case), sums through
+ * the tree, expansions evaluated in the tree, points summed directly at the leaves */
+#define TREE_NCOUNTS 4
+
+enum { TREE_OK = 0, TREE_EARGS = -1, TREE_ENOMEM = -3 };
+
+/* tgem_kernels.c: run fn(ctx, 0 .. ntasks - 1) on up to nthreads threads */
+typedef void (*tgem_task_fn)(const void *ctx, int64_t task);
+void tgem_parallel(int nthreads, int64_t ntasks, tgem_task_fn fn, const void *ctx);
+int tgem_isa_supported(int isa); /* 0 scalar, 1 AVX2+FMA, 2 AVX-512 */
+
+struct tree_params;
+struct tree_ws;
+typedef void (*tree_sums_fn)(const struct tree_params *p, struct tree_ws *ws, int64_t npts,
+                             const double *targets, const unsigned char *valid,
+                             int64_t ntargets, double *out, int64_t *counts);
+
+typedef struct tree_params {
+    int order;                          /* P: moments kept per node */
+    int cols;                           /* weight columns C */
+    double rho, cut, clamp;             /* RHO, CUT, largest exponent magnitude */
+    int64_t leaf;                       /* LEAF */
+    double xmax[TREE_MAX_ORDER + 1];    /* xmax[p]: largest x with exp(2x) x^p / p! <= tol */
+    double bins_per_x;                  /* TREE_BINS / RHO */
+    unsigned char terms_of[TREE_BINS + 2]; /* terms for x in [(b - 1) / bins_per_x,
+                                              b / bins_per_x): those of the bin's upper end */
+    tree_sums_fn sums;                  /* tree_exp_sums for these columns and instruction set */
+} tree_params;
+
+/* log of the remainder bound exp(2x) x^p / p! */
+static double tree_log_bound(int p, double x)
+{
+    return 2.0 * x + p * log(x) - lgamma(p + 1.0);
+}
+
+static int tree_params_init(tree_params *p, int order, int cols, double rho, double cut,
+                            double clamp, int64_t leaf, double tol)
+{
+    if (order < 1 || order > TREE_MAX_ORDER || cols < 1 || cols > TREE_MAX_COLS ||
+        !(rho > 0.0) || !(tol > 0.0) || leaf < 2 || !(cut == cut) || !(clamp >= cut))
+        return TREE_EARGS;
+    p->order = order;
+    p->cols = cols;
+    p->rho = rho;
+    p->cut = cut;
+    p->clamp = clamp;
+    p->leaf = leaf;
+    const double log_tol = log(tol);
+    p->xmax[0] = 0.0;
+    for (int n = 1; n <= order; ++n) {
+        /* bisection on the increasing function log_bound(n, x) - log(tol), x in (0, rho] */
+        double lo = 0.0, hi = rho;
+        if (tree_log_bound(n, hi) <= log_tol) {
+            p->xmax[n] = hi;
+            continue;
+        }
+        for (int it = 0; it < 100; ++it) {
+            const double mid = 0.5 * (lo + hi);
+            if (tree_log_bound(n, mid) <= log_tol)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        p->xmax[n] = lo;
+    }
+    p->xmax[order] = rho; /* P itself is chosen so that the bound holds at RHO */
+    /* the table: terms at the upper end of each bin of x (the bound grows with x) */
+    p->bins_per_x = TREE_BINS / rho;
+    for (int b = 0; b <= TREE_BINS + 1; ++b) {
+        const double x = b >= TREE_BINS ? rho : b / p->bins_per_x;
+        int n = 1;
+        while (n < order && x > p->xmax[n])
+            ++n;
+        p->terms_of[b] = (unsigned char)n;
+    }
+    return TREE_OK;
+}
+
+/* terms whose remainder bound at x = t r is at most tol (0 <= x <= RHO): the fewest that
+ * meet it at the upper end of x's bin (a monotone function of x) */
+TREE_INLINE int tree_terms(const tree_params *p, double x)
+{
+    const int b = (int)(x * p->bins_per_x);
+    return p->terms_of[(b < TREE_BINS ? b : TREE_BINS) + 1];
+}
+
+TREE_INLINE double tree_exp_neg(const tree_params *p, double x)
+{
+    return exp(-(x < p->clamp ? x : p->clamp));
+}
+
+/* --------------------------------------------------------------------------- workspace */
+typedef struct {
+    uint64_t bits; /* of a point >= 0: ordered as the point */
+    int64_t i;     /* its position before the sort */
+} tree_key;
+
+typedef struct tree_ws {
+    double *pts;     /* source points (g), sorted in place */
+    double *w;       /* their weights (g x C) */
+    double *w_tmp;   /* permutation buffer (g x C) */
+    tree_key *keys;  /* sort keys (g) */
+    tree_key *keys_tmp; /* radix sort buffer (g) */
+    double *mom;     /* node moments (nodes x P x C) */
+    double *geom;    /* per node: centre, radius (nodes x 2) */
+    int64_t max_nodes;
+} tree_ws;
+
+static int64_t tree_depth(int64_t s, int64_t leaf)
+{
+    int64_t depth = 0;
+    while (depth < TREE_MAX_DEPTH && (s + ((int64_t)1 << depth) - 1) >> depth > leaf)
+        ++depth;
+    return depth;
+}
+
+static void tree_ws_free(tree_ws *ws)
+{
+    free(ws->pts);
+    free(ws->w);
+    free(ws->w_tmp);
+    free(ws->keys);
+    free(ws->keys_tmp);
+    free(ws->mom);
+    free(ws->geom);
+}
+
+static int tree_ws_alloc(tree_ws *ws, int64_t g, const tree_params *p)
+{
+    memset(ws, 0, sizeof(*ws));
+    const int64_t depth = tree_depth(g, p->leaf);
+    ws->max_nodes = ((int64_t)2 << depth) - 1;
+    const int64_t c = p->cols;
+    ws->pts = malloc((size_t)(g > 0 ? g : 1) * sizeof(double));
+    ws->w = malloc((size_t)(g > 0 ? g : 1) * c * sizeof(double));
+    ws->w_tmp = malloc((size_t)(g > 0 ? g : 1) * c * sizeof(double));
+    ws->keys = malloc((size_t)(g > 0 ? g : 1) * sizeof(tree_key));
+    ws->keys_tmp = malloc((size_t)(g > 0 ? g : 1) * sizeof(tree_key));
+    /* the cheap case keeps one node's moments, the tree all of them */
+    ws->mom = malloc((size_t)ws->max_nodes * p->order * c * sizeof(double));
+    ws->geom = malloc((size_t)ws->max_nodes * 2 * sizeof(double));
+    if (!ws->pts || !ws->w || !ws->w_tmp || !ws->keys || !ws->keys_tmp || !ws->mom || !ws->geom) {
+        tree_ws_free(ws);
+        return TREE_ENOMEM;
+    }
+    return TREE_OK;
+}
+
+/* Sort keys[0 .. n) by bits, stably (ties keep their positions: a total, fixed order):
+ * insertion sort for a few keys, else a least-significant-digit radix sort on bytes, whose
+ * passes are skipped where every key has the same byte. The result is in ws->keys. */
+static void tree_sort(tree_ws *ws, int64_t n)
+{
+    tree_key *a = ws->keys, *b = ws->keys_tmp;
+    if (n < TREE_SMALL_SORT) {
+        for (int64_t s = 1; s < n; ++s) {
+            const tree_key key = a[s];
+            int64_t j = s;
+            for (; j > 0 && a[j - 1].bits > key.bits; --j)
+                a[j] = a[j - 1];
+            a[j] = key;
+        }
+        return;
+    }
+    int64_t count[8][256];
+    memset(count, 0, sizeof(count));
+    for (int64_t s = 0; s < n; ++s)
+        for (int byte = 0; byte < 8; ++byte)
+            ++count[byte][(a[s].bits >> (8 * byte)) & 255];
+    for (int byte = 0; byte < 8; ++byte) {
+        int64_t *c = count[byte], total = 0;
+        if (c[(a[0].bits >> (8 * byte)) & 255] == n)
+            continue; /* one digit value: the pass would not move anything */
+        for (int d = 0; d < 256; ++d) {
+            const int64_t here = c[d];
+            c[d] = total;
+            total += here;
+        }
+        for (int64_t s = 0; s < n; ++s)
+            b[c[(a[s].bits >> (8 * byte)) & 255]++] = a[s];
+        tree_key *swap = a;
+        a = b;
+        b = swap;
+    }
+    if (a != ws->keys)
+        memcpy(ws->keys, a, (size_t)n * sizeof(tree_key));
+}
+
+/* ---------------------------------------------------------------------- moments, sums */
+/* normalised moments about centre c, radius r of points [lo, hi): mom (P x C), zeroed here */
+TREE_INLINE void tree_moments(int cols, int order, const double *pts, const double *w,
+                              int64_t lo, int64_t hi, double c, double r, double *mom)
+{
+    memset(mom, 0, (size_t)order * cols * sizeof(double));
+    for (int64_t j = lo; j < hi; ++j) {
+        const double u = r > 0.0 ? (pts[j] - c) / r : 0.0;
+        const double *wj = w + j * cols;
+        double pw = 1.0;
+        for (int n = 0; n < order; ++n) {
+            double *m = mom + n * cols;
+            for (int col = 0; col < cols; ++col)
+                m[col] += pw * wj[col];
+            pw *= u / (n + 1);
+        }
+    }
+}
+
+/* acc += exp(-t c) sum_{n < terms} (-x)^n M_n, x = t r */
+TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, double t,
+                             double c, double r, double *acc)
+{
+    /* even and odd terms summed apart (sum_n x^n M_n with the signs applied at the end):
+     * two short dependency chains instead of Horner's one long one */
+    const double x = t * r, x2 = x * x;
+    const int terms = tree_terms(p, x);
+    double even[TREE_MAX_COLS] = {0}, odd[TREE_MAX_COLS] = {0};
+    double pe = 1.0;
+    int n = 0;
+    for (; n + 1 < terms; n += 2) {
+        const double po = pe * x;
+        for (int col = 0; col < cols; ++col) {
+            even[col] += pe * mom[n * cols + col];
+            odd[col] += po * mom[(n + 1) * cols + col];
+        }
+        pe *= x2;
+    }
+    if (n < terms)
+        for (int col = 0; col < cols; ++col)
+            even[col] += pe * mom[n * cols + col];
+    const double scale = tree_exp_neg(p, t * c);
+    for (int col = 0; col < cols; ++col)
+        acc[col] += scale * (even[col] - odd[col]);
+}
+
+TREE_INLINE int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i * s) >> level; }
+
+/*
+ * out[m, :] += sum_s ws->w[s, :] exp(-targets[m] ws->pts[s]) for the targets with valid[m]
+ * (valid NULL: all), s < npts. Reorders ws->pts and ws->w.
+ */
+TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
+                               const double *targets, const unsigned char *valid,
+                               int64_t ntargets, double *out, int64_t *counts, const int cols)
+{
+    double tmax = -1.0;
+    for (int64_t m = 0; m < ntargets; ++m)
+        if ((!valid || valid[m]) && targets[m] > tmax)
+            tmax = targets[m];
+    if (tmax < 0.0 || npts == 0)
+        return;
+    double *pts = ws->pts, *w = ws->w;
+    double pmin = pts[0], pmax = pts[0];
+    for (int64_t s = 1; s < npts; ++s) {
+        pmin = pts[s] < pmin ? pts[s] : pmin;
+        pmax = pts[s] > pmax ? pts[s] : pmax;
+    }
+    const double centre = 0.5 * (pmin + pmax), radius = 0.5 * (pmax - pmin);
+    if (tmax * radius <= p->rho) { /* the cheap case: one expansion, no sort */
+        ++counts[0];
+        const int order = tree_terms(p, tmax * radius);
+        tree_moments(cols, order, pts, w, 0, npts, centre, radius, ws->mom);
+        for (int64_t m = 0; m < ntargets; ++m) {
+            if (valid && !valid[m])
+                continue;
+            double acc[TREE_MAX_COLS] = {0};
+            tree_expand(p, cols, ws->mom, targets[m], centre, radius, acc);
+            for (int col = 0; col < cols; ++col)
+                out[m * cols + col] += acc[col];
+        }
+        return;
+    }
+
+    ++counts[1];
+    /* sort the points (ties by position), weights along */
+    for (int64_t s = 0; s < npts; ++s) {
+        uint64_t bits;
+        memcpy(&bits, pts + s, sizeof(bits));
+        ws->keys[s].bits = bits >> 63 ? 0 : bits; /* -0.0 as +0.0; no point is below 0 */
+        ws->keys[s].i = s;
+    }
+    tree_sort(ws, npts);
+    for (int64_t s = 0; s < npts; ++s) {
+        memcpy(pts + s, &ws->keys[s].bits, sizeof(double));
+        memcpy(ws->w_tmp + s * cols, w + ws->keys[s].i * cols, (size_t)cols * sizeof(double));
+    }
+    memcpy(w, ws->w_tmp, (size_t)npts * cols * sizeof(double));
+
+    /* the last level needed: the leaves, or the first level expanded for every target */
+    const int64_t depth = tree_depth(npts, p->leaf);
+    int64_t last = 0;
+    for (; last < depth; ++last) {
+        int64_t nodes = (int64_t)1 << last, wide = 0;
+        for (int64_t i = 0; i < nodes && !wide; ++i) {
+            const int64_t lo = tree_lo(npts, last, i), hi = tree_lo(npts, last, i + 1);
+            wide = tmax * 0.5 * (pts[hi - 1] - pts[lo]) > p->rho;
+        }
+        if (!wide)
+            break;
+    }
+    const int order = p->order;
+    const int64_t stride = (int64_t)order * cols;
+    /* node (l, i) has heap index 2^l - 1 + i; geometry and moments of the last level */
+    {
+        const int64_t nodes = (int64_t)1 << last, base = nodes - 1;
+        for (int64_t i = 0; i < nodes; ++i) {
+            const int64_t lo = tree_lo(npts, last, i), hi = tree_lo(npts, last, i + 1);
+            const double c = 0.5 * (pts[lo] + pts[hi - 1]), r = 0.5 * (pts[hi - 1] - pts[lo]);
+            ws->geom[2 * (base + i)] = c;
+            ws->geom[2 * (base + i) + 1] = r;
+            tree_moments(cols, order, pts, w, lo, hi, c, r, ws->mom + (base + i) * stride);
+        }
+    }
+    /* translated up: M'_n = sum_{m <= n} M_m ratio^m delta^(n - m) / (n - m)! */
+    for (int64_t level = last - 1; level >= 0; --level) {
+        const int64_t nodes = (int64_t)1 << level, base = nodes - 1;
+        for (int64_t i = 0; i < nodes; ++i) {
+            const int64_t lo = tree_lo(npts, level, i), hi = tree_lo(npts, level, i + 1);
+            const double c = 0.5 * (pts[lo] + pts[hi - 1]), r = 0.5 * (pts[hi - 1] - pts[lo]);
+            const int64_t node = base + i;
+            ws->geom[2 * node] = c;
+            ws->geom[2 * node + 1] = r;
+            double *mp = ws->mom + node * stride;
+            memset(mp, 0, (size_t)stride * sizeof(double));
+            for (int half = 0; half < 2; ++half) {
+                const int64_t child = 2 * node + 1 + half;
+                const double cc = ws->geom[2 * child], rc = ws->geom[2 * child + 1];
+                const double ratio = r > 0.0 ? rc / r : 0.0, delta = r > 0.0 ? (cc - c) / r : 0.0;
+                const double *mc = ws->mom + child * stride;
+                double scaled[TREE_MAX_ORDER * TREE_MAX_COLS], shift[TREE_MAX_ORDER];
+                double ratio_m = 1.0, f = 1.0;
+                for (int m = 0; m < order; ++m) {
+                    for (int col = 0; col < cols; ++col)
+                        scaled[m * cols + col] = mc[m * cols + col] * ratio_m;
+                    ratio_m *= ratio;
+                    shift[m] = f;
+                    f *= delta / (m + 1);
+                }
+                for (int n = 0; n < order; ++n)
+                    for (int m = 0; m <= n; ++m)
+                        for (int col = 0; col < cols; ++col)
+                            mp[n * cols + col] += scaled[m * cols + col] * shift[n - m];
+            }
+        }
+    }
+
+    /* each target walks the tree depth first */
+    for (int64_t m = 0; m < ntargets; ++m) {
+        if (valid && !valid[m])
+            continue;
+        const double t = targets[m];
+        double acc[TREE_MAX_COLS] = {0};
+        int64_t stack_l[TREE_MAX_DEPTH + 2], stack_i[TREE_MAX_DEPTH + 2];
+        int sp = 0;
+        stack_l[sp] = 0;
+        stack_i[sp++] = 0;
+        while (sp > 0) {
+            --sp;
+            const int64_t level = stack_l[sp], i = stack_i[sp];
+            const int64_t node = ((int64_t)1 << level) - 1 + i;
+            const int64_t lo = tree_lo(npts, level, i);
+            if (t * pts[lo] > p->cut)
+                continue; /* every term below exp(-CUT) |w| */
+            const double c = ws->geom[2 * node], r = ws->geom[2 * node + 1];
+            if (t * r <= p->rho) {
+                tree_expand(p, cols, ws->mom + node * stride, t, c, r, acc);
+                ++counts[2];
+            } else if (level == last) { /* a leaf: direct sum */
+                const int64_t hi = tree_lo(npts, level, i + 1);
+                counts[3] += hi - lo;
+                for (int64_t s = lo; s < hi; ++s) {
+                    const double e = tree_exp_neg(p, t * pts[s]);
+                    for (int col = 0; col < cols; ++col)
+                        acc[col] += e * w[s * cols + col];
+                }
+            } else { /* the nearer child (smaller points) last, so it is summed first */
+                stack_l[sp] = level + 1;
+                stack_i[sp++] = 2 * i + 1;
+                stack_l[sp] = level + 1;
+                stack_i[sp++] = 2 * i;
+            }
+        }
+        for (int col = 0; col < cols; ++col)
+            out[m * cols + col] += acc[col];
+    }
+}
+
+/* Instances for the column counts the attention uses (a constant count lets the compiler
+ * unroll and vectorise the loops over the columns), each for the baseline architecture and
+ * for AVX2+FMA. The contraction of multiply-adds is off (setup.py: -ffp-contract=off) and no
+ * loop is reassociated, so every instance computes the same operations in the same order:
+ * the results are bitwise the same on every path. */
+#define TREE_INSTANCE(name, attr, cols)                                                      \
+    attr TREE_NOINLINE static void name(const tree_params *p, tree_ws *ws, int64_t npts,     \
+                                        const double *targets, const unsigned char *valid,  \
+                                        int64_t ntargets, double *out, int64_t *counts)     \
+    {                                                                                        \
+        tree_exp_sums(p, ws, npts, targets, valid, ntargets, out, counts, cols);            \
+    }
+#define TREE_BASELINE
+TREE_INSTANCE(tree_sums_any, TREE_BASELINE, p->cols)
+TREE_INSTANCE(tree_sums_2, TREE_BASELINE, 2)
+TREE_INSTANCE(tree_sums_3, TREE_BASELINE, 3)
+TREE_INSTANCE(tree_sums_4, TREE_BASELINE, 4)
+#if TREE_X86
+TREE_INSTANCE(tree_sums_any_avx2, TREE_AVX2, p->cols)
+TREE_INSTANCE(tree_sums_2_avx2, TREE_AVX2, 2)
+TREE_INSTANCE(tree_sums_3_avx2, TREE_AVX2, 3)
+TREE_INSTANCE(tree_sums_4_avx2, TREE_AVX2, 4)
+#endif
+
+/* the instance for `cols` columns and the instruction set `isa` (0 scalar, 1 AVX2, 2 AVX-512:
+ * the AVX2 code, four doubles being all the columns there are) */
+static tree_sums_fn tree_pick(int cols, int isa)
+{
+#if TREE_X86
+    if (isa >= 1 && tgem_isa_supported(1))
+        return cols == 2 ? tree_sums_2_avx2
+               : cols == 3 ? tree_sums_3_avx2
+               : cols == 4 ? tree_sums_4_avx2
+                           : tree_sums_any_avx2;
+#endif
+    (void)isa;
+    return cols == 2   ? tree_sums_2
+           : cols == 3 ? tree_sums_3
+           : cols == 4 ? tree_sums_4
+                       : tree_sums_any;
+}
+
+/* --------------------------------------------------------------------------- row tasks */
+typedef struct {
+    const double *q, *k, *w_plus, *w_minus; /* row sums: weights over keys (n x g x C) */
+    const double *coeffs;                   /* column sums: weights over queries (n x g x C) */
+    int64_t g;
+    const tree_params *p;
+    double *out;
+    atomic_int error;
+    atomic_llong counts[TREE_NCOUNTS];
+} tree_ctx;
+
+static void tree_add_counts(tree_ctx *ctx, const int64_t *counts)
+{
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_fetch_add(&ctx->counts[i], (long long)counts[i]);
+}
+
+static void tree_key_range(const double *k, int64_t g, double *kmin, double *kmax)
+{
+    double lo = k[0], hi = k[0];
+    for (int64_t j = 1; j < g; ++j) {
+        lo = k[j] < lo ? k[j] : lo;
+        hi = k[j] > hi ? k[j] : hi;
+    }
+    *kmin = lo;
+    *kmax = hi;
+}
+
+static void tree_row_task(const void *vctx, int64_t row)
+{
+    tree_ctx *ctx = (tree_ctx *)vctx;
+    const tree_params *p = ctx->p;
+    const int64_t g = ctx->g, cols = p->cols;
+    const double *q = ctx->q + row * g, *k = ctx->k + row * g;
+    double *out = ctx->out + row * g * cols;
+    memset(out, 0, (size_t)g * cols * sizeof(double));
+    int64_t counts[TREE_NCOUNTS] = {0};
+    tree_ws ws;
+    double *t = malloc((size_t)g * sizeof(double));
+    unsigned char *valid = malloc((size_t)g);
+    if (!t || !valid || tree_ws_alloc(&ws, g, p) != TREE_OK) {
+        free(t);
+        free(valid);
+        atomic_store(&ctx->error, TREE_ENOMEM);
+        return;
+    }
+    double kmin, kmax;
+    tree_key_range(k, g, &kmin, &kmax);
+    for (int side = 0; side < 2; ++side) { /* q >= 0, then q < 0 */
+        int64_t count = 0;
+        for (int64_t i = 0; i < g; ++i) {
+            valid[i] = (q[i] >= 0.0) == (side == 0);
+            t[i] = fabs(q[i]);
+            count += valid[i];
+        }
+        if (count == 0)
+            continue;
+        const double *w = (side == 0 ? ctx->w_plus : ctx->w_minus) + row * g * cols;
+        for (int64_t j = 0; j < g; ++j)
+            ws.pts[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
+        memcpy(ws.w, w, (size_t)g * cols * sizeof(double));
+        p->sums(p, &ws, g, t, valid, g, out, counts);
+    }
+    tree_add_counts(ctx, counts);
+    tree_ws_free(&ws);
+    free(t);
+    free(valid);
+}
+
+static void tree_column_task(const void *vctx, int64_t row)
+{
+    tree_ctx *ctx = (tree_ctx *)vctx;
+    const tree_params *p = ctx->p;
+    const int64_t g = ctx->g, cols = p->cols;
+    const double *q = ctx->q + row * g, *k = ctx->k + row * g;
+    const double *coeffs = ctx->coeffs + row * g * cols;
+    double *out = ctx->out + row * g * cols;
+    memset(out, 0, (size_t)g * cols * sizeof(double));
+    int64_t counts[TREE_NCOUNTS] = {0};
+    tree_ws ws;
+    double *d = malloc((size_t)g * sizeof(double));
+    if (!d || tree_ws_alloc(&ws, g, p) != TREE_OK) {
+        free(d);
+        atomic_store(&ctx->error, TREE_ENOMEM);
+        return;
+    }
+    double kmin, kmax;
+    tree_key_range(k, g, &kmin, &kmax);
+    for (int side = 0; side < 2; ++side) {
+        int64_t count = 0; /* the sources: the queries of this sign */
+        for (int64_t i = 0; i < g; ++i) {
+            if ((q[i] >= 0.0) != (side == 0))
+                continue;
+            ws.pts[count] = fabs(q[i]);
+            memcpy(ws.w + count * cols, coeffs + i * cols, (size_t)cols * sizeof(double));
+            ++count;
+        }
+        if (count == 0)
+            continue;
+        for (int64_t j = 0; j < g; ++j)
+            d[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
+        p->sums(p, &ws, count, d, NULL, g, out, counts);
+    }
+    tree_add_counts(ctx, counts);
+    tree_ws_free(&ws);
+    free(d);
+}
+
+/* ---------------------------------------------------------------------------------- API */
+TREE_API int tgem_tree_abi_version(void) { return TREE_ABI_VERSION; }
+
+/* one task per row; counts (TREE_NCOUNTS entries, may be NULL) receive the work done */
+static int tree_run(tree_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts, int nthreads)
+{
+    atomic_init(&ctx->error, TREE_OK);
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_init(&ctx->counts[i], 0);
+    tgem_parallel(nthreads, n, task, ctx);
+    if (counts)
+        for (int i = 0; i < TREE_NCOUNTS; ++i)
+            counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
+    return atomic_load(&ctx->error);
+}
+
+/* row sums (see the top of this file); arrays contiguous, out (n x g x cols) written,
+ * counts (TREE_NCOUNTS, may be NULL) the work done */
+TREE_API int tgem_tree_row_sums(const double *q, const double *k, const double *w_plus,
+                                const double *w_minus, int64_t n, int64_t g, int cols,
+                                int order, double rho, double cut, double clamp, int64_t leaf,
+                                double tol, double *out, int64_t *counts, int isa,
+                                int nthreads)
+{
+    tree_params p;
+    if (n < 0 || g < 0 || nthreads < 1 ||
+        (n > 0 && g > 0 && (!q || !k || !w_plus || !w_minus || !out)))
+        return TREE_EARGS;
+    int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
+    if (code != TREE_OK)
+        return code;
+    p.sums = tree_pick(cols, isa);
+    if (n == 0 || g == 0)
+        return TREE_OK;
+    tree_ctx ctx = {.q = q, .k = k, .w_plus = w_plus, .w_minus = w_minus, .g = g, .p = &p,
+                    .out = out};
+    return tree_run(&ctx, tree_row_task, n, counts, nthreads);
+}
+
+/* column sums (see the top of this file); as tgem_tree_row_sums */
+TREE_API int tgem_tree_column_sums(const double *q, const double *k, const double *coeffs,
+                                   int64_t n, int64_t g, int cols, int order, double rho,
+                                   double cut, double clamp, int64_t leaf, double tol,
+                                   double *out, int64_t *counts, int isa, int nthreads)
+{
+    tree_params p;
+    if (n < 0 || g < 0 || nthreads < 1 || (n > 0 && g > 0 && (!q || !k || !coeffs || !out)))
+        return TREE_EARGS;
+    int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
+    if (code != TREE_OK)
+        return code;
+    p.sums = tree_pick(cols, isa);
+    if (n == 0 || g == 0)
+        return TREE_OK;
+    tree_ctx ctx = {.q = q, .k = k, .coeffs = coeffs, .g = g, .p = &p, .out = out};
+    return tree_run(&ctx, tree_column_task, n, counts, nthreads);
+}

@@ -1,0 +1,262 @@
+"""The tree code's exponential sums in C: backend ``"tree_native"``.
+
+Two implementations, one algorithm: :mod:`tgem._kernels._tree` is the tree code in pure
+PyTorch (backend ``"tree"``, any device), and this module runs the same algorithm's sums in
+the native extension (``tgem/_csrc/tree.c``, in the library ``tgem._tgem_kernels`` that
+:mod:`tgem._kernels._native` loads). Both share everything around the sums, which lives in
+``_tree``: the rank-1 reduction, the parameters from the tolerance (``RHO``, ``LEAF``, the
+order ``P``, ``CUT``), the diagonal, the elementwise parts of the gradients and the rounding
+to the input dtype. The C code computes the row sums (forward, the query gradient, the
+entropy) and the column sums (key and value gradients) of every (batch x head) row in
+float64, one row per task on the dense kernel's threads (``torch.get_num_threads()``), so
+the results are bitwise independent of the thread count and the caller's floating-point
+state is restored. Its code is compiled for the baseline architecture and for AVX2 (vectors
+over the 2-4 weight columns), chosen at run time with the dense kernel's instruction set
+(``TGEM_NATIVE_ISA``, :func:`tgem._kernels._native.set_isa`; AVX-512 runs the AVX2 code);
+multiply-adds are not contracted, so both give bitwise the same results. Its expansions use
+the fewest Taylor terms that meet the tolerance at each node and target (the pure-PyTorch
+code does so per row for its cheap case and uses ``P`` inside the tree), so the two agree
+within the tolerance, not bitwise.
+
+Which runs when: ``attention_backend="tree"`` always runs the pure-PyTorch code,
+``"tree_native"`` always the C code (CPU tensors, float32 or float64, the extension built and
+not disabled by ``TGEM_DISABLE_NATIVE=1``; otherwise it is unavailable and says why).
+``"auto"`` picks neither.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from tgem._kernels import _native
+from tgem._kernels import _tree as tree
+from tgem._kernels._registry import Backend, register_backend
+
+_ABI_VERSION = 1
+_ERRORS = {-1: "invalid arguments", -3: "out of memory"}
+
+
+def _declare(lib) -> str | None:
+    """Declare the C signatures on the loaded library; the reason when it lacks them."""
+    if lib is None:
+        return _native._LOAD_ERROR or "extension not loaded"
+    try:
+        version = lib.tgem_tree_abi_version()
+    except AttributeError:
+        return (
+            f"the extension at {_native._LIB_PATH} has no tree code (built before it); "
+            "rebuild it with pip install -e ."
+        )
+    if version != _ABI_VERSION:
+        return (
+            f"the extension's tree code has ABI version {version}, expected {_ABI_VERSION}; "
+            "rebuild it with pip install -e ."
+        )
+    ptr, i64, cint, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    params = [cint, dbl, dbl, dbl, i64, dbl]  # order, rho, cut, clamp, leaf, tol
+    lib.tgem_tree_row_sums.argtypes = [ptr] * 4 + [i64, i64, cint] + params + [ptr, ptr, cint, cint]
+    lib.tgem_tree_row_sums.restype = cint
+    lib.tgem_tree_column_sums.argtypes = (
+        [ptr] * 3 + [i64, i64, cint] + params + [ptr, ptr] + [cint] * 2
+    )
+    lib.tgem_tree_column_sums.restype = cint
+    return None
+
+
+_LOAD_ERROR = _declare(_native._LIB)
+#: Work counters the C code adds to when set to an int64 tensor of 4 entries (tests only):
+#: sums by one expansion (the cheap case), sums through the tree, expansions evaluated in the
+#: tree, points summed directly at the leaves.
+work_counts: torch.Tensor | None = None
+
+
+def _add_counts(counts: torch.Tensor) -> None:
+    if work_counts is not None:
+        work_counts.add_(counts)
+
+
+def _params(p: tree.TreeParameters) -> tuple:
+    return (p.order, p.rho, p.cut, p.cut + tree.EXP_MARGIN, tree.LEAF, p.tol)
+
+
+def _raise_on(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(
+            f"native tree {what} failed: {_ERRORS.get(code, f'error code {code}')}. "
+            "Use attention_backend='tree' (pure PyTorch) instead."
+        )
+
+
+def _ready() -> None:
+    reason = _unavailable(torch.device("cpu"), torch.float64)
+    if reason is not None:
+        raise RuntimeError(
+            f"The native tree code cannot run: {reason}. Use attention_backend='tree' instead."
+        )
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64).contiguous()
+
+
+class _NativeSides(tree._Sides):
+    """:class:`tgem._kernels._tree._Sides` whose row and column sums run in C."""
+
+    def row_sums(self, weights, params: tree.TreeParameters) -> torch.Tensor:
+        _ready()
+        plus, minus = weights if isinstance(weights, tuple) else (weights, weights)
+        plus, minus = _f64(plus), _f64(minus)
+        q, k = _f64(self.q), _f64(self.k)
+        n, g = q.shape
+        out = torch.empty(n, g, plus.shape[-1], dtype=torch.float64)
+        counts = torch.zeros(4, dtype=torch.int64)
+        code = _native._LIB.tgem_tree_row_sums(
+            q.data_ptr(), k.data_ptr(), plus.data_ptr(), minus.data_ptr(), n, g,
+            plus.shape[-1], *_params(params), out.data_ptr(), counts.data_ptr(),
+            _native._isa_code(), torch.get_num_threads(),
+        )  # fmt: skip
+        _raise_on(code, "row sums")
+        _add_counts(counts)
+        return out
+
+    def column_sums(self, coeffs: torch.Tensor, params: tree.TreeParameters) -> torch.Tensor:
+        _ready()
+        coeffs = _f64(coeffs)
+        q, k = _f64(self.q), _f64(self.k)
+        n, g = q.shape
+        out = torch.empty(n, g, coeffs.shape[-1], dtype=torch.float64)
+        counts = torch.zeros(4, dtype=torch.int64)
+        code = _native._LIB.tgem_tree_column_sums(
+            q.data_ptr(), k.data_ptr(), coeffs.data_ptr(), n, g, coeffs.shape[-1],
+            *_params(params), out.data_ptr(), counts.data_ptr(), _native._isa_code(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        _raise_on(code, "column sums")
+        _add_counts(counts)
+        return out
+
+
+_TreeNativeAttention = tree.tree_function("tree_native", _NativeSides)
+
+
+def _check_cpu(q: torch.Tensor) -> None:
+    if isinstance(q, torch.Tensor) and q.device.type != "cpu":
+        raise ValueError(
+            f"the native tree code runs on CPU tensors, got {q.device}; use "
+            "attention_backend='tree' (pure PyTorch, any device) instead."
+        )
+
+
+def tree_native_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tol: float | None = None
+) -> torch.Tensor:
+    """T-GEM attention by the tree code, its sums in C (CPU tensors).
+
+    The same algorithm, arguments, tolerance and errors as
+    :func:`tgem._kernels._tree.tree_attention`; differentiable once.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor of shape (..., genes), float32 or float64 on CPU
+    tol : float, optional
+        Error tolerance (between 1e-30 and 0.1); ``None`` takes the dtype's default
+        (:data:`tgem._kernels._tree.DEFAULT_TOL`).
+
+    Returns
+    -------
+    torch.Tensor, same shape and dtype as ``q``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tgem._kernels import reference_attention
+    >>> q, k, v = torch.randn(3, 2, 4, 50, dtype=torch.float64).unbind(0)
+    >>> fn = tree_native_attention if tree_native_available() else reference_attention
+    >>> bool(torch.allclose(fn(q, k, v), reference_attention(q, k, v)))
+    True
+    """
+    tree._check_inputs(q, k, v)
+    _check_cpu(q)
+    if tol is not None:
+        tree.check_tol(tol)
+    return _TreeNativeAttention.apply(q, k, v, tol)
+
+
+@torch.no_grad()
+def tree_native_entropy_rows(q: torch.Tensor, k: torch.Tensor, *, tol: float | None = None):
+    """:func:`tgem._kernels._tree.tree_entropy_rows` with the sums in C (CPU tensors).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tgem._kernels import attention_entropy_rows
+    >>> q, k = torch.randn(2, 3, 40, dtype=torch.float64).unbind(0)
+    >>> fn = tree_native_entropy_rows if tree_native_available() else attention_entropy_rows
+    >>> bool(torch.allclose(fn(q, k), attention_entropy_rows(q, k)))
+    True
+    """
+    tree._check_inputs(q, k)
+    _check_cpu(q)
+    return tree.entropy_rows(q, k, tol, _NativeSides)
+
+
+def _unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Backend hook: None when the native tree code runs on ``device``/``dtype``, else why not."""
+    disabled = _native._disabled()
+    if disabled:
+        return disabled
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    isa, why = _native._active_isa()
+    if isa is None:
+        return why
+    if torch.device(device).type != "cpu":
+        return (
+            f"the native tree code runs on CPU tensors only, not {torch.device(device).type} "
+            "(use 'tree')"
+        )
+    return tree.tree_unavailable(device, dtype)
+
+
+def tree_native_available() -> bool:
+    """Whether the native tree code can run now on CPU tensors.
+
+    Examples
+    --------
+    >>> tree_native_available() in (True, False)
+    True
+    """
+    return _unavailable(torch.device("cpu"), torch.float32) is None
+
+
+def tree_native_status() -> str:
+    """One line: whether the native tree code runs, and why not.
+
+    Examples
+    --------
+    >>> isinstance(tree_native_status(), str)
+    True
+    """
+    reason = _unavailable(torch.device("cpu"), torch.float32)
+    if reason is not None:
+        return f"native tree code unavailable: {reason}"
+    isa, why = _native._active_isa()
+    code = "scalar" if isa == "scalar" else "AVX2"
+    return (
+        f"native tree code {code} (the native kernel's {isa}: {why}), float64 sums; threads "
+        f"follow torch.get_num_threads() (now {torch.get_num_threads()}); "
+        f"library {_native._LIB_PATH}"
+    )
+
+
+register_backend(
+    Backend(
+        "tree_native",
+        tree_native_attention,
+        _unavailable,
+        priority=-3,
+        describe=tree_native_status,
+    )
+)
