@@ -208,6 +208,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         the lowest training loss, kept for recovery from a failed fit).
     n_iter_ : int
         Epochs run.
+    early_stopping_ : bool
+        Whether ``fit`` held out validation cells and stopped early (``early_stopping``
+        resolved: ``"auto"`` is on from 5,000 training samples).
     temperature_ : float
         The temperature of ``predict_proba``: 1 unless fitted with
         ``calibration="temperature"``.
