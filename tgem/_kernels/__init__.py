@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 
 from tgem._kernels import _exact, _reference  # noqa: F401 - they register "exact", "reference"
-from tgem._kernels._exact import exact_attention
+from tgem._kernels._exact import LOG2E, exact_attention
 from tgem._kernels._reference import reference_attention, reference_softmax, row_max
 from tgem._kernels._registry import (
     Backend,
@@ -68,6 +68,7 @@ set_loader(_import_optional_backends)
 
 __all__ = [
     "Backend",
+    "LOG2E",
     "OPTIONAL_BACKENDS",
     "attention",
     "attention_entropy_rows",

@@ -63,6 +63,7 @@ def _by_row_chunks(fn, tensors, **kwargs):
     return tuple(torch.cat(outs) for outs in zip(*parts))
 
 
+#: log2(e): queries are scaled once so that every exponential is a base-2 one.
 LOG2E = 1.4426950408889634
 
 

@@ -48,9 +48,6 @@ except Exception as exc:  # ImportError, or a broken install
         'install it with `pip install "tgem[gpu]"`'
     )
 
-#: log2(e): scores are scaled once per query so the kernels use the native exp2.
-LOG2E = 1.4426950408889634
-
 #: Per kernel: tile shape, warps, and ``FAST_EXP`` (the PTX ``ex2.approx.ftz.f32``
 #: instruction written out instead of ``tl.exp2``; on triton 3.6 ``tl.exp2`` already emits
 #: it, so it is off). The fastest of ``benchmarks/bench_gpu.py``'s sweep on an H100 80GB
