@@ -36,7 +36,6 @@ from tgem._kernels._exact import LOG2E, exact_attention
 from tgem._kernels._reference import reference_attention, reference_softmax, row_max
 from tgem._kernels._registry import (
     Backend,
-    attention,
     backend_details,
     backend_names,
     backend_status,
@@ -70,7 +69,6 @@ __all__ = [
     "Backend",
     "LOG2E",
     "OPTIONAL_BACKENDS",
-    "attention",
     "attention_entropy_rows",
     "attention_rows",
     "backend_details",

@@ -24,6 +24,9 @@ from tgem.attention._network import attention_edges
 
 logger = logging.getLogger("tgem.attention")
 
+#: Fewest samples per batch when ``batch_size`` is None.
+MIN_BATCH = 8
+
 
 def attention_attribution(
     clf,
@@ -129,7 +132,7 @@ def attention_attribution(
         "Attribute fewer layers at a time (layers=[...]) or fewer genes.",
     )
     if batch_size is None:
-        batch_size = max(8, rows_per_pass_for(_n_heads(module), g) // max(1, n_steps))
+        batch_size = max(MIN_BATCH, rows_per_pass_for(_n_heads(module), g) // max(1, n_steps))
     elif batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive int or None.")
     batches = (dense_batch(X, sl, device) for sl in iter_batches(n, batch_size))

@@ -42,6 +42,10 @@ MAX_STEPS_FACTOR = 20
 
 QUADRATURES = ("adaptive",) + FIXED_RULES
 
+#: Rows of a pass without gradients, in units of ``batch_rows``: inference keeps no
+#: activations for a backward pass.
+INFERENCE_ROWS_FACTOR = 4
+
 
 # ----------------------------------------------------------------------------- gradients
 class _GuidedRectifier(torch.autograd.Function):
@@ -91,7 +95,7 @@ class Evaluator:
     def values(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Target log-probabilities (float64) of ``rows``, no gradient."""
         out = torch.empty(rows.shape[0], dtype=torch.float64)
-        step = 4 * self.batch_rows  # inference keeps no activations for the backward pass
+        step = INFERENCE_ROWS_FACTOR * self.batch_rows
         with torch.no_grad():
             for i in range(0, rows.shape[0], step):
                 lp = self.module(rows[i : i + step])
