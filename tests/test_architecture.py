@@ -309,3 +309,29 @@ def test_old_private_paths_resolve_to_the_moved_objects():
     assert old_triton.triton_attention is _triton.triton_attention
     assert old_tree.tree_attention is _tree.tree_attention
 
+
+def _environment_after_import(**env) -> str:
+    """``OMP_WAIT_POLICY`` after ``import tgem`` in a fresh process started with ``env``."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "TGEM_SET_OMP_WAIT_POLICY")  # conftest sets the first
+    }
+    code = "import os, tgem\nprint(os.environ.get('OMP_WAIT_POLICY', '<unset>'))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**base, "PYTHONPATH": str(ROOT), "TGEM_DISABLE_COMPILE": "1", **env},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_import_tgem_sets_passive_omp_waiting_unless_set_or_opted_out():
+    """The one change ``import tgem`` makes to the process (docs/install.rst)."""
+    assert _environment_after_import() == "PASSIVE"
+    assert _environment_after_import(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _environment_after_import(TGEM_SET_OMP_WAIT_POLICY="0") == "<unset>"
+    assert _environment_after_import(TGEM_SET_OMP_WAIT_POLICY="1") == "PASSIVE"
