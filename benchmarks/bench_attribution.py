@@ -103,9 +103,8 @@ def _worker(
     import numpy as np
     import torch
 
-    from tgem import _ig
     from tgem._model import TGEMNet
-    from tgem.interpret import MEMORY_BUDGET
+    from tgem.interpret import MEMORY_BUDGET, _ig
 
     torch.set_num_threads(threads)
     peak_after_import = _peak_mb()

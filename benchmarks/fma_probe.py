@@ -2,7 +2,9 @@
 
 The probe runs independent chains of vector FMAs in registers on every thread, with the same
 run-time dispatch (AVX-512 / AVX2+FMA / scalar) as tgem's native kernel, and reports the best of
-several repeats (other processes on the machine can only make a run slower).
+several repeats (other processes on the machine can only make a run slower). It is C of its
+own, ``fma_probe.c`` beside this script, compiled on first use with ``$CC`` (default ``cc``)
+into the temporary directory; it is not part of tgem.
 
 From it, :func:`measure_bound` derives the lowest possible time of the T-GEM workloads, by
 counting the FMA-pipe operations per gene pair and head of the native kernel:
@@ -26,9 +28,15 @@ Run ``python benchmarks/fma_probe.py --threads 2`` to print the table (``--json 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
 import json
 import logging
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,15 +45,52 @@ logger = logging.getLogger(__name__)
 FMA_OPS = {"inference": 8, "train_forward": 10, "backward": 10}
 
 
-def _library():
-    from tgem._kernels import _native
+#: The probe's instruction-set paths, by the code the C file uses (as tgem's native kernel).
+ISAS = ("scalar", "avx2", "avx512")
+SOURCE = Path(__file__).with_name("fma_probe.c")
+CFLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+_LIB = None
 
-    if _native._LIB is None:
-        raise RuntimeError(
-            f"tgem's native kernel is not available: {_native.native_status()}. "
-            "Build it with `pip install -e .` (a C compiler is needed)."
+
+def _library() -> ctypes.CDLL:
+    """The probe library: ``fma_probe.c`` compiled once (``$CC``, default ``cc``) and cached.
+
+    The compiled file sits in the temporary directory under a name that holds a hash of the
+    source, the compiler and the flags, so an edited source is rebuilt.
+    """
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    cc = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tgem_fma_probe_{key}.so"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.so")
+        done = subprocess.run(
+            [cc, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True
         )
-    return _native
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"could not compile {SOURCE} with {cc!r} (set CC to a C compiler):\n"
+                f"{done.stderr[-2000:]}"
+            )
+        os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    cint = ctypes.c_int
+    for name in ("fma_isa_supported", "fma_isa_lanes", "fma_probe_chains"):
+        getattr(lib, name).argtypes = [cint]
+        getattr(lib, name).restype = cint
+    lib.fma_probe.argtypes = [cint, cint, ctypes.c_int64, ctypes.c_float]
+    lib.fma_probe.restype = ctypes.c_float
+    _LIB = lib
+    return lib
+
+
+def supported_isas() -> list[str]:
+    """Instruction-set paths this processor can run, from the slowest to the fastest."""
+    lib = _library()
+    return [name for code, name in enumerate(ISAS) if lib.fma_isa_supported(code)]
 
 
 def probe(
@@ -78,20 +123,19 @@ def probe(
         ``isa``, ``threads``, ``lanes``, ``fma_lane_ops_per_s`` (FMAs x vector lanes per second),
         ``gflops`` (2 floating-point operations per FMA lane) and ``all_runs_s``.
     """
-    nat = _library()
-    isa = isa or nat.supported_isas()[-1]
-    code = nat.ISAS.index(isa)
+    lib = _library()
+    isa = isa or supported_isas()[-1]
+    code = ISAS.index(isa)
     threads = threads or torch.get_num_threads()
     if clock not in ("wall", "thread"):
         raise ValueError(f"clock={clock!r}; choose 'wall' or 'thread'.")
     run_threads = threads if clock == "wall" else 1
     timer = time.perf_counter if clock == "wall" else time.thread_time
-    lib = nat._LIB
-    lanes, chains = lib.tgem_isa_lanes(code), lib.tgem_probe_chains(code)
+    lanes, chains = lib.fma_isa_lanes(code), lib.fma_probe_chains(code)
     iters = 1 << 16
     while True:  # calibrate to about `seconds` per repeat
         t0 = timer()
-        lib.tgem_fma_probe(code, run_threads, iters, 1.0)
+        lib.fma_probe(code, run_threads, iters, 1.0)
         dt = timer() - t0
         if dt > seconds / 4 or iters > 1 << 34:
             break
@@ -100,7 +144,7 @@ def probe(
     runs = []
     for _ in range(repeats):
         t0 = timer()
-        check = lib.tgem_fma_probe(code, run_threads, iters, 1.0)
+        check = lib.fma_probe(code, run_threads, iters, 1.0)
         runs.append(timer() - t0)
         if check != check:
             raise RuntimeError(f"FMA probe failed for isa={isa}, threads={threads}.")
@@ -140,12 +184,11 @@ class QuickProbe:
     """
 
     def __init__(self, seconds: float = 0.04, isa: str | None = None, threads: int | None = None):
-        nat = _library()
-        self._lib = nat._LIB
-        self._code = nat.ISAS.index(isa or nat.supported_isas()[-1])
+        self._lib = _library()
+        self._code = ISAS.index(isa or supported_isas()[-1])
         self._threads = threads or torch.get_num_threads()
-        lanes = self._lib.tgem_isa_lanes(self._code)
-        chains = self._lib.tgem_probe_chains(self._code)
+        lanes = self._lib.fma_isa_lanes(self._code)
+        chains = self._lib.fma_probe_chains(self._code)
         iters = 1 << 12
         while True:
             dt = self._run(iters)
@@ -157,7 +200,7 @@ class QuickProbe:
 
     def _run(self, iters: int) -> float:
         t0 = time.perf_counter()
-        check = self._lib.tgem_fma_probe(self._code, self._threads, iters, 1.0)
+        check = self._lib.fma_probe(self._code, self._threads, iters, 1.0)
         dt = time.perf_counter() - t0
         if check != check:
             raise RuntimeError("FMA probe failed.")
@@ -239,9 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
-    nat = _library()
     rows = []
-    for isa in [args.isa] if args.isa else nat.supported_isas():
+    for isa in [args.isa] if args.isa else supported_isas():
         rows.append(
             measure_bound(genes=args.genes, isa=isa, threads=args.threads, clock=args.clock)
         )

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tgem"
 
 #: The layer map, from the bottom (0) up. A module name maps to its layer; a package name
-#: (``tgem._kernels``, ``tgem.datasets``, ``tgem.plotting``) covers its submodules.
+#: (``tgem._kernels``, ``tgem.datasets``, ``tgem.interpret``, ``tgem.attention``,
+#: ``tgem.plotting``) covers its submodules.
 LAYERS: dict[str, int] = {
     # 0  bottom: imports nothing from tgem
     "tgem._text": 0,  # message helpers
@@ -36,15 +37,14 @@ LAYERS: dict[str, int] = {
     "tgem._standardize": 0,  # per-gene statistics
     "tgem._scale": 0,  # the log-scale check
     "tgem._reporting": 0,  # metrics tables
+    "tgem._quadrature": 0,  # the fixed quadrature rules of the path integrals
+    "tgem._memory": 0,  # what this process may still allocate; the check that a result fits
     "tgem.exceptions": 0,
     # 1  the attention kernels: registry, reference, exact, native, compiled, triton, tree
     "tgem._kernels": 1,
     # 2  numerics on top of the kernels
     "tgem._model": 2,  # the T-GEM network (nn.Module)
     "tgem._distributed": 2,  # DDP helpers
-    "tgem._ig": 2,  # Integrated Gradients quadrature and noise
-    "tgem._attention_attr": 2,  # attention attribution
-    "tgem._gene_network": 2,  # edges, hubs, network export
     # 3  the training loop
     "tgem._training": 3,
     # 4  data: .h5ad, readers, gene ids, gene sets, alignment
@@ -53,8 +53,8 @@ LAYERS: dict[str, int] = {
     "tgem._gene_sets": 4,
     "tgem._alignment": 4,
     # 5  analysis of a fitted classifier (read through its attributes, never imported)
-    "tgem.interpret": 5,
-    "tgem.attention": 5,
+    "tgem.interpret": 5,  # attributions (_ig, _attribute), rankings, ablation, importances
+    "tgem.attention": 5,  # entropy, maps, attention attribution (_lig), gene networks
     # 6  the model file
     "tgem._io": 6,
     # 7  the estimator
@@ -308,3 +308,30 @@ def test_old_private_paths_resolve_to_the_moved_objects():
     assert old_compiled.compiled_attention is _compiled.compiled_attention
     assert old_triton.triton_attention is _triton.triton_attention
     assert old_tree.tree_attention is _tree.tree_attention
+
+
+def _environment_after_import(**env) -> str:
+    """``OMP_WAIT_POLICY`` after ``import tgem`` in a fresh process started with ``env``."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "TGEM_SET_OMP_WAIT_POLICY")  # conftest sets the first
+    }
+    code = "import os, tgem\nprint(os.environ.get('OMP_WAIT_POLICY', '<unset>'))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**base, "PYTHONPATH": str(ROOT), "TGEM_DISABLE_COMPILE": "1", **env},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_import_tgem_sets_passive_omp_waiting_unless_set_or_opted_out():
+    """The one change ``import tgem`` makes to the process (docs/install.rst)."""
+    assert _environment_after_import() == "PASSIVE"
+    assert _environment_after_import(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _environment_after_import(TGEM_SET_OMP_WAIT_POLICY="0") == "<unset>"
+    assert _environment_after_import(TGEM_SET_OMP_WAIT_POLICY="1") == "PASSIVE"

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import tgem._attention_attr as attr_mod
+import tgem._memory as memory_mod
 from tgem import TGEMClassifier
 from tgem._kernels import reference_softmax
 from tgem.attention import (
@@ -181,7 +181,7 @@ def test_attention_map_gene_names_from_dataframe():
 
 def test_attention_map_too_large_raises_memory_error_with_size(fitted, monkeypatch):
     clf, X, _ = fitted
-    monkeypatch.setattr(attr_mod, "available_memory", lambda: (1000, "cgroup memory limit"))
+    monkeypatch.setattr(memory_mod, "available_memory", lambda: (1000, "cgroup memory limit"))
     with pytest.raises(MemoryError, match=r"shape \(40, 6, 6\) needing.*cgroup memory limit"):
         attention_map(clf, X, average=False)
 
@@ -342,7 +342,7 @@ def test_edges_follow_the_original_selection(seed, fraction):
 
 
 def test_edges_selection_does_not_depend_on_the_scan_chunk(monkeypatch):
-    import tgem._gene_network as net
+    import tgem.attention._network as net
 
     scores = np.random.default_rng(3).normal(size=(2, 9, 9)).astype(np.float32)
     whole = attention_edges(scores, top_fraction=0.1)
@@ -538,10 +538,10 @@ def _fake_memory(monkeypatch, tmp_path, *, available_kib, cgroup=None, rlimit_as
             (d / "memory.limit_in_bytes").write_text(f"{unlimited if limit is None else limit}\n")
             (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
             proc_cgroup.write_text("4:memory:/job\n3:cpu:/job\n")
-    monkeypatch.setattr(attr_mod, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(attr_mod, "PROC_STATUS", str(status))
-    monkeypatch.setattr(attr_mod, "PROC_CGROUP", str(proc_cgroup))
-    monkeypatch.setattr(attr_mod, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(memory_mod, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory_mod, "PROC_STATUS", str(status))
+    monkeypatch.setattr(memory_mod, "PROC_CGROUP", str(proc_cgroup))
+    monkeypatch.setattr(memory_mod, "CGROUP_ROOT", str(root))
     real = resource.getrlimit
 
     def getrlimit(which):
@@ -556,18 +556,18 @@ def _fake_memory(monkeypatch, tmp_path, *, available_kib, cgroup=None, rlimit_as
 
 def test_available_memory_is_free_memory_when_nothing_else_limits(monkeypatch, tmp_path):
     _fake_memory(monkeypatch, tmp_path, available_kib=8 * GIB // 1024)
-    assert attr_mod.memory_limits() == {"available memory": 8 * GIB}
-    assert attr_mod.available_memory() == (8 * GIB, "available memory")
+    assert memory_mod.memory_limits() == {"available memory": 8 * GIB}
+    assert memory_mod.available_memory() == (8 * GIB, "available memory")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_available_memory_is_bounded_by_the_cgroup_limit(monkeypatch, tmp_path, version):
     cgroup = (version, 3 * GIB, 1 * GIB)
     _fake_memory(monkeypatch, tmp_path, available_kib=8 * GIB // 1024, cgroup=cgroup)
-    assert attr_mod.available_memory() == (2 * GIB, "cgroup memory limit")
+    assert memory_mod.available_memory() == (2 * GIB, "cgroup memory limit")
     unlimited = (version, None, 1 * GIB)
     _fake_memory(monkeypatch, tmp_path / "x", available_kib=8 * GIB // 1024, cgroup=unlimited)
-    assert attr_mod.available_memory() == (8 * GIB, "available memory")
+    assert memory_mod.available_memory() == (8 * GIB, "available memory")
 
 
 def test_available_memory_is_bounded_by_the_ulimit(monkeypatch, tmp_path):
@@ -576,9 +576,9 @@ def test_available_memory_is_bounded_by_the_ulimit(monkeypatch, tmp_path):
     _fake_memory(
         monkeypatch, tmp_path, available_kib=8 * GIB // 1024, cgroup=cgroup, rlimit_as=5 * GIB // 2
     )
-    limits = attr_mod.memory_limits()
+    limits = memory_mod.memory_limits()
     assert limits["RLIMIT_AS"] == 3 * GIB // 2 and "RLIMIT_DATA" not in limits
-    assert attr_mod.available_memory() == (3 * GIB // 2, "RLIMIT_AS")
+    assert memory_mod.available_memory() == (3 * GIB // 2, "RLIMIT_AS")
 
 
 def test_attention_map_guard_follows_the_cgroup_limit_not_physical_memory(

@@ -14,11 +14,12 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.feature_selection import SelectFromModel
 from torch import nn
 
-from tgem import TGEMClassifier, _ig
+from tgem import TGEMClassifier
 from tgem._model import TGEMNet
 from tgem._runtime import draw_seed
 from tgem.interpret import (
     GRIDS,
+    _ig,
     ablation_study,
     attribute,
     gene_ranking,

@@ -7,12 +7,11 @@ and :mod:`tgem.plotting` draws the figures (optional ``plot`` extra).
 
 import os
 
-# PyTorch's OpenMP worker threads busy-wait after every parallel operation. On a machine with
-# few cores they then compete with the next operation's threads (and with the native attention
-# kernel's threads): measured on 2 cores, a T-GEM training step runs 3-5x slower. Passive
-# waiting only takes effect when set before torch is first imported; an explicit user setting
-# always wins. See docs/user_guide/attention.rst.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The one change `import tgem` makes to the process: passive OpenMP waiting, unless the user
+# set OMP_WAIT_POLICY or opted out with TGEM_SET_OMP_WAIT_POLICY=0. Why, and what it does:
+# docs/install.rst, "What import tgem does to the process".
+if os.environ.get("TGEM_SET_OMP_WAIT_POLICY", "1") != "0":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tgem._alignment import GeneAlignment, align_genes
 from tgem._annotate import annotate, fit_rejection_threshold, predict_with_rejection

@@ -31,6 +31,42 @@ def default_gene_names(n_genes: int) -> np.ndarray:
     return np.array([f"gene_{j}" for j in range(n_genes)], dtype=object)
 
 
+def model_gene_names(model, genes=None) -> np.ndarray:
+    """Names of a fitted model's genes: ``genes``, else ``feature_names_in_``, else the default.
+
+    Parameters
+    ----------
+    model : fitted estimator
+        Has ``n_features_in_`` and, when fitted on a DataFrame, ``feature_names_in_``.
+    genes : sequence of str, optional
+        Names given by the caller; checked to be one per gene.
+
+    Returns
+    -------
+    numpy.ndarray of object, shape (n_features_in_,)
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> model_gene_names(SimpleNamespace(n_features_in_=2)).tolist()
+    ['gene_0', 'gene_1']
+    >>> model_gene_names(SimpleNamespace(n_features_in_=2), ["CD3E", "LYZ"]).tolist()
+    ['CD3E', 'LYZ']
+    """
+    n = model.n_features_in_
+    if genes is not None:
+        names = np.asarray(genes, dtype=object)
+        if names.shape != (n,):
+            raise ValueError(
+                f"genes has {names.size} names, but the model has {n} genes; pass one name per "
+                "column of X, in order."
+            )
+        return names
+    if hasattr(model, "feature_names_in_"):
+        return np.asarray(model.feature_names_in_, dtype=object)
+    return default_gene_names(n)
+
+
 def encode_labels(classes: np.ndarray, labels, what: str) -> np.ndarray:
     """Class indices (int64) of ``labels`` in the sorted ``classes`` (a fitted ``classes_``).
 

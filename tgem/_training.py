@@ -6,7 +6,6 @@ from the generators passed in; torch's global generator is never touched.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import math
@@ -317,8 +316,3 @@ def _kept(state: TrainState) -> str:
     if state.best_state is None:
         return "The model keeps the weights this fit started from (no epoch of it finished)."
     return f"The model keeps the best weights so far (epoch {state.best_epoch})."
-
-
-def copy_state(state: TrainState) -> TrainState:
-    """A deep copy of a training state (for warm starts that must not alias tensors)."""
-    return copy.deepcopy(state)

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# The original scripts' attribution method names -> tgem's (the library's one table).
+from tgem.interpret import ALIASES as ATTR_METHODS
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("tgem.cli")
@@ -33,16 +36,6 @@ logger = logging.getLogger("tgem.cli")
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_GENES, EXIT_MODEL = 0, 1, 2, 3, 4
 BUNDLED = "pbmc68k"
 MODEL_FILE = "model.tgem"
-
-#: The original scripts' attribution method names and tgem's.
-ATTR_METHODS = {
-    "ig": "integrated_gradients",
-    "sg_ig": "ig_smoothgrad_sq",
-    "vg_ig": "ig_vargrad",
-    "gb": "guided_backprop",
-    "sg_gb": "guided_backprop_smoothgrad_sq",
-    "vg_gb": "guided_backprop_vargrad",
-}
 
 EPILOG = """\
 exit codes: 0 success; 1 unexpected failure (rerun with --debug for the traceback);

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from tgem._h5ad import H5ADDataset, is_h5ad_input
-from tgem.interpret import _resolve_baseline, _resolve_method
 from tgem.interpret import attribute as _attribute
+from tgem.interpret._resolve import _resolve_baseline, _resolve_method
 
 __all__ = ["predict_proba", "predict", "attribute", "from_h5ad"]
 

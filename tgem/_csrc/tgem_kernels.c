@@ -726,28 +726,6 @@ TGEM_T256 static void tgem_exp2_array_avx2(const float *y, float *out, int64_t l
         _mm256_maskstore_ps(out + i, tm, x);
     }
 }
-#define TGEM_PROBE_CHAINS_256 12
-typedef struct { int64_t iters; float seed; float *result; } tgem_probe_ctx;
-
-TGEM_T256 static void tgem_probe_task_avx2(const void *vctx, int64_t task)
-{
-    const tgem_probe_ctx *c = (const tgem_probe_ctx *)vctx;
-    __m256 acc[TGEM_PROBE_CHAINS_256];
-    const __m256 a = _mm256_set1_ps(0.999f * c->seed), b = _mm256_set1_ps(1e-3f);
-    for (int r = 0; r < TGEM_PROBE_CHAINS_256; ++r)
-        acc[r] = _mm256_set1_ps((float)r);
-    for (int64_t it = 0; it < c->iters; ++it)
-#pragma GCC unroll 32
-        for (int r = 0; r < TGEM_PROBE_CHAINS_256; ++r)
-            acc[r] = _mm256_fmadd_ps(acc[r], a, b);
-    __m256 s = acc[0];
-    for (int r = 1; r < TGEM_PROBE_CHAINS_256; ++r)
-        s = _mm256_add_ps(s, acc[r]);
-    float tmp[8];
-    _mm256_storeu_ps(tmp, s);
-    c->result[task] = tmp[0];
-}
-
 
 /* ------------------------------------------------------------------------------ AVX-512F */
 #define TGEM_T512 __attribute__((target("avx512f,avx512dq")))
@@ -977,46 +955,7 @@ TGEM_T512 static void tgem_exp2_array_avx512(const float *y, float *out, int64_t
     }
 }
 
-#define TGEM_PROBE_CHAINS_512 24
-TGEM_T512 static void tgem_probe_task_avx512(const void *vctx, int64_t task)
-{
-    const tgem_probe_ctx *c = (const tgem_probe_ctx *)vctx;
-    __m512 acc[TGEM_PROBE_CHAINS_512];
-    const __m512 a = _mm512_set1_ps(0.999f * c->seed), b = _mm512_set1_ps(1e-3f);
-    for (int r = 0; r < TGEM_PROBE_CHAINS_512; ++r)
-        acc[r] = _mm512_set1_ps((float)r);
-    for (int64_t it = 0; it < c->iters; ++it)
-#pragma GCC unroll 32
-        for (int r = 0; r < TGEM_PROBE_CHAINS_512; ++r)
-            acc[r] = _mm512_fmadd_ps(acc[r], a, b);
-    __m512 s = acc[0];
-    for (int r = 1; r < TGEM_PROBE_CHAINS_512; ++r)
-        s = _mm512_add_ps(s, acc[r]);
-    float tmp[16];
-    _mm512_storeu_ps(tmp, s);
-    c->result[task] = tmp[0];
-}
-#else
-typedef struct { int64_t iters; float seed; float *result; } tgem_probe_ctx;
 #endif /* TGEM_X86 */
-
-#define TGEM_PROBE_CHAINS_SCALAR 8
-static void tgem_probe_task_scalar(const void *vctx, int64_t task)
-{
-    const tgem_probe_ctx *c = (const tgem_probe_ctx *)vctx;
-    float acc[TGEM_PROBE_CHAINS_SCALAR];
-    const float a = 0.999f * c->seed, b = 1e-3f;
-    for (int r = 0; r < TGEM_PROBE_CHAINS_SCALAR; ++r)
-        acc[r] = (float)r;
-    for (int64_t it = 0; it < c->iters; ++it)
-#pragma GCC unroll 32
-        for (int r = 0; r < TGEM_PROBE_CHAINS_SCALAR; ++r)
-            acc[r] = acc[r] * a + b;
-    float s = 0.0f;
-    for (int r = 0; r < TGEM_PROBE_CHAINS_SCALAR; ++r)
-        s += acc[r];
-    c->result[task] = s;
-}
 
 /* ------------------------------------------------------------------------------ API */
 TGEM_API int tgem_abi_version(void) { return TGEM_ABI_VERSION; }
@@ -1034,12 +973,6 @@ TGEM_API int tgem_isa_supported(int isa)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 #endif
     return 0;
-}
-
-/* lanes of one vector of the path `isa` (used to turn the FMA probe into lane-operations) */
-TGEM_API int tgem_isa_lanes(int isa)
-{
-    return isa == ISA_AVX512 ? 16 : (isa == ISA_AVX2 ? 8 : 1);
 }
 
 /* rows (forward) or columns (backward) per task of the path `isa` */
@@ -1400,45 +1333,4 @@ TGEM_API int tgem_exp2(const float *y, float *out, int64_t len, int isa)
     for (int64_t i = 0; i < len; ++i)
         out[i] = tgem_exp2_scalar(y[i]);
     return TGEM_OK;
-}
-
-/*
- * Fused multiply-add throughput probe: each of nthreads threads runs `iters` rounds of
- * independent vector FMA chains (tgem_probe_chains(isa) chains of tgem_isa_lanes(isa) lanes).
- * The caller times the call. Returns a checksum (so the work cannot be optimised away), or NaN
- * for an unsupported ISA or bad arguments.
- */
-TGEM_API int tgem_probe_chains(int isa)
-{
-#if TGEM_X86
-    if (isa == ISA_AVX512)
-        return TGEM_PROBE_CHAINS_512;
-    if (isa == ISA_AVX2)
-        return TGEM_PROBE_CHAINS_256;
-#endif
-    (void)isa;
-    return TGEM_PROBE_CHAINS_SCALAR;
-}
-
-TGEM_API float tgem_fma_probe(int isa, int nthreads, int64_t iters, float seed)
-{
-    float result[TGEM_MAX_THREADS];
-    tgem_probe_ctx c;
-    tgem_task_fn fn = tgem_probe_task_scalar;
-    if (!tgem_isa_supported(isa) || nthreads < 1 || nthreads > TGEM_MAX_THREADS || iters < 0)
-        return NAN;
-#if TGEM_X86
-    if (isa == ISA_AVX512)
-        fn = tgem_probe_task_avx512;
-    else if (isa == ISA_AVX2)
-        fn = tgem_probe_task_avx2;
-#endif
-    c.iters = iters;
-    c.seed = seed;
-    c.result = result;
-    tgem_parallel(nthreads, nthreads, fn, &c);
-    float s = 0.0f;
-    for (int i = 0; i < nthreads; ++i)
-        s += result[i];
-    return s;
 }

@@ -34,11 +34,10 @@ from __future__ import annotations
 import importlib
 
 from tgem._kernels import _exact, _reference  # noqa: F401 - they register "exact", "reference"
-from tgem._kernels._exact import exact_attention
+from tgem._kernels._exact import LOG2E, exact_attention
 from tgem._kernels._reference import reference_attention, reference_softmax, row_max
 from tgem._kernels._registry import (
     Backend,
-    attention,
     backend_details,
     backend_names,
     backend_status,
@@ -71,8 +70,8 @@ set_loader(_import_optional_backends)
 
 __all__ = [
     "Backend",
+    "LOG2E",
     "OPTIONAL_BACKENDS",
-    "attention",
     "attention_entropy_rows",
     "attention_rows",
     "backend_details",

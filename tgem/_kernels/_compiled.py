@@ -4,8 +4,9 @@ Pure PyTorch: the same algorithm as :func:`tgem._kernels._exact.exact_attention`
 over the gene pairs (the forward row sums; the backward column sums and row sums) is written
 as one pointwise expression reduced along one axis and handed to :func:`torch.compile`.
 Inductor fuses the score, the base-2 exponential, the products and the reduction into one
-loop nest, so no block of the gene x gene matrix goes through memory: about 2.5x faster
-than the blocked eager path on CPU, with the same O(batch x heads x genes) memory.
+loop nest, so no block of the gene x gene matrix goes through memory: faster than the
+blocked eager path on CPU (benchmarks/README.md), with the same O(batch x heads x genes)
+memory.
 
 Registered as the ``"compiled"`` attention backend, between the native kernel and the eager
 exact path in ``"auto"``'s order. It needs a working :func:`torch.compile` (on CPU, a C++
@@ -59,13 +60,11 @@ def _exponent(hi, lo, k, m2):
     enough: a term just above ``2 ** -126`` times such a weight is still a subnormal float (a
     microcode assist of about 100 cycles on x86; ATen's threads never flush them). With a
     floor of ``2 ** -62`` (float32; ``2 ** -958`` in float64) the products stay normal for
-    weights down to ``2 ** -64``: at 765 genes a step with query and key weights x30 took 1.97x
-    the unscaled step with the floor at ``2 ** -126``, 1.01x with this one. The dropped terms
+    weights down to ``2 ** -64`` (the floor ``2 ** -126`` did not keep a sharp attention's
+    step from slowing down; ``benchmarks/bench_subnormal.py`` measures it). The dropped terms
     are below ``2 ** -62`` of a row whose largest term is 1: the sums move by at most
     ``genes * 2 ** -62`` relative (1.3e-14 at 60,000 genes), far below float32 rounding.
-    The select is fused into the loop, but not free: the unscaled step took 1.11x the code
-    without it (264 against 238 ms, ``benchmarks/bench_subnormal.py``). NaN scores stay NaN
-    (``NaN < floor`` is false).
+    NaN scores stay NaN (``NaN < floor`` is false).
     """
     k_row = k[:, None, :]
     y = hi[:, :, None] * k_row + lo[:, :, None] * k_row - m2[:, :, None]

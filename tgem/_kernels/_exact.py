@@ -41,8 +41,8 @@ def _row_chunks(batch_heads: int, genes: int, block_elements: int | None = None)
     """Even chunks of the batch x heads rows, each leaving blocks of >= MIN_BLOCK_ROWS genes.
 
     With many rows (Integrated Gradients runs 50 interpolation steps per sample) one block
-    of the budget would hold only a gene or two per row, and the batched products then run
-    as thousands of tiny matrices (measured: 1.7x slower per sample at 239 x 5 rows).
+    of the budget would hold only a gene or two per row, and the batched products would run
+    as thousands of tiny (slow) matrices.
     """
     budget = BLOCK_ELEMENTS if block_elements is None else block_elements
     most = max(1, budget // (max(1, min(genes, MIN_BLOCK_ROWS)) * max(1, genes)))
@@ -63,6 +63,7 @@ def _by_row_chunks(fn, tensors, **kwargs):
     return tuple(torch.cat(outs) for outs in zip(*parts))
 
 
+#: log2(e): queries are scaled once so that every exponential is a base-2 one.
 LOG2E = 1.4426950408889634
 
 
@@ -90,9 +91,9 @@ def scaled_row_max(q2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 #: Smallest base-2 exponent the PyTorch paths pass to ``exp2``, per dtype: ``2 ** floor`` is
 #: the smallest normal float. Below it the exponential would be subnormal, and every operation
-#: that produces or reads a subnormal float takes a microcode assist on x86 (about 100 cycles):
-#: the exponentials of a sharp attention (query and key weights x30, x300) made a training
-#: step 4-25x slower. ATen's threads never see a flush-to-zero setting (the native kernel sets
+#: that produces or reads a subnormal float takes a microcode assist on x86 (about 100 cycles),
+#: which slows a sharp attention's training step many times over (``bench_subnormal.py``).
+#: ATen's threads never see a flush-to-zero setting (the native kernel sets
 #: one in its own threads), so these paths keep the exponentials normal instead. Each raised
 #: term was below ``2 ** floor`` of a row whose largest term is 1, so the sums move by at
 #: most ``genes * 2 ** floor`` relative: far below rounding.
@@ -135,12 +136,11 @@ def _exp2_block(
 
 
 #: Device types on which float32 attention has its gene sums (the products with the blocks of
-#: exponentials) computed in float64. cuBLAS accumulates a long float32 dot product in one
-#: sequence, which gave 4-5x the plain formulation's float32 error on an H200; on CPU the
-#: blocked float32 sums met the rule on AMD EPYC but not on an AVX-512 Intel Xeon, where the
-#: plain formulation's BLAS is more accurate (2.5-2.7x its error in dq and dk). float64 sums
-#: make this eager path (the no-compiler fallback; native and compiled do not use it) about
-#: 2.4x slower, the price of meeting the rule on every machine.
+#: exponentials) computed in float64. Blocked float32 sums (cuBLAS accumulates a long float32
+#: dot product in one sequence; on CPU it depends on the BLAS) broke the float32 error rule
+#: against the plain formulation on some machines. float64 sums make this eager path (the
+#: no-compiler fallback; native and compiled do not use it) slower: the price of meeting the
+#: rule on every machine.
 FLOAT64_SUM_DEVICES = frozenset({"cpu", "cuda"})
 
 

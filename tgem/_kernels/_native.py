@@ -12,8 +12,8 @@ the result bitwise independent of the number of threads (``torch.get_num_threads
 The model calls the kernel one layer at a time (:func:`native_layer`, the backend's
 ``layer_fn``): the q/k/v products, the head mixing with ``W_0`` and, backwards, the input and
 weight gradients are done in C around the two passes, which removes 48 PyTorch operator
-calls per layer and training step (7 ms of a 175 ms step at 1708 genes on two cores, see
-``benchmarks/bench_native_kernel.py --compare-composed``). :func:`native_attention` is the
+calls per layer and training step (measured by ``benchmarks/bench_native_kernel.py
+--compare-composed``; results in benchmarks/README.md). :func:`native_attention` is the
 attention alone, on given q, k and v.
 
 The instruction set is chosen at run time: AVX-512F, AVX2+FMA or portable scalar code. Force
@@ -87,10 +87,6 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str | None, str | None
     ptr, i64, cint = _c_float_p, ctypes.c_int64, ctypes.c_int
     lib.tgem_isa_supported.argtypes = [cint]
     lib.tgem_isa_supported.restype = cint
-    lib.tgem_isa_lanes.argtypes = [cint]
-    lib.tgem_isa_lanes.restype = cint
-    lib.tgem_probe_chains.argtypes = [cint]
-    lib.tgem_probe_chains.restype = cint
     lib.tgem_forward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, cint, cint]
     lib.tgem_forward.restype = cint
     lib.tgem_backward.argtypes = [ptr] * 8 + [i64, i64, ptr, ptr, ptr, cint, cint]
@@ -101,8 +97,6 @@ def _open_library(path: str) -> tuple[ctypes.CDLL | None, str | None, str | None
     lib.tgem_layer_backward.restype = cint
     lib.tgem_exp2.argtypes = [ptr, ptr, i64, cint]
     lib.tgem_exp2.restype = cint
-    lib.tgem_fma_probe.argtypes = [cint, cint, i64, ctypes.c_float]
-    lib.tgem_fma_probe.restype = ctypes.c_float
     return lib, path, None
 
 

@@ -154,8 +154,3 @@ def resolve_backend(
             "Use attention_backend='auto' to pick an available one."
         )
     return backend
-
-
-def attention(q, k, v, backend: str = "auto"):
-    """Apply the attention with the named backend (resolved for the tensors' device/dtype)."""
-    return resolve_backend(backend, q.device, q.dtype).fn(q, k, v)

@@ -48,22 +48,15 @@ except Exception as exc:  # ImportError, or a broken install
         'install it with `pip install "tgem[gpu]"`'
     )
 
-#: log2(e): scores are scaled once per query so the kernels use the native exp2.
-LOG2E = 1.4426950408889634
-
-#: Per kernel: tile shape, warps, and ``FAST_EXP`` (the PTX ``ex2.approx.ftz.f32``
-#: instruction written out instead of ``tl.exp2``; on triton 3.6 ``tl.exp2`` already emits
-#: it, so it is off). The fastest of ``benchmarks/bench_gpu.py``'s sweep on an H100 80GB
-#: HBM3 at 1708 genes, 320 rows (``benchmarks/results/gpu_h100.json``). Larger tiles of
-#: the training forward (64x64 with 4 warps) ran 50x slower: its eight accumulators spill.
+#: Per kernel: tile shape and warps, the fastest of ``benchmarks/bench_gpu.py``'s sweep
+#: (results and the machine in benchmarks/README.md).
 CONFIG = {
-    "forward": {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "FAST_EXP": False},
-    "forward_nograd": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2, "FAST_EXP": False},
-    "backward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2, "FAST_EXP": False},
+    "forward": {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4},
+    "forward_nograd": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2},
+    "backward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2},
 }
-#: Small tiles for the interpreter, whose cost grows with the tile area it simulates (it
-#: cannot run inline PTX, hence ``tl.exp2``).
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 8, "num_warps": 1, "FAST_EXP": False}
+#: Small tiles for the interpreter, whose cost grows with the tile area it simulates.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 8, "num_warps": 1}
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -89,7 +82,6 @@ def _define_kernels() -> dict:
         NEED_GRAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        FAST_EXP: tl.constexpr,
     ):
         row = tl.program_id(0)
         i0 = tl.program_id(1) * BLOCK_M
@@ -125,17 +117,7 @@ def _define_kernels() -> dict:
             v_j = tl.load(v_ptr + base + offs_j, mask=in_j, other=0.0)
             kj_2d = k_j[None, :]
             x = hi_2d * kj_2d + (lo_2d * kj_2d - m2_2d)  # base-2 score minus row max
-            if FAST_EXP:
-                e = tl.inline_asm_elementwise(
-                    "ex2.approx.ftz.f32 $0, $1;",
-                    "=f,f",
-                    [x],
-                    dtype=tl.float32,
-                    is_pure=True,
-                    pack=1,
-                )
-            else:
-                e = tl.exp2(x)
+            e = tl.exp2(x)
             # only blocks holding the diagonal or the ragged end need the (costly) mask
             if (j0 + BLOCK_N > G) | ((j0 < i0 + BLOCK_M) & (j0 + BLOCK_N > i0)):
                 keep = (offs_i[:, None] != offs_j[None, :]) & in_j[None, :]
@@ -193,7 +175,6 @@ def _define_kernels() -> dict:
         G,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        FAST_EXP: tl.constexpr,
     ):
         row = tl.program_id(0)
         r0 = tl.program_id(1) * BLOCK_M  # this program's keys r (rows of the tile)
@@ -219,17 +200,7 @@ def _define_kernels() -> dict:
             w1 = g_c * iz_c
             w2 = w1 * q_c
             x = hi_c[None, :] * k_2d + (lo_c[None, :] * k_2d - m2_c[None, :])
-            if FAST_EXP:
-                e = tl.inline_asm_elementwise(
-                    "ex2.approx.ftz.f32 $0, $1;",
-                    "=f,f",
-                    [x],
-                    dtype=tl.float32,
-                    is_pure=True,
-                    pack=1,
-                )
-            else:
-                e = tl.exp2(x)
+            e = tl.exp2(x)
             if (c0 + BLOCK_N > G) | ((c0 < r0 + BLOCK_M) & (c0 + BLOCK_N > r0)):
                 keep = (offs_r[:, None] != offs_c[None, :]) & in_c[None, :]
                 e = tl.where(keep, e, 0.0)

@@ -6,23 +6,14 @@ import math
 
 import numpy as np
 
-from tgem._gene_network import hub_genes
+from tgem.attention import hub_genes
+from tgem.plotting._pyplot import pyplot
 
 __all__ = ["plot_entropy", "plot_attention_map", "plot_network"]
 
 
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(
-            'plotting needs matplotlib; install it with `pip install "tgem[plot]"`.'
-        ) from exc
-    return plt
-
-
 def _axes(ax, figsize):
-    plt = _pyplot()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
@@ -71,7 +62,7 @@ def plot_entropy(entropy, *, n_genes: int | None = None, ax=None):
         )
     _, n_layers, n_heads = ent.shape
     ax = _axes(ax, (max(4.0, 0.45 * n_layers * n_heads + 1.5), 3.6))
-    colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     positions, labels = [], []
     for li in range(n_layers):
         pos = [li * (n_heads + 1) + h for h in range(n_heads)]
@@ -215,7 +206,7 @@ def plot_network(
         edges = edges[edges["class"] == label]
     if len(edges) == 0:
         raise ValueError("edges is empty: there is no network to draw (lower the threshold).")
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.collections import LineCollection
 
     hubs = hub_genes(edges.drop(columns="class", errors="ignore"), top=top, by=by)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tgem.plotting._pyplot import pyplot
+
 __all__ = ["plot_ablation", "plot_gene_ranking"]
 
 _ABLATION_COLUMNS = {
@@ -15,16 +17,6 @@ _ABLATION_COLUMNS = {
     "drop_random_mean",
     "drop_random_std",
 }
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(
-            'plotting needs matplotlib; install it with `pip install "tgem[plot]"`.'
-        ) from exc
-    return plt
 
 
 def plot_ablation(result, *, classes=None, axes=None):
@@ -66,7 +58,7 @@ def plot_ablation(result, *, classes=None, axes=None):
             f"plot_ablation needs the output of tgem.interpret.ablation_study; "
             f"the table lacks {sorted(missing)}."
         )
-    plt = _pyplot()
+    plt = pyplot()
     grids = list(dict.fromkeys(result["grid"]))
     if axes is None:
         _, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 3.8), squeeze=False)
@@ -152,7 +144,7 @@ def plot_gene_ranking(ranking, cls, *, top: int = 20, score: str = "mean", ax=No
         raise ValueError(
             f"class {cls!r} is not in the ranking; it has {list(dict.fromkeys(ranking['class']))}."
         )
-    plt = _pyplot()
+    plt = pyplot()
     part = part.sort_values(score, ascending=False, kind="stable").head(int(top))
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 0.25 * len(part) + 1.2))

@@ -5,19 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from tgem.plotting._pyplot import pyplot
+
 __all__ = ["plot_history"]
 
 _LABELS = {"loss": "loss (negative log-likelihood)", "accuracy": "accuracy"}
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(
-            'plotting needs matplotlib; install it with `pip install "tgem[plot]"`.'
-        ) from exc
-    return plt
 
 
 def _history_rows(history) -> list[dict]:
@@ -75,7 +67,7 @@ def plot_history(history, *, metrics="both", ax=None):
         raise ValueError(f"metrics must be 'both', 'loss' or 'accuracy', got {metrics!r}.")
     rows = _history_rows(history)
     names = ["loss", "accuracy"] if metrics == "both" else [metrics]
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     if ax is None:

@@ -15,8 +15,6 @@ import torch
 
 from tgem._naming import default_gene_names
 
-EDGE_COLUMNS = ["layer", "query", "key", "score"]
-
 
 def _as_scores(scores) -> np.ndarray:
     arr = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
@@ -119,7 +117,7 @@ def attention_edges(
             sel = vals > cut
             add(li, idx[sel], vals[sel])
     else:
-        rows = max(1, (1 << 22) // max(1, g))
+        rows = max(1, EDGE_CHUNK // max(1, g))
         for li in range(n_layers):
             for r0 in range(0, g, rows):
                 block = arr[li, r0 : r0 + rows].astype(np.float64) / scale[li]

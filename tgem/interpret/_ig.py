@@ -1,7 +1,8 @@
 """The numerical core of tgem's attributions: batched gradients, quadrature, noise tunnel.
 
-Everything here works on torch tensors of one chunk of samples; :mod:`tgem.interpret` does
-the input checking, chunking, labelling and progress reporting.
+Everything here works on torch tensors of one chunk of samples;
+:mod:`tgem.interpret._attribute` does the input checking, chunking, labelling and progress
+reporting.
 
 Integrated Gradients (Sundararajan et al., 2017) of sample ``x`` against baseline ``b`` for
 the target's log-probability ``f`` is ``(x - b) * integral_0^1 grad f(b + a (x - b)) da``.
@@ -12,13 +13,13 @@ is bounded whatever the number of samples and steps.
 Two kinds of quadrature:
 
 * the fixed rules of captum (``"gausslegendre"``, captum's default, and the Riemann sums),
-  with exactly captum's nodes and weights;
+  with captum's nodes and weights (:func:`tgem._quadrature.fixed_rule`);
 * ``"adaptive"``: composite Gauss-Legendre panels, bisected where the completeness defect
   ``integral - (f(end) - f(start))`` of a panel is largest until the whole defect of the
   sample is within ``tol * max(1, |f(x) - f(b)|)``. T-GEM needs this: its LayerNorm input is
   exactly 0 at the all-zero baseline, so ``f`` jumps within ``a ~ 1e-6 / std`` of the start,
   and its (leaky) ReLU makes the gradient discontinuous wherever a gene's last hidden value
-  changes sign. A fixed 50-node rule misses both (defects of 0.01-0.5 in log-probability).
+  changes sign. A fixed 50-node rule misses both.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgem._quadrature import FIXED_RULES, fixed_rule
+
 #: Nodes per panel of the adaptive rule.
 PANEL_NODES = 5
 #: Where a panel starting at alpha = 0 is split (fraction of its width).
@@ -37,34 +40,11 @@ START_SPLIT = 0.05
 #: The adaptive rule stops refining a sample after this many times ``n_steps`` gradients.
 MAX_STEPS_FACTOR = 20
 
-RIEMANN = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-QUADRATURES = ("adaptive", "gausslegendre") + RIEMANN
+QUADRATURES = ("adaptive",) + FIXED_RULES
 
-
-def fixed_rule(name: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(alphas, weights)`` of captum's fixed quadrature rule ``name`` with ``n_steps`` nodes.
-
-    Same nodes and weights as ``captum.attr._utils.approximation_methods``.
-    """
-    if name == "gausslegendre":
-        x, w = np.polynomial.legendre.leggauss(n_steps)
-        return 0.5 * (1.0 + x), 0.5 * w
-    if name not in RIEMANN:
-        raise ValueError(f"quadrature={name!r}; choose one of {QUADRATURES}.")
-    if n_steps < 2:
-        raise ValueError(f"n_steps={n_steps}: Riemann rules need at least 2 steps.")
-    w = np.full(n_steps, 1.0 / n_steps)
-    if name == "riemann_trapezoid":
-        w[0] /= 2
-        w[-1] /= 2
-        a = np.linspace(0.0, 1.0, n_steps)
-    elif name == "riemann_left":
-        a = np.linspace(0.0, 1.0 - 1.0 / n_steps, n_steps)
-    elif name == "riemann_right":
-        a = np.linspace(1.0 / n_steps, 1.0, n_steps)
-    else:
-        a = np.linspace(1.0 / (2 * n_steps), 1.0 - 1.0 / (2 * n_steps), n_steps)
-    return a, w
+#: Rows of a pass without gradients, in units of ``batch_rows``: inference keeps no
+#: activations for a backward pass.
+INFERENCE_ROWS_FACTOR = 4
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -115,7 +95,7 @@ class Evaluator:
     def values(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Target log-probabilities (float64) of ``rows``, no gradient."""
         out = torch.empty(rows.shape[0], dtype=torch.float64)
-        step = 4 * self.batch_rows  # inference keeps no activations for the backward pass
+        step = INFERENCE_ROWS_FACTOR * self.batch_rows
         with torch.no_grad():
             for i in range(0, rows.shape[0], step):
                 lp = self.module(rows[i : i + step])
@@ -172,7 +152,7 @@ def integrated_gradients(
     if quadrature == "adaptive":
         return _adaptive_ig(ev, x, b, target, n_steps, tol)
     s, g = x.shape
-    alphas, weights = fixed_rule(quadrature, n_steps)
+    alphas, weights = fixed_rule(quadrature, n_steps, argument="quadrature")
     sample = torch.arange(s, device=x.device).repeat_interleave(len(alphas))
     alpha = torch.as_tensor(np.tile(alphas, s), device=x.device)
     weight = torch.as_tensor(np.tile(weights, s), device=x.device)
