@@ -355,7 +355,7 @@ def decide(results: dict) -> dict:
         ds: comp[ds].get(f"{defaults_of(ds)} - {uniform_of(ds)}") for ds in comp
     }
     for label in candidates("citeseq"):
-        key = label.replace(" ", "_").replace(".", "") + "_minus_defaults"
+        key = label.replace(" ", "_").replace(".", "") + "_minus_recipe"
         v[key] = {ds: comp[ds].get(f"{candidates(ds)[label]} - {RECIPE}") for ds in comp}
     return {"comparisons": {ds: {"pairs": c} for ds, c in comp.items()}, "verdicts": v}
 
