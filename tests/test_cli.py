@@ -146,6 +146,8 @@ def test_model_flag_defaults_are_the_estimators():
         "max_epochs",
         "early_stopping",
         "validation_fraction",
+        "calibration",
+        "calibration_fraction",
     ):
         assert getattr(args, name) == defaults[name], name
 
@@ -302,6 +304,80 @@ def test_train_prints_scores_and_confusion_matrix(tables, tmp_path, capsys):
         assert needle in out
     params = json.loads((tmp_path / "o" / "metrics.json").read_text())["params"]
     assert params["activation"] is None and params["early_stopping"] is True
+
+
+def test_train_with_calibration_then_annotate_uses_the_fitted_thresholds(tables, tmp_path, capsys):
+    anndata = pytest.importorskip("anndata", reason="tgem annotate needs the anndata extra")
+    from tgem import load
+
+    out = tmp_path / "o"
+    argv = ["train", str(tables / "train.csv"), "--label", "cell_type", "-o", str(out), *TINY]
+    code = main([*argv, "--calibration", "temperature", "--calibration-fraction", "0.2"])
+    assert code == 0
+    assert "calibration: temperature" in capsys.readouterr().out
+    model = load(out / "model.tgem")
+    assert model.calibration == "temperature" and model.calibration_fraction == 0.2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["params"]["calibration"] == "temperature"
+    assert metrics["calibration"]["temperature"] == pytest.approx(model.temperature_)
+    assert metrics["calibration"]["rejection_thresholds"] == pytest.approx(
+        model.rejection_thresholds_
+    )
+    # 0.2 of each class held out: CD14+ Monocyte, CD19+ B and CD56+ NK (3/4 of the cells train)
+    held = metrics["calibration"]["n_calibration"]
+    assert held == pytest.approx(0.2 * metrics["n_train"], abs=2)
+
+    cells = pd.read_csv(tables / "new.tsv", sep="\t", index_col=0)
+    cells.index = cells.index.astype(str)
+    anndata.AnnData(cells).write_h5ad(tmp_path / "cells.h5ad")
+    for rule in ("max_proba", "energy"):  # energy has no default: only a fitted threshold
+        annotated = tmp_path / f"annotated_{rule}.h5ad"
+        argv = ["annotate", str(out / "model.tgem"), str(tmp_path / "cells.h5ad")]
+        assert main([*argv, "-o", str(annotated), "--rule", rule]) == 0
+        back = anndata.read_h5ad(annotated)
+        record = back.uns["tgem"]["rejection"]
+        assert record["threshold_source"] == "calibration"
+        assert record["threshold"] == pytest.approx(model.rejection_thresholds_[rule])
+        assert back.uns["tgem"]["params"]["calibration"] == "temperature"
+    proba = back.obsm["tgem_probabilities"]
+    expected = model.predict_proba(cells[model.feature_names_in_])  # new.tsv: other order
+    np.testing.assert_allclose(proba, expected, rtol=1e-5, atol=1e-6)
+    labels = anndata.read_h5ad(tmp_path / "annotated_max_proba.h5ad").obs["tgem_label"]
+    below = proba.max(axis=1) < model.rejection_thresholds_["max_proba"]
+    np.testing.assert_array_equal(labels.to_numpy() == "unassigned", below)
+
+
+def test_train_without_calibration_writes_no_calibration(trained):
+    from tgem import load
+
+    assert json.loads((trained / "metrics.json").read_text())["calibration"] is None
+    assert load(trained / "model.tgem").calibration is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--calibration", "isotonic"], "unknown calibration 'isotonic'; choose temperature"),
+        (["--calibration-fraction", "0"], "strictly between 0 and 1, got '0'"),
+        (["--calibration-fraction", "1"], "strictly between 0 and 1, got '1'"),
+        (["--calibration-fraction", "nan"], "strictly between 0 and 1, got 'nan'"),
+        (["--calibration-fraction", "a tenth"], "strictly between 0 and 1, got 'a tenth'"),
+    ],
+)
+def test_bad_calibration_flags_exit_2_with_the_value(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "d.csv", "--label", "y", *flags])
+    assert exit_info.value.code == EXIT_INPUT
+    assert message in capsys.readouterr().err
+
+
+def test_calibration_flags_parse_to_the_estimators_values():
+    parse = build_parser().parse_args
+    args = parse(["train", "d.csv", "--label", "y"])
+    assert (args.calibration, args.calibration_fraction) == (None, 0.1)
+    args = parse(["train", "d.csv", "--label", "y", "--calibration", "Temperature"])
+    assert args.calibration == "temperature"
+    assert parse(["train", "d.csv", "--label", "y", "--calibration", "none"]).calibration is None
 
 
 def test_train_with_gene_sets_keeps_their_genes(tables, tmp_path, capsys):

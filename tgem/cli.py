@@ -80,6 +80,29 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _open_fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 < number < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be a share strictly between 0 and 1, got {value!r}; pass e.g. 0.1"
+        )
+    return number
+
+
+def _calibration(value: str):
+    value = value.strip().lower()
+    if value in ("none", "nan", "null", ""):
+        return None
+    if value != "temperature":
+        raise argparse.ArgumentTypeError(
+            f"unknown calibration {value!r}; choose temperature, or none for no calibration"
+        )
+    return value
+
+
 def _add_data_arguments(p: argparse.ArgumentParser, *, label_required: bool) -> None:
     p.add_argument(
         "data",
@@ -203,6 +226,23 @@ def _add_model_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
         type=int,
         default=defaults["n_iter_no_change"],
         help="patience of --early-stopping in epochs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--calibration",
+        type=_calibration,
+        default=defaults["calibration"],
+        metavar="{none,temperature}",
+        help="temperature: hold out --calibration-fraction of the training cells "
+        "(stratified), fit a temperature for the probabilities and the rejection thresholds "
+        "that `tgem annotate` uses by default; none trains on all cells (default: none)",
+    )
+    g.add_argument(
+        "--calibration-fraction",
+        type=_open_fraction,
+        default=defaults["calibration_fraction"],
+        metavar="F",
+        help="share of each class held out with --calibration temperature, in (0, 1) "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--class-weight",
@@ -615,6 +655,8 @@ def _classifier(args):
         early_stopping=args.early_stopping,
         validation_fraction=args.validation_fraction,
         n_iter_no_change=args.n_iter_no_change,
+        calibration=args.calibration,
+        calibration_fraction=args.calibration_fraction,
         class_weight=args.class_weight,
         attention_backend=args.attention_backend,
         device=args.device,
@@ -745,6 +787,14 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
         f"trained in {fit_seconds:.1f} s on {clf.device_} "
         f"(attention backend: {clf.attention_backend_})"
     )
+    if clf.calibration is not None:
+        report = clf.calibration_report_
+        thresholds = ", ".join(f"{k} {v:.4g}" for k, v in clf.rejection_thresholds_.items())
+        print(
+            f"calibration: temperature {report['temperature']:.4g} fitted on "
+            f"{report['n_calibration']} held-out cells (network trained on "
+            f"{report['n_train']}); rejection thresholds {thresholds}"
+        )
     scored_X, scored_y, which = (
         (X_train, y_train, "training data") if X_test is None else (X_test, y_test, "held-out")
     )
@@ -766,6 +816,12 @@ def _train_and_report(args, X, y, out: Path, title: str) -> tuple:
             "params": {k: v for k, v in clf.get_params().items() if k != "random_state"}
             | {"random_state": args.random_state},
             "device": str(clf.device_),
+            "calibration": None
+            if clf.calibration is None
+            else {
+                **clf.calibration_report_,
+                "rejection_thresholds": dict(clf.rejection_thresholds_),
+            },
             "history": _clean_history(clf.history_),
         },
     )
