@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "tgem._calibration": 0,  # temperature scaling, rejection scores, conformal sets
     "tgem._runtime": 0,  # devices, threads, seeds, batches, out-of-memory retries
     "tgem._naming": 0,  # default gene names, labels to class indices
+    "tgem._sampling": 0,  # stratified subsampling, the importances' training sample
     "tgem._version": 0,  # __version__
     "tgem._presets": 0,  # parameter values of 0.1 and of the original
     "tgem._standardize": 0,  # per-gene statistics

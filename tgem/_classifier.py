@@ -53,10 +53,12 @@ from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old 
     available_cpus,
     capped_threads,
     dense_batch,
+    draw_seed,
     oom_safe_batches,
     resolve_device,
     torch_threads,
 )
+from tgem._sampling import TrainingSample
 from tgem._scale import check_log_scale
 from tgem._standardize import gene_statistics
 from tgem._training import TrainState, train
@@ -571,6 +573,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.device_ = device
         self.classes_ = classes
         self._reset_calibration()
+        self.__dict__.pop("_training_sample", None)  # a new fit, a new sample
+        # the importances' subsample is drawn from a copy of random_state, as the lazy draw of
+        # tgem 0.1 did on first access: fit's own seeds (and the user's RandomState) are as before
+        sample_seed = draw_seed(copy.deepcopy(check_random_state(self.random_state)))
 
         with torch_threads(self.n_threads):
             if warm:
@@ -604,7 +610,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             self.attention_backend_ = module.backend(torch.empty(0, device=device)).name
             on_improvement = None
             if checkpoint is not None:
-                on_improvement = self._checkpoint_writer(checkpoint, X, y_enc)
+                on_improvement = self._checkpoint_writer(checkpoint)
             logger.info(
                 "fitting T-GEM on %d samples x %d genes, %d classes, device %s, attention %s",
                 X_train.shape[0],
@@ -633,7 +639,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     dist=dist,
                 )
             except KeyboardInterrupt:
-                self._finish_fit(state, X, y_enc)
+                self._finish_fit(state)
+                self._keep_training_sample(X, y_enc, sample_seed)
                 if cal is not None:
                     self._calibrate(cal, X_train.shape[0], dist)
                 warnings.warn(
@@ -644,24 +651,27 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 )
                 return self
             except BaseException:
-                self._finish_fit(state, X, y_enc)
+                self._finish_fit(state)
                 raise
             finally:
                 module.dropout.generator = None
-        self._finish_fit(state, X, y_enc)
+        self._finish_fit(state)
+        self._keep_training_sample(X, y_enc, sample_seed)
         if cal is not None:
             self._calibrate(cal, X_train.shape[0], dist)
         return self
 
-    def _finish_fit(self, state: TrainState, X, y_enc):
+    def _finish_fit(self, state: TrainState):
         self.module_.eval()
         self._train_state_ = state
         self.history_ = state.history
         self.n_iter_ = len(state.history)
         self.best_epoch_ = state.best_epoch
-        # kept (by reference, never copied or pickled) for lazy feature_importances_
-        self._fit_data = (X, y_enc)
         self.__dict__.pop("_feature_importances", None)
+
+    def _keep_training_sample(self, X, y_enc, seed: int) -> None:
+        """Copy the rows the lazy ``feature_importances_`` attributes (never the user's X)."""
+        self._training_sample = TrainingSample.take(X, y_enc, self.importance_n_samples, seed)
 
     # ------------------------------------------------------------------ calibration
     def _reset_calibration(self) -> None:
@@ -803,11 +813,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             (take_rows(X, va), y_enc[va], weights[va]),
         )
 
-    def _checkpoint_writer(self, path, X, y_enc):
+    def _checkpoint_writer(self, path):
         failures = []
 
         def write(state):
-            self._finish_fit(state, X, y_enc)
+            self._finish_fit(state)
             try:
                 _io.save(self, path)
             except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
@@ -994,7 +1004,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Mean absolute attribution of each gene (target: the true class) over a stratified
         subsample of the training data (``importance_n_samples``, baseline
         ``importance_baseline``), normalised to sum to 1 so ``SelectFromModel`` works. The
-        result is cached; the training rows used are kept only in memory (never pickled).
+        result is cached. ``fit`` copies the subsample (a few hundred rows, never the user's
+        ``X``) and keeps it in memory only: pickles and model files hold the importances once
+        computed, never the rows.
         """
         check_is_fitted(self, "module_")
         if "_feature_importances" not in self.__dict__:
@@ -1032,7 +1044,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         state = dict(state)
-        state.pop("_fit_data", None)  # training rows (patient data) never go into pickles
+        state.pop("_training_sample", None)  # training rows (patient data) never go into pickles
         module = state.pop("module_", None)
         if module is not None:
             state["_module_init"] = _module_init(module)
@@ -1054,13 +1066,13 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         return state
 
     def __deepcopy__(self, memo):
-        # deep copies (e.g. SelectFromModel(prefit=True)) keep the training rows needed by the
-        # lazy feature_importances_ by reference, in memory only; pickles never carry them
+        # a deep copy (e.g. SelectFromModel(prefit=True)) is an in-memory copy: it shares the
+        # private training sample of the lazy feature_importances_, which pickles never carry
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        if "_fit_data" in self.__dict__:
-            new._fit_data = self._fit_data
+        if "_training_sample" in self.__dict__:
+            new._training_sample = self._training_sample
         return new
 
     def __setstate__(self, state):
