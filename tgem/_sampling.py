@@ -105,10 +105,10 @@ class TrainingSample:
         Examples
         --------
         >>> import numpy as np
-        >>> X = np.arange(12.0).reshape(6, 2)
-        >>> sample = TrainingSample.take(X, np.array([0, 0, 0, 1, 1, 1]), 4, 0)
+        >>> X = np.arange(200.0).reshape(100, 2)
+        >>> sample = TrainingSample.take(X, np.repeat([0, 1], 50), 60, seed=0)
         >>> sample.X.shape, sample.mean.tolist(), np.shares_memory(sample.X, X)
-        ((4, 2), [5.0, 6.0], False)
+        ((60, 2), [99.0, 100.0], False)
         """
         y_enc = np.asarray(y_enc)
         idx = stratified_subsample(y_enc, int(n_samples), np.random.default_rng(seed))
