@@ -259,6 +259,8 @@ def pbmc(args) -> None:
     from sklearn.model_selection import train_test_split
 
     from tgem import TGEMClassifier
+    from tgem._runtime import draw_seed
+    from tgem._sampling import TrainingSample
     from tgem.interpret import ablation_study, gene_ranking
 
     torch.set_num_threads(args.threads)
@@ -277,7 +279,12 @@ def pbmc(args) -> None:
             with open(path, "rb") as f:
                 clf, fit_s, *imp_s_cached = pickle.load(f)
             # what fit keeps in memory for feature_importances_ (never pickled)
-            clf._fit_data = (Xtr.to_numpy(), np.searchsorted(clf.classes_, ytr))
+            clf._training_sample = TrainingSample.take(
+                Xtr.to_numpy(),
+                np.searchsorted(clf.classes_, ytr),
+                clf.importance_n_samples,
+                draw_seed(clf.random_state),
+            )
         else:
             t0 = time.perf_counter()
             clf = TGEMClassifier(random_state=seed, attention_backend="auto").fit(Xtr, ytr)

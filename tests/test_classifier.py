@@ -337,7 +337,7 @@ def test_pickle_round_trip_predicts_identically(fitted, dump, load, tmp_path):
     path = tmp_path / "m.joblib"
     joblib.dump(clf, path)
     np.testing.assert_array_equal(joblib.load(path).predict_proba(X), clf.predict_proba(X))
-    assert "_fit_data" not in clf.__getstate__()
+    assert "_training_sample" not in clf.__getstate__()
 
 
 def test_model_fitted_on_cuda_loads_on_cpu_with_a_warning(fitted):
@@ -393,10 +393,10 @@ def warm_model():
 
 
 def _refused_and_unchanged(clf, X, y, match):
-    before, fit_data = _frozen(clf), clf._fit_data
+    before, sample = _frozen(clf), clf._training_sample
     with pytest.raises(ValueError, match=match):
         clf.fit(X, y)
-    assert _frozen(clf) == before and clf._fit_data is fit_data
+    assert _frozen(clf) == before and clf._training_sample is sample
 
 
 @pytest.mark.parametrize(

@@ -417,7 +417,7 @@ def test_pickles_carry_importances_but_not_training_rows():
     X, y = _data()
     clf = _fit(X, y, importance_n_samples=20, max_epochs=2)
     blank = pickle.loads(pickle.dumps(clf))
-    assert not hasattr(blank, "_fit_data")
+    assert not hasattr(blank, "_training_sample")
     with pytest.raises(NotFittedError, match="training data is not kept"):
         training_importances(blank)
     imp = clf.feature_importances_

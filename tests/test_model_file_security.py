@@ -147,7 +147,7 @@ def test_a_file_above_the_size_cap_is_refused_before_reading(tmp_path):
 
 def test_a_file_object_is_read_with_a_bound(model_bytes, monkeypatch):
     data, _, _ = model_bytes
-    monkeypatch.setattr(tgem._io, "MAX_FILE_SIZE", len(data) - 1, raising=False)
+    monkeypatch.setattr(tgem._io_read, "MAX_FILE_SIZE", len(data) - 1, raising=False)
 
     class Endless(io.RawIOBase):
         """A stream that never ends; reading it whole would never return."""
@@ -166,7 +166,7 @@ def test_a_file_object_is_read_with_a_bound(model_bytes, monkeypatch):
         load(Endless())
     with pytest.raises(ModelFileError, match="size cap"):
         load(io.BytesIO(data))  # one byte over the (lowered) cap
-    monkeypatch.setattr(tgem._io, "MAX_FILE_SIZE", len(data))
+    monkeypatch.setattr(tgem._io_read, "MAX_FILE_SIZE", len(data))
     assert load(io.BytesIO(data)).n_features_in_ == 6
 
 
@@ -379,7 +379,7 @@ def test_a_checkpoint_in_a_missing_folder_fails_before_training(tmp_path):
 
 
 def test_only_rank_0_of_a_ddp_fit_holds_the_checkpoint(monkeypatch):
-    from tgem._io import writes_checkpoints
+    from tgem._checkpoints import writes_checkpoints
 
     for var, value in {"MASTER_ADDR": "x", "MASTER_PORT": "1", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(var, value)

@@ -149,7 +149,7 @@ def test_estimator_ships_to_workers_resolves_device_and_threads(pbmc, dask_clien
     # a fitted estimator pickles (cloudpickle) with CPU weights and no open handles
     fitted = results[0][0]
     state = fitted.__getstate__()
-    assert "module_" not in state and "_fit_data" not in state
+    assert "module_" not in state and "_training_sample" not in state
     assert all(
         isinstance(v, np.ndarray) or v.device.type == "cpu" for v in state["_module_state"].values()
     )

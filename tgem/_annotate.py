@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
 from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
+from tgem.interpret import attribute
 
 __all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
 
@@ -515,8 +516,6 @@ def annotate(
 
 
 def _add_importances(model, frame, proba, sums: np.ndarray) -> None:
-    from tgem.interpret import attribute
-
     predicted = np.argmax(proba, axis=1)
     with warnings.catch_warnings():  # interpret passes the frame on as an array
         warnings.filterwarnings("ignore", message="X does not have valid feature names")

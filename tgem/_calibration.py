@@ -30,10 +30,12 @@ __all__ = [
     "RULES",
     "TARGET_REJECTION",
     "TEMPERATURE_BOUNDS",
+    "calibrate",
     "conformal_quantile",
     "expected_calibration_error",
     "fit_temperature",
     "prediction_sets",
+    "proba_at",
     "split_calibration",
 ]
 
@@ -222,3 +224,60 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
 def prediction_sets(proba: np.ndarray, quantile: float) -> np.ndarray:
     """Boolean mask of the classes whose score ``1 - p`` is at most ``quantile``."""
     return (1.0 - np.asarray(proba, dtype=np.float64)) <= quantile
+
+
+def proba_at(log_proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities from a network's log-probabilities at ``temperature`` (rows sum to 1)."""
+    p = np.exp(log_proba if temperature == 1.0 else scale_log_proba(log_proba, temperature))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def calibrate(raw, logits, y, weights, n_train: int, dist=None) -> tuple[dict, bool]:
+    """Calibrate on held-out cells: ``(fitted attributes, temperature on a bound)``.
+
+    ``raw`` are the network's log-probabilities of the held-out cells and ``logits`` its
+    logits, ``y`` their class indices and ``weights`` their sample weights (cells of weight 0
+    are left out). The attributes are ``temperature_``, ``calibration_report_``,
+    ``rejection_thresholds_`` and ``conformal_scores_``. Under DDP (``dist``) every process
+    calibrates and all keep rank 0's result.
+    """
+    keep = weights > 0
+    raw, logits, y, weights = raw[keep], logits[keep], y[keep], weights[keep]
+    temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y, weights)
+    proba = proba_at(raw, temperature)
+    before = proba_at(raw, 1.0)
+    values = np.array(
+        [
+            temperature,
+            float(at_bound),
+            float(np.mean(np.argmax(raw, axis=1) == y)),
+            nll_before,
+            nll_after,
+            expected_calibration_error(y, before),
+            expected_calibration_error(y, proba),
+            rejection_threshold(proba.max(axis=1), TARGET_REJECTION),
+            rejection_threshold(energy(logits), TARGET_REJECTION),
+        ]
+    )
+    scores = conformity_scores(proba, y)
+    if dist is not None:
+        values, scores = dist.broadcast(values), dist.broadcast(scores)
+    report = {
+        "n_train": int(n_train),
+        "n_calibration": len(scores),
+        "temperature": float(values[0]),
+        "temperature_at_bound": bool(values[1]),
+        "accuracy": float(values[2]),
+        "nll_before": float(values[3]),
+        "nll_after": float(values[4]),
+        "ece_before": float(values[5]),
+        "ece_after": float(values[6]),
+        "target_rejection": TARGET_REJECTION,
+    }
+    fitted = {
+        "temperature_": float(values[0]),
+        "calibration_report_": report,
+        "rejection_thresholds_": {"max_proba": float(values[7]), "energy": float(values[8])},
+        "conformal_scores_": np.asarray(scores, dtype=np.float64),
+    }
+    return fitted, bool(at_bound)

@@ -1,76 +1,81 @@
-"""TGEMClassifier: the T-GEM network as a scikit-learn classifier."""
+"""TGEMClassifier: the T-GEM network as a scikit-learn classifier.
+
+The estimator is a consumer of the layers below it (docs/architecture.rst): it holds the
+parameters and runs fit / predict / score, calibration and pickling, and calls
+:mod:`tgem._inputs` (input checks, ``.h5ad`` input, hold-outs), :mod:`tgem._training` (the
+loop), :mod:`tgem._checkpoints`, :mod:`tgem._serialization` (pickles) and the analysis
+functions its pass-throughs name. The module is longer than 500 lines because of its
+docstrings (about 360 lines: the parameter and attribute reference); the code is ~530 lines.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 import numbers
-import re
 import warnings
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import NotFittedError
-from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import (
-    _check_sample_weight,
-    check_is_fitted,
-    column_or_1d,
-    validate_data,
-)
+from sklearn.utils.validation import check_is_fitted
 
-from tgem import _io
 from tgem._calibration import (
-    TARGET_REJECTION,
+    calibrate,
     captured_logits,
     check_alpha,
     conformal_quantile,
-    conformity_scores,
-    energy,
-    expected_calibration_error,
-    fit_temperature,
     prediction_sets,
-    rejection_threshold,
+    proba_at,
     scale_log_proba,
-    split_calibration,
 )
+from tgem._checkpoints import checkpoint_lock, checkpoint_writer, writes_checkpoints
 from tgem._distributed import resolve_distributed
 from tgem._finite import MAX_ABS_VALUE  # noqa: F401 - re-exported: the documented input limit
-from tgem._finite import check_magnitude as _check_magnitude
-from tgem._h5ad import h5ad_fit_input, h5ad_predict_input, is_h5ad_input, take_rows
-from tgem._io import checkpoint_lock, register_estimator, writes_checkpoints
+from tgem._h5ad import is_h5ad_input
+from tgem._inputs import (  # noqa: F401 - MAX_TOTAL_WEIGHT, input_statistics: old import paths
+    MAX_TOTAL_WEIGHT,
+    _check_weights,
+    _label_kind,
+    _valid_device,
+    fit_input,
+    input_statistics,
+    predict_input,
+    split_calibration_cells,
+    split_validation,
+)
+from tgem._io import register_estimator, save
 from tgem._kernels import backend_names
 from tgem._model import TGEMNet
-from tgem._model import module_init as _module_init
 from tgem._presets import ORIGINAL_PARAMS, V01_VALUES, uses_early_stopping
 from tgem._runtime import MAX_SEED as _MAX_SEED
 from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old import paths
     available_cpus,
     capped_threads,
     dense_batch,
+    draw_seed,
     oom_safe_batches,
     resolve_device,
     torch_threads,
 )
-from tgem._scale import check_log_scale
-from tgem._standardize import gene_statistics
+from tgem._sampling import TrainingSample
+from tgem._serialization import (
+    build_module,
+    loadable_device,
+    module_init,
+    state_arrays,
+    without_snapshot,
+)
 from tgem._training import TrainState, train
-from tgem.exceptions import DeviceWarning, TrainingInterruptedWarning
+from tgem.attention import attention_entropy as _attention_entropy
+from tgem.attention import layer_outputs as _layer_outputs
+from tgem.exceptions import TrainingInterruptedWarning
+from tgem.interpret import training_importances
 
 logger = logging.getLogger(__name__)
-
-
-def _valid_device(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    if value in ("auto", "cpu", "cuda"):
-        return True
-    return value.startswith("cuda:") and value[5:].isdigit()
 
 
 class TGEMClassifier(ClassifierMixin, BaseEstimator):
@@ -418,60 +423,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"{names}. Got {self.attention_backend!r} instead."
             )
 
-    def _validate_X(self, X, reset: bool):
-        if is_h5ad_input(X):  # streamed from disk batch by batch
-            return h5ad_predict_input(self, X)
-        _check_columns(X)
-        kw = dict(
-            accept_sparse=["csr", "csc"],
-            dtype=[np.float32, np.float64],
-            ensure_min_samples=1,
-            reset=reset,
-        )
-        return _check_magnitude(_validate_data(self, X, **kw))
-
-    def _check_warm_genes(self, n_genes, names) -> None:
-        """Refuse a warm fit on other genes than the fitted ones (count, names and order)."""
-        if n_genes is None:  # not a 2-d table: validate_data names the problem
-            return
-        fix = (
-            "A warm fit continues the fitted network, whose weights are per gene: pass the "
-            "fitted genes in their order (X[clf.feature_names_in_], or tgem.align_genes(X, "
-            "clf)) or set warm_start=False to train anew."
-        )
-        fitted = getattr(self, "feature_names_in_", None)
-        if n_genes != self.n_features_in_:
-            detail = ""
-            if fitted is not None and names is not None:
-                missing, extra = _gene_difference(fitted, names)
-                detail = f" (missing {missing[:5]}, extra {extra[:5]})"
-            raise ValueError(
-                f"warm_start=True but X has {n_genes} genes while the model was fitted on "
-                f"{self.n_features_in_}{detail}. {fix}"
-            )
-        if fitted is None:
-            return
-        if names is None:
-            raise ValueError(
-                "warm_start=True but the model was fitted with gene names and X has no names "
-                "(e.g. a NumPy array), so its genes cannot be checked. Pass a DataFrame (or "
-                f"AnnData) with the fitted genes as columns. {fix}"
-            )
-        names = np.asarray(names, dtype=object)
-        if np.array_equal(names, np.asarray(fitted, dtype=object)):
-            return
-        missing, extra = _gene_difference(fitted, names)
-        if extra:
-            raise ValueError(
-                f"warm_start=True but X has genes the model was not fitted on, {extra[:5]}, "
-                f"and lacks fitted genes {missing[:5]}. {fix}"
-            )
-        i = int(np.flatnonzero(names != np.asarray(fitted, dtype=object))[0])
-        raise ValueError(
-            f"warm_start=True but X has the fitted genes in another order (position {i} holds "
-            f"{names[i]!r} instead of {fitted[i]!r}); per-gene weights would move to other "
-            f"genes. Reorder the columns: X[clf.feature_names_in_]. {fix}"
-        )
+    def _validate_X(self, X, reset: bool = False):
+        """``X`` checked against the fitted genes (the analysis modules call it too)."""
+        return predict_input(self, X, reset=reset)
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -511,31 +465,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self._check_params_extra()
         # a warm fit continues the fitted network: nothing is written before every check passed
         warm = self.warm_start and hasattr(self, "module_")
-        if is_h5ad_input(X):
-            X, y = h5ad_fit_input(self, X, y)
-            if warm:
-                self._check_warm_genes(X.shape[1], X.var_names)
-        else:
-            _check_columns(X)
-            if warm:
-                self._check_warm_genes(*_genes_of(X))
-            if y is not None:
-                _check_missing_labels(np.asarray(y, dtype=object))
-            X, y = _validate_data(
-                self,
-                X,
-                y,
-                reset=not warm,
-                accept_sparse=["csr", "csc"],
-                dtype=[np.float32, np.float64],
-                y_numeric=False,
-                multi_output=False,
-            )
-            _check_magnitude(X)
-            check_log_scale(X, stacklevel=4)
-        y = column_or_1d(y, warn=True)
-        _check_missing_labels(y)
-        check_classification_targets(y)
+        X, y = fit_input(self, X, y, warm)
         classes, y_enc = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise ValueError(
@@ -568,13 +498,20 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
         X_train, y_train, w_train, valid, cal = X, y_enc, weights, None, None
         if self.calibration is not None:
-            X_train, y_train, w_train, cal = self._split_calibration(
-                X, y_enc, weights, sample_weight, int(seeds[4]), warm
+            X_train, y_train, w_train, cal = split_calibration_cells(
+                X,
+                y_enc,
+                weights,
+                sample_weight,
+                self.calibration_fraction,
+                int(seeds[4]),
+                warm,
+                self.__dict__.get("calibration_indices_"),
             )
         early_stopping = uses_early_stopping(self.early_stopping, X.shape[0])
         if early_stopping:
-            X_train, y_train, w_train, valid = self._split_validation(
-                X_train, y_train, w_train, seeds[0]
+            X_train, y_train, w_train, valid = split_validation(
+                X_train, y_train, w_train, self.validation_fraction, seeds[0]
             )
 
         if is_h5ad_input(X) and not warm:  # array input: set by validate_data
@@ -584,6 +521,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.early_stopping_ = early_stopping
         self._reset_calibration()
+        self.__dict__.pop("_training_sample", None)  # a new fit, a new sample
+        # the importances' subsample is drawn from a copy of random_state, as the lazy draw of
+        # tgem 0.1 did on first access: fit's own seeds (and the user's RandomState) are as before
+        sample_seed = draw_seed(copy.deepcopy(check_random_state(self.random_state)))
 
         with torch_threads(self.n_threads):
             if warm:
@@ -617,7 +558,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             self.attention_backend_ = module.backend(torch.empty(0, device=device)).name
             on_improvement = None
             if checkpoint is not None:
-                on_improvement = self._checkpoint_writer(checkpoint, X, y_enc)
+                on_improvement = checkpoint_writer(self, checkpoint, self._finish_fit)
             logger.info(
                 "fitting T-GEM on %d samples x %d genes, %d classes, device %s, attention %s",
                 X_train.shape[0],
@@ -646,7 +587,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     dist=dist,
                 )
             except KeyboardInterrupt:
-                self._finish_fit(state, X, y_enc)
+                self._finish_fit(state)
+                self._keep_training_sample(X, y_enc, sample_seed)
                 if cal is not None:
                     self._calibrate(cal, X_train.shape[0], dist)
                 warnings.warn(
@@ -657,24 +599,27 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 )
                 return self
             except BaseException:
-                self._finish_fit(state, X, y_enc)
+                self._finish_fit(state)
                 raise
             finally:
                 module.dropout.generator = None
-        self._finish_fit(state, X, y_enc)
+        self._finish_fit(state)
+        self._keep_training_sample(X, y_enc, sample_seed)
         if cal is not None:
             self._calibrate(cal, X_train.shape[0], dist)
         return self
 
-    def _finish_fit(self, state: TrainState, X, y_enc):
+    def _finish_fit(self, state: TrainState):
         self.module_.eval()
         self._train_state_ = state
         self.history_ = state.history
         self.n_iter_ = len(state.history)
         self.best_epoch_ = state.best_epoch
-        # kept (by reference, never copied or pickled) for lazy feature_importances_
-        self._fit_data = (X, y_enc)
         self.__dict__.pop("_feature_importances", None)
+
+    def _keep_training_sample(self, X, y_enc, seed: int) -> None:
+        """Copy the rows the lazy ``feature_importances_`` attributes (never the user's X)."""
+        self._training_sample = TrainingSample.take(X, y_enc, self.importance_n_samples, seed)
 
     # ------------------------------------------------------------------ calibration
     def _reset_calibration(self) -> None:
@@ -687,35 +632,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         ):
             self.__dict__.pop(name, None)
         self.temperature_ = 1.0
-
-    def _split_calibration(self, X, y_enc, weights, sample_weight, seed, warm):
-        """Training part and held-out calibration cells ``(X, y, sample_weight, rows)``."""
-        train, held = split_calibration(
-            y_enc, int(y_enc.max()) + 1, float(self.calibration_fraction), seed
-        )
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        if not np.any(sw[held] > 0):
-            raise ValueError(
-                f"all {len(held)} held-out calibration cells have sample_weight 0, so nothing "
-                "is left to calibrate on; give them positive weights or fit with "
-                "calibration=None."
-            )
-        if warm and not np.array_equal(held, self.__dict__.get("calibration_indices_")):
-            warnings.warn(
-                "warm_start=True with calibration='temperature' holds out other cells than "
-                "the previous fit did (it was not calibrated, random_state is not an int, or "
-                "X or y changed), so the network may have trained on some of the cells it is "
-                "now calibrated on, which makes the calibration over-confident. Fit with an "
-                "int random_state on the same X and y, or with warm_start=False.",
-                UserWarning,
-                stacklevel=4,
-            )
-        return (  # both sorted: an .h5ad file is read in disk order
-            take_rows(X, train),
-            y_enc[train],
-            weights[train],
-            (take_rows(X, held), y_enc[held], sw[held], held),
-        )
 
     def _calibrate(self, cal, n_train: int, dist) -> None:
         """Fit the temperature, the rejection thresholds and the conformal scores."""
@@ -731,43 +647,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"collected logits of shape {logits.shape} for probabilities of shape "
                 f"{raw.shape} while calibrating; set a smaller predict_batch_size and refit."
             )
-        keep = w_cal > 0
-        raw, logits, y_cal, w_cal = raw[keep], logits[keep], y_cal[keep], w_cal[keep]
-        temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y_cal, w_cal)
-        self.temperature_ = temperature
-        proba = self._proba_from_log(raw)
-        before = self._proba_from_log(raw, temperature=1.0)
-        values = np.array(
-            [
-                temperature,
-                float(at_bound),
-                float(np.mean(np.argmax(raw, axis=1) == y_cal)),
-                nll_before,
-                nll_after,
-                expected_calibration_error(y_cal, before),
-                expected_calibration_error(y_cal, proba),
-                rejection_threshold(proba.max(axis=1), TARGET_REJECTION),
-                rejection_threshold(energy(logits), TARGET_REJECTION),
-            ]
-        )
-        scores = conformity_scores(proba, y_cal)
-        if dist is not None:  # every process calibrates; all keep rank 0's result
-            values, scores = dist.broadcast(values), dist.broadcast(scores)
-        self.temperature_ = float(values[0])
-        self.calibration_report_ = {
-            "n_train": int(n_train),
-            "n_calibration": len(scores),
-            "temperature": float(values[0]),
-            "temperature_at_bound": bool(values[1]),
-            "accuracy": float(values[2]),
-            "nll_before": float(values[3]),
-            "nll_after": float(values[4]),
-            "ece_before": float(values[5]),
-            "ece_after": float(values[6]),
-            "target_rejection": TARGET_REJECTION,
-        }
-        self.rejection_thresholds_ = {"max_proba": float(values[7]), "energy": float(values[8])}
-        self.conformal_scores_ = np.asarray(scores, dtype=np.float64)
+        fitted, at_bound = calibrate(raw, logits, y_cal, w_cal, n_train, dist)
+        self.__dict__.update(fitted)
         self.calibration_indices_ = np.asarray(rows, dtype=np.int64)
         if at_bound:
             why = (
@@ -786,58 +667,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 stacklevel=4,
             )
         logger.info("calibration: %s", self.calibration_report_)
-
-    def _split_validation(self, X, y_enc, weights, seed):
-        idx = np.arange(X.shape[0])
-        try:
-            tr, va = train_test_split(
-                idx, test_size=self.validation_fraction, stratify=y_enc, random_state=int(seed)
-            )
-        except ValueError as exc:
-            warnings.warn(
-                f"A stratified validation split is impossible ({exc}); using a random split.",
-                UserWarning,
-                stacklevel=3,
-            )
-            tr, va = train_test_split(
-                idx, test_size=self.validation_fraction, random_state=int(seed)
-            )
-        if len(tr) == 0 or len(va) == 0:
-            raise ValueError(
-                f"validation_fraction={self.validation_fraction} leaves no training or no "
-                f"validation sample out of {X.shape[0]}. Use more data or early_stopping=False."
-            )
-        if is_h5ad_input(X):  # keep disk order for chunked reads
-            tr, va = np.sort(tr), np.sort(va)
-        return (
-            take_rows(X, tr),
-            y_enc[tr],
-            weights[tr],
-            (take_rows(X, va), y_enc[va], weights[va]),
-        )
-
-    def _checkpoint_writer(self, path, X, y_enc):
-        failures = []
-
-        def write(state):
-            self._finish_fit(state, X, y_enc)
-            try:
-                _io.save(self, path)
-            except OSError as exc:  # e.g. a full disk: the fit itself is not at fault
-                message = (
-                    f"Could not write the checkpoint {str(path)!r} at epoch {state.best_epoch} "
-                    f"({exc}); training goes on and the fitted model is returned as usual. "
-                    "Free space or pass another checkpoint path."
-                )
-                if not failures:  # one warning per fit; later failures are logged
-                    warnings.warn(message, UserWarning, stacklevel=2)
-                else:
-                    logger.warning("%s", message)
-                failures.append(exc)
-            finally:
-                self.module_.train()
-
-        return write
 
     # ------------------------------------------------------------------ predict
     def _log_proba(self, X) -> np.ndarray:
@@ -903,12 +732,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         """
         return self._proba_from_log(self._log_proba(X))
 
-    def _proba_from_log(self, lp: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    def _proba_from_log(self, lp: np.ndarray) -> np.ndarray:
         """Probabilities from the network's log-probabilities, at ``temperature_``."""
-        if temperature is None:
-            temperature = getattr(self, "temperature_", 1.0)
-        p = np.exp(lp if temperature == 1.0 else scale_log_proba(lp, temperature))
-        return p / p.sum(axis=1, keepdims=True)
+        return proba_at(lp, getattr(self, "temperature_", 1.0))
 
     def predict_set(self, X, *, alpha: float = 0.1) -> np.ndarray:
         """Split-conformal prediction sets: the classes each sample may belong to.
@@ -1007,12 +833,12 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         Mean absolute attribution of each gene (target: the true class) over a stratified
         subsample of the training data (``importance_n_samples``, baseline
         ``importance_baseline``), normalised to sum to 1 so ``SelectFromModel`` works. The
-        result is cached; the training rows used are kept only in memory (never pickled).
+        result is cached. ``fit`` copies the subsample (a few hundred rows, never the user's
+        ``X``) and keeps it in memory only: pickles and model files hold the importances once
+        computed, never the rows.
         """
         check_is_fitted(self, "module_")
         if "_feature_importances" not in self.__dict__:
-            from tgem.interpret import training_importances
-
             self._feature_importances = training_importances(self)
         return self._feature_importances
 
@@ -1021,59 +847,46 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
 
         See :func:`tgem.attention.attention_entropy` for the parameters.
         """
-        from tgem.attention import attention_entropy
-
-        return attention_entropy(self, X, per_sample=per_sample, per_gene=per_gene)
+        return _attention_entropy(self, X, per_sample=per_sample, per_gene=per_gene)
 
     def layer_outputs(self, X, *, layers=None):
         """Each layer's output for the samples (embeddings), shape (n_layers, n_samples, n_genes).
 
         See :func:`tgem.attention.layer_outputs`.
         """
-        from tgem.attention import layer_outputs
-
-        return layer_outputs(self, X, layers=layers)
+        return _layer_outputs(self, X, layers=layers)
 
     def save(self, path) -> None:
         """Write the fitted model to ``path`` in tgem's safe (pickle-free) format.
 
         See :func:`tgem.load`.
         """
-        _io.save(self, path)
+        save(self, path)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         state = dict(state)
-        state.pop("_fit_data", None)  # training rows (patient data) never go into pickles
+        state.pop("_training_sample", None)  # training rows (patient data) never go into pickles
         module = state.pop("module_", None)
         if module is not None:
-            state["_module_init"] = _module_init(module)
+            state["_module_init"] = module_init(module)
             # NumPy arrays: pickle, joblib and skops.io all read them without torch's unpickler
-            state["_module_state"] = {
-                k: v.detach().cpu().numpy() for k, v in module.state_dict().items()
-            }
+            state["_module_state"] = state_arrays(module)
         if "_train_state_" in state:
-            ts = state["_train_state_"]
-            state["_train_state_"] = TrainState(
-                history=ts.history,
-                best_state=None,
-                best_epoch=ts.best_epoch,
-                best_loss=ts.best_loss,
-                stopped=ts.stopped,
-            )
+            state["_train_state_"] = without_snapshot(state["_train_state_"])
         if "device_" in state:
             state["device_"] = str(state["device_"])
         return state
 
     def __deepcopy__(self, memo):
-        # deep copies (e.g. SelectFromModel(prefit=True)) keep the training rows needed by the
-        # lazy feature_importances_ by reference, in memory only; pickles never carry them
+        # a deep copy (e.g. SelectFromModel(prefit=True)) is an in-memory copy: it shares the
+        # private training sample of the lazy feature_importances_, which pickles never carry
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        if "_fit_data" in self.__dict__:
-            new._fit_data = self._fit_data
+        if "_training_sample" in self.__dict__:
+            new._training_sample = self._training_sample
         return new
 
     def __setstate__(self, state):
@@ -1089,186 +902,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         if "device_" in state:
             self.device_ = torch.device(state["device_"])
         if init is not None:
-            module = TGEMNet(**init, generator=torch.Generator())  # global RNG untouched
-            module.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
-            module.eval()
-            device = getattr(self, "device_", torch.device("cpu"))
-            if device.type == "cuda" and not torch.cuda.is_available():
-                warnings.warn(
-                    f"This model was fitted on {device}, which is not available here; it is "
-                    "loaded on the CPU.",
-                    DeviceWarning,
-                    stacklevel=2,
-                )
-                device = torch.device("cpu")
+            module = build_module(init, weights)  # global RNG untouched
+            device = loadable_device(getattr(self, "device_", torch.device("cpu")), "This model")
+            if "device_" in state:
                 self.device_ = device
             self.module_ = module.to(device)
-
-
-#: What to do about scikit-learn's input errors: (pattern of its message, the fix appended).
-_INPUT_FIXES = (
-    (
-        "could not convert|non-numeric|dtype='numeric' is not compatible",
-        "X must hold numbers only: convert it (e.g. X.astype(float), or pd.to_numeric per "
-        "column) and drop label or annotation columns before passing it.",
-    ),
-    (
-        "inconsistent numbers of samples",
-        "X and y must describe the same samples: pass one label in y per row of X.",
-    ),
-    ("Found array with 0 sample", "X is empty: pass at least one sample (row)."),
-    ("Found array with 0 feature", "X has no genes: pass at least one gene (column)."),
-    (
-        "features, but .* is expecting|feature names should match",
-        "Pass the genes the model was fitted on, in the same order; tgem.align_genes(X, model) "
-        "reorders a DataFrame's genes by name and reports missing and extra ones.",
-    ),
-)
-
-
-def _label_kind(y) -> str:
-    """'string' or 'number': the kind of labels in y (as scikit-learn's metrics tell them)."""
-    values = np.asarray(y)
-    if values.dtype.kind in "OUS" and any(isinstance(v, str) for v in values.ravel()):
-        return "string"
-    return "number"
-
-
-def _validate_data(estimator, *args, **kw):
-    """scikit-learn's ``validate_data``, with the fix added to the messages of its errors."""
-    try:
-        return validate_data(estimator, *args, **kw)
-    except ValueError as exc:
-        message = str(exc)
-        for pattern, fix in _INPUT_FIXES:
-            if re.search(pattern, message) and fix not in message:
-                raise type(exc)(f"{message} {fix}") from exc
-        raise
-
-
-#: Largest |value| accepted in X: T-GEM multiplies pairs of values in float32 (max ~3.4e38).
-
-
-def _check_columns(X) -> None:
-    """Clear errors for a pandas DataFrame with duplicated or non-numeric gene columns."""
-    import pandas as pd
-
-    if not isinstance(X, pd.DataFrame):
-        return
-    columns = pd.Index(X.columns)
-    if columns.has_duplicates:
-        dup = columns[columns.duplicated()].unique().tolist()
-        raise ValueError(
-            f"X has {len(dup)} duplicated column name(s), e.g. {dup[:5]}; each gene must be one "
-            "column. Make the names unique, e.g. average duplicated genes with "
-            "X.T.groupby(level=0).mean().T."
-        )
-    for i, dtype in enumerate(X.dtypes):
-        if pd.api.types.is_numeric_dtype(dtype):
-            continue
-        column = X.iloc[:, i]
-        numbers = pd.to_numeric(column.astype(object), errors="coerce")
-        bad = column[numbers.isna() & column.notna()]
-        if len(bad):
-            raise ValueError(
-                f"X's column {columns[i]!r} (dtype {dtype}) holds non-numeric values such as "
-                f"{bad.iloc[0]!r}; T-GEM needs a number for every gene. Drop or convert that "
-                "column (e.g. X.drop(columns=[...]) or pd.to_numeric)."
-            )
-
-
-#: Largest sum of the sample weights: the loss sums weighted NLLs in float32 (max ~3.4e38).
-MAX_TOTAL_WEIGHT = 1e30
-
-
-def _genes_of(X) -> tuple[int | None, np.ndarray | None]:
-    """The number of genes (columns) of ``X`` and their names (None when it has none)."""
-    from sklearn.utils.validation import _get_feature_names, _num_features
-
-    try:
-        n_genes = _num_features(X)
-    except TypeError:  # e.g. a 1-d array: validate_data gives the clear error
-        n_genes = None
-    return n_genes, _get_feature_names(X)
-
-
-def _gene_difference(fitted, names) -> tuple[list, list]:
-    """The fitted genes missing from ``names``, and the genes of ``names`` not fitted."""
-    fitted_set, names_set = set(fitted), set(names)
-    missing = [g for g in fitted if g not in names_set]
-    return missing, [g for g in names if g not in fitted_set]
-
-
-def _check_missing_labels(y) -> None:
-    """Refuse labels that are None or NaN (an unlabelled sample), naming where they are."""
-    import pandas as pd
-
-    if y.dtype.kind not in "OfcmM":  # ints, bools and strings cannot be missing
-        return
-    missing = np.flatnonzero(pd.isna(y))
-    if len(missing):
-        raise ValueError(
-            f"y has {len(missing)} missing labels (None or NaN) out of {len(y)}, at rows "
-            f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; every sample needs a "
-            "class. Drop the unlabelled samples (e.g. keep = pd.notna(y); fit(X[keep], "
-            "y[keep])) or fill their labels."
-        )
-
-
-def _check_weights(sample_weight, class_weight, X, y, classes, y_enc) -> np.ndarray:
-    """The per-sample loss weights (sample_weight x class_weight), checked for the loss."""
-    weights = _check_sample_weight(sample_weight, X, dtype=np.float64)
-    negative = np.flatnonzero(weights < 0)
-    if len(negative):
-        raise ValueError(
-            f"sample_weight has {len(negative)} negative value(s), e.g. "
-            f"{weights[negative[0]]:g} at row {negative[0]}; weights scale each sample's "
-            "loss and must be >= 0; pass non-negative weights (0 leaves a sample out)."
-        )
-    if class_weight is not None:
-        if isinstance(class_weight, dict):
-            bad = {
-                k: v
-                for k, v in class_weight.items()
-                if not (isinstance(v, numbers.Real) and np.isfinite(v) and v >= 0)
-            }
-            if bad:
-                label, value = next(iter(bad.items()))
-                raise ValueError(
-                    f"class_weight has a negative or non-finite weight, {value!r} for class "
-                    f"{label!r}; pass weights >= 0 (e.g. {{{label!r}: 1.0}}) or "
-                    "class_weight='balanced'."
-                )
-        weights = weights * compute_class_weight(class_weight, classes=classes, y=y)[y_enc]
-    if not np.any(weights > 0):
-        raise ValueError("All sample weights are zero; pass at least one positive weight.")
-    total = float(np.sum(weights))
-    if not total <= MAX_TOTAL_WEIGHT:
-        raise ValueError(
-            f"The sample weights add up to {total:g} (largest {np.max(weights):g}), which would "
-            f"overflow the float32 loss (the sum must stay below {MAX_TOTAL_WEIGHT:g}); "
-            "only their ratios matter, so rescale them, e.g. sample_weight / "
-            "sample_weight.max()."
-        )
-    if not np.any(weights.astype(np.float32) > 0):
-        raise ValueError(
-            f"The sample weights are all below float32's smallest positive value (largest "
-            f"{np.max(weights):g}), so the float32 loss would weigh every sample 0; only "
-            "their ratios matter, so rescale them, e.g. sample_weight / sample_weight.max()."
-        )
-    return weights
-
-
-def input_statistics(X, dist=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and scale of the training ``X`` (float64); rank 0's under DDP.
-
-    Every process holds (or can read) all of ``X`` and computes the same statistics; they are
-    broadcast from rank 0 all the same, so all processes standardise identically.
-    """
-    mean, scale = gene_statistics(X)
-    if dist is not None:
-        mean, scale = dist.broadcast(mean), dist.broadcast(scale)
-    return mean, scale
 
 
 register_estimator(TGEMClassifier)  # the class tgem.load builds (tgem._io does not import this)

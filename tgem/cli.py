@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tgem._runtime import draw_seed
+from tgem._sampling import stratified_subsample
+
 # The original scripts' attribution method names -> tgem's (the library's one table).
 from tgem.interpret import ALIASES as ATTR_METHODS
 
@@ -1040,20 +1043,13 @@ def _model_genes(model, X):
 
 
 def _subsample(X, y, max_samples, random_state):
-    if max_samples is None or len(X) <= max_samples:
-        return X, np.asarray(y)
-    from sklearn.model_selection import train_test_split
-
+    """At most ``max_samples`` rows, stratified by label, in their original order."""
     y = np.asarray(y)
-    try:
-        X_kept, _, y_kept, _ = train_test_split(
-            X, y, train_size=max_samples, stratify=y, random_state=random_state
-        )
-    except ValueError:
-        X_kept, _, y_kept, _ = train_test_split(
-            X, y, train_size=max_samples, random_state=random_state
-        )
-    return X_kept, y_kept
+    if max_samples is None or len(X) <= max_samples:
+        return X, y
+    rng = np.random.default_rng(draw_seed(random_state))
+    idx = stratified_subsample(y, max_samples, rng, min_per_class=0)
+    return (X.iloc[idx] if isinstance(X, pd.DataFrame) else X[idx]), y[idx]
 
 
 def _safe_name(name) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 
 from tgem._finite import RESULT_FIX, check_finite_result
-from tgem._runtime import draw_seed
+from tgem._sampling import MIN_PER_CLASS, stratified_subsample  # noqa: F401 - old import path
 from tgem.interpret._attribute import Options, run, warn_unconverged
 from tgem.interpret._ig import Evaluator
 from tgem.interpret._resolve import _batch_rows, _fitted_module, _training_mean
@@ -20,38 +20,13 @@ logger = logging.getLogger("tgem.interpret")
 N_STEPS = 50
 TOL = 1e-3
 
-#: Samples per class that the stratified subsample keeps where the class has them.
-MIN_PER_CLASS = 20
-
-
-def stratified_subsample(y_enc: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted row indices: about ``n_samples`` rows stratified by class, at least
-    ``MIN_PER_CLASS`` of each class that has them (so possibly more than ``n_samples``)."""
-    classes, counts = np.unique(y_enc, return_counts=True)
-    if n_samples >= len(y_enc):
-        return np.arange(len(y_enc))
-    alloc = np.minimum(counts, MIN_PER_CLASS)
-    left = n_samples - alloc.sum()
-    if left > 0:
-        room = counts - alloc
-        share = left * room / room.sum()
-        extra = np.floor(share).astype(int)
-        rest = left - extra.sum()
-        order = np.argsort(-(share - extra), kind="stable")
-        extra[order[:rest]] += 1
-        alloc += np.minimum(extra, room)
-    chosen = [
-        rng.choice(np.flatnonzero(y_enc == c), size=a, replace=False)
-        for c, a in zip(classes, alloc)
-    ]
-    return np.sort(np.concatenate(chosen))
-
 
 def training_importances(clf) -> np.ndarray:
     """Gene importances of a fitted classifier from Integrated Gradients on training data.
 
-    A stratified subsample of the training rows (``clf.importance_n_samples``, at least 20
-    per class where the class has them, drawn from ``clf.random_state``) is attributed with
+    The stratified subsample of the training rows that ``fit`` copied
+    (``clf.importance_n_samples``, at least 20 per class where the class has them, drawn from
+    ``clf.random_state``; see :class:`tgem._sampling.TrainingSample`) is attributed with
     :func:`attribute` (target: the true class; baseline ``clf.importance_baseline``:
     "zeros" or the training mean; adaptive quadrature, 50 steps). The mean absolute
     attribution of each gene, normalised to sum to 1, is returned. This is what
@@ -60,7 +35,7 @@ def training_importances(clf) -> np.ndarray:
     Parameters
     ----------
     clf : TGEMClassifier
-        Fitted in this session (the training rows are kept in memory only, never saved).
+        Fitted in this session (the subsample is kept in memory only, never saved).
 
     Returns
     -------
@@ -81,17 +56,16 @@ def training_importances(clf) -> np.ndarray:
     ((5,), 1.0, True)
     """
     module = _fitted_module(clf)
-    data = getattr(clf, "_fit_data", None)
-    if data is None:
+    sample = clf.__dict__.get("_training_sample")
+    if sample is None:
         raise NotFittedError(
             "feature_importances_ was not computed before this model was saved or pickled, "
             "and the training data is not kept in model files. Refit the model (or compute "
             "feature_importances_ before saving), or use tgem.interpret.attribute on data "
             "you have."
         )
-    X, y_enc = data
-    rng = np.random.default_rng(draw_seed(clf.random_state))
-    idx = stratified_subsample(np.asarray(y_enc), int(clf.importance_n_samples), rng)
+    X, y_enc = sample.X, sample.y  # the stratified rows fit copied (tgem._sampling)
+    n_rows = X.shape[0]
     baseline = (
         _training_mean(clf).astype(np.float32)[None, :]
         if clf.importance_baseline == "mean"
@@ -103,32 +77,32 @@ def training_importances(clf) -> np.ndarray:
         "computing feature_importances_: Integrated Gradients on %d training samples x %d "
         "genes, %d classes, %d steps (at least %d gradient evaluations; adaptive refinement "
         "adds some)",
-        len(idx),
+        n_rows,
         X.shape[1],
         len(clf.classes_),
         n_steps,
-        len(idx) * n_steps,
+        n_rows * n_steps,
     )
     t0 = time.perf_counter()
     reported = []
 
     def on_chunk(done):
-        if not reported and done < len(idx):
+        if not reported and done < n_rows:
             elapsed = time.perf_counter() - t0
             reported.append(done)
             logger.info(
                 "feature_importances_: %d/%d samples in %.1f s, about %.0f s left",
                 done,
-                len(idx),
+                n_rows,
                 elapsed,
-                elapsed * (len(idx) - done) / done,
+                elapsed * (n_rows - done) / done,
             )
 
     options = Options(base="ig", n_steps=n_steps, quadrature="adaptive", tol=TOL, need_delta=False)
     attr, delta, converged = run(
         Evaluator(module, batch_rows),
-        X[idx],
-        np.asarray(y_enc)[idx].astype(np.int64),
+        X,
+        y_enc,
         baseline,
         options,
         clf.n_threads,

@@ -87,14 +87,14 @@ def _resolve_target(clf, X, target, y, n: int) -> np.ndarray:
 
 
 def _training_mean(clf) -> np.ndarray:
-    data = getattr(clf, "_fit_data", None)
-    if data is None:
+    sample = clf.__dict__.get("_training_sample")
+    if sample is None:
         raise ValueError(
             "baseline='mean' uses the mean of the training data, which a loaded or unpickled "
             "model does not keep (it is patient data). Pass the mean as an array instead: "
             "baseline=X_train.mean(axis=0)."
         )
-    return np.asarray(data[0].mean(axis=0), dtype=np.float64).ravel()
+    return sample.mean
 
 
 def _resolve_baseline(clf, baseline, n: int, n_genes: int) -> np.ndarray:
