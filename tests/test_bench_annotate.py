@@ -119,3 +119,21 @@ def test_pbmc_h5ad_holds_the_drawn_source_cells(tmp_path):
     np.testing.assert_array_equal(adata.X[:].toarray(), X.to_numpy(dtype=np.float32)[pick])
     np.testing.assert_array_equal(adata.obs["cell_type"].astype(str), np.asarray(y)[pick])
     assert meta["nnz"] == int((X.to_numpy()[pick] != 0).sum())
+
+
+def test_novelty_scores_single_out_a_distant_cluster_at_the_calibration_threshold():
+    novelty = load_benchmark("bench_novelty")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3.0, size=(3, 60))
+    y = np.repeat(np.array(["a", "b", "c"]), 200)
+    X = np.abs(centres[np.searchsorted(["a", "b", "c"], y)] + rng.normal(size=(600, 60)))
+    far = np.abs(rng.normal(loc=12.0, size=(80, 60)))  # a type unlike any training cell
+    X, y = np.vstack([X, far]), np.r_[y, np.full(80, "Mouse")]
+    train, cal, test, unseen = load_benchmark("bench_annotate").split(y, ("Mouse",), 0)
+    s = novelty.scores(X, y, train)
+    assert set(s) >= {"mahalanobis", "10-NN distance, 50 PCs", "10-NN cosine distance"}
+    r = novelty.figures(s["10-NN distance, 50 PCs"], y, cal, test, unseen)
+    assert r["auroc_Mouse"] == pytest.approx(1.0) and r["unassigned_Mouse"] == 1.0
+    # the threshold rejects at most 5 % of the calibration cells it was fitted on
+    threshold = r["threshold"]
+    assert np.mean(s["10-NN distance, 50 PCs"][cal] > threshold) <= 0.05
