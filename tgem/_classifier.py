@@ -525,6 +525,9 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         # the importances' subsample is drawn from a copy of random_state, as the lazy draw of
         # tgem 0.1 did on first access: fit's own seeds (and the user's RandomState) are as before
         sample_seed = draw_seed(copy.deepcopy(check_random_state(self.random_state)))
+        # copied before the first epoch, so that a streamed .h5ad file is read for these rows
+        # (and its mean) before training, not inside the last epoch's pass
+        sample = TrainingSample.take(X, y_enc, self.importance_n_samples, sample_seed)
 
         with torch_threads(self.n_threads):
             if warm:
@@ -588,7 +591,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 )
             except KeyboardInterrupt:
                 self._finish_fit(state)
-                self._keep_training_sample(X, y_enc, sample_seed)
+                self._training_sample = sample
                 if cal is not None:
                     self._calibrate(cal, X_train.shape[0], dist)
                 warnings.warn(
@@ -604,7 +607,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             finally:
                 module.dropout.generator = None
         self._finish_fit(state)
-        self._keep_training_sample(X, y_enc, sample_seed)
+        self._training_sample = sample  # the rows feature_importances_ attributes, a copy
         if cal is not None:
             self._calibrate(cal, X_train.shape[0], dist)
         return self
@@ -616,10 +619,6 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = len(state.history)
         self.best_epoch_ = state.best_epoch
         self.__dict__.pop("_feature_importances", None)
-
-    def _keep_training_sample(self, X, y_enc, seed: int) -> None:
-        """Copy the rows the lazy ``feature_importances_`` attributes (never the user's X)."""
-        self._training_sample = TrainingSample.take(X, y_enc, self.importance_n_samples, seed)
 
     # ------------------------------------------------------------------ calibration
     def _reset_calibration(self) -> None:
