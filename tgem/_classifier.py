@@ -610,6 +610,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self._training_sample = sample  # the rows feature_importances_ attributes, a copy
         if cal is not None:
             self._calibrate(cal, X_train.shape[0], dist)
+        if dist is not None:
+            dist.leave_together()
         return self
 
     def _finish_fit(self, state: TrainState):

@@ -123,6 +123,17 @@ class DistContext:
         tdist.broadcast(t, src=0)
         return t.cpu().numpy()
 
+    def leave_together(self) -> None:
+        """Return only when every process has finished its collectives.
+
+        gloo completes a broadcast on its source before the others have received it; a
+        process that tears its process group down at once (``destroy_process_group`` right
+        after ``fit``) can then abort the whole program with a message still in flight.
+        """
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
     def broadcast_seeds(self, seeds: np.ndarray) -> np.ndarray:
         """Rank 0's integer seeds on every process (so ``random_state=None`` agrees too)."""
         import torch.distributed as tdist
