@@ -83,8 +83,9 @@ sys.path.insert(0, str(HERE))
 from bench_accuracy import DATA_DIR, _parse_shard, load_dataset, machine  # noqa: E402
 
 import tgem  # noqa: E402
-from tgem._annotate import RULES, rejection_scores  # noqa: E402
-from tgem._calibration import TARGET_REJECTION, rejection_threshold  # noqa: E402
+from tgem._annotate import rejection_scores  # noqa: E402
+from tgem._calibration import MODEL_RULES, RULES, TARGET_REJECTION, rejection_threshold  # noqa: E402
+from tgem._novelty import NeighborReference  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 ALL_RULES = (*RULES, "conformal_class")
@@ -149,9 +150,9 @@ def fit_scores(job: dict, data_dir: Path) -> dict:
         record[part] = {
             "labels": y[rows].tolist(),
             "proba": np.round(clf.predict_proba(X[rows]), 7).tolist(),
-            "scores": {r: rejection_scores(clf, X[rows], rule=r).tolist() for r in RULES},
+            "scores": {r: rejection_scores(clf, X[rows], rule=r).tolist() for r in MODEL_RULES},
         }
-    for rule in RULES:  # the library's own threshold fit, on the calibration cells
+    for rule in MODEL_RULES:  # the library's own threshold fit, on the calibration cells
         record["thresholds_api"][rule] = tgem.fit_rejection_threshold(
             clf, X[cal], y[cal], rule=rule, target_rejection=TARGET_REJECTION
         )
@@ -210,15 +211,33 @@ def conformal_class_pvalues(
     return out
 
 
+# ------------------------------------------------------------------ the neighbours rule
+def neighbor_scores(job: dict, data_dir: Path) -> dict[str, np.ndarray]:
+    """The ``"neighbors"`` scores of the calibration, test and unseen cells.
+
+    The rule does not depend on the network: ``fit(calibration="temperature")`` builds
+    :class:`tgem._novelty.NeighborReference` from the cells the network trains on, and so
+    does this function from the job's training cells, so the cached fits need no refit.
+    """
+    X, y = load(job["dataset"], data_dir)
+    train, cal, test, unseen = split(y, tuple(job["excluded"]), job["seed"])
+    _, y_enc = np.unique(y[train], return_inverse=True)
+    reference = NeighborReference.fit(X[train], y_enc, seed=job["seed"])
+    parts = {"cal": cal, "test": test, "unseen": unseen}
+    return {part: reference.scores(X[rows]) for part, rows in parts.items()}
+
+
 # ------------------------------------------------------------------ figures
-def rule_scores(record: dict) -> dict[str, dict[str, np.ndarray]]:
+def rule_scores(record: dict, neighbors=None) -> dict[str, dict[str, np.ndarray]]:
     """Each rule's scores of the calibration, test and unseen cells."""
     index = {c: i for i, c in enumerate(record["classes"])}
     cal_proba = np.asarray(record["cal"]["proba"])
     cal_y = np.array([index[v] for v in record["cal"]["labels"]])
     out = {}
-    for rule in RULES:
+    for rule in MODEL_RULES:
         out[rule] = {p: np.asarray(record[p]["scores"][rule]) for p in ("cal", "test", "unseen")}
+    if neighbors is not None:
+        out["neighbors"] = neighbors
     out["conformal_class"] = {
         "cal": conformal_class_pvalues(cal_proba, cal_proba, cal_y, own_y=cal_y),
         **{
@@ -236,7 +255,7 @@ def _auroc(seen: np.ndarray, unseen: np.ndarray) -> float:
     return float(roc_auc_score(truth, -np.r_[seen, unseen]))
 
 
-def figures(record: dict, groups: dict[str, list[str]]) -> list[dict]:
+def figures(record: dict, groups: dict[str, list[str]], neighbors=None) -> list[dict]:
     """Per rule: threshold, AUROC and unassigned share per unseen group, seen figures."""
     classes = np.asarray(record["classes"])
     test_y = np.asarray(record["test"]["labels"])
@@ -244,7 +263,7 @@ def figures(record: dict, groups: dict[str, list[str]]) -> list[dict]:
     correct = test_pred == test_y
     unseen_y = np.asarray(record["unseen"]["labels"])
     rows = []
-    for rule, s in rule_scores(record).items():
+    for rule, s in rule_scores(record, neighbors).items():
         threshold = rejection_threshold(s["cal"], TARGET_REJECTION)
         if rule in record["thresholds_api"]:  # the library's fit gives the same threshold
             assert np.isclose(threshold, record["thresholds_api"][rule], rtol=1e-9, atol=1e-12)
@@ -307,7 +326,7 @@ def jobs_for(mode: str, datasets: list[str], epochs: dict, seed: int, data_dir, 
     return jobs
 
 
-def summarise(job: dict, record: dict) -> dict:
+def summarise(job: dict, record: dict, data_dir: Path) -> dict:
     if job["mode"] == "citeseq-unknown":
         groups = {"mouse": ["Mouse"], "unknown": ["Unknown"], "both": list(NEVER_TRAINED)}
     else:
@@ -322,7 +341,7 @@ def summarise(job: dict, record: dict) -> dict:
         "n_calibration": len(record["cal"]["labels"]),
         "n_test_seen": len(record["test"]["labels"]),
         "fit_seconds": record["fit_seconds"],
-        "rules": figures(record, groups),
+        "rules": figures(record, groups, neighbor_scores(job, data_dir)),
     }
 
 
@@ -485,7 +504,7 @@ def main(argv=None) -> None:
     for job in jobs:
         record = get_record(job, cache_dir, args.data_dir, fit=False)
         if record is not None:
-            results.append(summarise(job, record))
+            results.append(summarise(job, record, args.data_dir))
     lines = tables(results)
     print("\n".join(lines))
     if args.shard is not None:

@@ -10,7 +10,8 @@ from sklearn.model_selection import train_test_split
 
 import tgem
 from tgem import TGEMClassifier
-from tgem._annotate import RULES, rejection_scores
+from tgem._annotate import rejection_scores
+from tgem._calibration import MODEL_RULES as RULES  # the model has no neighbours reference
 from tgem.cli import EXIT_INPUT, EXIT_OK, main
 from tgem.datasets._gene_ids import _load_table
 

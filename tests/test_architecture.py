@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "tgem._runtime": 0,  # devices, threads, seeds, batches, out-of-memory retries
     "tgem._naming": 0,  # default gene names, labels to class indices
     "tgem._sampling": 0,  # stratified subsampling, the importances' training sample
+    "tgem._novelty": 0,  # the "neighbors" rule's reference of training cells
     "tgem._version": 0,  # __version__
     "tgem._presets": 0,  # parameter values of 0.1 and of the original
     "tgem._standardize": 0,  # per-gene statistics

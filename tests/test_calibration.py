@@ -395,7 +395,11 @@ def _ddp_calibration(rank, init_file, out_dir, X, y):
         clf = TGEMClassifier(calibration="temperature", random_state=0, **FAST).fit(mine, y)
         report = clf.calibration_report_
         values = [clf.temperature_, *clf.rejection_thresholds_.values(), report["nll_after"]]
-        np.save(f"{out_dir}/rank{rank}.npy", np.r_[values, clf.conformal_scores_])
+        reference = clf.neighbor_reference_.arrays().values()
+        np.save(
+            f"{out_dir}/rank{rank}.npy",
+            np.concatenate([values, clf.conformal_scores_, *(a.ravel() for a in reference)]),
+        )
     finally:
         tdist.destroy_process_group()
 
@@ -431,7 +435,7 @@ def test_uncalibrated_models_write_null_and_format_1_files_load_at_temperature_o
     import zipfile
 
     header = json.loads(zipfile.ZipFile(io.BytesIO(data)).read("tgem.json"))
-    assert header["format_version"] == 2 and header["fitted"]["calibration"] is None
+    assert header["format_version"] == 3 and header["fitted"]["calibration"] is None
 
     def as_version_1(h):
         h["format_version"] = 1
@@ -476,7 +480,7 @@ def _calibration(h):
         (lambda h: _calibration(h)["calibration_report_"].pop("ece_after"), "report"),
         (lambda h: _calibration(h)["calibration_report_"].update(temperature=3.0), "match"),
         (lambda h: h["fitted"].pop("calibration"), "calibration"),
-        (lambda h: h["fitted"].update(calibration=None), "conformal scores but no calib"),
+        (lambda h: h["fitted"].update(calibration=None), "but no calibration"),
         (lambda h: h["fitted"].update(calibration=[1.0]), "mapping"),
     ],
 )

@@ -330,7 +330,7 @@ def test_train_with_calibration_then_annotate_uses_the_fitted_thresholds(tables,
     cells = pd.read_csv(tables / "new.tsv", sep="\t", index_col=0)
     cells.index = cells.index.astype(str)
     anndata.AnnData(cells).write_h5ad(tmp_path / "cells.h5ad")
-    for rule in ("max_proba", "energy"):  # energy has no default: only a fitted threshold
+    for rule in ("max_proba", "energy", "neighbors"):  # only max_proba has a default
         annotated = tmp_path / f"annotated_{rule}.h5ad"
         argv = ["annotate", str(out / "model.tgem"), str(tmp_path / "cells.h5ad")]
         assert main([*argv, "-o", str(annotated), "--rule", rule]) == 0

@@ -300,11 +300,11 @@ def test_missing_file_raises_file_not_found(tmp_path):
 
 def test_unknown_format_version_is_refused(fitted):
     clf, _ = fitted
-    data = _rebuild(_to_bytes(clf), header=lambda h: h.update(format_version=3))
+    data = _rebuild(_to_bytes(clf), header=lambda h: h.update(format_version=4))
     with pytest.raises(
         ModelFileError,
-        match=r"format version 3 .*reads format version\(s\) "
-        r"\[1, 2\]",
+        match=r"format version 4 .*reads format version\(s\) "
+        r"\[1, 2, 3\]",
     ):
         load(io.BytesIO(data))
 

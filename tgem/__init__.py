@@ -14,7 +14,12 @@ if os.environ.get("TGEM_SET_OMP_WAIT_POLICY", "1") != "0":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tgem._alignment import GeneAlignment, align_genes
-from tgem._annotate import annotate, fit_rejection_threshold, predict_with_rejection
+from tgem._annotate import (
+    annotate,
+    fit_rejection_threshold,
+    predict_with_rejection,
+    rejection_scores,
+)
 from tgem._classifier import TGEMClassifier
 from tgem._gene_sets import GeneSetSelector
 from tgem._h5ad import H5ADDataset
@@ -33,6 +38,7 @@ __all__ = [
     "annotate",
     "fit_rejection_threshold",
     "predict_with_rejection",
+    "rejection_scores",
     "check_log_scale",
     "load",
     "show_versions",

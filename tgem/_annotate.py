@@ -18,11 +18,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
+from tgem._h5ad import H5ADDataset, is_h5ad_input
 from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
 from tgem.interpret import attribute
 
-__all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection"]
+__all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection", "rejection_scores"]
 
 #: Threshold of the max-probability rule when none is given.
 DEFAULT_MAX_PROBA_THRESHOLD = 0.5
@@ -57,9 +58,9 @@ def _check_threshold(threshold, rule: str) -> float:
         if rule == "max_proba":
             return DEFAULT_MAX_PROBA_THRESHOLD
         raise ValueError(
-            "rule='energy' has no default threshold (its scale depends on the model) and the "
-            "model was not fitted with calibration='temperature'; got threshold=None. Pass "
-            "threshold=tgem.fit_rejection_threshold(model, X_cal, y_cal, rule='energy') with "
+            f"rule={rule!r} has no default threshold (its scale depends on the model and the "
+            "data) and the model holds no fitted one; got threshold=None. Pass "
+            f"threshold=tgem.fit_rejection_threshold(model, X_cal, y_cal, rule={rule!r}) with "
             "cells the model did not train on, or fit the model with "
             "calibration='temperature'."
         )
@@ -89,11 +90,15 @@ def _check_unassigned(unassigned, classes) -> str:
 
 def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and each row's confidence score under ``rule``."""
+    if rule == "neighbors":
+        _reference(model)  # before predicting: a model without one fails at once
     logits: list[np.ndarray] = []
     with captured_logits(model, logits):
         proba = model.predict_proba(X)
     if rule == "max_proba":
         return proba, proba.max(axis=1)
+    if rule == "neighbors":
+        return proba, _neighbor_scores(model, X)
     logits = np.concatenate(logits) if logits else np.empty((0, proba.shape[1]))
     if logits.shape != proba.shape:  # e.g. a batch rerun after running out of memory
         raise RuntimeError(
@@ -101,6 +106,34 @@ def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
             f"{proba.shape}; rerun with a smaller predict_batch_size."
         )
     return proba, energy(logits)
+
+
+def _reference(model):
+    reference = getattr(model, "neighbor_reference_", None)
+    if reference is None:
+        raise ValueError(
+            "rule='neighbors' measures the distance to the model's training cells, and this "
+            "model holds no reference of them (fit builds one with "
+            "calibration='temperature'; tgem before 0.2 never did). Refit with "
+            "TGEMClassifier(calibration='temperature'), or pick rule='max_proba' or 'energy'."
+        )
+    return reference
+
+
+def _neighbor_scores(model, X) -> np.ndarray:
+    """The ``"neighbors"`` scores of the rows of ``X`` (already validated by predicting)."""
+    reference = _reference(model)
+    if isinstance(X, H5ADDataset):  # read in blocks, as predicting does
+        step = max(1, int(model.predict_batch_size))
+        blocks = [reference.scores(X[a : a + step]) for a in range(0, X.shape[0], step)]
+        return np.concatenate(blocks) if blocks else np.empty(0)
+    if is_h5ad_input(X):
+        raise TypeError(
+            "rule='neighbors' takes an array, a sparse matrix, a DataFrame or a "
+            f"tgem.H5ADDataset; got {type(X).__name__}. Pass tgem.H5ADDataset(path), or "
+            "annotate an AnnData with tgem.annotate(adata, model, reject='neighbors')."
+        )
+    return reference.scores(X)
 
 
 def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
@@ -112,10 +145,15 @@ def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
         A fitted classifier.
     X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
         Samples, with the model's genes.
-    rule : {"max_proba", "energy"}, default="max_proba"
+    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
         ``"max_proba"``: the largest class probability. ``"energy"``: the negative free
         energy, ``logsumexp`` of the network's logits (before the softmax), which keeps
         the overall magnitude that the softmax normalises away (Liu et al. 2020).
+        ``"neighbors"``: minus the mean distance to the 10 nearest training cells in the
+        first 50 principal components of the standardised genes
+        (``model.neighbor_reference_``, built by ``fit`` with
+        ``calibration="temperature"``); it does not depend on the network, and separated
+        cells of unseen types best in the project's measurements.
 
     Returns
     -------
@@ -137,13 +175,13 @@ def predict_with_rejection(
         Samples, with the model's genes (never modified).
     threshold : float, optional
         Samples with a score (see :func:`rejection_scores`) strictly below it are
-        unassigned. ``rule="max_proba"``: a probability in [0, 1]. ``rule="energy"``: any
-        finite number. When not given: the threshold fitted on the model's held-out cells
-        (``model.rejection_thresholds_[rule]``, for a model fitted with
-        ``calibration="temperature"``), else 0.5 for ``"max_proba"``, while ``"energy"``
-        then requires one; fit it with :func:`fit_rejection_threshold` on cells the model
-        did not train on.
-    rule : {"max_proba", "energy"}, default="max_proba"
+        unassigned. ``rule="max_proba"``: a probability in [0, 1]. ``rule="energy"`` and
+        ``"neighbors"`` (minus a distance): any finite number. When not given: the
+        threshold fitted on the model's held-out cells (``model.rejection_thresholds_[rule]``,
+        for a model fitted with ``calibration="temperature"``), else 0.5 for
+        ``"max_proba"``, while ``"energy"`` then requires one; fit it with
+        :func:`fit_rejection_threshold` on cells the model did not train on.
+    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
         The confidence score.
     unassigned : str, default="unassigned"
         The label of rejected samples; must not be one of the model's classes.
@@ -189,7 +227,7 @@ def fit_rejection_threshold(
         Calibration cells, not used in training.
     y_cal : array-like of shape (n_samples,)
         Their labels. Cells of types the model does not know are ignored.
-    rule : {"max_proba", "energy"}, default="max_proba"
+    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
         The confidence score (see :func:`rejection_scores`).
     target_rejection : float in [0, 1), default=0.05
         The largest share of the calibration cells that the threshold may reject.
@@ -380,7 +418,7 @@ def annotate(
         backed AnnData (load it with ``adata.to_memory()`` first).
     batch_size : int, default=1024
         Cells read and predicted at a time.
-    reject : {"max_proba", "energy"} or None, default="max_proba"
+    reject : {"max_proba", "energy", "neighbors"} or None, default="max_proba"
         The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
     threshold : float, optional
         Cells whose score is below it are labelled ``unassigned``. When not given: the
@@ -414,6 +452,8 @@ def annotate(
         - ``obs[key + "_label"]``: categorical, the model's classes and ``unassigned``;
         - ``obs[key + "_confidence"]``: the largest class probability;
         - ``obs[key + "_energy"]``: the energy score, with ``reject="energy"``;
+        - ``obs[key + "_neighbor_distance"]``: the mean distance to the 10 nearest
+          training cells (minus the score), with ``reject="neighbors"``;
         - ``obsm[key + "_probabilities"]``: (n_cells, n_classes), columns in the order
           of ``uns[key]["classes"]``;
         - ``varm[key + "_importances"]``: (n_genes, n_classes) mean attribution of each
@@ -501,6 +541,8 @@ def annotate(
     adata.obs[f"{key_added}_confidence"] = proba.max(axis=1)
     if reject == "energy":
         adata.obs[f"{key_added}_energy"] = score
+    if reject == "neighbors":
+        adata.obs[f"{key_added}_neighbor_distance"] = -score
     adata.obsm[f"{key_added}_probabilities"] = proba
     if importances:
         adata.varm[f"{key_added}_importances"] = _per_data_gene(

@@ -27,6 +27,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 __all__ = [
+    "MODEL_RULES",
     "RULES",
     "TARGET_REJECTION",
     "TEMPERATURE_BOUNDS",
@@ -39,8 +40,11 @@ __all__ = [
     "split_calibration",
 ]
 
-#: Rejection rules: the score of each cell, higher meaning more confident.
-RULES = ("max_proba", "energy")
+#: Rejection rules: the score of each cell, higher meaning more confident. ``"neighbors"``
+#: needs the model's reference of training cells (:mod:`tgem._novelty`).
+RULES = ("max_proba", "energy", "neighbors")
+#: The rules every calibrated model has a threshold for (format-2 files hold only these).
+MODEL_RULES = ("max_proba", "energy")
 
 #: Share of the held-out calibration cells that the fitted rejection thresholds reject.
 TARGET_REJECTION = 0.05
@@ -232,17 +236,21 @@ def proba_at(log_proba: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def calibrate(raw, logits, y, weights, n_train: int, dist=None) -> tuple[dict, bool]:
+def calibrate(
+    raw, logits, y, weights, n_train: int, dist=None, neighbor_scores=None
+) -> tuple[dict, bool]:
     """Calibrate on held-out cells: ``(fitted attributes, temperature on a bound)``.
 
     ``raw`` are the network's log-probabilities of the held-out cells and ``logits`` its
     logits, ``y`` their class indices and ``weights`` their sample weights (cells of weight 0
     are left out). The attributes are ``temperature_``, ``calibration_report_``,
-    ``rejection_thresholds_`` and ``conformal_scores_``. Under DDP (``dist``) every process
-    calibrates and all keep rank 0's result.
+    ``rejection_thresholds_`` and ``conformal_scores_``; ``neighbor_scores``, the held-out
+    cells' scores under the ``"neighbors"`` rule, add that rule's threshold. Under DDP
+    (``dist``) every process calibrates and all keep rank 0's result.
     """
     keep = weights > 0
     raw, logits, y, weights = raw[keep], logits[keep], y[keep], weights[keep]
+    neighbors = None if neighbor_scores is None else np.asarray(neighbor_scores)[keep]
     temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y, weights)
     proba = proba_at(raw, temperature)
     before = proba_at(raw, 1.0)
@@ -257,6 +265,7 @@ def calibrate(raw, logits, y, weights, n_train: int, dist=None) -> tuple[dict, b
             expected_calibration_error(y, proba),
             rejection_threshold(proba.max(axis=1), TARGET_REJECTION),
             rejection_threshold(energy(logits), TARGET_REJECTION),
+            math.nan if neighbors is None else rejection_threshold(neighbors, TARGET_REJECTION),
         ]
     )
     scores = conformity_scores(proba, y)
@@ -280,4 +289,6 @@ def calibrate(raw, logits, y, weights, n_train: int, dist=None) -> tuple[dict, b
         "rejection_thresholds_": {"max_proba": float(values[7]), "energy": float(values[8])},
         "conformal_scores_": np.asarray(scores, dtype=np.float64),
     }
+    if neighbors is not None:
+        fitted["rejection_thresholds_"]["neighbors"] = float(values[9])
     return fitted, bool(at_bound)

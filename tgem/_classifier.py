@@ -50,6 +50,7 @@ from tgem._inputs import (  # noqa: F401 - MAX_TOTAL_WEIGHT, input_statistics: o
 from tgem._io import register_estimator, save
 from tgem._kernels import backend_names
 from tgem._model import TGEMNet
+from tgem._novelty import fit_neighbor_reference
 from tgem._presets import ORIGINAL_PARAMS, V01_VALUES, uses_early_stopping
 from tgem._runtime import MAX_SEED as _MAX_SEED
 from tgem._runtime import (  # noqa: F401 - available_cpus, capped_threads: old import paths
@@ -230,13 +231,20 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         ``target_rejection`` of ``rejection_thresholds_``.
     rejection_thresholds_ : dict
         With ``calibration="temperature"``: for each rejection rule (``"max_proba"`` on the
-        calibrated probabilities, ``"energy"`` on the logits) the threshold that rejects at
-        most 5 % (``tgem._calibration.TARGET_REJECTION``) of the held-out cells, as
+        calibrated probabilities, ``"energy"`` on the logits, ``"neighbors"`` on the
+        distance to the training cells) the threshold that rejects at most 5 %
+        (``tgem._calibration.TARGET_REJECTION``) of the held-out cells, as
         :func:`tgem.fit_rejection_threshold` fits it.
     conformal_scores_ : ndarray of shape (n_calibration,)
         With ``calibration="temperature"``: ``1 - p(true class)`` of the held-out cells
         (calibrated probabilities), sorted; the split-conformal scores of
         :meth:`predict_set`.
+    neighbor_reference_ : NeighborReference
+        With ``calibration="temperature"``: what the ``"neighbors"`` rejection rule
+        measures distances to, fitted on the cells the network trained on (at most 10,000
+        of them, stratified): each gene's standardisation, the first 50 principal axes and
+        the cells' coordinates on them. Model files hold it (format 3): a model carries
+        this summary of its training cells.
     calibration_indices_ : ndarray of shape (n_calibration_all,)
         With ``calibration="temperature"``: the rows of ``fit``'s ``X`` held out (sorted).
         Kept in memory and pickles only; model files do not hold it.
@@ -508,6 +516,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 warm,
                 self.__dict__.get("calibration_indices_"),
             )
+            cal = (*cal, (X_train, y_train, w_train, int(seeds[4])))
         early_stopping = uses_early_stopping(self.early_stopping, X.shape[0])
         if early_stopping:
             X_train, y_train, w_train, valid = split_validation(
@@ -630,13 +639,20 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             "calibration_report_",
             "conformal_scores_",
             "calibration_indices_",
+            "neighbor_reference_",
         ):
             self.__dict__.pop(name, None)
         self.temperature_ = 1.0
 
     def _calibrate(self, cal, n_train: int, dist) -> None:
-        """Fit the temperature, the rejection thresholds and the conformal scores."""
-        X_cal, y_cal, w_cal, rows = cal
+        """Fit the temperature, the rejection thresholds and the conformal scores.
+
+        ``cal`` holds the held-out cells and the cells the network trained on (the
+        validation cells of early stopping included), whose reference the ``"neighbors"``
+        rule measures distances to.
+        """
+        X_cal, y_cal, w_cal, rows, (X_fit, y_fit, w_fit, seed) = cal
+        reference = fit_neighbor_reference(X_fit, y_fit, w_fit, seed, dist)
         logits: list[np.ndarray] = []
         with captured_logits(self, logits), warnings.catch_warnings():
             # X_cal is the validated array of fit's X: its gene names were checked there
@@ -648,8 +664,11 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"collected logits of shape {logits.shape} for probabilities of shape "
                 f"{raw.shape} while calibrating; set a smaller predict_batch_size and refit."
             )
-        fitted, at_bound = calibrate(raw, logits, y_cal, w_cal, n_train, dist)
+        fitted, at_bound = calibrate(
+            raw, logits, y_cal, w_cal, n_train, dist, reference.scores(X_cal)
+        )
         self.__dict__.update(fitted)
+        self.neighbor_reference_ = reference
         self.calibration_indices_ = np.asarray(rows, dtype=np.int64)
         if at_bound:
             why = (

@@ -17,6 +17,10 @@ A tgem model file is a ZIP archive whose entries are stored uncompressed, in thi
     header's ``fitted["calibration"]`` then holds the temperature, the rejection thresholds
     and the calibration report (None otherwise). Version-1 files load without calibration
     (temperature 1).
+``attributes/neighbor_reference/{mean,scale,components,cells}.npy``
+    Format version 3, with the calibration: the ``"neighbors"`` rule's reference of training
+    cells (``neighbor_reference_``; ``fitted["calibration"]["neighbor_reference"]`` holds its
+    ``n_neighbors``) and that rule's threshold. Files of versions 1 and 2 load without it.
 ``SHA256``
     The hex SHA-256 of the payload: for every other entry, in archive order, its name
     (UTF-8), a zero byte, its length (8 bytes, little-endian) and its bytes.
@@ -57,6 +61,7 @@ from tgem._io_format import (  # noqa: F401 - FORMAT, MAX_HEADER_SIZE, _digest: 
     _DATE_TIME,
     _FEATURE_IMPORTANCES,
     _HEADER,
+    _NEIGHBOR_REFERENCE,
     FORMAT,
     FORMAT_VERSION,
     MAX_HEADER_SIZE,
@@ -141,6 +146,10 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     scores = model.__dict__.get("conformal_scores_")
     if scores is not None:
         arrays[_CONFORMAL_SCORES] = np.asarray(scores, dtype=np.float64)
+    reference = model.__dict__.get("neighbor_reference_")
+    if scores is not None and reference is not None:
+        for field, array in reference.arrays().items():
+            arrays[_NEIGHBOR_REFERENCE.format(field)] = np.asarray(array, dtype=np.float64)
     blobs = {name: _npy_bytes(array) for name, array in arrays.items()}
     header = _header(model, module_init(model.module_), arrays)
     header_bytes = json.dumps(header, indent=1, allow_nan=False).encode("utf-8")
@@ -262,6 +271,7 @@ def _calibration_to_json(model) -> dict | None:
     report = model.__dict__.get("calibration_report_")
     if report is None or "conformal_scores_" not in model.__dict__:
         return None
+    reference = model.__dict__.get("neighbor_reference_")
     return {
         "temperature_": float(model.temperature_),
         "rejection_thresholds_": {str(k): float(v) for k, v in model.rejection_thresholds_.items()},
@@ -269,6 +279,9 @@ def _calibration_to_json(model) -> dict | None:
             k: (bool(v) if isinstance(v, bool | np.bool_) else _float_to_json(v))
             for k, v in report.items()
         },
+        "neighbor_reference": None
+        if reference is None
+        else {"n_neighbors": int(reference.n_neighbors)},
     }
 
 

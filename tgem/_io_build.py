@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
-from tgem._calibration import RULES, TEMPERATURE_BOUNDS
+from tgem._calibration import MODEL_RULES, TEMPERATURE_BOUNDS
 from tgem._io_format import (
     _ARRAY_DTYPES,
     _CONFORMAL_SCORES,
     _FEATURE_IMPORTANCES,
     _MAX_COUNT,
+    _NEIGHBOR_REFERENCE,
     _REPORT_FIELDS,
     MAX_HEADER_SIZE,
     _estimator_class,
@@ -30,6 +31,7 @@ from tgem._io_format import (
 )
 from tgem._kernels import backend_names
 from tgem._model import TGEMNet
+from tgem._novelty import NeighborReference
 from tgem._presets import FILE_VERSION_VALUES
 from tgem._serialization import build_module
 from tgem._training import TrainState
@@ -149,11 +151,17 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
         )
     spec = fitted["calibration"] if header["format_version"] >= 2 else None
     scores = arrays.get(_CONFORMAL_SCORES)
+    fields = ("mean", "scale", "components", "cells")
+    neighbor_arrays = {
+        f: arrays[_NEIGHBOR_REFERENCE.format(f)]
+        for f in fields
+        if _NEIGHBOR_REFERENCE.format(f) in arrays
+    }
     if spec is None:
-        if scores is not None:
+        if scores is not None or neighbor_arrays:
             raise ModelFileError(
-                f"{name} holds conformal scores but no calibration; the file was modified or "
-                "not written by tgem."
+                f"{name} holds conformal scores or a neighbours' reference but no "
+                "calibration; the file was modified or not written by tgem."
             )
         return
 
@@ -164,15 +172,41 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
         )
 
     expected = {"temperature_", "rejection_thresholds_", "calibration_report_"}
+    if header["format_version"] >= 3:
+        expected.add("neighbor_reference")
     if not isinstance(spec, dict) or set(spec) != expected:
         raise bad(f"expected a mapping with the keys {sorted(expected)}")
+    reference = None
+    reference_spec = spec.get("neighbor_reference")
+    if reference_spec is not None:
+        if set(neighbor_arrays) != set(fields) or not isinstance(reference_spec, dict):
+            raise bad(
+                "a neighbours' reference needs {'n_neighbors': int} and the arrays "
+                + ", ".join(_NEIGHBOR_REFERENCE.format(f) for f in fields)
+            )
+        if set(reference_spec) != {"n_neighbors"}:
+            raise bad("neighbor_reference must hold exactly n_neighbors")
+        try:
+            reference = NeighborReference.from_arrays(
+                neighbor_arrays, reference_spec["n_neighbors"]
+            )
+        except ValueError as exc:
+            raise bad(f"the neighbours' reference: {exc}") from None
+        if reference.n_genes != model.n_features_in_:
+            raise bad(
+                f"the neighbours' reference has {reference.n_genes} genes, the model "
+                f"{model.n_features_in_}"
+            )
+    elif neighbor_arrays:
+        raise bad("it holds neighbours' reference arrays but no neighbor_reference entry")
+    rules = (*MODEL_RULES, "neighbors") if reference is not None else MODEL_RULES
     temperature = spec["temperature_"]
     low, high = TEMPERATURE_BOUNDS
     if type(temperature) not in (int, float) or not low <= temperature <= high:
         raise bad(f"temperature_ {temperature!r} is not a number in [{low}, {high}]")
     thresholds = spec["rejection_thresholds_"]
-    if not isinstance(thresholds, dict) or set(thresholds) != set(RULES):
-        raise bad(f"rejection_thresholds_ must map each of {list(RULES)} to a number")
+    if not isinstance(thresholds, dict) or set(thresholds) != set(rules):
+        raise bad(f"rejection_thresholds_ must map each of {list(rules)} to a number")
     for rule, value in thresholds.items():
         value = _json_to_float(value)
         if type(value) not in (int, float) or not math.isfinite(value):
@@ -205,9 +239,11 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
     if len(scores) < 1 or clean["temperature"] != temperature:
         raise bad("the report does not match the temperature, or no cell was held out")
     model.temperature_ = float(temperature)
-    model.rejection_thresholds_ = {r: float(_json_to_float(thresholds[r])) for r in RULES}
+    model.rejection_thresholds_ = {r: float(_json_to_float(thresholds[r])) for r in rules}
     model.calibration_report_ = clean
     model.conformal_scores_ = scores
+    if reference is not None:
+        model.neighbor_reference_ = reference
 
 
 def _check_params(model, name: str) -> None:

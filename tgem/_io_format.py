@@ -16,8 +16,8 @@ import torch
 #: Value of the header's ``format`` field.
 FORMAT = "tgem-model"
 #: The format version this tgem writes; it reads this one and the ones listed in _READABLE.
-FORMAT_VERSION = 2
-_READABLE = (1, 2)
+FORMAT_VERSION = 3
+_READABLE = (1, 2, 3)
 #: Largest header (``tgem.json``) :func:`load` parses, in bytes (16 MiB); it also bounds what the
 #: header's declarations may allocate (e.g. ``classes_`` with its declared dtype).
 MAX_HEADER_SIZE = 16 << 20
@@ -28,6 +28,8 @@ _HEADER = "tgem.json"
 _CHECKSUM = "SHA256"
 _FEATURE_IMPORTANCES = "attributes/feature_importances_.npy"
 _CONFORMAL_SCORES = "attributes/conformal_scores_.npy"
+# The "neighbors" rule's reference of training cells (format version 3): one array per field.
+_NEIGHBOR_REFERENCE = "attributes/neighbor_reference/{}.npy"
 # The calibration report's fields (format version 2) and the type each must have.
 _REPORT_FIELDS = {
     "n_train": int,

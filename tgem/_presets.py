@@ -39,7 +39,7 @@ V01_VALUES: dict = {
 
 #: Per model-file format version: the values of parameters such files may lack.
 #: A parameter added after a version's files were written behaves there as it did in 0.1.
-FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES, 2: V01_VALUES}
+FILE_VERSION_VALUES: dict[int, dict] = {1: V01_VALUES, 2: V01_VALUES, 3: V01_VALUES}
 
 #: ``early_stopping="auto"`` turns early stopping on from this many training samples (the
 #: rows ``fit`` receives). The defaults study (issue 26) measured early stopping +0.5 points
