@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
+from tgem._calibration import (
+    RULES,
+    captured_logits,
+    combined_scores,
+    energy,
+    rejection_threshold,
+)
 from tgem._h5ad import H5ADDataset, is_h5ad_input
 from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
@@ -67,10 +73,10 @@ def _check_threshold(threshold, rule: str) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a real number; got {threshold!r}.")
     threshold = float(threshold)
-    if rule == "max_proba" and not 0.0 <= threshold <= 1.0:
+    if rule in ("max_proba", "combined") and not 0.0 <= threshold <= 1.0:
         raise ValueError(
-            f"threshold for rule='max_proba' is a probability in [0, 1]; got {threshold!r}. "
-            "Pass e.g. 0.5, or 0 to reject nothing."
+            f"threshold for rule={rule!r} is a probability in [0, 1]; got {threshold!r}. "
+            "Pass e.g. 0.05, or 0 to reject nothing."
         )
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite; got {threshold!r}.")
@@ -90,8 +96,8 @@ def _check_unassigned(unassigned, classes) -> str:
 
 def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and each row's confidence score under ``rule``."""
-    if rule == "neighbors":
-        _reference(model)  # before predicting: a model without one fails at once
+    if rule in ("neighbors", "combined"):
+        _reference(model, rule)  # before predicting: a model without one fails at once
     logits: list[np.ndarray] = []
     with captured_logits(model, logits):
         proba = model.predict_proba(X)
@@ -105,14 +111,17 @@ def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
             f"collected logits of shape {logits.shape} for probabilities of shape "
             f"{proba.shape}; rerun with a smaller predict_batch_size."
         )
+    if rule == "combined":
+        own = {"energy": energy(logits), "neighbors": _neighbor_scores(model, X)}
+        return proba, combined_scores(own, model.calibration_scores_)
     return proba, energy(logits)
 
 
-def _reference(model):
+def _reference(model, rule: str = "neighbors"):
     reference = getattr(model, "neighbor_reference_", None)
-    if reference is None:
+    if reference is None or (rule == "combined" and not hasattr(model, "calibration_scores_")):
         raise ValueError(
-            "rule='neighbors' measures the distance to the model's training cells, and this "
+            f"rule={rule!r} measures the distance to the model's training cells, and this "
             "model holds no reference of them (fit builds one with "
             "calibration='temperature'; tgem before 0.2 never did). Refit with "
             "TGEMClassifier(calibration='temperature'), or pick rule='max_proba' or 'energy'."
@@ -122,7 +131,7 @@ def _reference(model):
 
 def _neighbor_scores(model, X) -> np.ndarray:
     """The ``"neighbors"`` scores of the rows of ``X`` (already validated by predicting)."""
-    reference = _reference(model)
+    reference = _reference(model, "neighbors")
     if isinstance(X, H5ADDataset):  # read in blocks, as predicting does
         step = max(1, int(model.predict_batch_size))
         blocks = [reference.scores(X[a : a + step]) for a in range(0, X.shape[0], step)]
@@ -145,15 +154,19 @@ def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
         A fitted classifier.
     X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
         Samples, with the model's genes.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
+    rule : {"max_proba", "energy", "neighbors", "combined"}, default="max_proba"
         ``"max_proba"``: the largest class probability. ``"energy"``: the negative free
         energy, ``logsumexp`` of the network's logits (before the softmax), which keeps
         the overall magnitude that the softmax normalises away (Liu et al. 2020).
         ``"neighbors"``: minus the mean distance to the 10 nearest training cells in the
         first 50 principal components of the standardised genes
         (``model.neighbor_reference_``, built by ``fit`` with
-        ``calibration="temperature"``); it does not depend on the network, and separated
-        cells of unseen types best in the project's measurements.
+        ``calibration="temperature"``); it does not depend on the network. ``"combined"``:
+        the smaller of the energy's and the neighbours' p-values against the model's
+        held-out cells (``calibration_scores_``), so that a cell is rejected when either
+        finds it atypical; in the project's measurements it separated cells of another
+        organism and types left out of training best overall. Both need a model fitted
+        with ``calibration="temperature"``.
 
     Returns
     -------
@@ -175,13 +188,14 @@ def predict_with_rejection(
         Samples, with the model's genes (never modified).
     threshold : float, optional
         Samples with a score (see :func:`rejection_scores`) strictly below it are
-        unassigned. ``rule="max_proba"``: a probability in [0, 1]. ``rule="energy"`` and
-        ``"neighbors"`` (minus a distance): any finite number. When not given: the
+        unassigned. ``rule="max_proba"``: a probability in [0, 1]; ``"combined"``: a
+        p-value in [0, 1]. ``rule="energy"`` and ``"neighbors"`` (minus a distance): any
+        finite number. When not given: the
         threshold fitted on the model's held-out cells (``model.rejection_thresholds_[rule]``,
         for a model fitted with ``calibration="temperature"``), else 0.5 for
         ``"max_proba"``, while ``"energy"`` then requires one; fit it with
         :func:`fit_rejection_threshold` on cells the model did not train on.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
+    rule : {"max_proba", "energy", "neighbors", "combined"}, default="max_proba"
         The confidence score.
     unassigned : str, default="unassigned"
         The label of rejected samples; must not be one of the model's classes.
@@ -227,7 +241,7 @@ def fit_rejection_threshold(
         Calibration cells, not used in training.
     y_cal : array-like of shape (n_samples,)
         Their labels. Cells of types the model does not know are ignored.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
+    rule : {"max_proba", "energy", "neighbors", "combined"}, default="max_proba"
         The confidence score (see :func:`rejection_scores`).
     target_rejection : float in [0, 1), default=0.05
         The largest share of the calibration cells that the threshold may reject.
@@ -418,7 +432,7 @@ def annotate(
         backed AnnData (load it with ``adata.to_memory()`` first).
     batch_size : int, default=1024
         Cells read and predicted at a time.
-    reject : {"max_proba", "energy", "neighbors"} or None, default="max_proba"
+    reject : {"max_proba", "energy", "neighbors", "combined"} or None, default="max_proba"
         The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
     threshold : float, optional
         Cells whose score is below it are labelled ``unassigned``. When not given: the

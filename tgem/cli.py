@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="the layer to read (default: X)")
     p.add_argument(
         "--rule",
-        choices=("max_proba", "energy", "neighbors", "none"),
+        choices=("max_proba", "energy", "neighbors", "combined", "none"),
         default="max_proba",
         help="rejection rule for unassigned cells (default: %(default)s)",
     )
