@@ -375,3 +375,24 @@ def test_a_type_left_out_of_the_bundled_pbmc_cells_is_far_from_the_reference():
     assert rejected_unseen > rejected_seen + 0.3, (rejected_seen, rejected_unseen)
     truth = np.r_[np.zeros(len(test)), np.ones(len(unseen))]
     assert roc_auc_score(truth, -np.r_[ref.scores(X[test]), ref.scores(X[unseen])]) > 0.8
+
+
+def test_annotate_picks_the_combined_rule_for_a_calibrated_model_by_default(fitted):
+    anndata = pytest.importorskip("anndata")
+    clf, X, _, names = fitted
+    adata = anndata.AnnData(np.vstack([X[:30], X[:10] + 40.0]))
+    adata.var_names = names
+    tgem.annotate(adata, clf)
+    rejection = adata.uns["tgem"]["rejection"]
+    assert rejection["rule"] == "combined"
+    assert rejection["threshold"] == clf.rejection_thresholds_["combined"]
+    assert set(adata.obs["tgem_label"].astype(str)[30:]) == {"unassigned"}
+    np.testing.assert_allclose(
+        adata.obs["tgem_combined_p"].to_numpy(),
+        tgem.rejection_scores(clf, adata.to_df(), rule="combined"),
+    )
+    tgem.annotate(adata, clf, threshold=0.5)  # a given threshold: a probability
+    assert adata.uns["tgem"]["rejection"]["rule"] == "max_proba"
+    plain = TGEMClassifier(random_state=0, **FAST).fit(pd.DataFrame(X, columns=names), fitted[2])
+    tgem.annotate(adata, plain)
+    assert adata.uns["tgem"]["rejection"]["rule"] == "max_proba"

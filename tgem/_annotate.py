@@ -400,7 +400,7 @@ def annotate(
     key_added: str = "tgem",
     copy: bool = False,
     batch_size: int = 1024,
-    reject: str | None = "max_proba",
+    reject: str | None = "auto",
     threshold=None,
     unassigned: str = "unassigned",
     fill_value=None,
@@ -432,8 +432,13 @@ def annotate(
         backed AnnData (load it with ``adata.to_memory()`` first).
     batch_size : int, default=1024
         Cells read and predicted at a time.
-    reject : {"max_proba", "energy", "neighbors", "combined"} or None, default="max_proba"
-        The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
+    reject : {"auto", "max_proba", "energy", "neighbors", "combined"} or None, default="auto"
+        The rejection rule (see :func:`rejection_scores`); None assigns every cell.
+        ``"auto"``: ``"combined"`` for a model fitted with ``calibration="temperature"``
+        (which carries its thresholds and reference) when no ``threshold`` is given, the
+        rule that flagged both cells of another organism and types left out of training in
+        the project's measurements; ``"max_proba"`` otherwise (a given threshold is then a
+        probability). ``uns[key]["rejection"]["rule"]`` records the rule used.
     threshold : float, optional
         Cells whose score is below it are labelled ``unassigned``. When not given: the
         model's threshold fitted on its held-out cells (``rejection_thresholds_``, with
@@ -468,6 +473,8 @@ def annotate(
         - ``obs[key + "_energy"]``: the energy score, with ``reject="energy"``;
         - ``obs[key + "_neighbor_distance"]``: the mean distance to the 10 nearest
           training cells (minus the score), with ``reject="neighbors"``;
+        - ``obs[key + "_combined_p"]``: the smaller of the energy and neighbours
+          p-values, with ``reject="combined"`` (also when ``"auto"`` resolves to it);
         - ``obsm[key + "_probabilities"]``: (n_cells, n_classes), columns in the order
           of ``uns[key]["classes"]``;
         - ``varm[key + "_importances"]``: (n_genes, n_classes) mean attribution of each
@@ -517,6 +524,9 @@ def annotate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size!r}.")
     source = "none"
+    if reject == "auto":
+        calibrated = hasattr(model, "calibration_scores_") and threshold is None
+        reject = "combined" if calibrated else "max_proba"
     if reject is not None:
         reject = _check_rule(reject)
         threshold, source = _resolve_threshold(threshold, reject, model)
@@ -557,6 +567,8 @@ def annotate(
         adata.obs[f"{key_added}_energy"] = score
     if reject == "neighbors":
         adata.obs[f"{key_added}_neighbor_distance"] = -score
+    if reject == "combined":
+        adata.obs[f"{key_added}_combined_p"] = score
     adata.obsm[f"{key_added}_probabilities"] = proba
     if importances:
         adata.varm[f"{key_added}_importances"] = _per_data_gene(

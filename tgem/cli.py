@@ -406,9 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="the layer to read (default: X)")
     p.add_argument(
         "--rule",
-        choices=("max_proba", "energy", "neighbors", "combined", "none"),
-        default="max_proba",
-        help="rejection rule for unassigned cells (default: %(default)s)",
+        choices=("auto", "max_proba", "energy", "neighbors", "combined", "none"),
+        default="auto",
+        help="rejection rule for unassigned cells (default: %(default)s: combined for a model "
+        "trained with --calibration temperature and no --threshold, else max_proba)",
     )
     p.add_argument(
         "--threshold",
