@@ -254,8 +254,8 @@ def rule_scores(record: dict, neighbors=None) -> dict[str, dict[str, np.ndarray]
     if neighbors is not None:
         out["neighbors"] = neighbors
         held = {r: np.sort(out[r]["cal"]) for r in COMBINED_RULES}  # as fit stores them
-        out["combined"] = {
-            p: combined_scores({r: out[r][p] for r in COMBINED_RULES}, held)
+        out["combined"] = {  # the calibration cells' own scores left out, as fit does
+            p: combined_scores({r: out[r][p] for r in COMBINED_RULES}, held, own=p == "cal")
             for p in ("cal", "test", "unseen")
         }
     out["conformal_class"] = {

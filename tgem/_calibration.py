@@ -164,7 +164,7 @@ def energy(logits: np.ndarray) -> np.ndarray:
     return logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
 
 
-def combined_scores(scores: dict, held_out: dict) -> np.ndarray:
+def combined_scores(scores: dict, held_out: dict, *, own: bool = False) -> np.ndarray:
     """The ``"combined"`` rule's score: the smaller of the energy and neighbours p-values.
 
     For each rule of :data:`COMBINED_RULES`, a cell's p-value is the share of held-out cells
@@ -173,6 +173,9 @@ def combined_scores(scores: dict, held_out: dict) -> np.ndarray:
     The smaller of the two is the score, so a cell is rejected when either rule finds it
     atypical: the energy flags types the network has not learned, the neighbours' distance
     cells unlike any training cell (``benchmarks/bench_annotate.py`` measures both).
+    With ``own=True`` the scored cells are the held-out cells themselves, and each one's own
+    score is left out of the count (as a new cell's would be), so that a threshold fitted on
+    them rejects new cells of the known types at the same rate.
 
     Examples
     --------
@@ -184,7 +187,8 @@ def combined_scores(scores: dict, held_out: dict) -> np.ndarray:
     for rule in COMBINED_RULES:
         ref = np.asarray(held_out[rule], dtype=np.float64)
         s = np.asarray(scores[rule], dtype=np.float64)
-        p = (np.searchsorted(ref, s, side="right") + 1.0) / (len(ref) + 1.0)
+        count = np.searchsorted(ref, s, side="right") - (1.0 if own else 0.0)
+        p = (count + 1.0) / (len(ref) + 1.0)
         out = p if out is None else np.minimum(out, p)
     return out
 
@@ -286,7 +290,8 @@ def calibrate(
         own = dict(zip(COMBINED_RULES, (energy(logits), neighbors), strict=True))
         held = np.stack([np.sort(own[rule]) for rule in COMBINED_RULES])
         combined = rejection_threshold(
-            combined_scores(own, dict(zip(COMBINED_RULES, held, strict=True))), TARGET_REJECTION
+            combined_scores(own, dict(zip(COMBINED_RULES, held, strict=True)), own=True),
+            TARGET_REJECTION,
         )
     temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y, weights)
     proba = proba_at(raw, temperature)

@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "max_proba", "energy", "neighbors", "combined", "none"),
         default="auto",
         help="rejection rule for unassigned cells (default: %(default)s: combined for a model "
-        "trained with --calibration temperature and no --threshold, else max_proba)",
+        "trained with --calibration temperature on at least 100 held-out cells and no "
+        "--threshold, else max_proba)",
     )
     p.add_argument(
         "--threshold",
