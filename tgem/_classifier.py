@@ -262,8 +262,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     Notes
     -----
     The defaults differ from the original's in two places, chosen by the project's defaults
-    study (``benchmarks/README.md``, "Defaults"): each gene is standardised inside the network
-    (``standardize=True``) and Adam's learning rate is 1e-3 instead of 1e-4. With the
+    study (``benchmarks/README.md``, "The defaults study"): each gene is standardised inside
+    the network (``standardize=True``) and Adam's learning rate is 1e-3 instead of 1e-4. With the
     original's values the network underfits (it loses to a random forest, logistic
     regression and gradient boosting on PBMC and ALL data, by 6 points of accuracy on PBMC
     over 5 folds); with these it is significantly better on PBMC and ties the baselines.
