@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "tgem._serialization": 3,  # the network as arrays, the device a loaded model runs on
     # 4  data: .h5ad, readers, gene ids, gene sets, alignment, the estimator's input checks
     "tgem._h5ad": 4,
+    "tgem._h5ad_checks": 4,  # checks of untrusted .h5ad files before anything is read
     "tgem._inputs": 4,  # fit / predict input checks, .h5ad polymorphism, held-out splits
     "tgem.datasets": 4,
     "tgem._gene_sets": 4,
