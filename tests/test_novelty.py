@@ -384,11 +384,11 @@ def test_a_type_left_out_of_the_bundled_pbmc_cells_is_far_from_the_reference():
 def test_annotate_picks_the_combined_rule_for_a_calibrated_model_by_default(fitted, monkeypatch):
     anndata = pytest.importorskip("anndata")
     clf, X, _, names = fitted
-    assert len(clf.calibration_indices_) < 100  # too few held-out cells: max_proba
+    assert len(clf.calibration_indices_) < 100  # too few held-out cells: neighbors
     adata = anndata.AnnData(X[:5])
     adata.var_names = names
     tgem.annotate(adata, clf)
-    assert adata.uns["tgem"]["rejection"]["rule"] == "max_proba"
+    assert adata.uns["tgem"]["rejection"]["rule"] == "neighbors"
     monkeypatch.setattr(tgem._annotate, "AUTO_COMBINED_MIN_CALIBRATION", 50)
     adata = anndata.AnnData(np.vstack([X[:30], X[:10] + 40.0]))
     adata.var_names = names

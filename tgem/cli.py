@@ -408,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule",
         choices=("auto", "max_proba", "energy", "neighbors", "combined", "none"),
         default="auto",
-        help="rejection rule for unassigned cells (default: %(default)s: combined for a model "
-        "trained with --calibration temperature on at least 100 held-out cells and no "
-        "--threshold, else max_proba)",
+        help="rejection rule for unassigned cells (default: %(default)s: for a model trained "
+        "with --calibration temperature and no --threshold, combined from 100 held-out cells "
+        "and neighbors below; else max_proba)",
     )
     p.add_argument(
         "--threshold",
