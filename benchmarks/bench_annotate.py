@@ -29,7 +29,7 @@ cells, which the model did not train on, so that at most 5 % of them are rejecte
 conformal rule):
 
 * ``max_proba`` and ``energy``: the rules of the network, scored by
-  ``tgem._annotate.rejection_scores`` (the largest class probability; ``logsumexp`` of the
+  ``tgem.rejection_scores`` (the largest class probability; ``logsumexp`` of the
   logits).
 * ``neighbors``: minus the mean distance to the 10 nearest training cells in 50 principal
   components of the standardised genes. It does not depend on the network, so it is computed
