@@ -16,6 +16,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from tests._reliability import unchanged
 from tgem._alignment import GeneAlignment, align_genes
 from tgem._gene_sets import GeneSetSelector
 from tgem._scale import RawCountsWarning, check_log_scale
@@ -164,6 +165,53 @@ def test_selector_in_a_pipeline_with_cross_validation(pbmc):
     assert scores.mean() > 0.5
     pipe.fit(pbmc.data, pbmc.target)
     assert pipe[-1].n_features_in_ == len(pipe[0].get_feature_names_out())
+
+
+# --- GMT files and empty gene sets ---------------------------------------------------------
+
+
+def test_empty_gene_sets_are_a_clear_error():
+    frame = pd.DataFrame(np.ones((2, 3)), columns=["CD3E", "LYZ", "MS4A1"])
+    for gene_sets, match in [
+        ({"T": []}, "gene set 'T' is empty"),
+        ({}, "empty mapping"),
+        ([], "holds no gene"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            unchanged(lambda gs=gene_sets: GeneSetSelector(gs).fit(frame), frame)
+    with pytest.raises(ValueError, match="none of the 1 genes"):
+        GeneSetSelector({"B": ["CD79A"]}).fit(frame)
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("ONLY_A_NAME\n", "line 2 is not a GMT gene set"),
+        ("NAME\tdescription\n", "line 2 is not a GMT gene set"),
+        ("NAME description CD3E CD3D\n", "separated by tabs"),
+        ("\tdescription\tCD3E\n", "line 2 is not a GMT gene set"),
+        ("T\trepeated name\tCD4\n", "repeats the gene-set name 'T'"),
+    ],
+)
+def test_malformed_gmt_lines_are_a_clear_error(tmp_path, line, match):
+    path = tmp_path / "sets.gmt"
+    path.write_text("T\tT cells\tCD3E\tCD3D\n" + line + "B\tB cells\tCD79A\n")
+    with pytest.raises(ValueError, match=match):
+        read_gmt(path)
+    frame = pd.DataFrame(np.ones((2, 2)), columns=["CD3E", "CD79A"])
+    with pytest.raises(ValueError, match=match):
+        GeneSetSelector(path).fit(frame)
+
+
+def test_empty_and_missing_gmt_files(tmp_path):
+    (tmp_path / "empty.gmt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no gene set"):
+        read_gmt(tmp_path / "empty.gmt")
+    with pytest.raises(FileNotFoundError):
+        read_gmt(tmp_path / "missing.gmt")
+    (tmp_path / "latin1.gmt").write_bytes(b"S\tdesc\tG\xe9NE\n")
+    with pytest.raises(ValueError):  # UnicodeDecodeError is a ValueError
+        read_gmt(tmp_path / "latin1.gmt")
 
 
 # --- align_genes ----------------------------------------------------------------------------

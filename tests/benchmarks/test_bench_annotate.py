@@ -7,7 +7,7 @@ import pytest
 
 from tests._benchmarks import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 bench = load_benchmark("bench_annotate")
