@@ -259,6 +259,14 @@ def _add_model_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="attention implementation (default: %(default)s, the fastest available)",
     )
     g.add_argument(
+        "--tree-tolerance",
+        type=float,
+        default=defaults["tree_tolerance"],
+        metavar="TOL",
+        help="error tolerance of the tree-code attention, 1e-13 to 0.1 (default: the "
+        "dtype's, 1e-9 for float32)",
+    )
+    g.add_argument(
         "--device",
         default=defaults["device"],
         help="cpu, cuda, cuda:N or auto (default: %(default)s)",
@@ -662,6 +670,7 @@ def _classifier(args):
         calibration_fraction=args.calibration_fraction,
         class_weight=args.class_weight,
         attention_backend=args.attention_backend,
+        tree_tolerance=args.tree_tolerance,
         device=args.device,
         n_threads=args.threads,
         random_state=args.random_state,

@@ -161,8 +161,8 @@ def tree_native_attention(
     ----------
     q, k, v : torch.Tensor of shape (..., genes), float32 or float64 on CPU
     tol : float, optional
-        Error tolerance (between 1e-30 and 0.1); ``None`` takes the dtype's default
-        (:data:`tgem._kernels._tree.DEFAULT_TOL`).
+        Error tolerance (between 1e-13 and 0.1, :data:`tgem._kernels.TOL_RANGE`); ``None``
+        takes the dtype's default (:data:`tgem._kernels._tree.DEFAULT_TOL`).
 
     Returns
     -------
