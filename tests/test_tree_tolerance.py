@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import numpy as np
@@ -15,21 +16,37 @@ from tests._oracle import attention_and_grads
 from tests.test_io import _rebuild, _to_bytes
 from tgem import TGEMClassifier, load
 from tgem._io import save
-from tgem._kernels import TOL_RANGE, check_tolerance, reference_attention, resolve_backend
+from tgem._kernels import (
+    TOL_RANGE,
+    _tree_native,
+    check_tolerance,
+    reference_attention,
+    resolve_backend,
+)
 from tgem._kernels._tree import DEFAULT_TOL, tree_attention
-from tgem._kernels._tree_native import tree_native_attention, tree_native_available
+from tgem._kernels._tree_native import tree_native_attention
 from tgem._model import TGEMNet, module_init
 from tgem.cli import _classifier, build_parser
 from tgem.exceptions import ModelFileError
 
-IMPLEMENTATIONS = [
-    pytest.param(tree_attention, id="tree"),
-    pytest.param(
-        tree_native_attention,
-        id="tree_native",
-        marks=pytest.mark.skipif(not tree_native_available(), reason="native tree not built"),
-    ),
-]
+REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
+IMPLEMENTATIONS = ["tree", "tree_native"]
+
+
+@pytest.fixture
+def fn(request):
+    """The implementation named by the test's ``impl`` (skip or, under TGEM_REQUIRE_NATIVE=1,
+    fail where the native tree code cannot run)."""
+    if request.param == "tree":
+        return tree_attention
+    reason = _tree_native._unavailable(torch.device("cpu"), torch.float32)
+    if reason is not None:
+        if REQUIRE:
+            pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {reason}")
+        pytest.skip(reason)
+    return tree_native_attention
+
+
 NAMES = ("out", "dq", "dk", "dv")
 
 
@@ -66,7 +83,7 @@ def _metric(fn, q, k, v, grad, tol):
 
 
 # ------------------------------------------------------------------------ the bound
-@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("tol", [0.1, 1e-3, 1e-6, 1e-9, 1e-13])
 @pytest.mark.parametrize("g, scale", [(50, 1.0), (300, 1.0), (300, 30.0), (300, 3000.0)])
 def test_stated_bound_holds_in_float64(fn, tol, g, scale):
@@ -74,7 +91,7 @@ def test_stated_bound_holds_in_float64(fn, tol, g, scale):
         assert value <= tol, f"{name}: {value:.3g} of the scale at tolerance {tol:g}"
 
 
-@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("scale", [1.0, 30.0, 3000.0])
 def test_output_error_is_below_the_tolerance_of_the_largest_reference_entry(fn, scale):
     q, k, v, grad = _qkv(300, scale)
@@ -83,7 +100,7 @@ def test_output_error_is_below_the_tolerance_of_the_largest_reference_entry(fn, 
         assert errors[0] <= tol * float(ref[0].abs().max())
 
 
-@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_looser_tolerance_gives_a_larger_but_bounded_error(fn, scale):
     q, k, v, grad = _qkv(300, scale, seed=1)
@@ -92,7 +109,7 @@ def test_looser_tolerance_gives_a_larger_but_bounded_error(fn, scale):
     assert worst[0] <= 1e-2 and worst[1] <= 1e-5 and worst[2] <= 1e-9
 
 
-@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("tol", [None, 1e-3, 1e-6])
 @pytest.mark.parametrize("scale", [1.0, 30.0, 3000.0])
 def test_float32_error_is_the_float32_rule_plus_the_tolerance(fn, tol, scale):
@@ -125,8 +142,10 @@ def test_tolerance_out_of_range_is_refused_by_the_kernels_and_the_network(tol):
 
 
 def test_resolve_binds_the_tolerance_to_the_tree_backends_only():
-    tree = resolve_backend("tree", "cpu", torch.float64, tol=1e-3)
-    assert tree.fn.keywords == {"tol": 1e-3}
+    for name in ("tree", "tree_native"):
+        if name == "tree_native" and not _tree_native.tree_native_available():
+            continue  # not built here: its own tests skip or fail
+        assert resolve_backend(name, "cpu", torch.float64, tol=1e-3).fn.keywords == {"tol": 1e-3}
     assert resolve_backend("tree", "cpu", torch.float64).fn is tree_attention
     assert resolve_backend("exact", "cpu", tol=1e-3) is resolve_backend("exact", "cpu")
 
@@ -157,7 +176,8 @@ def test_invalid_parameter_is_refused_with_the_range(value):
         TGEMClassifier(tree_tolerance=value, max_epochs=1).fit(X, y)
 
 
-def test_the_network_passes_the_tolerance_to_the_tree(loose, monkeypatch):
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS, indirect=True)
+def test_the_network_passes_the_tolerance_to_the_tree(fn, monkeypatch):
     seen = []
 
     def spy(dtype, genes, tol=None):
@@ -166,11 +186,15 @@ def test_the_network_passes_the_tolerance_to_the_tree(loose, monkeypatch):
 
     parameters = T.tree_parameters
     monkeypatch.setattr(T, "tree_parameters", spy)
-    assert loose.module_.tree_tolerance == 1e-4 and loose.attention_backend_ == "tree"
-    loose.predict_proba(_data()[0][:3])
+    name = "tree" if fn is tree_attention else "tree_native"
+    clf = _fit(attention_backend=name, tree_tolerance=1e-4)
+    assert clf.module_.tree_tolerance == 1e-4 and clf.attention_backend_ == name
     assert seen and set(seen) == {1e-4}
     seen.clear()
-    _fit(attention_backend="tree")
+    clf.predict_proba(_data()[0][:3])
+    assert seen and set(seen) == {1e-4}
+    seen.clear()
+    _fit(attention_backend=name)
     assert seen and set(seen) == {None}  # the dtype's default
 
 

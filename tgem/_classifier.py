@@ -163,8 +163,12 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         native CPU kernel, the ``torch.compile``'d sums and the GPU kernels add
         ``"native"``, ``"compiled"`` and ``"triton"`` when available
         (see :func:`tgem.show_versions`). ``"tree"`` (pure PyTorch) and ``"tree_native"``
-        (its sums in C, CPU) are the O(genes log genes) tree code for very many genes, never
-        chosen by ``"auto"``.
+        (its sums in C, CPU) are the O(genes log genes) tree code for very many genes. On
+        the CPU, ``"auto"`` runs ``"tree_native"`` instead of the dense native kernel on the
+        attention calls where it is faster, by a fixed rule of the gene count and the call's
+        score range (from 1,000 genes while attention is nearly uniform, from 4,700 always;
+        see the attention backends page of the user guide); ``attention_backend_`` then
+        reads ``"native+tree_native"`` (or ``"tree_native"`` where every call runs it).
     tree_tolerance : float or None, default=None
         Error tolerance of the tree code (backends ``"tree"``, ``"tree_native"``, and
         ``"auto"`` where it runs the tree), between 1e-13 and 0.1: the maximum error of the
@@ -214,7 +218,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     device_ : torch.device
         The device used.
     attention_backend_ : str
-        The attention implementation ``fit`` used.
+        The attention implementation ``fit`` used; ``"<dense>+<tree>"`` when ``"auto"``
+        chose between the two per attention call.
     history_ : list of dict
         Per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``valid_loss``,
         ``valid_accuracy`` (NaN without validation) and ``duration_s``.

@@ -83,7 +83,9 @@ sums walk the tree depth first per target and use, at each expansion, the fewest
 meet ``tol`` there (this module uses ``P`` inside the tree), so the two agree within ``tol``,
 not bitwise. Which runs when: ``"tree"`` is always this module; ``"tree_native"`` always the
 C code, and is unavailable (saying why) off CPU, without the built extension or under
-``TGEM_DISABLE_NATIVE=1``. ``"auto"`` picks neither.
+``TGEM_DISABLE_NATIVE=1``. ``"auto"`` never picks ``"tree"``; it runs ``"tree_native"``
+instead of the dense native kernel where that is faster
+(:func:`tgem._kernels._tree_native.auto_reach`).
 """
 
 from __future__ import annotations
