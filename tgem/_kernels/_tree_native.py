@@ -271,8 +271,8 @@ def tree_native_status() -> str:
 # 765-gene row) to 1,090 (from the 1,708-gene row); at 1,000 genes either estimate puts the
 # slower choice within 10 % of the faster. Sharper calls run through the tree: the ratio grows
 # as about genes^0.9 from 1,708 to 5,000 genes and reaches 1 at about 4,700 (0.9 at 4,200, 1.1
-# at 5,250). Reaches between 8 and 36 were not measured; below 4,700 genes such calls run
-# dense, as the sharper ones do.
+# at 5,250). Reaches between 8 and a few hundred were measured only at 22,283 genes (36);
+# below 4,700 genes such calls run dense, as the sharper ones do.
 #: From this many genes, ``"auto"`` runs the tree code on calls of score reach at most 2 RHO.
 AUTO_GENES_ONE_EXPANSION = 1000
 #: From this many genes, ``"auto"`` runs the tree code on every call.
