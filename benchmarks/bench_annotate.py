@@ -28,9 +28,17 @@ cells, which the model did not train on, so that at most 5 % of them are rejecte
 (``tgem.fit_rejection_threshold`` for the library's rules, the same order statistic for the
 conformal rule):
 
-* ``max_proba`` and ``energy``: every rule of ``tgem._annotate.RULES``, scored by
-  ``tgem._annotate.rejection_scores`` (the largest class probability; ``logsumexp`` of the
+* ``max_proba`` and ``energy``: the rules of the network, scored by
+  ``tgem.rejection_scores`` (the largest class probability; ``logsumexp`` of the
   logits).
+* ``neighbors``: minus the mean distance to the 10 nearest training cells in 50 principal
+  components of the standardised genes. It does not depend on the network, so it is computed
+  here from the job's training cells with :class:`tgem._novelty.NeighborReference`, exactly as
+  ``fit(calibration="temperature")`` builds ``neighbor_reference_`` (the cached fits need no
+  refit).
+* ``combined``: the smaller of the ``energy`` and ``neighbors`` p-values against the
+  calibration cells' sorted scores (``tgem._calibration.combined_scores``, as the library
+  computes it from ``calibration_scores_``).
 * ``conformal_class``: the class-conditional (Mondrian) split-conformal p-value of the
   predicted class. With ``a = 1 - p(c | x)`` the conformity score and ``A_c`` the scores
   ``1 - p(c | x_i)`` of the ``n_c`` calibration cells of class ``c``, a cell predicted as
@@ -83,8 +91,15 @@ sys.path.insert(0, str(HERE))
 from bench_accuracy import DATA_DIR, _parse_shard, load_dataset, machine  # noqa: E402
 
 import tgem  # noqa: E402
-from tgem._annotate import rejection_scores  # noqa: E402
-from tgem._calibration import MODEL_RULES, RULES, TARGET_REJECTION, rejection_threshold  # noqa: E402
+from tgem._rejection import rejection_scores  # noqa: E402
+from tgem._calibration import (  # noqa: E402
+    COMBINED_RULES,
+    MODEL_RULES,
+    RULES,
+    TARGET_REJECTION,
+    combined_scores,
+    rejection_threshold,
+)
 from tgem._novelty import NeighborReference  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
@@ -238,6 +253,11 @@ def rule_scores(record: dict, neighbors=None) -> dict[str, dict[str, np.ndarray]
         out[rule] = {p: np.asarray(record[p]["scores"][rule]) for p in ("cal", "test", "unseen")}
     if neighbors is not None:
         out["neighbors"] = neighbors
+        held = {r: np.sort(out[r]["cal"]) for r in COMBINED_RULES}  # as fit stores them
+        out["combined"] = {  # the calibration cells' own scores left out, as fit does
+            p: combined_scores({r: out[r][p] for r in COMBINED_RULES}, held, own=p == "cal")
+            for p in ("cal", "test", "unseen")
+        }
     out["conformal_class"] = {
         "cal": conformal_class_pvalues(cal_proba, cal_proba, cal_y, own_y=cal_y),
         **{

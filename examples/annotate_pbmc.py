@@ -3,7 +3,9 @@
 The model never sees the B cells ("CD19+ B"): they stand for a cell type missing from the
 reference, which an annotation should leave "unassigned" rather than call something else.
 The model is calibrated (``calibration="temperature"``), so its probabilities and its
-rejection threshold come from cells it did not train on.
+rejection thresholds come from cells it did not train on, and it keeps a reference of its
+training cells: ``annotate``'s default rule then leaves unassigned the cells far from all of
+them (``"neighbors"``; ``"combined"`` from 100 held-out cells).
 
 Runs offline in under a minute on one CPU core (20 epochs, fewer than the default 50; enough
 on this small data set). Needs the optional extras: ``pip install "tgem[anndata,plot]"``.
@@ -70,7 +72,7 @@ print(
     f"\nrule {rejection['rule']}, threshold {rejection['threshold']:.3f} "
     f"(from the {rejection['threshold_source']})"
 )
-print(adata.obs[["truth", "tgem_label", "tgem_confidence"]].head(8).to_string())
+print(adata.obs[["truth", "tgem_label", "tgem_neighbor_distance"]].head(8).to_string())
 
 unassigned = adata.obs["tgem_label"] == rejection["unassigned"]
 unseen = adata.obs["truth"] == UNSEEN
@@ -115,7 +117,7 @@ np.testing.assert_array_equal(back.obsm["tgem_probabilities"], adata.obsm["tgem_
 assert back.uns["tgem"]["rejection"]["threshold"] == rejection["threshold"]
 print(f"\nwrote {path} and read it back: labels, probabilities and uns['tgem'] unchanged")
 
-# --- 5. The figure: the embedding by true type and by tgem label, and the confidence -------
+# --- 5. The figure: the embedding by true type and by tgem label, and the distance ---------
 classes = list(adata.obs["tgem_label"].cat.categories)  # the model's classes, "unassigned"
 colours = dict(zip(classes[:-1], plt.get_cmap("tab10").colors, strict=False))
 colours[UNSEEN] = "black"  # the truth panel's unseen type
@@ -135,12 +137,12 @@ handles = {}
 for ax in axes[:2]:
     handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
 fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize=8, markerscale=2)
-bins = np.linspace(0, 1, 26)
-confidence = adata.obs["tgem_confidence"]
-axes[2].hist(confidence[~unseen], bins=bins, alpha=0.7, label="seen types")
-axes[2].hist(confidence[unseen], bins=bins, alpha=0.7, color="black", label=f"{UNSEEN} (unseen)")
-axes[2].axvline(rejection["threshold"], color="red", ls="--", label="fitted threshold")
-axes[2].set(title="confidence (largest calibrated probability)", xlabel="confidence")
+distance = adata.obs["tgem_neighbor_distance"]  # minus the "neighbors" rule's score
+bins = np.linspace(0, float(distance.max()) * 1.02, 31)
+axes[2].hist(distance[~unseen], bins=bins, alpha=0.7, label="seen types")
+axes[2].hist(distance[unseen], bins=bins, alpha=0.7, color="black", label=f"{UNSEEN} (unseen)")
+axes[2].axvline(-rejection["threshold"], color="red", ls="--", label="fitted threshold")
+axes[2].set(title="mean distance to the 10 nearest training cells", xlabel="distance (50 PCs)")
 axes[2].set_ylabel("cells")
 axes[2].legend(fontsize=8)
 fig.tight_layout(rect=(0, 0.1, 1, 1))

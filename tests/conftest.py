@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from tgem.datasets import load_pbmc68k
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 #: The optional packages some tests import with ``pytest.importorskip``. The ``test`` extra
@@ -35,9 +37,17 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pbmc(data_dir):
-    with np.load(data_dir / "pbmc68k_reduced.npz", allow_pickle=False) as d:
-        return d["X"], d["y_cell_type"], d["features"]
+def pbmc():
+    """The PBMC cells that ship with tgem: ``(X, cell types, gene names)`` as NumPy arrays.
+
+    ``tests/test_datasets.py`` checks they equal ``../shared/data/pbmc68k_reduced.npz``.
+    """
+    bunch = load_pbmc68k()
+    return (
+        np.asarray(bunch.data),
+        np.asarray(bunch.target).astype(str),
+        np.asarray(bunch.feature_names).astype(str),
+    )
 
 
 @pytest.fixture(autouse=True)

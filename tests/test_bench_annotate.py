@@ -84,14 +84,16 @@ def _record(rng, n_cal=200, n_test=100, n_unseen=50, k=3):
 
 
 def test_every_rule_rejects_at_most_five_percent_of_calibration_cells():
-    rec = _record(np.random.default_rng(2))
-    rows = bench.figures(rec, {"mouse": ["Mouse"], "both": ["Mouse", "Unknown"]})
+    rng = np.random.default_rng(2)
+    rec = _record(rng)
+    neighbors = {p: rng.normal(size=n) for p, n in (("cal", 200), ("test", 100), ("unseen", 50))}
+    rows = bench.figures(rec, {"mouse": ["Mouse"], "both": ["Mouse", "Unknown"]}, neighbors)
     assert [r["rule"] for r in rows] == list(bench.ALL_RULES)
     for r in rows:
         assert r["cal_rejected"] <= 0.05
         assert 0 <= r["auroc_mouse"] <= 1 and r["n_mouse"] == 25 and r["n_both"] == 50
         # the threshold is the floor(0.05 n)-th smallest calibration score
-        s = bench.rule_scores(rec)[r["rule"]]["cal"]
+        s = bench.rule_scores(rec, neighbors)[r["rule"]]["cal"]
         assert r["threshold"] == np.sort(s)[int(0.05 * len(s))]
 
 

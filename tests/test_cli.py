@@ -197,13 +197,11 @@ def test_subprocess_mismatched_genes_exit_3_and_name_them(tables, trained, tmp_p
 def test_an_unwritable_output_folder_exits_2_before_any_work(
     command, tables, trained, tmp_path, capsys, monkeypatch
 ):
-    import tgem.cli
-
     (tmp_path / "a_file").write_text("not a folder")
     output = tmp_path / "a_file" / "out"  # a folder that cannot be made (root ignores modes)
     work = []
-    monkeypatch.setattr(tgem.cli, "_classifier", lambda args: work.append("fit"))
-    monkeypatch.setattr(tgem.cli, "_load_model", lambda path: work.append("load"))
+    monkeypatch.setattr("tgem.cli._train._classifier", lambda args: work.append("fit"))
+    monkeypatch.setattr("tgem.cli._data._load_model", lambda path: work.append("load"))
     data = ["train", str(tables / "train.csv"), "--label", "cell_type", *TINY]
     if command != "train":
         labelled = command == "explain"

@@ -230,7 +230,7 @@ def test_obs_column_of_another_length_than_x_is_refused(tmp_path):
 
 
 def test_absurdly_wide_strings_are_refused_before_they_are_read(tmp_path, monkeypatch):
-    import tgem._h5ad
+    import tgem._h5ad_checks
 
     path = _write(tmp_path / "wide.h5ad")
     width = 5000  # the cap is lowered below so that the test file stays small
@@ -240,7 +240,7 @@ def test_absurdly_wide_strings_are_refused_before_they_are_read(tmp_path, monkey
         del f["var/_index"]
         f["var/_index"] = names
         f["var/_index"].attrs.update(attrs)
-    monkeypatch.setattr(tgem._h5ad, "MAX_STRING_BYTES", 4096)
+    monkeypatch.setattr(tgem._h5ad_checks, "MAX_STRING_BYTES", 4096)
     with pytest.raises(ValueError, match=r"wide\.h5ad.*var/_index.*5000 bytes.*4096"):
         H5ADDataset(path)
 

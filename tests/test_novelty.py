@@ -130,13 +130,34 @@ def test_the_neighbors_threshold_rejects_at_most_the_target_share_of_held_out_ce
     )
 
 
-def test_cells_far_from_every_training_cell_are_unassigned(fitted):
+def test_the_combined_threshold_and_scores_are_those_of_the_held_out_p_values(fitted):
+    clf, X, _, names = fitted
+    held = pd.DataFrame(X[clf.calibration_indices_], columns=names)
+    combined = tgem.rejection_scores(clf, held, rule="combined")
+    energy = tgem.rejection_scores(clf, held, rule="energy")
+    neighbors = tgem.rejection_scores(clf, held, rule="neighbors")
+    np.testing.assert_allclose(clf.calibration_scores_["energy"], np.sort(energy), rtol=1e-9)
+    np.testing.assert_allclose(clf.calibration_scores_["neighbors"], np.sort(neighbors), rtol=1e-9)
+    n = len(held)
+    p_energy = (np.sum(energy[None, :] <= energy[:, None] + 1e-12, axis=1) + 1) / (n + 1)
+    p_neigh = (np.sum(neighbors[None, :] <= neighbors[:, None] + 1e-12, axis=1) + 1) / (n + 1)
+    np.testing.assert_allclose(combined, np.minimum(p_energy, p_neigh))
+    # the threshold: on the held-out cells' p-values with each one's own score left out
+    own = np.minimum(p_energy, p_neigh) - 1 / (n + 1)
+    threshold = clf.rejection_thresholds_["combined"]
+    assert threshold == pytest.approx(np.sort(own)[int(TARGET_REJECTION * n)])
+    # (scores recomputed here may differ from fit's in the last bit: one tie may move)
+    assert 0 < threshold <= 1 and np.mean(own < threshold) <= TARGET_REJECTION + 1 / n
+
+
+@pytest.mark.parametrize("rule", ["neighbors", "combined"])
+def test_cells_far_from_every_training_cell_are_unassigned(fitted, rule):
     clf, X, _, names = fitted
     far = pd.DataFrame(X[:20] + 40.0, columns=names)
-    labels = tgem.predict_with_rejection(clf, far, rule="neighbors")
+    labels = tgem.predict_with_rejection(clf, far, rule=rule)
     assert set(labels) == {"unassigned"}
     near = pd.DataFrame(X[clf.calibration_indices_], columns=names)
-    kept = tgem.predict_with_rejection(clf, near, rule="neighbors")
+    kept = tgem.predict_with_rejection(clf, near, rule=rule)
     assert np.mean(kept == "unassigned") <= TARGET_REJECTION
 
 
@@ -239,17 +260,22 @@ def test_format_2_files_load_without_the_reference(fitted):
         calibration = h["fitted"]["calibration"]
         del calibration["neighbor_reference"]
         del calibration["rejection_thresholds_"]["neighbors"]
-        h["arrays"] = [a for a in h["arrays"] if "neighbor_reference" not in a["name"]]
+        del calibration["rejection_thresholds_"]["combined"]
+        h["arrays"] = [a for a in h["arrays"] if not _new_in_3(a["name"])]
 
     def drop(items):
-        for name in [n for n in items if "neighbor_reference" in n]:
+        for name in [n for n in items if _new_in_3(n)]:
             del items[name]
 
     old = load(io.BytesIO(_rebuild(_to_bytes(clf), header=as_version_2, entries=drop)))
-    assert not hasattr(old, "neighbor_reference_")
+    assert not hasattr(old, "neighbor_reference_") and not hasattr(old, "calibration_scores_")
     assert set(old.rejection_thresholds_) == {"max_proba", "energy"}
     frame = pd.DataFrame(X, columns=names)
     np.testing.assert_array_equal(old.predict_proba(frame), clf.predict_proba(frame))
+
+
+def _new_in_3(name: str) -> bool:
+    return "neighbor_reference/" in name or "calibration_scores/" in name
 
 
 def _set_array(name, array):
@@ -279,12 +305,37 @@ def _reference(h):
             None,
             "finite",
         ),
+        (lambda h: _reference(h)["rejection_thresholds_"].update(combined=1.5), None, "probab"),
+        (lambda h: _reference(h)["rejection_thresholds_"].pop("combined"), None, "combined"),
     ],
 )
 def test_a_tampered_reference_header_is_refused(fitted, header, entries, match):
     clf = fitted[0]
     with pytest.raises(ModelFileError, match=match):
         load(io.BytesIO(_rebuild(_to_bytes(clf), header=header, entries=entries)))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [(lambda a: a[::-1].copy(), "sorted"), (lambda a: a[:-1], "finite numbers")],
+)
+def test_tampered_held_out_scores_are_refused(fitted, change, match):
+    clf = fitted[0]
+    array = change(clf.calibration_scores_["energy"])
+    name = "attributes/calibration_scores/energy.npy"
+
+    def manifest(h):
+        for entry in h["arrays"]:
+            if entry["name"] == name:
+                entry["shape"] = list(array.shape)
+
+    def entries(items):
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, array, allow_pickle=False)
+        items[name] = buffer.getvalue()
+
+    with pytest.raises(ModelFileError, match=match):
+        load(io.BytesIO(_rebuild(_to_bytes(clf), header=manifest, entries=entries)))
 
 
 @pytest.mark.parametrize(
@@ -328,3 +379,30 @@ def test_a_type_left_out_of_the_bundled_pbmc_cells_is_far_from_the_reference():
     assert rejected_unseen > rejected_seen + 0.3, (rejected_seen, rejected_unseen)
     truth = np.r_[np.zeros(len(test)), np.ones(len(unseen))]
     assert roc_auc_score(truth, -np.r_[ref.scores(X[test]), ref.scores(X[unseen])]) > 0.8
+
+
+def test_annotate_picks_the_combined_rule_for_a_calibrated_model_by_default(fitted, monkeypatch):
+    anndata = pytest.importorskip("anndata")
+    clf, X, _, names = fitted
+    assert len(clf.calibration_indices_) < 100  # too few held-out cells: neighbors
+    adata = anndata.AnnData(X[:5])
+    adata.var_names = names
+    tgem.annotate(adata, clf)
+    assert adata.uns["tgem"]["rejection"]["rule"] == "neighbors"
+    monkeypatch.setattr(tgem._annotate, "AUTO_COMBINED_MIN_CALIBRATION", 50)
+    adata = anndata.AnnData(np.vstack([X[:30], X[:10] + 40.0]))
+    adata.var_names = names
+    tgem.annotate(adata, clf)
+    rejection = adata.uns["tgem"]["rejection"]
+    assert rejection["rule"] == "combined"
+    assert rejection["threshold"] == clf.rejection_thresholds_["combined"]
+    assert set(adata.obs["tgem_label"].astype(str)[30:]) == {"unassigned"}
+    np.testing.assert_allclose(
+        adata.obs["tgem_combined_p"].to_numpy(),
+        tgem.rejection_scores(clf, adata.to_df(), rule="combined"),
+    )
+    tgem.annotate(adata, clf, threshold=0.5)  # a given threshold: a probability
+    assert adata.uns["tgem"]["rejection"]["rule"] == "max_proba"
+    plain = TGEMClassifier(random_state=0, **FAST).fit(pd.DataFrame(X, columns=names), fitted[2])
+    tgem.annotate(adata, plain)
+    assert adata.uns["tgem"]["rejection"]["rule"] == "max_proba"

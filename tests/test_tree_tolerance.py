@@ -26,7 +26,8 @@ from tgem._kernels import (
 from tgem._kernels._tree import DEFAULT_TOL, tree_attention
 from tgem._kernels._tree_native import tree_native_attention
 from tgem._model import TGEMNet, module_init
-from tgem.cli import _classifier, build_parser
+from tgem.cli import build_parser
+from tgem.cli._train import _classifier
 from tgem.exceptions import ModelFileError
 
 REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")

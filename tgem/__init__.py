@@ -14,16 +14,12 @@ if os.environ.get("TGEM_SET_OMP_WAIT_POLICY", "1") != "0":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tgem._alignment import GeneAlignment, align_genes
-from tgem._annotate import (
-    annotate,
-    fit_rejection_threshold,
-    predict_with_rejection,
-    rejection_scores,
-)
+from tgem._annotate import annotate
 from tgem._classifier import TGEMClassifier
 from tgem._gene_sets import GeneSetSelector
 from tgem._h5ad import H5ADDataset
 from tgem._io import load
+from tgem._rejection import fit_rejection_threshold, predict_with_rejection, rejection_scores
 from tgem._scale import RawCountsWarning, check_log_scale
 from tgem._version import __version__
 from tgem._versions import show_versions, versions

@@ -1,10 +1,9 @@
-"""Cell-type annotation of AnnData objects, and rejection of cells of unseen types.
+"""Cell-type annotation of AnnData objects.
 
 :func:`annotate` runs a fitted :class:`~tgem.TGEMClassifier` on an AnnData object, scanpy
 style: labels, confidence and probabilities go to ``obs``, ``obsm`` and ``uns``, so that the
-next step can be ``sc.pl.umap(adata, color="tgem_label")``. :func:`predict_with_rejection`
-and :func:`fit_rejection_threshold` mark cells the model is unsure of as unassigned;
-``TGEMClassifier.predict`` itself never rejects (scikit-learn's contract).
+next step can be ``sc.pl.umap(adata, color="tgem_label")``. Cells of types the model did not
+learn are left ``unassigned`` by the rules of :mod:`tgem._rejection`.
 """
 
 from __future__ import annotations
@@ -17,249 +16,30 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tgem._calibration import RULES, captured_logits, energy, rejection_threshold
-from tgem._h5ad import H5ADDataset, is_h5ad_input
+from tgem._rejection import (  # noqa: F401 - RULES and the three functions: old import paths
+    RULES,
+    _check_rule,
+    _check_unassigned,
+    _proba_and_score,
+    _resolve_threshold,
+    fit_rejection_threshold,
+    predict_with_rejection,
+    rejection_scores,
+)
 from tgem._version import __version__
 from tgem.datasets._gene_ids import DEFAULT_MIN_OVERLAP, match_genes
 from tgem.interpret import attribute
 
-__all__ = ["annotate", "fit_rejection_threshold", "predict_with_rejection", "rejection_scores"]
+__all__ = ["annotate"]
 
-#: Threshold of the max-probability rule when none is given.
-DEFAULT_MAX_PROBA_THRESHOLD = 0.5
+#: ``reject="auto"`` uses ``"combined"`` from this many held-out cells. Its p-values move in
+#: steps of ``1 / (n + 1)``: with fewer cells a 5 % threshold rejects almost nothing (37
+#: held-out PBMC cells: none of 95 cells of an unseen type), so smaller models use
+#: ``"neighbors"``, whose distances are continuous (on PBMC, one type left out: median AUROC
+#: 0.856 against 0.769 for max_proba, ``benchmarks/results/annotate_rejection.md``).
+AUTO_COMBINED_MIN_CALIBRATION = 100
 
 _INSTALL = 'install it with `pip install "tgem[anndata]"`'
-
-
-# ------------------------------------------------------------------ rejection
-def _check_rule(rule) -> str:
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
-    return rule
-
-
-def _resolve_threshold(threshold, rule: str, model) -> tuple[float, str]:
-    """The threshold to use and where it came from: "given", "calibration" or "default".
-
-    Without a given threshold, a model fitted with ``calibration="temperature"`` supplies
-    the one fitted on its held-out cells (``rejection_thresholds_``).
-    """
-    if threshold is not None:
-        return _check_threshold(threshold, rule), "given"
-    fitted = getattr(model, "rejection_thresholds_", None) or {}
-    if rule in fitted:
-        return _check_threshold(fitted[rule], rule), "calibration"
-    return _check_threshold(None, rule), "default"
-
-
-def _check_threshold(threshold, rule: str) -> float:
-    """The threshold as a float, in the range of the rule's score."""
-    if threshold is None:
-        if rule == "max_proba":
-            return DEFAULT_MAX_PROBA_THRESHOLD
-        raise ValueError(
-            f"rule={rule!r} has no default threshold (its scale depends on the model and the "
-            "data) and the model holds no fitted one; got threshold=None. Pass "
-            f"threshold=tgem.fit_rejection_threshold(model, X_cal, y_cal, rule={rule!r}) with "
-            "cells the model did not train on, or fit the model with "
-            "calibration='temperature'."
-        )
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a real number; got {threshold!r}.")
-    threshold = float(threshold)
-    if rule == "max_proba" and not 0.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"threshold for rule='max_proba' is a probability in [0, 1]; got {threshold!r}. "
-            "Pass e.g. 0.5, or 0 to reject nothing."
-        )
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite; got {threshold!r}.")
-    return threshold
-
-
-def _check_unassigned(unassigned, classes) -> str:
-    if not isinstance(unassigned, str) or not unassigned:
-        raise TypeError(f"unassigned must be a non-empty str; got {unassigned!r}.")
-    if unassigned in {str(c) for c in classes}:
-        raise ValueError(
-            f"unassigned={unassigned!r} is one of the model's classes; pass another label, "
-            "e.g. unassigned='tgem_unassigned'."
-        )
-    return unassigned
-
-
-def _proba_and_score(model, X, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and each row's confidence score under ``rule``."""
-    if rule == "neighbors":
-        _reference(model)  # before predicting: a model without one fails at once
-    logits: list[np.ndarray] = []
-    with captured_logits(model, logits):
-        proba = model.predict_proba(X)
-    if rule == "max_proba":
-        return proba, proba.max(axis=1)
-    if rule == "neighbors":
-        return proba, _neighbor_scores(model, X)
-    logits = np.concatenate(logits) if logits else np.empty((0, proba.shape[1]))
-    if logits.shape != proba.shape:  # e.g. a batch rerun after running out of memory
-        raise RuntimeError(
-            f"collected logits of shape {logits.shape} for probabilities of shape "
-            f"{proba.shape}; rerun with a smaller predict_batch_size."
-        )
-    return proba, energy(logits)
-
-
-def _reference(model):
-    reference = getattr(model, "neighbor_reference_", None)
-    if reference is None:
-        raise ValueError(
-            "rule='neighbors' measures the distance to the model's training cells, and this "
-            "model holds no reference of them (fit builds one with "
-            "calibration='temperature'; tgem before 0.2 never did). Refit with "
-            "TGEMClassifier(calibration='temperature'), or pick rule='max_proba' or 'energy'."
-        )
-    return reference
-
-
-def _neighbor_scores(model, X) -> np.ndarray:
-    """The ``"neighbors"`` scores of the rows of ``X`` (already validated by predicting)."""
-    reference = _reference(model)
-    if isinstance(X, H5ADDataset):  # read in blocks, as predicting does
-        step = max(1, int(model.predict_batch_size))
-        blocks = [reference.scores(X[a : a + step]) for a in range(0, X.shape[0], step)]
-        return np.concatenate(blocks) if blocks else np.empty(0)
-    if is_h5ad_input(X):
-        raise TypeError(
-            "rule='neighbors' takes an array, a sparse matrix, a DataFrame or a "
-            f"tgem.H5ADDataset; got {type(X).__name__}. Pass tgem.H5ADDataset(path), or "
-            "annotate an AnnData with tgem.annotate(adata, model, reject='neighbors')."
-        )
-    return reference.scores(X)
-
-
-def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
-    """Confidence score of each sample under a rejection rule (higher: more confident).
-
-    Parameters
-    ----------
-    model : TGEMClassifier
-        A fitted classifier.
-    X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
-        Samples, with the model's genes.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
-        ``"max_proba"``: the largest class probability. ``"energy"``: the negative free
-        energy, ``logsumexp`` of the network's logits (before the softmax), which keeps
-        the overall magnitude that the softmax normalises away (Liu et al. 2020).
-        ``"neighbors"``: minus the mean distance to the 10 nearest training cells in the
-        first 50 principal components of the standardised genes
-        (``model.neighbor_reference_``, built by ``fit`` with
-        ``calibration="temperature"``); it does not depend on the network, and separated
-        cells of unseen types best in the project's measurements.
-
-    Returns
-    -------
-    scores : ndarray of shape (n_samples,)
-    """
-    return _proba_and_score(model, X, _check_rule(rule))[1]
-
-
-def predict_with_rejection(
-    model, X, *, threshold=None, rule: str = "max_proba", unassigned: str = "unassigned"
-) -> np.ndarray:
-    """Predicted labels, with ``unassigned`` for samples whose score is below a threshold.
-
-    Parameters
-    ----------
-    model : TGEMClassifier
-        A fitted classifier.
-    X : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
-        Samples, with the model's genes (never modified).
-    threshold : float, optional
-        Samples with a score (see :func:`rejection_scores`) strictly below it are
-        unassigned. ``rule="max_proba"``: a probability in [0, 1]. ``rule="energy"`` and
-        ``"neighbors"`` (minus a distance): any finite number. When not given: the
-        threshold fitted on the model's held-out cells (``model.rejection_thresholds_[rule]``,
-        for a model fitted with ``calibration="temperature"``), else 0.5 for
-        ``"max_proba"``, while ``"energy"`` then requires one; fit it with
-        :func:`fit_rejection_threshold` on cells the model did not train on.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
-        The confidence score.
-    unassigned : str, default="unassigned"
-        The label of rejected samples; must not be one of the model's classes.
-
-    Returns
-    -------
-    labels : ndarray of shape (n_samples,), object
-        ``model.predict(X)`` where the score reaches the threshold, ``unassigned``
-        elsewhere.
-
-    Examples
-    --------
-    >>> import tgem
-    >>> from tgem.datasets import load_pbmc68k
-    >>> X, y = load_pbmc68k(return_X_y=True)
-    >>> model = tgem.TGEMClassifier(max_epochs=2, random_state=0).fit(X[:300], y[:300])
-    >>> labels = tgem.predict_with_rejection(model, X[300:310], threshold=1.0)
-    >>> set(labels)
-    {'unassigned'}
-    """
-    rule = _check_rule(rule)
-    threshold, _ = _resolve_threshold(threshold, rule, model)
-    unassigned = _check_unassigned(unassigned, model.classes_)
-    proba, score = _proba_and_score(model, X, rule)
-    labels = model.classes_[np.argmax(proba, axis=1)].astype(object)
-    labels[score < threshold] = unassigned
-    return labels
-
-
-def fit_rejection_threshold(
-    model, X_cal, y_cal, *, rule: str = "max_proba", target_rejection: float = 0.05
-) -> float:
-    """The threshold that rejects at most a given share of calibration cells of seen types.
-
-    Use cells the model did not train on (e.g. a held-out share of the training data): on
-    its own training cells a model is over-confident and the threshold would be too high.
-
-    Parameters
-    ----------
-    model : TGEMClassifier
-        A fitted classifier.
-    X_cal : {array-like, sparse matrix, DataFrame} of shape (n_samples, n_genes)
-        Calibration cells, not used in training.
-    y_cal : array-like of shape (n_samples,)
-        Their labels. Cells of types the model does not know are ignored.
-    rule : {"max_proba", "energy", "neighbors"}, default="max_proba"
-        The confidence score (see :func:`rejection_scores`).
-    target_rejection : float in [0, 1), default=0.05
-        The largest share of the calibration cells that the threshold may reject.
-
-    Returns
-    -------
-    threshold : float
-        The ``floor(target_rejection * n)``-th smallest score: scores strictly below it are
-        rejected, which is at most that many calibration cells.
-    """
-    rule = _check_rule(rule)
-    if isinstance(target_rejection, bool) or not isinstance(target_rejection, numbers.Real):
-        raise TypeError(f"target_rejection must be a real number; got {target_rejection!r}.")
-    if not 0.0 <= target_rejection < 1.0:
-        raise ValueError(
-            f"target_rejection is a share of cells in [0, 1); got {target_rejection!r}. "
-            "Pass e.g. 0.05 to reject at most 5% of the calibration cells."
-        )
-    y_cal = np.asarray(y_cal)
-    scores = rejection_scores(model, X_cal, rule=rule)
-    if len(y_cal) != len(scores):
-        raise ValueError(
-            f"X_cal has {len(scores)} rows but y_cal has {len(y_cal)} labels; pass one label "
-            "per calibration cell."
-        )
-    seen = np.isin(y_cal, model.classes_)
-    if not seen.any():
-        raise ValueError(
-            "none of the calibration labels is one of the model's classes "
-            f"{list(model.classes_)[:5]}; pass labelled cells of the types the model knows."
-        )
-    return rejection_threshold(scores[seen], target_rejection)
 
 
 # ------------------------------------------------------------------ annotate
@@ -386,7 +166,7 @@ def annotate(
     key_added: str = "tgem",
     copy: bool = False,
     batch_size: int = 1024,
-    reject: str | None = "max_proba",
+    reject: str | None = "auto",
     threshold=None,
     unassigned: str = "unassigned",
     fill_value=None,
@@ -418,8 +198,16 @@ def annotate(
         backed AnnData (load it with ``adata.to_memory()`` first).
     batch_size : int, default=1024
         Cells read and predicted at a time.
-    reject : {"max_proba", "energy", "neighbors"} or None, default="max_proba"
-        The rejection rule (see :func:`predict_with_rejection`); None assigns every cell.
+    reject : {"auto", "max_proba", "energy", "neighbors", "combined"} or None, default="auto"
+        The rejection rule (see :func:`rejection_scores`); None assigns every cell.
+        ``"auto"``, for a model fitted with ``calibration="temperature"`` (it carries its
+        thresholds and reference) and no ``threshold`` given: ``"combined"`` from 100
+        held-out cells, the rule that flagged both cells of another organism and types
+        left out of training in the project's measurements, and ``"neighbors"`` below
+        (the combined p-values are then too coarse to reject 5 %). ``"max_proba"``
+        otherwise: for other models, and when a threshold is given (it is then a
+        probability).
+        ``uns[key]["rejection"]["rule"]`` records the rule used.
     threshold : float, optional
         Cells whose score is below it are labelled ``unassigned``. When not given: the
         model's threshold fitted on its held-out cells (``rejection_thresholds_``, with
@@ -454,6 +242,8 @@ def annotate(
         - ``obs[key + "_energy"]``: the energy score, with ``reject="energy"``;
         - ``obs[key + "_neighbor_distance"]``: the mean distance to the 10 nearest
           training cells (minus the score), with ``reject="neighbors"``;
+        - ``obs[key + "_combined_p"]``: the smaller of the energy and neighbours
+          p-values, with ``reject="combined"`` (also when ``"auto"`` resolves to it);
         - ``obsm[key + "_probabilities"]``: (n_cells, n_classes), columns in the order
           of ``uns[key]["classes"]``;
         - ``varm[key + "_importances"]``: (n_genes, n_classes) mean attribution of each
@@ -503,6 +293,12 @@ def annotate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size!r}.")
     source = "none"
+    if reject == "auto":
+        held = getattr(model, "calibration_scores_", {}).get("energy", ())
+        if threshold is not None or not len(held):  # a given threshold is a probability
+            reject = "max_proba"
+        else:
+            reject = "combined" if len(held) >= AUTO_COMBINED_MIN_CALIBRATION else "neighbors"
     if reject is not None:
         reject = _check_rule(reject)
         threshold, source = _resolve_threshold(threshold, reject, model)
@@ -543,6 +339,8 @@ def annotate(
         adata.obs[f"{key_added}_energy"] = score
     if reject == "neighbors":
         adata.obs[f"{key_added}_neighbor_distance"] = -score
+    if reject == "combined":
+        adata.obs[f"{key_added}_combined_p"] = score
     adata.obsm[f"{key_added}_probabilities"] = proba
     if importances:
         adata.varm[f"{key_added}_importances"] = _per_data_gene(

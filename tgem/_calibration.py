@@ -32,6 +32,7 @@ __all__ = [
     "TARGET_REJECTION",
     "TEMPERATURE_BOUNDS",
     "calibrate",
+    "combined_scores",
     "conformal_quantile",
     "expected_calibration_error",
     "fit_temperature",
@@ -41,8 +42,11 @@ __all__ = [
 ]
 
 #: Rejection rules: the score of each cell, higher meaning more confident. ``"neighbors"``
-#: needs the model's reference of training cells (:mod:`tgem._novelty`).
-RULES = ("max_proba", "energy", "neighbors")
+#: needs the model's reference of training cells (:mod:`tgem._novelty`), ``"combined"`` that
+#: and the held-out cells' scores (:func:`combined_scores`).
+RULES = ("max_proba", "energy", "neighbors", "combined")
+#: The rules ``"combined"`` joins.
+COMBINED_RULES = ("energy", "neighbors")
 #: The rules every calibrated model has a threshold for (format-2 files hold only these).
 MODEL_RULES = ("max_proba", "energy")
 
@@ -160,6 +164,35 @@ def energy(logits: np.ndarray) -> np.ndarray:
     return logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
 
 
+def combined_scores(scores: dict, held_out: dict, *, own: bool = False) -> np.ndarray:
+    """The ``"combined"`` rule's score: the smaller of the energy and neighbours p-values.
+
+    For each rule of :data:`COMBINED_RULES`, a cell's p-value is the share of held-out cells
+    (``held_out[rule]``, sorted) that score at most as high, ``(#{s_i <= s} + 1) / (n + 1)``:
+    how typical the cell is of cells of the known types, on the same scale for both rules.
+    The smaller of the two is the score, so a cell is rejected when either rule finds it
+    atypical: the energy flags types the network has not learned, the neighbours' distance
+    cells unlike any training cell (``benchmarks/bench_annotate.py`` measures both).
+    With ``own=True`` the scored cells are the held-out cells themselves, and each one's own
+    score is left out of the count (as a new cell's would be), so that a threshold fitted on
+    them rejects new cells of the known types at the same rate.
+
+    Examples
+    --------
+    >>> held = {"energy": np.array([1.0, 2.0, 3.0]), "neighbors": np.array([-3.0, -2.0, -1.0])}
+    >>> combined_scores({"energy": np.array([2.5]), "neighbors": np.array([-5.0])}, held)
+    array([0.25])
+    """
+    out = None
+    for rule in COMBINED_RULES:
+        ref = np.asarray(held_out[rule], dtype=np.float64)
+        s = np.asarray(scores[rule], dtype=np.float64)
+        count = np.searchsorted(ref, s, side="right") - (1.0 if own else 0.0)
+        p = (count + 1.0) / (len(ref) + 1.0)
+        out = p if out is None else np.minimum(out, p)
+    return out
+
+
 def rejection_threshold(scores: np.ndarray, target_rejection: float) -> float:
     """The ``floor(target_rejection * n)``-th smallest score: fewer than that lie below it."""
     ordered = np.sort(np.asarray(scores, dtype=np.float64))
@@ -245,12 +278,21 @@ def calibrate(
     logits, ``y`` their class indices and ``weights`` their sample weights (cells of weight 0
     are left out). The attributes are ``temperature_``, ``calibration_report_``,
     ``rejection_thresholds_`` and ``conformal_scores_``; ``neighbor_scores``, the held-out
-    cells' scores under the ``"neighbors"`` rule, add that rule's threshold. Under DDP
+    cells' scores under the ``"neighbors"`` rule, add that rule's threshold, the
+    ``"combined"`` rule's and its reference scores (``calibration_scores_``). Under DDP
     (``dist``) every process calibrates and all keep rank 0's result.
     """
     keep = weights > 0
     raw, logits, y, weights = raw[keep], logits[keep], y[keep], weights[keep]
     neighbors = None if neighbor_scores is None else np.asarray(neighbor_scores)[keep]
+    held, combined = None, math.nan
+    if neighbors is not None:  # the "combined" rule: its reference scores and threshold
+        own = dict(zip(COMBINED_RULES, (energy(logits), neighbors), strict=True))
+        held = np.stack([np.sort(own[rule]) for rule in COMBINED_RULES])
+        combined = rejection_threshold(
+            combined_scores(own, dict(zip(COMBINED_RULES, held, strict=True)), own=True),
+            TARGET_REJECTION,
+        )
     temperature, nll_before, nll_after, at_bound = fit_temperature(raw, y, weights)
     proba = proba_at(raw, temperature)
     before = proba_at(raw, 1.0)
@@ -266,11 +308,13 @@ def calibrate(
             rejection_threshold(proba.max(axis=1), TARGET_REJECTION),
             rejection_threshold(energy(logits), TARGET_REJECTION),
             math.nan if neighbors is None else rejection_threshold(neighbors, TARGET_REJECTION),
+            combined,
         ]
     )
     scores = conformity_scores(proba, y)
     if dist is not None:
         values, scores = dist.broadcast(values), dist.broadcast(scores)
+        held = None if held is None else dist.broadcast(held)
     report = {
         "n_train": int(n_train),
         "n_calibration": len(scores),
@@ -289,6 +333,9 @@ def calibrate(
         "rejection_thresholds_": {"max_proba": float(values[7]), "energy": float(values[8])},
         "conformal_scores_": np.asarray(scores, dtype=np.float64),
     }
-    if neighbors is not None:
+    if held is not None:
         fitted["rejection_thresholds_"]["neighbors"] = float(values[9])
+        fitted["rejection_thresholds_"]["combined"] = float(values[10])
+        pairs = zip(COMBINED_RULES, held, strict=True)
+        fitted["calibration_scores_"] = {r: np.asarray(a, dtype=np.float64) for r, a in pairs}
     return fitted, bool(at_bound)

@@ -246,7 +246,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     rejection_thresholds_ : dict
         With ``calibration="temperature"``: for each rejection rule (``"max_proba"`` on the
         calibrated probabilities, ``"energy"`` on the logits, ``"neighbors"`` on the
-        distance to the training cells) the threshold that rejects at most 5 %
+        distance to the training cells, ``"combined"`` on the last two together) the
+        threshold that rejects at most 5 %
         (``tgem._calibration.TARGET_REJECTION``) of the held-out cells, as
         :func:`tgem.fit_rejection_threshold` fits it.
     conformal_scores_ : ndarray of shape (n_calibration,)
@@ -259,6 +260,10 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         of them, stratified): each gene's standardisation, the first 50 principal axes and
         the cells' coordinates on them. Model files hold it (format 3): a model carries
         this summary of its training cells.
+    calibration_scores_ : dict
+        With ``calibration="temperature"``: the held-out cells' ``"energy"`` and
+        ``"neighbors"`` scores, each sorted, which the ``"combined"`` rule turns into
+        p-values (:func:`tgem.rejection_scores`).
     calibration_indices_ : ndarray of shape (n_calibration_all,)
         With ``calibration="temperature"``: the rows of ``fit``'s ``X`` held out (sorted).
         Kept in memory and pickles only; model files do not hold it.
@@ -271,8 +276,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     Notes
     -----
     The defaults differ from the original's in two places, chosen by the project's defaults
-    study (``benchmarks/README.md``, "Defaults"): each gene is standardised inside the network
-    (``standardize=True``) and Adam's learning rate is 1e-3 instead of 1e-4. With the
+    study (``benchmarks/README.md``, "The defaults study"): each gene is standardised inside
+    the network (``standardize=True``) and Adam's learning rate is 1e-3 instead of 1e-4. With the
     original's values the network underfits (it loses to a random forest, logistic
     regression and gradient boosting on PBMC and ALL data, by 6 points of accuracy on PBMC
     over 5 folds); with these it is significantly better on PBMC and ties the baselines.
@@ -659,6 +664,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             "conformal_scores_",
             "calibration_indices_",
             "neighbor_reference_",
+            "calibration_scores_",
         ):
             self.__dict__.pop(name, None)
         self.temperature_ = 1.0

@@ -21,6 +21,9 @@ A tgem model file is a ZIP archive whose entries are stored uncompressed, in thi
     Format version 3, with the calibration: the ``"neighbors"`` rule's reference of training
     cells (``neighbor_reference_``; ``fitted["calibration"]["neighbor_reference"]`` holds its
     ``n_neighbors``) and that rule's threshold. Files of versions 1 and 2 load without it.
+``attributes/calibration_scores/{energy,neighbors}.npy``
+    Format version 3, with the reference: the held-out cells' sorted scores that the
+    ``"combined"`` rule compares with (``calibration_scores_``).
 ``SHA256``
     The hex SHA-256 of the payload: for every other entry, in archive order, its name
     (UTF-8), a zero byte, its length (8 bytes, little-endian) and its bytes.
@@ -56,6 +59,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from tgem._io_build import _build
 from tgem._io_format import (  # noqa: F401 - FORMAT, MAX_HEADER_SIZE, _digest: old import paths
+    _CALIBRATION_SCORES,
     _CHECKSUM,
     _CONFORMAL_SCORES,
     _DATE_TIME,
@@ -150,6 +154,8 @@ def save(model, path: str | os.PathLike | IO[bytes]) -> None:
     if scores is not None and reference is not None:
         for field, array in reference.arrays().items():
             arrays[_NEIGHBOR_REFERENCE.format(field)] = np.asarray(array, dtype=np.float64)
+        for rule, array in model.calibration_scores_.items():
+            arrays[_CALIBRATION_SCORES.format(rule)] = np.asarray(array, dtype=np.float64)
     blobs = {name: _npy_bytes(array) for name, array in arrays.items()}
     header = _header(model, module_init(model.module_), arrays)
     header_bytes = json.dumps(header, indent=1, allow_nan=False).encode("utf-8")

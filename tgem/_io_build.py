@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
-from tgem._calibration import MODEL_RULES, TEMPERATURE_BOUNDS
+from tgem._calibration import COMBINED_RULES, MODEL_RULES, TEMPERATURE_BOUNDS
 from tgem._io_format import (
     _ARRAY_DTYPES,
+    _CALIBRATION_SCORES,
     _CONFORMAL_SCORES,
     _FEATURE_IMPORTANCES,
     _MAX_COUNT,
@@ -157,8 +158,13 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
         for f in fields
         if _NEIGHBOR_REFERENCE.format(f) in arrays
     }
+    held_arrays = {
+        r: arrays[_CALIBRATION_SCORES.format(r)]
+        for r in COMBINED_RULES
+        if _CALIBRATION_SCORES.format(r) in arrays
+    }
     if spec is None:
-        if scores is not None or neighbor_arrays:
+        if scores is not None or neighbor_arrays or held_arrays:
             raise ModelFileError(
                 f"{name} holds conformal scores or a neighbours' reference but no "
                 "calibration; the file was modified or not written by tgem."
@@ -197,9 +203,14 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
                 f"the neighbours' reference has {reference.n_genes} genes, the model "
                 f"{model.n_features_in_}"
             )
-    elif neighbor_arrays:
+    elif neighbor_arrays or held_arrays:
         raise bad("it holds neighbours' reference arrays but no neighbor_reference entry")
-    rules = (*MODEL_RULES, "neighbors") if reference is not None else MODEL_RULES
+    if reference is not None and set(held_arrays) != set(COMBINED_RULES):
+        raise bad(
+            "a neighbours' reference needs the held-out scores "
+            + ", ".join(_CALIBRATION_SCORES.format(r) for r in COMBINED_RULES)
+        )
+    rules = (*MODEL_RULES, "neighbors", "combined") if reference is not None else MODEL_RULES
     temperature = spec["temperature_"]
     low, high = TEMPERATURE_BOUNDS
     if type(temperature) not in (int, float) or not low <= temperature <= high:
@@ -211,8 +222,8 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
         value = _json_to_float(value)
         if type(value) not in (int, float) or not math.isfinite(value):
             raise bad(f"the {rule} threshold {value!r} is not a finite number")
-        if rule == "max_proba" and not 0.0 <= value <= 1.0:
-            raise bad(f"the max_proba threshold {value!r} is not a probability")
+        if rule in ("max_proba", "combined") and not 0.0 <= value <= 1.0:
+            raise bad(f"the {rule} threshold {value!r} is not a probability")
     report = spec["calibration_report_"]
     if not isinstance(report, dict) or set(report) != set(_REPORT_FIELDS):
         raise bad(f"calibration_report_ must hold exactly {sorted(_REPORT_FIELDS)}")
@@ -238,12 +249,21 @@ def _set_calibration(model, header: dict, fitted: dict, arrays: dict, name: str)
         raise bad("the conformal scores must be sorted numbers in [0, 1]")
     if len(scores) < 1 or clean["temperature"] != temperature:
         raise bad("the report does not match the temperature, or no cell was held out")
+    held = {}
+    for rule, array in held_arrays.items():
+        array = array.astype(np.float64)
+        if array.shape != scores.shape or not np.isfinite(array).all():
+            raise bad(f"the held-out {rule} scores must be {len(scores)} finite numbers")
+        if not np.all(np.diff(array) >= 0):
+            raise bad(f"the held-out {rule} scores must be sorted")
+        held[rule] = array
     model.temperature_ = float(temperature)
     model.rejection_thresholds_ = {r: float(_json_to_float(thresholds[r])) for r in rules}
     model.calibration_report_ = clean
     model.conformal_scores_ = scores
     if reference is not None:
         model.neighbor_reference_ = reference
+        model.calibration_scores_ = held
 
 
 def _check_params(model, name: str) -> None:

@@ -30,6 +30,8 @@ _FEATURE_IMPORTANCES = "attributes/feature_importances_.npy"
 _CONFORMAL_SCORES = "attributes/conformal_scores_.npy"
 # The "neighbors" rule's reference of training cells (format version 3): one array per field.
 _NEIGHBOR_REFERENCE = "attributes/neighbor_reference/{}.npy"
+# The held-out cells' sorted scores of the rules "combined" joins (format version 3).
+_CALIBRATION_SCORES = "attributes/calibration_scores/{}.npy"
 # The calibration report's fields (format version 2) and the type each must have.
 _REPORT_FIELDS = {
     "n_train": int,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils import Bunch
 
-from tgem._h5ad import check_sparse_groups, check_sparse_matrix, check_string_widths
+from tgem._h5ad_checks import check_sparse_groups, check_sparse_matrix, check_string_widths
 
 __all__ = ["read_gmt", "read_expression_table", "read_h5ad"]
 
@@ -403,7 +403,7 @@ def read_h5ad(
     ValueError
         If ``label_column`` is not a column of ``obs`` or ``layer`` is not a layer, or if the
         file is not a valid AnnData file: not a regular file, unreadable, strings wider than
-        ``tgem._h5ad.MAX_STRING_BYTES``, or a sparse matrix whose ``indptr``/``indices`` are
+        ``tgem._h5ad_checks.MAX_STRING_BYTES``, or a sparse matrix whose ``indptr``/``indices`` are
         inconsistent or out of bounds (checked before the matrix is used).
 
     Notes
