@@ -91,7 +91,6 @@ sys.path.insert(0, str(HERE))
 from bench_accuracy import DATA_DIR, _parse_shard, load_dataset, machine  # noqa: E402
 
 import tgem  # noqa: E402
-from tgem._rejection import rejection_scores  # noqa: E402
 from tgem._calibration import (  # noqa: E402
     COMBINED_RULES,
     MODEL_RULES,
@@ -101,6 +100,7 @@ from tgem._calibration import (  # noqa: E402
     rejection_threshold,
 )
 from tgem._novelty import NeighborReference  # noqa: E402
+from tgem._rejection import rejection_scores  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 ALL_RULES = (*RULES, "conformal_class")

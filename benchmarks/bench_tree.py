@@ -11,6 +11,10 @@ the scale: 1 = as initialised, 30 and 300 = sharpened), by
 * ``native``: the dense native CPU kernel (:func:`tgem._kernels._native.native_attention`),
   when built;
 * ``exact``: the dense pure-PyTorch exact path (:func:`tgem._kernels.exact_attention`).
+* ``auto``: what ``attention_backend="auto"`` runs for that call (the rule of
+  :func:`tgem._kernels._tree_native.auto_reach`: dense native or ``tree_native`` by gene count
+  and the call's score reach, the reach computed in the call as the model does); the
+  ``auto/best`` column is its time over the faster of ``native`` and ``tree_native``.
 
 The backends alternate within each repeat; the median of ``--repeats`` is reported (a single
 run when one call takes more than ``--single`` seconds). ``--backends`` picks a subset. A dense
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from tgem._kernels import exact_attention
+from tgem._kernels import exact_attention, resolve_backend
 from tgem._kernels._tree import tree_attention, tree_parameters
 
 try:
@@ -74,6 +78,12 @@ def time_call(fn, q, k, v, grad) -> float:
 
 TREES = ("tree", "tree_native")  # never skipped by the dense extrapolation
 DENSE = ("native", "exact")
+AUTO = ("auto",)  # never skipped either: it runs the tree where the dense kernel is slow
+
+
+def auto_attention(q, k, v):
+    """The attention ``attention_backend="auto"`` runs for this call (resolved per call)."""
+    return resolve_backend("auto", q.device, q.dtype, genes=q.shape[-1]).fn(q, k, v)
 
 
 def backends(names=None) -> dict:
@@ -83,6 +93,7 @@ def backends(names=None) -> dict:
     if _native is not None and _native.native_available():
         found["native"] = _native.native_attention
     found["exact"] = exact_attention
+    found["auto"] = auto_attention
     if names:
         missing = sorted(set(names) - set(found))
         if missing:
@@ -104,7 +115,7 @@ def run(args) -> dict:
             active = {}
             for name, fn in fns.items():
                 prev = last.get((name, scale))
-                if name not in TREES and prev is not None:
+                if name not in TREES + AUTO and prev is not None:
                     guess = prev[1] * (genes / prev[0]) ** 2
                     if guess > args.budget:
                         print(f"  skip {name} at {genes} genes x{scale}: ~{guess:.0f} s expected")
@@ -125,6 +136,12 @@ def run(args) -> dict:
                 for name in DENSE:
                     if f"{name}_s" in row and f"{tree_name}_s" in row:
                         row[f"{name}_over_{tree_name}"] = row[f"{name}_s"] / row[f"{tree_name}_s"]
+            fastest = [row[f"{n}_s"] for n in ("native", "tree_native") if f"{n}_s" in row]
+            if "auto_s" in row and fastest:
+                row["auto_over_best"] = row["auto_s"] / min(fastest)
+            if _tree_native is not None and _tree_native.tree_native_available():
+                chosen = reach <= _tree_native.auto_reach(genes)
+                row["auto_runs"] = "tree_native" if chosen else "native"
             rows.append(row)
             print(_format(row), flush=True)
     return {
@@ -156,7 +173,8 @@ def _format(row: dict) -> str:
     return (
         f"{row['genes']:>7} {row['scale']:>6g} {row['max_abs_q_times_range_k']:>10.2f} "
         f"{cell('tree')} {cell('tree_native')} {cell('native')} {cell('exact')} "
-        f"{ratio('native_over_tree')} {ratio('native_over_tree_native')}"
+        f"{ratio('native_over_tree')} {ratio('native_over_tree_native')} {cell('auto')} "
+        f"{ratio('auto_over_best')}"
     )
 
 
@@ -167,7 +185,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--backends", nargs="+", choices=TREES + DENSE, help="a subset (default: all available)"
+        "--backends",
+        nargs="+",
+        choices=TREES + DENSE + AUTO,
+        help="a subset (default: all available)",
     )
     parser.add_argument("--budget", type=float, default=30.0, help="skip dense calls above (s)")
     parser.add_argument("--single", type=float, default=20.0, help="one run above (s)")
@@ -175,7 +196,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(
         f"{'genes':>7} {'scale':>6} {'max|q|rk':>10} {'tree s':>9} {'treeC s':>9} "
-        f"{'native s':>9} {'exact s':>9} {'nat/tree':>8} {'nat/trC':>8}"
+        f"{'native s':>9} {'exact s':>9} {'nat/tree':>8} {'nat/trC':>8} {'auto s':>9} "
+        f"{'auto/bst':>8}"
     )
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Quick GPU check (~90 s) on a machine with one NVIDIA GPU, from anywhere in the checkout:
+# Quick GPU check (~2 min) on a machine with one NVIDIA GPU, from anywhere in the checkout:
 #   bash benchmarks/gpu_quick_check.sh          # JSON to $OUT (if set) or benchmarks/results/tmp
-# (a) CUDA float32 accuracy at 765 genes (batch 4, 5 heads) of the triton, compiled, exact and
-#     reference backends: max and RMS error of out, dq, dk, dv against the float64 CUDA
-#     reference, and as ratios to the float32 reference's own error (tests/_oracle.py);
-# (b) one training step (3 layers, 5 heads, Adam) at 1708 genes, batch 16: triton, compiled,
-#     exact (median of 5 after 2 warm-ups, which include compilation).
+# (a) CUDA float32 accuracy at 765 genes (batch 4, 5 heads) of the triton, tree (the
+#     pure-PyTorch tree code), exact, reference and (last) compiled backends: max and RMS
+#     error of out, dq, dk, dv against the float64 CUDA reference, and as ratios to the
+#     float32 reference's own error (tests/_oracle.py); before the compiled backend, the tree
+#     code's CPU/CUDA parity at 1708 genes in float32 and float64, nearly uniform (scale 0.5)
+#     and sharp (scale 3, through the tree): the largest difference of out, dq, dk, dv between
+#     the two devices relative to the larger of the CPU result's largest entry and the scale
+#     of its terms (the tolerance's metric), ok within twice the dtype's default tolerance
+#     plus 4 ulps;
+# (b) one training step (3 layers, 5 heads, Adam) at 1708 genes, batch 16: triton, exact,
+#     compiled, tree (median of 5 after 2 warm-ups, which include compilation).
 # Each part runs in its own process under a timeout, each backend in its own try block, and
 # the JSON is rewritten after every result, so one failure or a cut-off keeps the rest.
 # Installs nothing but captum, and only from a local wheel in .whl/ when it is missing.
@@ -97,20 +103,47 @@ if part == "accuracy":
         return rows
 
     from tgem._kernels import reference_attention as attention_ref
-    for name in ("triton", "exact", "reference", "compiled"):  # compiled last: it compiles
+    def accuracy(names):
+        for name in names:
+            for scale in (0.5, 3.0):
+                guarded(f"accuracy_765_{name}_scale{scale}", lambda n=name, s=scale: check(n, s))
+
+    accuracy(("triton", "tree", "exact", "reference"))
+    from tgem._kernels._tree import DEFAULT_TOL, tree_attention
+
+    def parity(dtype, scale):  # the same tree code on the CPU and on the device
+        q, k, v, g = (t.to(dtype) for t in inputs(scale, seed=1708, g=1708))
+        here = attention_and_grads(tree_attention, q, k, v, g)
+        cpu = attention_and_grads(tree_attention, *(t.cpu() for t in (q, k, v, g)))
+        mq, mk, mv, mg = (float(t.abs().max()) for t in (q, k, v, g))
+        bound = 2 * DEFAULT_TOL[dtype] + 4 * torch.finfo(dtype).eps
+        rows = {"reach": float((q.abs().amax(-1) * (k.amax(-1) - k.amin(-1))).max())}
+        for what, a, c, sc in zip(("out", "dq", "dk", "dv"), here, cpu,
+                                  (mv, mg * mv * mk, mg * mv * mq, mg)):
+            diff = float((a.cpu().double() - c.double()).abs().max())
+            rel = diff / max(float(c.abs().max()), sc)
+            rows[what] = {"max_diff": diff, "relative": rel, "ok": rel <= bound,
+                          "finite": bool(torch.isfinite(a).all())}
+        rows["parity_ok"] = all(rows[w]["ok"] and rows[w]["finite"]
+                                for w in ("out", "dq", "dk", "dv"))
+        return rows
+
+    for dtype in (torch.float32, torch.float64):
         for scale in (0.5, 3.0):
-            guarded(f"accuracy_765_{name}_scale{scale}", lambda n=name, s=scale: check(n, s))
+            guarded(f"parity_1708_tree_cpu_vs_{dev.type}_{str(dtype)[6:]}_scale{scale}",
+                    lambda d=dtype, s=scale: parity(d, s))
+    accuracy(("compiled",))  # last: it compiles
 else:
     from benchmarks import bench_gpu
 
     bench_gpu.DEVICE = dev.type
-    for name in ("triton", "exact", "compiled"):
+    for name in ("triton", "exact", "compiled", "tree"):  # tree last: its speed is unknown
         guarded(f"train_step_s_1708_batch16_{name}",
                 lambda n=name: bench_gpu.train_step_s(1708, n, 16, reps=5, warmup=2))
 PY
 echo "== (a) accuracy at 765 genes"
-timeout "${QUICK_TIMEOUT_A:-70}" $PY "$script" accuracy "$out/quick_accuracy.json" 2>&1
+timeout "${QUICK_TIMEOUT_A:-100}" $PY "$script" accuracy "$out/quick_accuracy.json" 2>&1
 echo "== (b) training step at 1708 genes, batch 16"
-timeout "${QUICK_TIMEOUT_B:-50}" $PY "$script" train "$out/quick_train.json" 2>&1
+timeout "${QUICK_TIMEOUT_B:-70}" $PY "$script" train "$out/quick_train.json" 2>&1
 rm -f "$script"
 echo "== JSON: $out/quick_accuracy.json $out/quick_train.json"

@@ -30,6 +30,7 @@ ORIGINAL = {
     "qk_init_scale": 1.0,
     "importance_baseline": "zeros",
     "calibration": None,
+    "tree_tolerance": None,
 }
 
 #: Today's defaults, every one of them: changing a default means editing this test.

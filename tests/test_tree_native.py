@@ -391,10 +391,10 @@ def test_tolerance_is_the_pure_trees():
 
 
 # ------------------------------------------------------------------------ backend
-def test_backend_is_registered_but_not_autos_choice():
+def test_backend_is_registered_and_auto_without_a_gene_count_stays_dense():
     backend = resolve_backend("tree_native", "cpu", torch.float32)
     assert backend.fn is tree_native_attention
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64):  # by gene count: tests/test_auto_backend.py
         assert resolve_backend("auto", "cpu", dtype).name not in ("tree", "tree_native")
     assert "tree code" in _tree_native.tree_native_status()
 

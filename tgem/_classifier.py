@@ -48,7 +48,7 @@ from tgem._inputs import (  # noqa: F401 - MAX_TOTAL_WEIGHT, input_statistics: o
     split_validation,
 )
 from tgem._io import register_estimator, save
-from tgem._kernels import backend_names
+from tgem._kernels import TOL_RANGE, backend_names
 from tgem._model import TGEMNet
 from tgem._novelty import fit_neighbor_reference
 from tgem._presets import ORIGINAL_PARAMS, V01_VALUES, uses_early_stopping
@@ -163,8 +163,21 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         native CPU kernel, the ``torch.compile``'d sums and the GPU kernels add
         ``"native"``, ``"compiled"`` and ``"triton"`` when available
         (see :func:`tgem.show_versions`). ``"tree"`` (pure PyTorch) and ``"tree_native"``
-        (its sums in C, CPU) are the O(genes log genes) tree code for very many genes, never
-        chosen by ``"auto"``.
+        (its sums in C, CPU) are the O(genes log genes) tree code for very many genes. On
+        the CPU, ``"auto"`` runs ``"tree_native"`` instead of the dense native kernel on the
+        attention calls where it is faster, by a fixed rule of the gene count and the call's
+        score range (from 1,000 genes while attention is nearly uniform, from 4,700 always;
+        see the attention backends page of the user guide); ``attention_backend_`` then
+        reads ``"native+tree_native"`` (or ``"tree_native"`` where every call runs it).
+    tree_tolerance : float or None, default=None
+        Error tolerance of the tree code (backends ``"tree"``, ``"tree_native"``, and
+        ``"auto"`` where it runs the tree), between 1e-13 and 0.1: the maximum error of the
+        attention output and of each gradient, relative to the larger of the reference's
+        largest entry and the scale of the terms it sums, is at most this (down to float64's
+        rounding, about 1e-13). It sets the expansion order and thresholds. None takes the
+        default of the dtype: 1e-9 for float32 (far below float32's rounding), 1e-13 for
+        float64. A looser tolerance makes the tree code faster; the dense backends ignore it.
+        Model files and pickles keep it; older ones load with None.
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         Where to train and predict. ``"auto"`` picks CUDA when available; resolved in
         ``fit`` into ``device_``.
@@ -205,7 +218,8 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
     device_ : torch.device
         The device used.
     attention_backend_ : str
-        The attention implementation ``fit`` used.
+        The attention implementation ``fit`` used; ``"<dense>+<tree>"`` when ``"auto"``
+        chose between the two per attention call.
     history_ : list of dict
         Per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``valid_loss``,
         ``valid_accuracy`` (NaN without validation) and ``duration_s``.
@@ -312,6 +326,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         "calibration_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "attention_backend": [str],
+        "tree_tolerance": [Interval(numbers.Real, *TOL_RANGE, closed="both"), None],
         "device": [str],
         "n_threads": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "importance_n_samples": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -346,6 +361,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         calibration_fraction=0.1,
         class_weight=None,
         attention_backend="auto",
+        tree_tolerance=None,
         device="auto",
         n_threads=None,
         importance_n_samples=256,
@@ -373,6 +389,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         self.calibration_fraction = calibration_fraction
         self.class_weight = class_weight
         self.attention_backend = attention_backend
+        self.tree_tolerance = tree_tolerance
         self.device = device
         self.n_threads = n_threads
         self.importance_n_samples = importance_n_samples
@@ -547,6 +564,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
             if warm:
                 module = self.module_.to(device)
                 module.attention_backend = self.attention_backend
+                module.tree_tolerance = self.tree_tolerance
                 state = self._train_state_
             else:
                 gen = torch.Generator().manual_seed(int(seeds[1]))
@@ -559,6 +577,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                     dropout=self.dropout,
                     shared_norm=self.shared_norm,
                     attention_backend=self.attention_backend,
+                    tree_tolerance=self.tree_tolerance,
                     generator=gen,
                     qk_init_scale=self.qk_init_scale,
                     standardize=self.standardize,

@@ -30,7 +30,7 @@ from tgem._io_format import (
     _estimator_class,
     _json_to_float,
 )
-from tgem._kernels import backend_names
+from tgem._kernels import TOL_RANGE, backend_names
 from tgem._model import TGEMNet
 from tgem._novelty import NeighborReference
 from tgem._presets import FILE_VERSION_VALUES
@@ -381,6 +381,7 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
         or type(init.get("dropout")) not in (int, float)
         or not 0 <= init["dropout"] < 1
         or type(init.get("standardize", False)) is not bool
+        or not _valid_tolerance(init.get("tree_tolerance"))
     ):
         raise ModelFileError(f"{name}: the network's arguments {init} are not valid.")
     if init["n_layers"] * 4 > len(arrays):
@@ -397,6 +398,13 @@ def _check_module_init(init: dict, arrays: dict[str, np.ndarray], name: str) -> 
             f"{name}: the network's arrays do not match its declared architecture "
             f"(differences: {diff})."
         )
+
+
+def _valid_tolerance(value) -> bool:
+    """None (files written before the parameter, or the default) or a float in TOL_RANGE."""
+    if value is None:
+        return True
+    return type(value) in (int, float) and TOL_RANGE[0] <= value <= TOL_RANGE[1]
 
 
 def _classes_from_json(spec: dict) -> np.ndarray:

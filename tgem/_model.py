@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgem._kernels import Backend, resolve_backend
+from tgem._kernels import Backend, check_tolerance, resolve_backend
 
 ACTIVATIONS = ("relu", "leakyrelu", "gelu")
 
@@ -106,7 +106,8 @@ class TGEMNet(nn.Module):
         One LayerNorm for all layers (the original) or one per layer.
     attention_backend : str
         Name understood by :func:`tgem._kernels.resolve_backend`; resolved for the input's
-        device and dtype at each call (cheap).
+        device and dtype and the network's gene count at each call (cheap; ``"auto"`` may
+        choose per attention call, see :func:`~tgem._kernels.resolve_backend`).
     generator : torch.Generator, optional
         Draws the initial weights (Xavier-normal for WQ/WK/WV as (heads, genes, 1) tensors,
         Xavier-uniform for the linear head).
@@ -117,6 +118,9 @@ class TGEMNet(nn.Module):
         apply ``(x - input_mean) / input_scale`` as the first operation of ``forward`` (set
         them with :meth:`set_standardization`). Without it the input goes in unchanged and
         the module has no such buffers (as in tgem 0.1).
+    tree_tolerance : float or None, default=None
+        Error tolerance of the attention backends that take one (the tree code), within
+        :data:`tgem._kernels.TOL_RANGE`; None takes their default for the input's dtype.
 
     Examples
     --------
@@ -142,6 +146,7 @@ class TGEMNet(nn.Module):
         generator: torch.Generator | None = None,
         qk_init_scale: float = 1.0,
         standardize: bool = False,
+        tree_tolerance: float | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS + (None,):
@@ -149,6 +154,7 @@ class TGEMNet(nn.Module):
         self.n_genes, self.n_classes = n_genes, n_classes
         self.activation = activation
         self.attention_backend = attention_backend
+        self.tree_tolerance = check_tolerance(tree_tolerance)
         self.layers = nn.ModuleList(GeneAttention(n_genes, n_heads) for _ in range(n_layers))
         self.norms = nn.ModuleList(
             TGEMLayerNorm(n_genes) for _ in range(1 if shared_norm else n_layers)
@@ -221,8 +227,15 @@ class TGEMNet(nn.Module):
         return self.norms[index if len(self.norms) > 1 else 0]
 
     def backend(self, x: torch.Tensor) -> Backend:
-        """The attention backend used for input ``x`` (its device and dtype)."""
-        return resolve_backend(self.attention_backend, x.device, x.dtype)
+        """The attention backend used for input ``x`` (its device and dtype), with the
+        network's gene count and ``tree_tolerance``."""
+        return resolve_backend(
+            self.attention_backend,
+            x.device,
+            x.dtype,
+            genes=self.n_genes,
+            tol=getattr(self, "tree_tolerance", None),
+        )
 
     def block(self, index: int, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
         """Residual block of layer ``index`` given its (batch, heads, genes) attention output."""
@@ -270,13 +283,23 @@ def module_init(module: TGEMNet) -> dict:
     2
     """
     layer = module.layers[0]
-    return dict(
-        n_genes=module.n_genes,
-        n_classes=module.n_classes,
-        n_layers=len(module.layers),
-        n_heads=layer.WQ.shape[0],
-        activation=module.activation,
-        dropout=module.dropout.p,
-        shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
-        attention_backend=module.attention_backend,
-    ) | ({"standardize": True} if module.standardize else {})
+    return (
+        dict(
+            n_genes=module.n_genes,
+            n_classes=module.n_classes,
+            n_layers=len(module.layers),
+            n_heads=layer.WQ.shape[0],
+            activation=module.activation,
+            dropout=module.dropout.p,
+            shared_norm=len(module.norms) == 1 or len(module.layers) == 1,
+            attention_backend=module.attention_backend,
+        )
+        | ({"standardize": True} if module.standardize else {})
+        | _tolerance_init(module)
+    )
+
+
+def _tolerance_init(module: TGEMNet) -> dict:
+    """``tree_tolerance`` when set: networks with the default keep the older arguments."""
+    tol = getattr(module, "tree_tolerance", None)
+    return {} if tol is None else {"tree_tolerance": tol}

@@ -27,6 +27,7 @@ ORIGINAL_PARAMS: dict = {
     "qk_init_scale": 1.0,
     "importance_baseline": "zeros",
     "calibration": None,
+    "tree_tolerance": None,
 }
 
 #: Values of the parameters added after tgem 0.1 that behave as 0.1 did.
@@ -35,6 +36,7 @@ V01_VALUES: dict = {
     "qk_init_scale": 1.0,
     "calibration": None,
     "calibration_fraction": 0.1,
+    "tree_tolerance": None,
 }
 
 #: Per model-file format version: the values of parameters such files may lack.

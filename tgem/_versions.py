@@ -10,6 +10,9 @@ import torch
 from tgem._kernels import backend_details, backend_status, resolve_backend
 from tgem._version import __version__
 
+#: Gene counts for which :func:`versions` reports ``auto``'s choice (the benchmarks' sizes).
+AUTO_GENES = (765, 1708, 5000, 22283)
+
 
 def versions() -> dict:
     """Versions of tgem, its dependencies and the state of every attention backend.
@@ -18,8 +21,11 @@ def versions() -> dict:
     -------
     dict
         ``{"python": ..., "tgem": ..., "torch": ..., ..., "backends": {device: {...}}}``.
-        For each device, ``auto`` names the backend ``attention_backend="auto"`` uses and
-        each backend maps to ``"available"`` or the reason it is not.
+        For each device, ``auto`` names the backend ``attention_backend="auto"`` uses
+        (its dense choice), ``auto by genes`` what it uses for a few gene counts (where it
+        may choose per call, ``"<dense>+<other>"``; see
+        :func:`tgem._kernels.resolve_backend`), and each backend maps to ``"available"``
+        or the reason it is not.
 
     Examples
     --------
@@ -51,6 +57,9 @@ def versions() -> dict:
     for dev in devices:
         status = {name: reason or "available" for name, reason in backend_status(dev).items()}
         status["auto"] = resolve_backend("auto", dev).name
+        status["auto by genes"] = ", ".join(
+            f"{genes}: {resolve_backend('auto', dev, genes=genes).name}" for genes in AUTO_GENES
+        )
         info["backends"][dev] = status
     return info
 
@@ -70,7 +79,8 @@ def show_versions() -> None:
             lines.append(f"  {key}: {value}")
     for dev, status in info["backends"].items():
         lines.append(f"attention backends on {dev} (auto -> {status['auto']}):")
+        lines.append(f"  auto by genes: {status['auto by genes']}")
         for name, reason in status.items():
-            if name != "auto":
+            if name not in ("auto", "auto by genes"):
                 lines.append(f"  {name}: {reason}")
     sys.stdout.write("\n".join(lines) + "\n")

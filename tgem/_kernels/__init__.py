@@ -37,13 +37,16 @@ from tgem._kernels import _exact, _reference  # noqa: F401 - they register "exac
 from tgem._kernels._exact import LOG2E, exact_attention
 from tgem._kernels._reference import reference_attention, reference_softmax, row_max
 from tgem._kernels._registry import (
+    TOL_RANGE,
     Backend,
     backend_details,
     backend_names,
     backend_status,
+    check_tolerance,
     import_failed,
     register_backend,
     resolve_backend,
+    score_reach,
     set_loader,
 )
 from tgem._kernels._rows import attention_entropy_rows, attention_rows
@@ -72,15 +75,18 @@ __all__ = [
     "Backend",
     "LOG2E",
     "OPTIONAL_BACKENDS",
+    "TOL_RANGE",
     "attention_entropy_rows",
     "attention_rows",
     "backend_details",
     "backend_names",
     "backend_status",
+    "check_tolerance",
     "exact_attention",
     "reference_attention",
     "reference_softmax",
     "register_backend",
     "resolve_backend",
     "row_max",
+    "score_reach",
 ]

@@ -5,17 +5,73 @@ imported. This module names no implementation: the package ``tgem._kernels`` imp
 backend modules (the always-available ones at once, the optional ones on the first question
 asked here, through the loader it installs with :func:`set_loader`). A backend module that
 fails to import is reported by :func:`backend_status` and never breaks tgem.
+
+Two things a call may pass through the seam besides the device and dtype: the number of genes,
+with which ``"auto"`` may choose per call between its dense choice and a backend that declares
+an ``auto_reach`` rule (:func:`resolve_backend`), and a tolerance, bound to the backends that
+take one (``takes_tol``; :data:`TOL_RANGE`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+#: Accepted range of the tolerance of a backend that takes one (``takes_tol``), both ends
+#: included. The upper end keeps the tree code's expansions meaningful; below the lower end
+#: float64's own rounding in the expansions sets the error, so a tighter tolerance would
+#: only cost time (see :mod:`tgem._kernels._tree`).
+TOL_RANGE = (1e-13, 0.1)
+
+
+def check_tolerance(tol, name: str = "tree_tolerance") -> float | None:
+    """``tol`` as a float (``None`` stays ``None``), or ``ValueError`` naming the range.
+
+    Examples
+    --------
+    >>> check_tolerance(1e-6), check_tolerance(None)
+    (1e-06, None)
+    """
+    if tol is None:
+        return None
+    low, high = TOL_RANGE
+    try:
+        value = float(tol)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(tol, bool) or not low <= value <= high:
+        raise ValueError(
+            f"{name} must be a number between {low:g} and {high:g} (or None for the dtype's "
+            f"default), got {tol!r}; pass e.g. 1e-6."
+        )
+    return value
+
+
+def score_reach(q: torch.Tensor, k: torch.Tensor) -> float:
+    """The largest ``max|q| * (max k - min k)`` over the rows: how sharp the attention can be.
+
+    ``q`` and ``k`` are (..., genes); each row's scores ``q_i k_j`` span at most
+    ``|q_i| * range(k)``, so a small reach means nearly uniform attention. Cheap (two passes
+    over ``q`` and ``k``, one host synchronisation): ``"auto"`` computes it on every call.
+
+    Examples
+    --------
+    >>> q = torch.tensor([[1.0, -2.0, 0.5]]); k = torch.tensor([[0.0, 1.0, 3.0]])
+    >>> score_reach(q, k)
+    6.0
+    """
+    if q.numel() == 0:
+        return 0.0
+    with torch.no_grad():
+        spread = k.amax(-1) - k.amin(-1)
+        return float((q.abs().amax(-1) * spread).max())
 
 
 def check_once_differentiable(name: str) -> None:
@@ -42,6 +98,13 @@ class Backend:
     ``x WQ, x WK, x WV`` mixed by ``W_0`` (to rounding). The model uses it when present.
     ``describe()``, when given, says in one line how the backend is built (its library, its
     instruction set); :func:`tgem.show_versions` shows it.
+
+    ``takes_tol``: ``fn`` takes a keyword ``tol`` (``None``: the backend's default for the
+    dtype; otherwise within :data:`TOL_RANGE`) that bounds its error; :func:`resolve_backend`
+    binds the caller's. ``auto_reach(genes)``, when given, is ``"auto"``'s rule for this
+    backend: at ``genes`` genes, ``auto`` runs it instead of its dense choice on the calls
+    whose :func:`score_reach` is at most ``auto_reach(genes)`` (``-inf``: never, ``inf``:
+    always). Only exact backends take part.
     """
 
     name: str
@@ -51,6 +114,8 @@ class Backend:
     exact: bool = True
     layer_fn: Callable[..., torch.Tensor] | None = None
     describe: Callable[[], str] | None = None
+    takes_tol: bool = False
+    auto_reach: Callable[[int], float] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -130,18 +195,46 @@ def backend_details() -> dict[str, str]:
 
 
 def resolve_backend(
-    name: str, device: str | torch.device, dtype: torch.dtype = torch.float32
+    name: str,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    genes: int | None = None,
+    tol: float | None = None,
 ) -> Backend:
     """The backend that ``attention_backend=name`` means on ``device`` and ``dtype``.
 
-    ``"auto"`` returns the available exact backend with the highest priority. A named
-    backend that cannot run there raises ``ValueError`` with the reason.
+    ``"auto"`` means the available exact backend with the highest priority (its dense
+    choice). Given ``genes``, it may mean instead an available exact backend with an
+    ``auto_reach`` rule (the highest-priority one): always where the rule says ``inf`` at
+    ``genes``, never where it says ``-inf``, and otherwise a backend named
+    ``"<dense>+<other>"`` that picks one of the two on each call by the rule (a fixed
+    function of the call's :func:`score_reach`, never a timing, so fits stay repeatable). A
+    named backend that cannot run there raises ``ValueError`` with the reason. ``tol`` is
+    bound to the backends that take one (``takes_tol``) and ignored by the others.
+
+    Examples
+    --------
+    >>> resolve_backend("exact", "cpu").name
+    'exact'
+    >>> resolve_backend("auto", "cpu", genes=10).exact
+    True
     """
     _load_plugins()
     device = torch.device(device)
     if name == "auto":
         usable = [b for b in _BACKENDS.values() if b.exact and b.unavailable(device, dtype) is None]
-        return max(usable, key=lambda b: b.priority)
+        dense = max(usable, key=lambda b: b.priority)
+        ruled = [b for b in usable if b.auto_reach is not None and b is not dense]
+        if genes is None or not ruled:
+            return _with_tol(dense, tol)
+        other = _with_tol(max(ruled, key=lambda b: b.priority), tol)
+        limit = float(other.auto_reach(genes))
+        if limit == math.inf:
+            return other
+        if limit < 0:
+            return _with_tol(dense, tol)
+        return _per_call(_with_tol(dense, tol), other, limit)
     if name not in _BACKENDS:
         raise ValueError(
             f"Unknown attention_backend={name!r}; choose 'auto' or one of {backend_names()}."
@@ -153,4 +246,49 @@ def resolve_backend(
             f"attention_backend={name!r} cannot run on {device} with {dtype}: {reason}. "
             "Use attention_backend='auto' to pick an available one."
         )
-    return backend
+    return _with_tol(backend, tol)
+
+
+def _with_tol(backend: Backend, tol: float | None) -> Backend:
+    """``backend`` with ``tol`` bound to its ``fn`` when it takes one."""
+    if not backend.takes_tol or tol is None:
+        return backend
+    return replace(backend, fn=partial(backend.fn, tol=check_tolerance(tol)))
+
+
+def _per_call(dense: Backend, other: Backend, limit: float) -> Backend:
+    """``auto``'s backend that runs ``other`` on calls whose score reach is at most ``limit``
+    and ``dense`` on the others (both exact, so the choice never changes what is computed
+    beyond their tolerances)."""
+
+    def pick(q: torch.Tensor, k: torch.Tensor) -> Backend:
+        return other if score_reach(q, k) <= limit else dense
+
+    def fn(q, k, v):
+        return pick(q, k).fn(q, k, v)
+
+    def layer_fn(x, wq, wk, wv, w0):
+        # the layer's queries and keys, (batch, heads, genes); the Backend contract's formula
+        with torch.no_grad():
+            xb = x.detach().unsqueeze(1)
+            chosen = pick(xb * wq.detach()[..., 0], xb * wk.detach()[..., 0])
+        if chosen.layer_fn is not None:
+            return chosen.layer_fn(x, wq, wk, wv, w0)
+        xb = x.unsqueeze(1)
+        heads = chosen.fn(xb * wq[..., 0], xb * wk[..., 0], xb * wv[..., 0])
+        return torch.einsum("bhg,h->bg", heads, w0)
+
+    def describe() -> str:
+        return (
+            f"{other.name} on calls whose max|q| * range(k) is at most {limit:g}, "
+            f"{dense.name} on the others"
+        )
+
+    return Backend(
+        f"{dense.name}+{other.name}",
+        fn,
+        dense.unavailable,
+        priority=dense.priority,
+        layer_fn=layer_fn,
+        describe=describe,
+    )

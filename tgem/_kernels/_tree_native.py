@@ -21,12 +21,15 @@ within the tolerance, not bitwise.
 Which runs when: ``attention_backend="tree"`` always runs the pure-PyTorch code,
 ``"tree_native"`` always the C code (CPU tensors, float32 or float64, the extension built and
 not disabled by ``TGEM_DISABLE_NATIVE=1``; otherwise it is unavailable and says why).
-``"auto"`` picks neither.
+``"auto"`` runs this backend instead of the dense native kernel where it is faster, by the
+fixed rule of :func:`auto_reach` (gene count and the call's score reach); it never picks the
+pure-PyTorch ``"tree"``, so without the extension ``"auto"`` stays dense.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 
@@ -161,8 +164,8 @@ def tree_native_attention(
     ----------
     q, k, v : torch.Tensor of shape (..., genes), float32 or float64 on CPU
     tol : float, optional
-        Error tolerance (between 1e-30 and 0.1); ``None`` takes the dtype's default
-        (:data:`tgem._kernels._tree.DEFAULT_TOL`).
+        Error tolerance (between 1e-13 and 0.1, :data:`tgem._kernels.TOL_RANGE`); ``None``
+        takes the dtype's default (:data:`tgem._kernels._tree.DEFAULT_TOL`).
 
     Returns
     -------
@@ -251,6 +254,54 @@ def tree_native_status() -> str:
     )
 
 
+# ------------------------------------------------------------------------ auto's rule
+# Where the numbers come from: benchmarks/results/tree_cpu.json (bench_tree.py --threads 2;
+# one attention call, forward and backward, batch 16 x 5 heads, float32, default tolerance, on
+# a quiet machine), the ratio of the dense native kernel's time to this backend's:
+#
+#   genes               765          1,708          5,000          22,283
+#   reach <= 8          0.83 (0.71)  1.57 (0.43)    3.77 (0.18)    16.78 (0.04)
+#   reach > 8           0.18, 0.27   0.38, 0.43     1.07, 1.03     5.99, 4.31
+#                       (641, 64099) (390, 38983)   (160, 16005)   (36, 3578)
+#
+# (in brackets the calls' score reach, max|q| * range(k); weights as initialised, and the
+# query and key weights x30 and x300). With reach <= 2 RHO = 8 every row is one expansion
+# about its centre, no sort (the cheap case, whose time grows as genes against the dense
+# genes^2): the ratio grows about linearly in genes and reaches 1 at 920 genes (from the
+# 765-gene row) to 1,090 (from the 1,708-gene row); at 1,000 genes either estimate puts the
+# slower choice within 10 % of the faster. Sharper calls run through the tree: the ratio grows
+# as about genes^0.9 from 1,708 to 5,000 genes and reaches 1 at about 4,700 (0.9 at 4,200, 1.1
+# at 5,250). Reaches between 8 and a few hundred were measured only at 22,283 genes (36);
+# below 4,700 genes such calls run dense, as the sharper ones do.
+#: From this many genes, ``"auto"`` runs the tree code on calls of score reach at most 2 RHO.
+AUTO_GENES_ONE_EXPANSION = 1000
+#: From this many genes, ``"auto"`` runs the tree code on every call.
+AUTO_GENES_TREE = 4700
+
+
+def auto_reach(genes: int) -> float:
+    """``"auto"``'s rule: the largest score reach at which this backend runs at ``genes``.
+
+    ``-inf`` (never: the dense native kernel is faster) below
+    :data:`AUTO_GENES_ONE_EXPANSION` genes, ``2 RHO`` (the calls whose rows are each one
+    expansion) up to :data:`AUTO_GENES_TREE`, ``inf`` (every call) from there. A call's score
+    reach is :func:`tgem._kernels.score_reach` of its queries and keys (the largest
+    ``max|q| * range(k)`` of its batch x head rows). Measured against the dense native kernel
+    in float32 at the default tolerance (see the comment above); float64, where the dense
+    choice is a slower pure-PyTorch path, follows the same rule.
+
+    Examples
+    --------
+    >>> auto_reach(765), auto_reach(1708), auto_reach(22283)
+    (-inf, 8.0, inf)
+    """
+    if genes >= AUTO_GENES_TREE:
+        return math.inf
+    if genes >= AUTO_GENES_ONE_EXPANSION:
+        return 2 * tree.RHO
+    return -math.inf
+
+
 register_backend(
     Backend(
         "tree_native",
@@ -258,5 +309,7 @@ register_backend(
         _unavailable,
         priority=-3,
         describe=tree_native_status,
+        takes_tol=True,
+        auto_reach=auto_reach,
     )
 )

@@ -210,6 +210,14 @@ def _add_model_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="attention implementation (default: %(default)s, the fastest available)",
     )
     g.add_argument(
+        "--tree-tolerance",
+        type=float,
+        default=defaults["tree_tolerance"],
+        metavar="TOL",
+        help="error tolerance of the tree-code attention, 1e-13 to 0.1 (default: the "
+        "dtype's, 1e-9 for float32)",
+    )
+    g.add_argument(
         "--device",
         default=defaults["device"],
         help="cpu, cuda, cuda:N or auto (default: %(default)s)",

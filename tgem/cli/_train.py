@@ -37,6 +37,7 @@ def _classifier(args):
         calibration_fraction=args.calibration_fraction,
         class_weight=args.class_weight,
         attention_backend=args.attention_backend,
+        tree_tolerance=args.tree_tolerance,
         device=args.device,
         n_threads=args.threads,
         random_state=args.random_state,

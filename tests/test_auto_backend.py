@@ -1,0 +1,175 @@
+"""``attention_backend="auto"``: dense native or the native tree code, by gene count and reach."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tgem._kernels._tree as T
+from tgem import TGEMClassifier
+from tgem._kernels import _tree_native, resolve_backend, score_reach
+from tgem._kernels._tree_native import AUTO_GENES_ONE_EXPANSION, AUTO_GENES_TREE, auto_reach
+from tgem._model import TGEMNet
+
+REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
+
+
+@pytest.fixture
+def native():
+    """Skip (or, under TGEM_REQUIRE_NATIVE=1, fail) without the native dense and tree code."""
+    reason = _tree_native._unavailable(torch.device("cpu"), torch.float32)
+    if reason is not None:
+        if REQUIRE:
+            pytest.fail(f"TGEM_REQUIRE_NATIVE=1 but {reason}")
+        pytest.skip(reason)
+
+
+needs_native = pytest.mark.usefixtures("native")
+LIMIT = 2 * T.RHO  # the largest reach of calls whose rows are one expansion each
+
+
+def _qkv(genes, reach, batch=2, heads=2, seed=0, dtype=torch.float32):
+    """Inputs whose score reach is exactly ``reach``: |q| <= reach, range(k) = 1."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.rand(batch, heads, genes, generator=gen, dtype=torch.float64) * 2 - 1) * reach
+    q[..., 0] = reach
+    k = torch.rand(batch, heads, genes, generator=gen, dtype=torch.float64)
+    k[..., 0], k[..., 1] = 0.0, 1.0
+    v = torch.randn(batch, heads, genes, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def _out_and_grads(fn, q, k, v):
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------ the rule
+def test_rule_is_dense_then_nearly_uniform_calls_then_every_call():
+    assert auto_reach(1) == auto_reach(AUTO_GENES_ONE_EXPANSION - 1) == -math.inf
+    assert auto_reach(AUTO_GENES_ONE_EXPANSION) == auto_reach(AUTO_GENES_TREE - 1) == LIMIT
+    assert auto_reach(AUTO_GENES_TREE) == auto_reach(60000) == math.inf
+    assert AUTO_GENES_ONE_EXPANSION < 1708 < AUTO_GENES_TREE <= 5000  # the measured rows
+
+
+def test_score_reach_is_the_largest_rows_max_q_times_range_k():
+    q, k, _ = _qkv(50, 3.5)
+    assert score_reach(q, k) == pytest.approx(3.5)
+    assert score_reach(q * 0, k) == 0.0 and score_reach(q[..., :0], k[..., :0]) == 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_is_dense_at_small_genes_per_call_in_between_and_tree_at_large(dtype):
+    dense = resolve_backend("auto", "cpu", dtype).name  # without a gene count: the dense choice
+    assert dense in ("native", "compiled", "exact")
+    assert resolve_backend("auto", "cpu", dtype, genes=765).name == dense
+    assert resolve_backend("auto", "cpu", dtype, genes=1708).name == f"{dense}+tree_native"
+    assert resolve_backend("auto", "cpu", dtype, genes=5000).name == "tree_native"
+    assert resolve_backend("auto", "cpu", dtype, genes=22283).name == "tree_native"
+
+
+@needs_native
+def test_auto_binds_the_tolerance_to_the_tree():
+    assert resolve_backend("auto", "cpu", genes=22283, tol=1e-4).fn.keywords == {"tol": 1e-4}
+
+
+def test_auto_stays_dense_without_the_native_extension(monkeypatch):
+    monkeypatch.setenv("TGEM_DISABLE_NATIVE", "1")
+    for genes in (765, 1708, 22283):
+        backend = resolve_backend("auto", "cpu", genes=genes)
+        assert backend.name in ("compiled", "exact"), backend.name
+
+
+def test_auto_never_runs_the_tree_off_the_cpu():
+    for genes in (1708, 22283):
+        name = resolve_backend("auto", "cuda", genes=genes).name
+        assert "tree" not in name and "+" not in name
+
+
+# ------------------------------------------------------------------------ per call
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_call_choice_switches_at_the_limit_and_equals_the_chosen_backend(dtype):
+    genes = AUTO_GENES_ONE_EXPANSION
+    auto = resolve_backend("auto", "cpu", dtype, genes=genes)
+    dense = resolve_backend("auto", "cpu", dtype)
+    tree = resolve_backend("tree_native", "cpu", dtype)
+    for reach, chosen in ((0.5, tree), (LIMIT, tree), (LIMIT * 1.001, dense), (300.0, dense)):
+        q, k, v = _qkv(genes, reach, dtype=dtype)
+        assert score_reach(q, k) == pytest.approx(reach)
+        _assert_same(_out_and_grads(auto.fn, q, k, v), _out_and_grads(chosen.fn, q, k, v))
+
+
+def _net(genes, backend, qk_scale=1.0, tol=None):
+    net = TGEMNet(
+        n_genes=genes,
+        n_classes=3,
+        n_layers=2,
+        n_heads=2,
+        attention_backend=backend,
+        generator=torch.Generator().manual_seed(0),
+        qk_init_scale=qk_scale,
+        dropout=0.0,
+        tree_tolerance=tol,
+    )
+    return net
+
+
+def _net_out_and_grads(net, x):
+    out = net(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    return [out.detach(), *grads]
+
+
+@needs_native
+@pytest.mark.parametrize("qk_scale, chosen", [(1.0, "tree_native"), (300.0, "native")])
+def test_the_network_under_auto_equals_the_chosen_backend(qk_scale, chosen):
+    genes = 1200
+    x = torch.rand(4, genes, generator=torch.Generator().manual_seed(1)) * 4
+    auto = _net(genes, "auto", qk_scale)
+    with torch.no_grad():
+        q, k, _ = auto.layers[0].qkv(x)
+    # the first layer's reach decides its call; x300 weights are far past the limit
+    assert (score_reach(q, k) <= LIMIT) == (chosen == "tree_native")
+    assert auto.backend(x).name == "native+tree_native"
+    _assert_same(_net_out_and_grads(auto, x), _net_out_and_grads(_net(genes, chosen, qk_scale), x))
+
+
+@needs_native
+def test_auto_passes_the_networks_tolerance_to_the_tree(monkeypatch):
+    seen = []
+    parameters = T.tree_parameters
+
+    def spy(dtype, genes, tol=None):
+        seen.append(tol)
+        return parameters(dtype, genes, tol)
+
+    monkeypatch.setattr(T, "tree_parameters", spy)
+    net = _net(AUTO_GENES_TREE, "auto", tol=1e-5)
+    net(torch.rand(2, AUTO_GENES_TREE))
+    assert seen and set(seen) == {1e-5}
+
+
+@needs_native
+def test_fit_records_the_per_call_choice_and_stays_repeatable():
+    rng = np.random.default_rng(0)
+    X = rng.random((24, 1100)).astype(np.float32) * 4
+    y = np.arange(24) % 2
+    kw = dict(n_layers=1, n_heads=2, max_epochs=1, batch_size=8, random_state=0)
+    first = TGEMClassifier(**kw).fit(X, y)
+    assert first.attention_backend_ == "native+tree_native"
+    again = TGEMClassifier(**kw).fit(X, y)
+    assert np.array_equal(first.predict_proba(X), again.predict_proba(X))
