@@ -12,7 +12,12 @@ import torch
 import tgem._kernels._tree as T
 from tgem import TGEMClassifier
 from tgem._kernels import _tree_native, resolve_backend, score_reach
-from tgem._kernels._tree_native import AUTO_GENES_ONE_EXPANSION, AUTO_GENES_TREE, auto_reach
+from tgem._kernels._tree_native import (
+    AUTO_GENES_ONE_EXPANSION,
+    AUTO_GENES_REACH_BASE,
+    AUTO_GENES_TREE,
+    auto_reach,
+)
 from tgem._model import TGEMNet
 
 REQUIRE = os.environ.get("TGEM_REQUIRE_NATIVE", "").strip() not in ("", "0")
@@ -58,7 +63,9 @@ def _assert_same(a, b):
 # ------------------------------------------------------------------------ the rule
 def test_rule_is_dense_then_nearly_uniform_calls_then_every_call():
     assert auto_reach(1) == auto_reach(AUTO_GENES_ONE_EXPANSION - 1) == -math.inf
-    assert auto_reach(AUTO_GENES_ONE_EXPANSION) == auto_reach(AUTO_GENES_TREE - 1) == LIMIT
+    assert auto_reach(AUTO_GENES_ONE_EXPANSION) == auto_reach(AUTO_GENES_REACH_BASE) == LIMIT
+    assert auto_reach(2 * AUTO_GENES_REACH_BASE) == 4 * LIMIT  # growing as genes squared
+    assert LIMIT < auto_reach(AUTO_GENES_TREE - 1) < math.inf
     assert auto_reach(AUTO_GENES_TREE) == auto_reach(60000) == math.inf
     assert AUTO_GENES_ONE_EXPANSION < 1708 < AUTO_GENES_TREE <= 5000  # the measured rows
 
@@ -166,7 +173,7 @@ def test_auto_passes_the_networks_tolerance_to_the_tree(monkeypatch):
 @needs_native
 def test_fit_records_the_per_call_choice_and_stays_repeatable():
     rng = np.random.default_rng(0)
-    X = rng.random((24, 1100)).astype(np.float32) * 4
+    X = rng.random((24, AUTO_GENES_ONE_EXPANSION + 100)).astype(np.float32) * 4
     y = np.arange(24) % 2
     kw = dict(n_layers=1, n_heads=2, max_epochs=1, batch_size=8, random_state=0)
     first = TGEMClassifier(**kw).fit(X, y)

@@ -271,10 +271,22 @@ def tree_native_status() -> str:
 # 765-gene row) to 1,090 (from the 1,708-gene row); at 1,000 genes either estimate puts the
 # slower choice within 10 % of the faster. Sharper calls run through the tree: the ratio grows
 # as about genes^0.9 from 1,708 to 5,000 genes and reaches 1 at about 4,700 (0.9 at 4,200, 1.1
-# at 5,250). Reaches between 8 and a few hundred were measured only at 22,283 genes (36);
-# below 4,700 genes such calls run dense, as the sharper ones do.
+# at 5,250).
+#
+# A second run near the thresholds (benchmarks/results/tree_auto_rule.json: bench_tree.py
+# --backends tree_native native auto --genes 900 1000 1100 1708 3000 4200 4700 5200 --scales
+# 1 4 10 30) moved them: at 1,000 genes the dense kernel was 1.26x faster at reach 0.64 (1.02x
+# slower at 1,100), and the break-even reach grows with the genes, as the dense cost (genes^2)
+# outgrows the tree's (about genes times the terms per query): dense over tree 1.13 at reach
+# 6.9 and 0.48 at 43 (1,708 genes), 1.09 at 26 and 0.68 at 237 (3,000), 1.82 at 22 and 0.87
+# at 202 (4,200). Hence a limit of 2 RHO up to 1,708 genes, growing as genes^2 beyond it
+# (25 at 3,000, 48 at 4,200), and every call from 4,700 genes; on all 32 rows of that run the
+# rule's choice is within 10 % of the faster backend by the two backends' own times (the
+# closest, 3,000 genes at reach 26: dense chosen, 1.06-1.09x the tree's time in two runs).
 #: From this many genes, ``"auto"`` runs the tree code on calls of score reach at most 2 RHO.
-AUTO_GENES_ONE_EXPANSION = 1000
+AUTO_GENES_ONE_EXPANSION = 1200
+#: Above this many genes the reach limit grows as ``2 RHO * (genes / AUTO_GENES_REACH_BASE)^2``.
+AUTO_GENES_REACH_BASE = 1708
 #: From this many genes, ``"auto"`` runs the tree code on every call.
 AUTO_GENES_TREE = 4700
 
@@ -284,7 +296,8 @@ def auto_reach(genes: int) -> float:
 
     ``-inf`` (never: the dense native kernel is faster) below
     :data:`AUTO_GENES_ONE_EXPANSION` genes, ``2 RHO`` (the calls whose rows are each one
-    expansion) up to :data:`AUTO_GENES_TREE`, ``inf`` (every call) from there. A call's score
+    expansion) up to :data:`AUTO_GENES_REACH_BASE`, growing as the genes squared beyond it,
+    and ``inf`` (every call) from :data:`AUTO_GENES_TREE`. A call's score
     reach is :func:`tgem._kernels.score_reach` of its queries and keys (the largest
     ``max|q| * range(k)`` of its batch x head rows). Measured against the dense native kernel
     in float32 at the default tolerance (see the comment above); float64, where the dense
@@ -292,13 +305,13 @@ def auto_reach(genes: int) -> float:
 
     Examples
     --------
-    >>> auto_reach(765), auto_reach(1708), auto_reach(22283)
-    (-inf, 8.0, inf)
+    >>> auto_reach(765), auto_reach(1708), round(auto_reach(3000), 1), auto_reach(22283)
+    (-inf, 8.0, 24.7, inf)
     """
     if genes >= AUTO_GENES_TREE:
         return math.inf
     if genes >= AUTO_GENES_ONE_EXPANSION:
-        return 2 * tree.RHO
+        return 2 * tree.RHO * max(1.0, genes / AUTO_GENES_REACH_BASE) ** 2
     return -math.inf
 
 
