@@ -91,6 +91,24 @@ def test_a_reference_cell_is_its_own_nearest_neighbour():
     np.testing.assert_allclose(ref.distances(X), 0.0, atol=1e-6)
 
 
+def test_only_the_candidate_rows_are_used_and_read():
+    X, y = _clusters(n=120)
+
+    class Rows:  # records which rows are read
+        shape = X.shape
+        read: list = []
+
+        def __getitem__(self, rows):
+            Rows.read.extend(np.asarray(rows).tolist())
+            return X[rows]
+
+    keep = np.flatnonzero(np.arange(120) % 4 != 0)  # e.g. the rows of positive weight
+    ref = NeighborReference.fit(Rows(), y, seed=0, rows=keep, max_cells=50, n_components=4)
+    assert set(Rows.read) <= set(keep.tolist()) and len(Rows.read) == 50
+    same = NeighborReference.fit(X[keep], y[keep], seed=0, max_cells=50, n_components=4)
+    np.testing.assert_array_equal(ref.cells, same.cells)
+
+
 def test_non_finite_training_values_are_refused():
     X, y = _clusters(n=30)
     X[3, 2] = np.nan

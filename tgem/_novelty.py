@@ -78,16 +78,18 @@ class NeighborReference:
         y_enc,
         seed: int,
         *,
+        rows=None,
         max_cells: int = MAX_REFERENCE_CELLS,
         n_components: int = N_COMPONENTS,
         n_neighbors: int = N_NEIGHBORS,
     ) -> NeighborReference:
         """The reference of the training cells ``X`` with class indices ``y_enc``.
 
-        At most ``max_cells`` rows are used, stratified by class
-        (:func:`~tgem._sampling.stratified_subsample`); ``seed`` seeds that draw and the SVD.
-        ``X`` may be an array, a sparse matrix or an ``.h5ad`` dataset (only those rows are
-        read). Fewer components are kept when the cells or genes are fewer.
+        At most ``max_cells`` of the candidate ``rows`` (sorted row indices; every row when
+        None) are used, stratified by class (:func:`~tgem._sampling.stratified_subsample`);
+        ``seed`` seeds that draw and the SVD. ``X`` may be an array, a sparse matrix or an
+        ``.h5ad`` dataset (only the rows used are read). Fewer components are kept when the
+        cells or genes are fewer.
 
         Examples
         --------
@@ -102,7 +104,9 @@ class NeighborReference:
         True
         """
         rng = np.random.default_rng(seed)
-        rows = stratified_subsample(np.asarray(y_enc), int(max_cells), rng, min_per_class=0)
+        y_enc = np.asarray(y_enc)
+        rows = np.arange(len(y_enc)) if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = rows[stratified_subsample(y_enc[rows], int(max_cells), rng, min_per_class=0)]
         block = X[rows]  # fancy indexing copies (an .h5ad dataset reads only these rows)
         block = block.toarray() if sp.issparse(block) else np.asarray(block)
         z = np.array(block, dtype=np.float64)  # a private copy: standardised in place below
@@ -206,10 +210,8 @@ def fit_neighbor_reference(X, y_enc, weights, seed: int, dist=None) -> NeighborR
     ``seed`` seeds a generator of its own (the subsample and the SVD), so the fit's other
     random draws are those of a model without a reference.
     """
-    keep = np.flatnonzero(np.asarray(weights) > 0)
-    rows = keep if len(keep) < len(weights) else slice(None)
-    X_kept = X if isinstance(rows, slice) else X[rows]
-    reference = NeighborReference.fit(X_kept, np.asarray(y_enc)[rows], seed=int(seed) + 1)
+    keep = np.flatnonzero(np.asarray(weights) > 0)  # only the rows drawn are read
+    reference = NeighborReference.fit(X, y_enc, seed=int(seed) + 1, rows=keep)
     if dist is None:
         return reference
     arrays = reference.arrays()  # every process keeps rank 0's (the shapes first)
