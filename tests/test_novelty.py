@@ -109,6 +109,24 @@ def test_only_the_candidate_rows_are_used_and_read():
     np.testing.assert_array_equal(ref.cells, same.cells)
 
 
+def test_a_dataset_is_scored_in_row_blocks():
+    X, y = _clusters(n=50)
+    ref = NeighborReference.fit(X, y, seed=0, n_components=4)
+
+    class Blocks:  # like an .h5ad dataset: row slices only, each one a read
+        shape = X.shape
+        reads: list = []
+
+        def __getitem__(self, rows):
+            assert isinstance(rows, slice)
+            Blocks.reads.append(rows)
+            return X[rows]
+
+    scores = ref.scores(Blocks(), block_rows=16)
+    assert [(r.start, r.stop) for r in Blocks.reads] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    np.testing.assert_allclose(scores, ref.scores(X), rtol=1e-9, atol=1e-12)
+
+
 def test_non_finite_training_values_are_refused():
     X, y = _clusters(n=30)
     X[3, 2] = np.nan

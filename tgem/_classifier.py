@@ -690,7 +690,13 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
                 f"{raw.shape} while calibrating; set a smaller predict_batch_size and refit."
             )
         fitted, at_bound = calibrate(
-            raw, logits, y_cal, w_cal, n_train, dist, reference.scores(X_cal)
+            raw,
+            logits,
+            y_cal,
+            w_cal,
+            n_train,
+            dist,
+            reference.scores(X_cal, block_rows=self.predict_batch_size),  # .h5ad: in blocks
         )
         self.__dict__.update(fitted)
         self.neighbor_reference_ = reference

@@ -160,9 +160,17 @@ class NeighborReference:
             out[start : start + len(q)] = np.sqrt(np.maximum(d2, 0.0)).mean(axis=1)
         return out
 
-    def scores(self, X) -> np.ndarray:
-        """The rule's score of each cell: minus :meth:`distances` (higher: more familiar)."""
-        return -self.distances(X)
+    def scores(self, X, block_rows: int = 1024) -> np.ndarray:
+        """The rule's score of each cell: minus :meth:`distances` (higher: more familiar).
+
+        An array, sparse matrix or DataFrame is scored at once; any other ``X`` (an ``.h5ad``
+        dataset) is read ``X[a:b]`` in blocks of ``block_rows`` rows.
+        """
+        if isinstance(X, np.ndarray) or sp.issparse(X) or hasattr(X, "iloc"):
+            return -self.distances(X)
+        step = max(1, int(block_rows))
+        blocks = [-self.distances(X[a : a + step]) for a in range(0, X.shape[0], step)]
+        return np.concatenate(blocks) if blocks else np.empty(0)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The four arrays, by name (what model files store)."""

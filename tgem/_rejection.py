@@ -124,17 +124,13 @@ def _reference(model, rule: str = "neighbors"):
 def _neighbor_scores(model, X) -> np.ndarray:
     """The ``"neighbors"`` scores of the rows of ``X`` (already validated by predicting)."""
     reference = _reference(model, "neighbors")
-    if isinstance(X, H5ADDataset):  # read in blocks, as predicting does
-        step = max(1, int(model.predict_batch_size))
-        blocks = [reference.scores(X[a : a + step]) for a in range(0, X.shape[0], step)]
-        return np.concatenate(blocks) if blocks else np.empty(0)
-    if is_h5ad_input(X):
+    if is_h5ad_input(X) and not isinstance(X, H5ADDataset):
         raise TypeError(
             "rule='neighbors' takes an array, a sparse matrix, a DataFrame or a "
             f"tgem.H5ADDataset; got {type(X).__name__}. Pass tgem.H5ADDataset(path), or "
             "annotate an AnnData with tgem.annotate(adata, model, reject='neighbors')."
         )
-    return reference.scores(X)
+    return reference.scores(X, block_rows=model.predict_batch_size)  # blocks, as predicting
 
 
 def rejection_scores(model, X, *, rule: str = "max_proba") -> np.ndarray:
