@@ -148,7 +148,7 @@ DATASETS = ("all_mol_biol", "all_bt", "pbmc")
 EXTRA_DATASETS = ("citeseq",)
 #: Per-cell total the CITE-seq counts are scaled to before log1p (scanpy's usual 1e4).
 CITESEQ_TARGET_SUM = 1e4
-TIMING_GENES = (765, 1708, 5000, 12625, 22283)
+TIMING_GENES = (765, 1708, 5000, 12625, 22283, 60000)
 TGEM_GRID = {"n_heads": [1, 3, 5], "activation": ["leakyrelu", None]}
 LR_GRID = {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
 #: Version of the cached fold records; bump when their meaning changes.
@@ -751,20 +751,26 @@ def epoch_timing(
 
     Synthetic log-scale data of each width (the cost depends on the shape only). For each
     width a few optimisation steps (forward, backward, Adam) are timed after one warm-up
-    step; the batch is shrunk for wide inputs so one step stays affordable
-    (``batch x genes^2 <= max_pairs_per_step``), and the epoch time for ``n_samples``
+    step with ``attention_backend="auto"`` (the backend it runs at each width is recorded);
+    where that is a dense kernel, the batch is shrunk for wide inputs so one step stays
+    affordable (``batch x genes^2 <= max_pairs_per_step``; the tree code needs no such
+    shrinking), and the epoch time for ``n_samples``
     samples is extrapolated linearly in the number of samples (the cost per sample is
     independent of the batch once the batch amortises the per-step overhead).
     """
     import torch
 
-    from tgem._kernels import resolve_backend
     from tgem._model import TGEMNet
 
     rows = []
     for g in genes:
-        b = int(max(1, min(batch_size, max_pairs_per_step // (g * g))))
-        key = _digest(CACHE_VERSION, "epoch", g, b, steps, threads, torch.__version__)
+        backend = (
+            TGEMNet(n_genes=g, n_classes=2, n_layers=1, n_heads=1).backend(torch.empty(0)).name
+        )
+        b = batch_size
+        if "tree" not in backend:  # dense: quadratic in the genes
+            b = int(max(1, min(batch_size, max_pairs_per_step // (g * g))))
+        key = _digest(CACHE_VERSION, "epoch", g, b, steps, threads, torch.__version__, backend)
         cache_file = None if cache_dir is None else cache_dir / "epoch_time" / f"g{g}.json"
         if cache_file is not None and cache_file.exists():
             rec = json.loads(cache_file.read_text())
@@ -798,7 +804,7 @@ def epoch_timing(
                 opt.step()
                 if i:
                     times.append(time.perf_counter() - t0)
-            backend = resolve_backend("auto", "cpu").name
+            backend = net.backend(x).name
         finally:
             torch.set_num_threads(before)
         per_sample = float(np.min(times)) / b
