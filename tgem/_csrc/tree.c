@@ -66,7 +66,7 @@
 #define TREE_X86 0
 #endif
 
-#define TREE_ABI_VERSION 1
+#define TREE_ABI_VERSION 2
 #define TREE_MAX_ORDER 128 /* tol >= 1e-30 needs at most about 60 terms at RHO = 4 */
 #define TREE_MAX_COLS 8
 #define TREE_MAX_DEPTH 60
@@ -76,7 +76,10 @@
  * the tree, expansions evaluated in the tree, points summed directly at the leaves */
 #define TREE_NCOUNTS 4
 
-enum { TREE_OK = 0, TREE_EARGS = -1, TREE_ENOMEM = -3 };
+enum { TREE_OK = 0, TREE_EARGS = -1, TREE_ENOMEM = -3, TREE_ENONFINITE = -4 };
+
+/* targets evaluated together in the cheap case (their powers and sums stay in L1) */
+#define TREE_CHEAP_BLOCK 64
 
 /* tgem_kernels.c: run fn(ctx, 0 .. ntasks - 1) on up to nthreads threads */
 typedef void (*tgem_task_fn)(const void *ctx, int64_t task);
@@ -95,6 +98,7 @@ typedef struct tree_params {
     double rho, cut, clamp;             /* RHO, CUT, largest exponent magnitude */
     int64_t leaf;                       /* LEAF */
     double xmax[TREE_MAX_ORDER + 1];    /* xmax[p]: largest x with exp(2x) x^p / p! <= tol */
+    double inv[TREE_MAX_ORDER + 1];     /* inv[n] = 1 / (n + 1) */
     double bins_per_x;                  /* TREE_BINS / RHO */
     unsigned char terms_of[TREE_BINS + 2]; /* terms for x in [(b - 1) / bins_per_x,
                                               b / bins_per_x): those of the bin's upper end */
@@ -119,6 +123,8 @@ static int tree_params_init(tree_params *p, int order, int cols, double rho, dou
     p->cut = cut;
     p->clamp = clamp;
     p->leaf = leaf;
+    for (int n = 0; n <= TREE_MAX_ORDER; ++n)
+        p->inv[n] = 1.0 / (n + 1);
     const double log_tol = log(tol);
     p->xmax[0] = 0.0;
     for (int n = 1; n <= order; ++n) {
@@ -262,8 +268,9 @@ static void tree_sort(tree_ws *ws, int64_t n)
 
 /* ---------------------------------------------------------------------- moments, sums */
 /* normalised moments about centre c, radius r of points [lo, hi): mom (P x C), zeroed here */
-TREE_INLINE void tree_moments(int cols, int order, const double *pts, const double *w,
-                              int64_t lo, int64_t hi, double c, double r, double *mom)
+TREE_INLINE void tree_moments(const tree_params *p, int cols, int order, const double *pts,
+                              const double *w, int64_t lo, int64_t hi, double c, double r,
+                              double *mom)
 {
     memset(mom, 0, (size_t)order * cols * sizeof(double));
     for (int64_t j = lo; j < hi; ++j) {
@@ -274,7 +281,7 @@ TREE_INLINE void tree_moments(int cols, int order, const double *pts, const doub
             double *m = mom + n * cols;
             for (int col = 0; col < cols; ++col)
                 m[col] += pw * wj[col];
-            pw *= u / (n + 1);
+            pw *= u * p->inv[n]; /* no division in the loop */
         }
     }
 }
@@ -306,6 +313,46 @@ TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, 
         acc[col] += scale * (even[col] - odd[col]);
 }
 
+/*
+ * The cheap case's evaluation: out[m, :] += exp(-t_m c) sum_{n < terms} (-t_m r)^n M_n for
+ * the valid targets, every target with the same term count (that of the largest target).
+ * Blocks of TREE_CHEAP_BLOCK valid targets, Horner's rule over the terms with the loops over
+ * the targets and columns innermost (vectorised by the compiler); each target's operations
+ * and their order are the same in every instance.
+ */
+TREE_INLINE void tree_cheap_eval(const tree_params *p, const double *mom, int terms, double c,
+                                 double r, const double *targets, const unsigned char *valid,
+                                 int64_t ntargets, double *out, const int cols)
+{
+    double nx[TREE_CHEAP_BLOCK], scale[TREE_CHEAP_BLOCK];
+    double acc[TREE_CHEAP_BLOCK * TREE_MAX_COLS];
+    int64_t idx[TREE_CHEAP_BLOCK];
+    int64_t m = 0;
+    while (m < ntargets) {
+        int nb = 0;
+        for (; m < ntargets && nb < TREE_CHEAP_BLOCK; ++m)
+            if (!valid || valid[m])
+                idx[nb++] = m;
+        for (int b = 0; b < nb; ++b)
+            nx[b] = -(targets[idx[b]] * r);
+        const double *top = mom + (int64_t)(terms - 1) * cols;
+        for (int b = 0; b < nb; ++b)
+            for (int col = 0; col < cols; ++col)
+                acc[b * cols + col] = top[col];
+        for (int n = terms - 2; n >= 0; --n) {
+            const double *mn = mom + (int64_t)n * cols;
+            for (int b = 0; b < nb; ++b)
+                for (int col = 0; col < cols; ++col)
+                    acc[b * cols + col] = acc[b * cols + col] * nx[b] + mn[col];
+        }
+        for (int b = 0; b < nb; ++b)
+            scale[b] = tree_exp_neg(p, targets[idx[b]] * c);
+        for (int b = 0; b < nb; ++b)
+            for (int col = 0; col < cols; ++col)
+                out[idx[b] * cols + col] += scale[b] * acc[b * cols + col];
+    }
+}
+
 TREE_INLINE int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i * s) >> level; }
 
 /*
@@ -332,15 +379,8 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
     if (tmax * radius <= p->rho) { /* the cheap case: one expansion, no sort */
         ++counts[0];
         const int order = tree_terms(p, tmax * radius);
-        tree_moments(cols, order, pts, w, 0, npts, centre, radius, ws->mom);
-        for (int64_t m = 0; m < ntargets; ++m) {
-            if (valid && !valid[m])
-                continue;
-            double acc[TREE_MAX_COLS] = {0};
-            tree_expand(p, cols, ws->mom, targets[m], centre, radius, acc);
-            for (int col = 0; col < cols; ++col)
-                out[m * cols + col] += acc[col];
-        }
+        tree_moments(p, cols, order, pts, w, 0, npts, centre, radius, ws->mom);
+        tree_cheap_eval(p, ws->mom, order, centre, radius, targets, valid, ntargets, out, cols);
         return;
     }
 
@@ -381,7 +421,7 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
             const double c = 0.5 * (pts[lo] + pts[hi - 1]), r = 0.5 * (pts[hi - 1] - pts[lo]);
             ws->geom[2 * (base + i)] = c;
             ws->geom[2 * (base + i) + 1] = r;
-            tree_moments(cols, order, pts, w, lo, hi, c, r, ws->mom + (base + i) * stride);
+            tree_moments(p, cols, order, pts, w, lo, hi, c, r, ws->mom + (base + i) * stride);
         }
     }
     /* translated up: M'_n = sum_{m <= n} M_m ratio^m delta^(n - m) / (n - m)! */
@@ -511,10 +551,15 @@ typedef struct {
     atomic_llong counts[TREE_NCOUNTS];
 } tree_ctx;
 
-static void tree_add_counts(tree_ctx *ctx, const int64_t *counts)
+static void tree_add_to(atomic_llong *dst, const int64_t *counts)
 {
     for (int i = 0; i < TREE_NCOUNTS; ++i)
-        atomic_fetch_add(&ctx->counts[i], (long long)counts[i]);
+        atomic_fetch_add(&dst[i], (long long)counts[i]);
+}
+
+static void tree_add_counts(tree_ctx *ctx, const int64_t *counts)
+{
+    tree_add_to(ctx->counts, counts);
 }
 
 static void tree_key_range(const double *k, int64_t g, double *kmin, double *kmax)
@@ -608,6 +653,210 @@ static void tree_column_task(const void *vctx, int64_t row)
     free(d);
 }
 
+/* ------------------------------------------------------------ fused forward and backward */
+/* The whole attention per row: the rank-1 reduction, the sums and the elementwise parts
+ * (the formulas of tree_forward and tree_backward in _tree.py), one task per row, reading the
+ * inputs in their dtype (float32 or float64) and writing the results rounded to it. */
+typedef struct {
+    const void *q, *k, *v, *grad; /* (n x g), float32 when f32 else float64 */
+    int f32;
+    int with_grad;                /* forward: also r, kk (4 weight columns, else 2) */
+    double exp_floor;             /* EXP_FLOOR: clamp of the diagonal's exponent */
+    double *out, *z, *r, *kk;     /* forward: written (NULL: not wanted); backward: read */
+    void *y, *dq, *dk, *dv;       /* results in the input dtype */
+    int64_t g;
+    const tree_params *p;
+    atomic_int error;
+    atomic_llong counts[TREE_NCOUNTS];
+} tree_fused_ctx;
+
+/* row `row` of src (float32 or float64) as doubles; returns whether all are finite */
+static int tree_load(const void *src, int f32, int64_t row, int64_t g, double *dst)
+{
+    if (f32) {
+        const float *s = (const float *)src + row * g;
+        for (int64_t j = 0; j < g; ++j)
+            dst[j] = s[j];
+    } else {
+        memcpy(dst, (const double *)src + row * g, (size_t)g * sizeof(double));
+    }
+    int finite = 1;
+    for (int64_t j = 0; j < g; ++j)
+        finite &= dst[j] - dst[j] == 0.0; /* nan for inf and nan */
+    return finite;
+}
+
+/* src rounded to the dtype into row `row` of dst, results below the smallest normal number
+ * flushed to (+) zero (as _to_output of _tree.py) */
+static void tree_store(void *dst, int f32, int64_t row, int64_t g, const double *src)
+{
+    if (f32) {
+        float *d = (float *)dst + row * g;
+        for (int64_t j = 0; j < g; ++j) {
+            const float x = (float)src[j];
+            d[j] = fabsf(x) < 1.17549435082228750797e-38F ? 0.0F : x;
+        }
+    } else {
+        double *d = (double *)dst + row * g;
+        for (int64_t j = 0; j < g; ++j) {
+            const double x = src[j];
+            d[j] = fabs(x) < 2.2250738585072013831e-308 ? 0.0 : x;
+        }
+    }
+}
+
+/* the diagonal term exp(q_i k_i - m_i) = exp(-t_i d_own), exponent clamped at exp_floor */
+TREE_INLINE double tree_e_diag(double q, double k, double kmin, double kmax, double floor_)
+{
+    const double x = fabs(q) * (q >= 0.0 ? kmax - k : k - kmin);
+    return exp(-(x < floor_ ? x : floor_));
+}
+
+static void tree_fwd_task(const void *vctx, int64_t row)
+{
+    tree_fused_ctx *ctx = (tree_fused_ctx *)vctx;
+    const tree_params *p = ctx->p;
+    const int64_t g = ctx->g, cols = p->cols;
+    int64_t counts[TREE_NCOUNTS] = {0};
+    tree_ws ws;
+    double *buf = malloc((size_t)g * (5 + cols) * sizeof(double));
+    unsigned char *valid = malloc((size_t)g);
+    if (!buf || !valid || tree_ws_alloc(&ws, g, p) != TREE_OK) {
+        free(buf);
+        free(valid);
+        atomic_store(&ctx->error, TREE_ENOMEM);
+        return;
+    }
+    double *q = buf, *k = q + g, *v = k + g, *t = v + g, *res = t + g, *sums = res + g;
+    const int finite = tree_load(ctx->q, ctx->f32, row, g, q) &
+                       tree_load(ctx->k, ctx->f32, row, g, k) &
+                       tree_load(ctx->v, ctx->f32, row, g, v);
+    if (!finite) {
+        atomic_store(&ctx->error, TREE_ENONFINITE);
+        goto done;
+    }
+    memset(sums, 0, (size_t)g * cols * sizeof(double));
+    double kmin, kmax;
+    tree_key_range(k, g, &kmin, &kmax);
+    for (int64_t i = 0; i < g; ++i)
+        t[i] = fabs(q[i]);
+    for (int side = 0; side < 2; ++side) { /* q >= 0, then q < 0 */
+        int64_t count = 0;
+        for (int64_t i = 0; i < g; ++i) {
+            valid[i] = (q[i] >= 0.0) == (side == 0);
+            count += valid[i];
+        }
+        if (count == 0)
+            continue;
+        for (int64_t j = 0; j < g; ++j) {
+            ws.pts[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
+            double *wj = ws.w + j * cols;
+            wj[0] = 1.0;
+            wj[1] = v[j];
+            if (cols == 4) {
+                wj[2] = v[j] * k[j];
+                wj[3] = k[j];
+            }
+        }
+        p->sums(p, &ws, g, t, valid, g, sums, counts);
+    }
+    const int64_t at = row * g;
+    for (int64_t i = 0; i < g; ++i) {
+        const double *s = sums + i * cols;
+        const double e = tree_e_diag(q[i], k[i], kmin, kmax, ctx->exp_floor);
+        res[i] = (s[1] - e * v[i]) / s[0];
+    }
+    if (ctx->out)
+        for (int64_t i = 0; i < g; ++i) {
+            const double *s = sums + i * cols;
+            ctx->out[at + i] = res[i];
+            ctx->z[at + i] = s[0];
+            if (cols == 4) {
+                ctx->r[at + i] = s[2];
+                ctx->kk[at + i] = s[3];
+            }
+        }
+    tree_store(ctx->y, ctx->f32, row, g, res);
+done:
+    tree_add_to(ctx->counts, counts);
+    tree_ws_free(&ws);
+    free(buf);
+    free(valid);
+}
+
+static void tree_bwd_task(const void *vctx, int64_t row)
+{
+    tree_fused_ctx *ctx = (tree_fused_ctx *)vctx;
+    const tree_params *p = ctx->p;
+    const int64_t g = ctx->g, cols = p->cols; /* 3: c1, c2, c2 out */
+    int64_t counts[TREE_NCOUNTS] = {0};
+    tree_ws ws;
+    double *buf = malloc((size_t)g * (8 + cols) * sizeof(double));
+    if (!buf || tree_ws_alloc(&ws, g, p) != TREE_OK) {
+        free(buf);
+        atomic_store(&ctx->error, TREE_ENOMEM);
+        return;
+    }
+    double *q = buf, *k = q + g, *v = k + g, *gr = v + g, *d = gr + g, *dq = d + g;
+    double *dk = dq + g, *dv = dk + g, *sums = dv + g;
+    tree_load(ctx->q, ctx->f32, row, g, q);
+    tree_load(ctx->k, ctx->f32, row, g, k);
+    tree_load(ctx->v, ctx->f32, row, g, v);
+    tree_load(ctx->grad, ctx->f32, row, g, gr);
+    const int64_t at = row * g;
+    const double *out = ctx->out + at, *z = ctx->z + at, *r = ctx->r + at, *kk = ctx->kk + at;
+    double kmin, kmax;
+    tree_key_range(k, g, &kmin, &kmax);
+    for (int64_t i = 0; i < g; ++i) {
+        const double e = tree_e_diag(q[i], k[i], kmin, kmax, ctx->exp_floor);
+        dq[i] = gr[i] * ((r[i] - e * v[i] * k[i]) - out[i] * kk[i]) / z[i];
+    }
+    memset(sums, 0, (size_t)g * cols * sizeof(double));
+    for (int side = 0; side < 2; ++side) {
+        int64_t count = 0; /* the sources: the queries of this sign */
+        for (int64_t i = 0; i < g; ++i) {
+            if ((q[i] >= 0.0) != (side == 0))
+                continue;
+            const double c1 = gr[i] / z[i], c2 = c1 * q[i];
+            ws.pts[count] = fabs(q[i]);
+            ws.w[count * 3] = c1;
+            ws.w[count * 3 + 1] = c2;
+            ws.w[count * 3 + 2] = c2 * out[i];
+            ++count;
+        }
+        if (count == 0)
+            continue;
+        for (int64_t j = 0; j < g; ++j)
+            d[j] = side == 0 ? kmax - k[j] : k[j] - kmin;
+        p->sums(p, &ws, count, d, NULL, g, sums, counts);
+    }
+    for (int64_t j = 0; j < g; ++j) {
+        const double *s = sums + j * 3;
+        const double a = tree_e_diag(q[j], k[j], kmin, kmax, ctx->exp_floor) / z[j];
+        dv[j] = s[0] - gr[j] * a;
+        dk[j] = v[j] * (s[1] - gr[j] * q[j] * a) - s[2];
+    }
+    tree_store(ctx->dq, ctx->f32, row, g, dq);
+    tree_store(ctx->dk, ctx->f32, row, g, dk);
+    tree_store(ctx->dv, ctx->f32, row, g, dv);
+    tree_add_to(ctx->counts, counts);
+    tree_ws_free(&ws);
+    free(buf);
+}
+
+static int tree_fused_run(tree_fused_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts,
+                          int nthreads)
+{
+    atomic_init(&ctx->error, TREE_OK);
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_init(&ctx->counts[i], 0);
+    tgem_parallel(nthreads, n, task, ctx);
+    if (counts)
+        for (int i = 0; i < TREE_NCOUNTS; ++i)
+            counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
+    return atomic_load(&ctx->error);
+}
+
 /* ---------------------------------------------------------------------------------- API */
 TREE_API int tgem_tree_abi_version(void) { return TREE_ABI_VERSION; }
 
@@ -664,4 +913,60 @@ TREE_API int tgem_tree_column_sums(const double *q, const double *k, const doubl
         return TREE_OK;
     tree_ctx ctx = {.q = q, .k = k, .coeffs = coeffs, .g = g, .p = &p, .out = out};
     return tree_run(&ctx, tree_column_task, n, counts, nthreads);
+}
+
+/* Fused forward (see "fused forward and backward" above): q, k, v (n x g) float32 (f32) or
+ * float64, contiguous; y (the output, the inputs' dtype) written; with with_grad, out, z, r
+ * and kk (n x g float64, the backward's inputs) written too (out may be NULL without
+ * with_grad: then none of them is). TREE_ENONFINITE when an input holds inf or nan. */
+TREE_API int tgem_tree_forward(const void *q, const void *k, const void *v, int f32, int64_t n,
+                               int64_t g, int with_grad, int order, double rho, double cut,
+                               double clamp, int64_t leaf, double tol, double exp_floor,
+                               void *y, double *out, double *z, double *r, double *kk,
+                               int64_t *counts, int isa, int nthreads)
+{
+    tree_params p;
+    if (n < 0 || g < 0 || nthreads < 1 ||
+        (n > 0 && g > 0 &&
+         (!q || !k || !v || !y || (with_grad && (!out || !z || !r || !kk)) ||
+          (out && (!z || (with_grad && (!r || !kk)))))))
+        return TREE_EARGS;
+    const int cols = with_grad ? 4 : 2;
+    int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
+    if (code != TREE_OK)
+        return code;
+    p.sums = tree_pick(cols, isa);
+    if (n == 0 || g == 0)
+        return TREE_OK;
+    tree_fused_ctx ctx = {.q = q, .k = k, .v = v, .f32 = f32 != 0, .with_grad = with_grad != 0,
+                          .exp_floor = exp_floor, .out = out, .z = z, .r = r, .kk = kk,
+                          .y = y, .g = g, .p = &p};
+    return tree_fused_run(&ctx, tree_fwd_task, n, counts, nthreads);
+}
+
+/* Fused backward: the forward's inputs (as given to it), the upstream gradient grad (their
+ * dtype), its out, z, r, kk; dq, dk, dv (the inputs' dtype) written. */
+TREE_API int tgem_tree_backward(const void *q, const void *k, const void *v, const void *grad,
+                                int f32, const double *out, const double *z, const double *r,
+                                const double *kk, int64_t n, int64_t g, int order, double rho,
+                                double cut, double clamp, int64_t leaf, double tol,
+                                double exp_floor, void *dq, void *dk, void *dv,
+                                int64_t *counts, int isa, int nthreads)
+{
+    tree_params p;
+    if (n < 0 || g < 0 || nthreads < 1 ||
+        (n > 0 && g > 0 &&
+         (!q || !k || !v || !grad || !out || !z || !r || !kk || !dq || !dk || !dv)))
+        return TREE_EARGS;
+    int code = tree_params_init(&p, order, 3, rho, cut, clamp, leaf, tol);
+    if (code != TREE_OK)
+        return code;
+    p.sums = tree_pick(3, isa);
+    if (n == 0 || g == 0)
+        return TREE_OK;
+    tree_fused_ctx ctx = {.q = q, .k = k, .v = v, .grad = grad, .f32 = f32 != 0,
+                          .exp_floor = exp_floor, .out = (double *)out, .z = (double *)z,
+                          .r = (double *)r, .kk = (double *)kk, .dq = dq, .dk = dk, .dv = dv,
+                          .g = g, .p = &p};
+    return tree_fused_run(&ctx, tree_bwd_task, n, counts, nthreads);
 }

@@ -429,7 +429,10 @@ def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch
 
 
 # ------------------------------------------------------------------------ the attention
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, finite: bool = True
+) -> None:
+    """Types, dtypes, shapes and (with ``finite``) finiteness of the inputs; ``ValueError``."""
     tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
@@ -448,6 +451,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = Non
         raise ValueError(
             f"q, k and v need a last (genes) axis of length >= 1, got {tuple(q.shape)}"
         )
+    if not finite:
+        return
     for name, x in tensors.items():
         bad = int((~torch.isfinite(x)).sum())
         if bad:
