@@ -115,7 +115,8 @@ static int tree_params_init(tree_params *p, int order, int cols, double rho, dou
                             double clamp, int64_t leaf, double tol)
 {
     if (order < 1 || order > TREE_MAX_ORDER || cols < 1 || cols > TREE_MAX_COLS ||
-        !(rho > 0.0) || !(tol > 0.0) || leaf < 2 || !(cut == cut) || !(clamp >= cut))
+        !(rho > 0.0) || !(tol > 0.0) || leaf < 2 || !(cut == cut) || !(clamp >= cut) ||
+        !(clamp <= 708.0)) /* the range of tree_exp_neg_raw */
         return TREE_EARGS;
     p->order = order;
     p->cols = cols;
@@ -164,9 +165,65 @@ TREE_INLINE int tree_terms(const tree_params *p, double x)
     return p->terms_of[(b < TREE_BINS ? b : TREE_BINS) + 1];
 }
 
+/*
+ * exp(-x) for 0 <= x <= 708 (every caller clamps x below that first: a guard here would let
+ * the compiler branch around the whole computation and not vectorise loops of it),
+ * within about 2 ulps: x log2(e) rounded to an integer n by the 1.5 * 2^52 shift, the reduced
+ * argument r = -x - n log(2) (|r| <= 0.35) in two steps (n log2_hi is exact), exp(r) by its
+ * Taylor polynomial of degree 13 (remainder below 5e-18) in Horner's form, times 2^n built
+ * from n's bits. Plain IEEE operations and integer ones, no table and no call: a loop of
+ * these is vectorised by the compiler, and every instance computes the same value.
+ */
+TREE_INLINE double tree_exp_neg_raw(double x)
+{
+    const double shift = 6755399441055744.0; /* 1.5 * 2^52 */
+    const double log2e = 1.4426950408889634074;
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const double y = -x;
+    double kd = y * log2e + shift;
+    uint64_t bits;
+    memcpy(&bits, &kd, sizeof(bits));
+    kd -= shift;
+    const double r = (y - kd * ln2_hi) - kd * ln2_lo;
+    double e = 1.0 / 6227020800.0; /* 1 / 13! */
+    e = e * r + 1.0 / 479001600.0;
+    e = e * r + 1.0 / 39916800.0;
+    e = e * r + 1.0 / 3628800.0;
+    e = e * r + 1.0 / 362880.0;
+    e = e * r + 1.0 / 40320.0;
+    e = e * r + 1.0 / 5040.0;
+    e = e * r + 1.0 / 720.0;
+    e = e * r + 1.0 / 120.0;
+    e = e * r + 1.0 / 24.0;
+    e = e * r + 1.0 / 6.0;
+    e = e * r + 0.5;
+    e = e * r + 1.0;
+    e = e * r + 1.0;
+    const uint64_t scale_bits = (bits + 1023) << 52; /* 2^n, n = bits - the shift's bits */
+    double scale;
+    memcpy(&scale, &scale_bits, sizeof(scale));
+    return e * scale;
+}
+
+/* b where x's sign bit is set, else a, by bit masks: both computed, no branch (the compiler
+ * keeps a branch for ?: between floating-point expressions, which stops vectorisation, and
+ * SSE2 has no vector form of a comparison turned into an integer) */
+TREE_INLINE double tree_select_sign(double x, double a, double b)
+{
+    uint64_t xb, ab, bb;
+    memcpy(&xb, &x, sizeof(xb));
+    memcpy(&ab, &a, sizeof(ab));
+    memcpy(&bb, &b, sizeof(bb));
+    const uint64_t mask = (uint64_t)0 - (xb >> 63);
+    ab = (ab & ~mask) | (bb & mask);
+    double r;
+    memcpy(&r, &ab, sizeof(r));
+    return r;
+}
+
 TREE_INLINE double tree_exp_neg(const tree_params *p, double x)
 {
-    return exp(-(x < p->clamp ? x : p->clamp));
+    return tree_exp_neg_raw(x < p->clamp ? x : p->clamp);
 }
 
 /* --------------------------------------------------------------------------- workspace */
@@ -324,6 +381,7 @@ TREE_INLINE void tree_cheap_eval(const tree_params *p, const double *mom, int te
                                  double r, const double *targets, const unsigned char *valid,
                                  int64_t ntargets, double *out, const int cols)
 {
+    const double clamp = p->clamp;
     double nx[TREE_CHEAP_BLOCK], scale[TREE_CHEAP_BLOCK];
     double acc[TREE_CHEAP_BLOCK * TREE_MAX_COLS];
     int64_t idx[TREE_CHEAP_BLOCK];
@@ -346,7 +404,9 @@ TREE_INLINE void tree_cheap_eval(const tree_params *p, const double *mom, int te
                     acc[b * cols + col] = acc[b * cols + col] * nx[b] + mn[col];
         }
         for (int b = 0; b < nb; ++b)
-            scale[b] = tree_exp_neg(p, targets[idx[b]] * c);
+            scale[b] = targets[idx[b]] * c;
+        for (int b = 0; b < nb; ++b) /* vectorised */
+            scale[b] = tree_exp_neg_raw(scale[b] < clamp ? scale[b] : clamp);
         for (int b = 0; b < nb; ++b)
             for (int col = 0; col < cols; ++col)
                 out[idx[b] * cols + col] += scale[b] * acc[b * cols + col];
@@ -481,10 +541,16 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
             } else if (level == last) { /* a leaf: direct sum */
                 const int64_t hi = tree_lo(npts, level, i + 1);
                 counts[3] += hi - lo;
-                for (int64_t s = lo; s < hi; ++s) {
-                    const double e = tree_exp_neg(p, t * pts[s]);
-                    for (int col = 0; col < cols; ++col)
-                        acc[col] += e * w[s * cols + col];
+                for (int64_t s0 = lo; s0 < hi; s0 += TREE_CHEAP_BLOCK) {
+                    const int64_t s1 = hi - s0 < TREE_CHEAP_BLOCK ? hi : s0 + TREE_CHEAP_BLOCK;
+                    double e[TREE_CHEAP_BLOCK];
+                    for (int64_t s = s0; s < s1; ++s) /* vectorised */
+                        e[s - s0] = t * pts[s];
+                    for (int64_t s = 0; s < s1 - s0; ++s)
+                        e[s] = tree_exp_neg_raw(e[s] < p->clamp ? e[s] : p->clamp);
+                    for (int64_t s = s0; s < s1; ++s)
+                        for (int col = 0; col < cols; ++col)
+                            acc[col] += e[s - s0] * w[s * cols + col];
                 }
             } else { /* the nearer child (smaller points) last, so it is summed first */
                 stack_l[sp] = level + 1;
@@ -705,11 +771,12 @@ static void tree_store(void *dst, int f32, int64_t row, int64_t g, const double 
     }
 }
 
-/* the diagonal term exp(q_i k_i - m_i) = exp(-t_i d_own), exponent clamped at exp_floor */
+/* the diagonal term exp(q_i k_i - m_i) = exp(-t_i d_own), exponent clamped at exp_floor; d_own
+ * is chosen by q's sign bit (q = -0.0 has t = 0, so either side gives 1, as q >= 0 does) */
 TREE_INLINE double tree_e_diag(double q, double k, double kmin, double kmax, double floor_)
 {
-    const double x = fabs(q) * (q >= 0.0 ? kmax - k : k - kmin);
-    return exp(-(x < floor_ ? x : floor_));
+    const double x = fabs(q) * tree_select_sign(q, kmax - k, k - kmin);
+    return tree_exp_neg_raw(x < floor_ ? x : floor_);
 }
 
 static void tree_fwd_task(const void *vctx, int64_t row)
@@ -761,10 +828,12 @@ static void tree_fwd_task(const void *vctx, int64_t row)
         p->sums(p, &ws, g, t, valid, g, sums, counts);
     }
     const int64_t at = row * g;
+    const double exp_floor = ctx->exp_floor;
+    for (int64_t i = 0; i < g; ++i) /* vectorised */
+        res[i] = tree_e_diag(q[i], k[i], kmin, kmax, exp_floor);
     for (int64_t i = 0; i < g; ++i) {
         const double *s = sums + i * cols;
-        const double e = tree_e_diag(q[i], k[i], kmin, kmax, ctx->exp_floor);
-        res[i] = (s[1] - e * v[i]) / s[0];
+        res[i] = (s[1] - res[i] * v[i]) / s[0];
     }
     if (ctx->out)
         for (int64_t i = 0; i < g; ++i) {
@@ -791,14 +860,14 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     const int64_t g = ctx->g, cols = p->cols; /* 3: c1, c2, c2 out */
     int64_t counts[TREE_NCOUNTS] = {0};
     tree_ws ws;
-    double *buf = malloc((size_t)g * (8 + cols) * sizeof(double));
+    double *buf = malloc((size_t)g * (9 + cols) * sizeof(double));
     if (!buf || tree_ws_alloc(&ws, g, p) != TREE_OK) {
         free(buf);
         atomic_store(&ctx->error, TREE_ENOMEM);
         return;
     }
     double *q = buf, *k = q + g, *v = k + g, *gr = v + g, *d = gr + g, *dq = d + g;
-    double *dk = dq + g, *dv = dk + g, *sums = dv + g;
+    double *dk = dq + g, *dv = dk + g, *ed = dv + g, *sums = ed + g;
     tree_load(ctx->q, ctx->f32, row, g, q);
     tree_load(ctx->k, ctx->f32, row, g, k);
     tree_load(ctx->v, ctx->f32, row, g, v);
@@ -807,10 +876,11 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     const double *out = ctx->out + at, *z = ctx->z + at, *r = ctx->r + at, *kk = ctx->kk + at;
     double kmin, kmax;
     tree_key_range(k, g, &kmin, &kmax);
-    for (int64_t i = 0; i < g; ++i) {
-        const double e = tree_e_diag(q[i], k[i], kmin, kmax, ctx->exp_floor);
-        dq[i] = gr[i] * ((r[i] - e * v[i] * k[i]) - out[i] * kk[i]) / z[i];
-    }
+    const double exp_floor = ctx->exp_floor;
+    for (int64_t i = 0; i < g; ++i) /* vectorised */
+        ed[i] = tree_e_diag(q[i], k[i], kmin, kmax, exp_floor);
+    for (int64_t i = 0; i < g; ++i)
+        dq[i] = gr[i] * ((r[i] - ed[i] * v[i] * k[i]) - out[i] * kk[i]) / z[i];
     memset(sums, 0, (size_t)g * cols * sizeof(double));
     for (int side = 0; side < 2; ++side) {
         int64_t count = 0; /* the sources: the queries of this sign */
@@ -832,7 +902,7 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     }
     for (int64_t j = 0; j < g; ++j) {
         const double *s = sums + j * 3;
-        const double a = tree_e_diag(q[j], k[j], kmin, kmax, ctx->exp_floor) / z[j];
+        const double a = ed[j] / z[j];
         dv[j] = s[0] - gr[j] * a;
         dk[j] = v[j] * (s[1] - gr[j] * q[j] * a) - s[2];
     }
@@ -931,6 +1001,8 @@ TREE_API int tgem_tree_forward(const void *q, const void *k, const void *v, int 
          (!q || !k || !v || !y || (with_grad && (!out || !z || !r || !kk)) ||
           (out && (!z || (with_grad && (!r || !kk)))))))
         return TREE_EARGS;
+    if (!(exp_floor >= 0.0 && exp_floor <= 708.0))
+        return TREE_EARGS;
     const int cols = with_grad ? 4 : 2;
     int code = tree_params_init(&p, order, cols, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
@@ -957,6 +1029,8 @@ TREE_API int tgem_tree_backward(const void *q, const void *k, const void *v, con
     if (n < 0 || g < 0 || nthreads < 1 ||
         (n > 0 && g > 0 &&
          (!q || !k || !v || !grad || !out || !z || !r || !kk || !dq || !dk || !dv)))
+        return TREE_EARGS;
+    if (!(exp_floor >= 0.0 && exp_floor <= 708.0))
         return TREE_EARGS;
     int code = tree_params_init(&p, order, 3, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
