@@ -59,6 +59,14 @@
 #define TREE_INLINE static inline
 #define TREE_NOINLINE
 #endif
+#if defined(__GNUC__) || defined(__clang__)
+/* four doubles as one vector (GCC/Clang vector extensions: elementwise IEEE operations, the
+ * same results as the scalar code, as SSE2, AVX2 or any other instructions) */
+#define TREE_VECTOR_EXT 1
+typedef double tree_v4 __attribute__((vector_size(32), aligned(8)));
+#else
+#define TREE_VECTOR_EXT 0
+#endif
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define TREE_X86 1
 #define TREE_AVX2 __attribute__((target("avx2,fma")))
@@ -329,18 +337,38 @@ TREE_INLINE void tree_moments(const tree_params *p, int cols, int order, const d
                               const double *w, int64_t lo, int64_t hi, double c, double r,
                               double *mom)
 {
-    memset(mom, 0, (size_t)order * cols * sizeof(double));
+#if TREE_VECTOR_EXT
+    if (cols == 4) { /* the four columns as one vector (the compiler does not find it) */
+        tree_v4 accv[TREE_MAX_ORDER];
+        memset(accv, 0, (size_t)order * sizeof(tree_v4));
+        for (int64_t j = lo; j < hi; ++j) {
+            const double u = r > 0.0 ? (pts[j] - c) / r : 0.0;
+            tree_v4 wv;
+            memcpy(&wv, w + j * 4, sizeof(wv));
+            double pw = 1.0;
+            for (int n = 0; n < order; ++n) {
+                accv[n] += pw * wv;
+                pw *= u * p->inv[n];
+            }
+        }
+        memcpy(mom, accv, (size_t)order * sizeof(tree_v4));
+        return;
+    }
+#endif
+    double acc[TREE_MAX_ORDER * TREE_MAX_COLS];
+    memset(acc, 0, (size_t)order * cols * sizeof(double));
     for (int64_t j = lo; j < hi; ++j) {
         const double u = r > 0.0 ? (pts[j] - c) / r : 0.0;
         const double *wj = w + j * cols;
         double pw = 1.0;
         for (int n = 0; n < order; ++n) {
-            double *m = mom + n * cols;
+            double *m = acc + n * cols;
             for (int col = 0; col < cols; ++col)
                 m[col] += pw * wj[col];
             pw *= u * p->inv[n]; /* no division in the loop */
         }
     }
+    memcpy(mom, acc, (size_t)order * cols * sizeof(double));
 }
 
 /* acc += exp(-t c) sum_{n < terms} (-x)^n M_n, x = t r */
@@ -384,12 +412,17 @@ TREE_INLINE void tree_cheap_eval(const tree_params *p, const double *mom, int te
     const double clamp = p->clamp;
     double nx[TREE_CHEAP_BLOCK], scale[TREE_CHEAP_BLOCK];
     double acc[TREE_CHEAP_BLOCK * TREE_MAX_COLS];
-    int64_t idx[TREE_CHEAP_BLOCK];
+    int64_t idx[TREE_CHEAP_BLOCK + 1];
     int64_t m = 0;
     while (m < ntargets) {
         int nb = 0;
-        for (; m < ntargets && nb < TREE_CHEAP_BLOCK; ++m)
-            if (!valid || valid[m])
+        if (valid) /* no branch on valid (0 or 1): the slot is overwritten when it is 0 */
+            for (; m < ntargets && nb < TREE_CHEAP_BLOCK; ++m) {
+                idx[nb] = m;
+                nb += valid[m];
+            }
+        else
+            for (; m < ntargets && nb < TREE_CHEAP_BLOCK; ++m)
                 idx[nb++] = m;
         for (int b = 0; b < nb; ++b)
             nx[b] = -(targets[idx[b]] * r);
@@ -417,16 +450,37 @@ TREE_INLINE int64_t tree_lo(int64_t s, int64_t level, int64_t i) { return (i * s
 
 /*
  * out[m, :] += sum_s ws->w[s, :] exp(-targets[m] ws->pts[s]) for the targets with valid[m]
- * (valid NULL: all), s < npts. Reorders ws->pts and ws->w.
+ * (valid NULL: all; else each entry 0 or 1), s < npts. Reorders ws->pts and ws->w.
  */
 TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
                                const double *targets, const unsigned char *valid,
                                int64_t ntargets, double *out, int64_t *counts, const int cols)
 {
-    double tmax = -1.0;
-    for (int64_t m = 0; m < ntargets; ++m)
-        if ((!valid || valid[m]) && targets[m] > tmax)
-            tmax = targets[m];
+    /* the largest valid target, without branches on valid (a random pattern: the signs of
+     * q): the targets are >= 0 and not nan, so the lanes' maxima combined in any order give
+     * the same value */
+    double lane[4] = {-1.0, -1.0, -1.0, -1.0};
+    int64_t m4 = 0;
+    if (valid) {
+        for (; m4 + 4 <= ntargets; m4 += 4)
+            for (int l = 0; l < 4; ++l) {
+                const double x = valid[m4 + l] ? targets[m4 + l] : -1.0;
+                lane[l] = x > lane[l] ? x : lane[l];
+            }
+        for (; m4 < ntargets; ++m4) {
+            const double x = valid[m4] ? targets[m4] : -1.0;
+            lane[0] = x > lane[0] ? x : lane[0];
+        }
+    } else {
+        for (; m4 + 4 <= ntargets; m4 += 4)
+            for (int l = 0; l < 4; ++l)
+                lane[l] = targets[m4 + l] > lane[l] ? targets[m4 + l] : lane[l];
+        for (; m4 < ntargets; ++m4)
+            lane[0] = targets[m4] > lane[0] ? targets[m4] : lane[0];
+    }
+    double tmax = lane[0];
+    for (int l = 1; l < 4; ++l)
+        tmax = lane[l] > tmax ? lane[l] : tmax;
     if (tmax < 0.0 || npts == 0)
         return;
     double *pts = ws->pts, *w = ws->w;
@@ -857,7 +911,7 @@ static void tree_bwd_task(const void *vctx, int64_t row)
 {
     tree_fused_ctx *ctx = (tree_fused_ctx *)vctx;
     const tree_params *p = ctx->p;
-    const int64_t g = ctx->g, cols = p->cols; /* 3: c1, c2, c2 out */
+    const int64_t g = ctx->g, cols = p->cols; /* 4: c1, c2, c2 out, 0 (one vector) */
     int64_t counts[TREE_NCOUNTS] = {0};
     tree_ws ws;
     double *buf = malloc((size_t)g * (9 + cols) * sizeof(double));
@@ -889,9 +943,10 @@ static void tree_bwd_task(const void *vctx, int64_t row)
                 continue;
             const double c1 = gr[i] / z[i], c2 = c1 * q[i];
             ws.pts[count] = fabs(q[i]);
-            ws.w[count * 3] = c1;
-            ws.w[count * 3 + 1] = c2;
-            ws.w[count * 3 + 2] = c2 * out[i];
+            ws.w[count * 4] = c1;
+            ws.w[count * 4 + 1] = c2;
+            ws.w[count * 4 + 2] = c2 * out[i];
+            ws.w[count * 4 + 3] = 0.0;
             ++count;
         }
         if (count == 0)
@@ -901,7 +956,7 @@ static void tree_bwd_task(const void *vctx, int64_t row)
         p->sums(p, &ws, count, d, NULL, g, sums, counts);
     }
     for (int64_t j = 0; j < g; ++j) {
-        const double *s = sums + j * 3;
+        const double *s = sums + j * 4;
         const double a = ed[j] / z[j];
         dv[j] = s[0] - gr[j] * a;
         dk[j] = v[j] * (s[1] - gr[j] * q[j] * a) - s[2];
@@ -1032,10 +1087,10 @@ TREE_API int tgem_tree_backward(const void *q, const void *k, const void *v, con
         return TREE_EARGS;
     if (!(exp_floor >= 0.0 && exp_floor <= 708.0))
         return TREE_EARGS;
-    int code = tree_params_init(&p, order, 3, rho, cut, clamp, leaf, tol);
+    int code = tree_params_init(&p, order, 4, rho, cut, clamp, leaf, tol);
     if (code != TREE_OK)
         return code;
-    p.sums = tree_pick(3, isa);
+    p.sums = tree_pick(4, isa);
     if (n == 0 || g == 0)
         return TREE_OK;
     tree_fused_ctx ctx = {.q = q, .k = k, .v = v, .grad = grad, .f32 = f32 != 0,
