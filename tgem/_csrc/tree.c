@@ -79,7 +79,9 @@ typedef double tree_v4 __attribute__((vector_size(32), aligned(8)));
 #define TREE_MAX_COLS 8
 #define TREE_MAX_DEPTH 60
 #define TREE_BINS 512 /* resolution of the table of expansion orders over x in [0, RHO] */
-#define TREE_SMALL_SORT 48 /* insertion sort below this many points, radix sort above */
+#define TREE_SMALL_SORT 48
+#define TREE_BUF_ROWS 13 /* g-long double arrays a row task uses besides the sums' own */
+#define TREE_SLOTS 256   /* workspaces per call: at least the threads (TGEM_MAX_THREADS) */ /* insertion sort below this many points, radix sort above */
 /* counts of the work done (for tests): sums by one expansion (the cheap case), sums through
  * the tree, expansions evaluated in the tree, points summed directly at the leaves */
 #define TREE_NCOUNTS 4
@@ -248,6 +250,8 @@ typedef struct tree_ws {
     tree_key *keys_tmp; /* radix sort buffer (g) */
     double *mom;     /* node moments (nodes x P x C) */
     double *geom;    /* per node: centre, radius (nodes x 2) */
+    double *buf;     /* the row tasks' own arrays (g x TREE_BUF_ROWS) */
+    unsigned char *valid; /* (g) */
     int64_t max_nodes;
 } tree_ws;
 
@@ -268,6 +272,8 @@ static void tree_ws_free(tree_ws *ws)
     free(ws->keys_tmp);
     free(ws->mom);
     free(ws->geom);
+    free(ws->buf);
+    free(ws->valid);
 }
 
 static int tree_ws_alloc(tree_ws *ws, int64_t g, const tree_params *p)
@@ -284,12 +290,63 @@ static int tree_ws_alloc(tree_ws *ws, int64_t g, const tree_params *p)
     /* the cheap case keeps one node's moments, the tree all of them */
     ws->mom = malloc((size_t)ws->max_nodes * p->order * c * sizeof(double));
     ws->geom = malloc((size_t)ws->max_nodes * 2 * sizeof(double));
-    if (!ws->pts || !ws->w || !ws->w_tmp || !ws->keys || !ws->keys_tmp || !ws->mom || !ws->geom) {
+    ws->buf = malloc((size_t)(g > 0 ? g : 1) * TREE_BUF_ROWS * sizeof(double));
+    ws->valid = malloc((size_t)(g > 0 ? g : 1));
+    if (!ws->pts || !ws->w || !ws->w_tmp || !ws->keys || !ws->keys_tmp || !ws->mom || !ws->geom ||
+        !ws->buf || !ws->valid) {
         tree_ws_free(ws);
         return TREE_ENOMEM;
     }
     return TREE_OK;
 }
+
+/* Workspaces for one call: a task takes a free slot, allocates its workspace the first time
+ * (so each thread allocates about once per call, not once per row: fresh memory costs a page
+ * fault per page), and gives it back. Which slot a row gets does not change its results: a
+ * task writes every array before it reads it. */
+typedef struct {
+    atomic_int busy;
+    int ready;
+    tree_ws ws;
+} tree_slot;
+
+static tree_slot *tree_slots_new(void)
+{
+    tree_slot *slots = calloc(TREE_SLOTS, sizeof(tree_slot));
+    if (slots)
+        for (int i = 0; i < TREE_SLOTS; ++i)
+            atomic_init(&slots[i].busy, 0);
+    return slots;
+}
+
+static void tree_slots_free(tree_slot *slots)
+{
+    if (!slots)
+        return;
+    for (int i = 0; i < TREE_SLOTS; ++i)
+        if (slots[i].ready)
+            tree_ws_free(&slots[i].ws);
+    free(slots);
+}
+
+/* a free slot with its workspace for g points (NULL when out of memory) */
+static tree_slot *tree_slot_take(tree_slot *slots, int64_t g, const tree_params *p)
+{
+    tree_slot *slot = NULL;
+    for (int i = 0; !slot; i = (i + 1) % TREE_SLOTS) /* fewer tasks run than there are slots */
+        if (!atomic_exchange(&slots[i].busy, 1))
+            slot = &slots[i];
+    if (!slot->ready) {
+        if (tree_ws_alloc(&slot->ws, g, p) != TREE_OK) {
+            atomic_store(&slot->busy, 0);
+            return NULL;
+        }
+        slot->ready = 1;
+    }
+    return slot;
+}
+
+static void tree_slot_give(tree_slot *slot) { atomic_store(&slot->busy, 0); }
 
 /* Sort keys[0 .. n) by bits, stably (ties keep their positions: a total, fixed order):
  * insertion sort for a few keys, else a least-significant-digit radix sort on bytes, whose
@@ -329,6 +386,29 @@ static void tree_sort(tree_ws *ws, int64_t n)
     }
     if (a != ws->keys)
         memcpy(ws->keys, a, (size_t)n * sizeof(tree_key));
+}
+
+/* smallest and largest of x[0 .. n), n >= 1, in four lanes (four short dependency chains
+ * instead of one long one); a fixed order of operations, the same in every instance */
+TREE_INLINE void tree_range(const double *x, int64_t n, double *lo, double *hi)
+{
+    double mn[4] = {x[0], x[0], x[0], x[0]}, mx[4] = {x[0], x[0], x[0], x[0]};
+    int64_t s = 0;
+    for (; s + 4 <= n; s += 4)
+        for (int l = 0; l < 4; ++l) {
+            mn[l] = x[s + l] < mn[l] ? x[s + l] : mn[l];
+            mx[l] = x[s + l] > mx[l] ? x[s + l] : mx[l];
+        }
+    for (; s < n; ++s) {
+        mn[0] = x[s] < mn[0] ? x[s] : mn[0];
+        mx[0] = x[s] > mx[0] ? x[s] : mx[0];
+    }
+    for (int l = 1; l < 4; ++l) {
+        mn[0] = mn[l] < mn[0] ? mn[l] : mn[0];
+        mx[0] = mx[l] > mx[0] ? mx[l] : mx[0];
+    }
+    *lo = mn[0];
+    *hi = mx[0];
 }
 
 /* ---------------------------------------------------------------------- moments, sums */
@@ -426,6 +506,31 @@ TREE_INLINE void tree_cheap_eval(const tree_params *p, const double *mom, int te
                 idx[nb++] = m;
         for (int b = 0; b < nb; ++b)
             nx[b] = -(targets[idx[b]] * r);
+#if TREE_VECTOR_EXT
+        if (cols == 4) { /* one vector per target (the compiler vectorises over the targets
+                            otherwise, with shuffles) */
+            tree_v4 accv[TREE_CHEAP_BLOCK], mv;
+            memcpy(&mv, mom + (int64_t)(terms - 1) * 4, sizeof(mv));
+            for (int b = 0; b < nb; ++b)
+                accv[b] = mv;
+            for (int n = terms - 2; n >= 0; --n) {
+                memcpy(&mv, mom + (int64_t)n * 4, sizeof(mv));
+                for (int b = 0; b < nb; ++b)
+                    accv[b] = accv[b] * nx[b] + mv;
+            }
+            for (int b = 0; b < nb; ++b)
+                scale[b] = targets[idx[b]] * c;
+            for (int b = 0; b < nb; ++b) /* vectorised */
+                scale[b] = tree_exp_neg_raw(scale[b] < clamp ? scale[b] : clamp);
+            for (int b = 0; b < nb; ++b) {
+                tree_v4 o;
+                memcpy(&o, out + idx[b] * 4, sizeof(o));
+                o += scale[b] * accv[b];
+                memcpy(out + idx[b] * 4, &o, sizeof(o));
+            }
+            continue;
+        }
+#endif
         const double *top = mom + (int64_t)(terms - 1) * cols;
         for (int b = 0; b < nb; ++b)
             for (int col = 0; col < cols; ++col)
@@ -484,11 +589,8 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
     if (tmax < 0.0 || npts == 0)
         return;
     double *pts = ws->pts, *w = ws->w;
-    double pmin = pts[0], pmax = pts[0];
-    for (int64_t s = 1; s < npts; ++s) {
-        pmin = pts[s] < pmin ? pts[s] : pmin;
-        pmax = pts[s] > pmax ? pts[s] : pmax;
-    }
+    double pmin, pmax;
+    tree_range(pts, npts, &pmin, &pmax);
     const double centre = 0.5 * (pmin + pmax), radius = 0.5 * (pmax - pmin);
     if (tmax * radius <= p->rho) { /* the cheap case: one expansion, no sort */
         ++counts[0];
@@ -667,6 +769,7 @@ typedef struct {
     int64_t g;
     const tree_params *p;
     double *out;
+    tree_slot *slots;
     atomic_int error;
     atomic_llong counts[TREE_NCOUNTS];
 } tree_ctx;
@@ -684,13 +787,7 @@ static void tree_add_counts(tree_ctx *ctx, const int64_t *counts)
 
 static void tree_key_range(const double *k, int64_t g, double *kmin, double *kmax)
 {
-    double lo = k[0], hi = k[0];
-    for (int64_t j = 1; j < g; ++j) {
-        lo = k[j] < lo ? k[j] : lo;
-        hi = k[j] > hi ? k[j] : hi;
-    }
-    *kmin = lo;
-    *kmax = hi;
+    tree_range(k, g, kmin, kmax);
 }
 
 static void tree_row_task(const void *vctx, int64_t row)
@@ -702,15 +799,14 @@ static void tree_row_task(const void *vctx, int64_t row)
     double *out = ctx->out + row * g * cols;
     memset(out, 0, (size_t)g * cols * sizeof(double));
     int64_t counts[TREE_NCOUNTS] = {0};
-    tree_ws ws;
-    double *t = malloc((size_t)g * sizeof(double));
-    unsigned char *valid = malloc((size_t)g);
-    if (!t || !valid || tree_ws_alloc(&ws, g, p) != TREE_OK) {
-        free(t);
-        free(valid);
+    tree_slot *slot = tree_slot_take(ctx->slots, g, p);
+    if (!slot) {
         atomic_store(&ctx->error, TREE_ENOMEM);
         return;
     }
+    tree_ws ws = slot->ws;
+    double *t = ws.buf;
+    unsigned char *valid = ws.valid;
     double kmin, kmax;
     tree_key_range(k, g, &kmin, &kmax);
     for (int side = 0; side < 2; ++side) { /* q >= 0, then q < 0 */
@@ -729,9 +825,7 @@ static void tree_row_task(const void *vctx, int64_t row)
         p->sums(p, &ws, g, t, valid, g, out, counts);
     }
     tree_add_counts(ctx, counts);
-    tree_ws_free(&ws);
-    free(t);
-    free(valid);
+    tree_slot_give(slot);
 }
 
 static void tree_column_task(const void *vctx, int64_t row)
@@ -744,13 +838,13 @@ static void tree_column_task(const void *vctx, int64_t row)
     double *out = ctx->out + row * g * cols;
     memset(out, 0, (size_t)g * cols * sizeof(double));
     int64_t counts[TREE_NCOUNTS] = {0};
-    tree_ws ws;
-    double *d = malloc((size_t)g * sizeof(double));
-    if (!d || tree_ws_alloc(&ws, g, p) != TREE_OK) {
-        free(d);
+    tree_slot *slot = tree_slot_take(ctx->slots, g, p);
+    if (!slot) {
         atomic_store(&ctx->error, TREE_ENOMEM);
         return;
     }
+    tree_ws ws = slot->ws;
+    double *d = ws.buf;
     double kmin, kmax;
     tree_key_range(k, g, &kmin, &kmax);
     for (int side = 0; side < 2; ++side) {
@@ -769,8 +863,7 @@ static void tree_column_task(const void *vctx, int64_t row)
         p->sums(p, &ws, count, d, NULL, g, out, counts);
     }
     tree_add_counts(ctx, counts);
-    tree_ws_free(&ws);
-    free(d);
+    tree_slot_give(slot);
 }
 
 /* ------------------------------------------------------------ fused forward and backward */
@@ -786,6 +879,7 @@ typedef struct {
     void *y, *dq, *dk, *dv;       /* results in the input dtype */
     int64_t g;
     const tree_params *p;
+    tree_slot *slots;
     atomic_int error;
     atomic_llong counts[TREE_NCOUNTS];
 } tree_fused_ctx;
@@ -839,15 +933,14 @@ static void tree_fwd_task(const void *vctx, int64_t row)
     const tree_params *p = ctx->p;
     const int64_t g = ctx->g, cols = p->cols;
     int64_t counts[TREE_NCOUNTS] = {0};
-    tree_ws ws;
-    double *buf = malloc((size_t)g * (5 + cols) * sizeof(double));
-    unsigned char *valid = malloc((size_t)g);
-    if (!buf || !valid || tree_ws_alloc(&ws, g, p) != TREE_OK) {
-        free(buf);
-        free(valid);
+    tree_slot *slot = tree_slot_take(ctx->slots, g, p);
+    if (!slot) {
         atomic_store(&ctx->error, TREE_ENOMEM);
         return;
     }
+    tree_ws ws = slot->ws;
+    double *buf = ws.buf; /* 5 + cols <= TREE_BUF_ROWS arrays */
+    unsigned char *valid = ws.valid;
     double *q = buf, *k = q + g, *v = k + g, *t = v + g, *res = t + g, *sums = res + g;
     const int finite = tree_load(ctx->q, ctx->f32, row, g, q) &
                        tree_load(ctx->k, ctx->f32, row, g, k) &
@@ -902,9 +995,7 @@ static void tree_fwd_task(const void *vctx, int64_t row)
     tree_store(ctx->y, ctx->f32, row, g, res);
 done:
     tree_add_to(ctx->counts, counts);
-    tree_ws_free(&ws);
-    free(buf);
-    free(valid);
+    tree_slot_give(slot);
 }
 
 static void tree_bwd_task(const void *vctx, int64_t row)
@@ -913,13 +1004,13 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     const tree_params *p = ctx->p;
     const int64_t g = ctx->g, cols = p->cols; /* 4: c1, c2, c2 out, 0 (one vector) */
     int64_t counts[TREE_NCOUNTS] = {0};
-    tree_ws ws;
-    double *buf = malloc((size_t)g * (9 + cols) * sizeof(double));
-    if (!buf || tree_ws_alloc(&ws, g, p) != TREE_OK) {
-        free(buf);
+    tree_slot *slot = tree_slot_take(ctx->slots, g, p);
+    if (!slot) {
         atomic_store(&ctx->error, TREE_ENOMEM);
         return;
     }
+    tree_ws ws = slot->ws;
+    double *buf = ws.buf; /* 9 + cols <= TREE_BUF_ROWS arrays */
     double *q = buf, *k = q + g, *v = k + g, *gr = v + g, *d = gr + g, *dq = d + g;
     double *dk = dq + g, *dv = dk + g, *ed = dv + g, *sums = ed + g;
     tree_load(ctx->q, ctx->f32, row, g, q);
@@ -938,16 +1029,15 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     memset(sums, 0, (size_t)g * cols * sizeof(double));
     for (int side = 0; side < 2; ++side) {
         int64_t count = 0; /* the sources: the queries of this sign */
-        for (int64_t i = 0; i < g; ++i) {
-            if ((q[i] >= 0.0) != (side == 0))
-                continue;
+        for (int64_t i = 0; i < g; ++i) { /* no branch on the sign (a random pattern): the
+                                              slot is overwritten when q[i] is of the other */
             const double c1 = gr[i] / z[i], c2 = c1 * q[i];
             ws.pts[count] = fabs(q[i]);
             ws.w[count * 4] = c1;
             ws.w[count * 4 + 1] = c2;
             ws.w[count * 4 + 2] = c2 * out[i];
             ws.w[count * 4 + 3] = 0.0;
-            ++count;
+            count += (q[i] >= 0.0) == (side == 0);
         }
         if (count == 0)
             continue;
@@ -965,8 +1055,7 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     tree_store(ctx->dk, ctx->f32, row, g, dk);
     tree_store(ctx->dv, ctx->f32, row, g, dv);
     tree_add_to(ctx->counts, counts);
-    tree_ws_free(&ws);
-    free(buf);
+    tree_slot_give(slot);
 }
 
 static int tree_fused_run(tree_fused_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts,
@@ -975,7 +1064,11 @@ static int tree_fused_run(tree_fused_ctx *ctx, tgem_task_fn task, int64_t n, int
     atomic_init(&ctx->error, TREE_OK);
     for (int i = 0; i < TREE_NCOUNTS; ++i)
         atomic_init(&ctx->counts[i], 0);
+    ctx->slots = tree_slots_new();
+    if (!ctx->slots)
+        return TREE_ENOMEM;
     tgem_parallel(nthreads, n, task, ctx);
+    tree_slots_free(ctx->slots);
     if (counts)
         for (int i = 0; i < TREE_NCOUNTS; ++i)
             counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
@@ -991,7 +1084,11 @@ static int tree_run(tree_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts
     atomic_init(&ctx->error, TREE_OK);
     for (int i = 0; i < TREE_NCOUNTS; ++i)
         atomic_init(&ctx->counts[i], 0);
+    ctx->slots = tree_slots_new();
+    if (!ctx->slots)
+        return TREE_ENOMEM;
     tgem_parallel(nthreads, n, task, ctx);
+    tree_slots_free(ctx->slots);
     if (counts)
         for (int i = 0; i < TREE_NCOUNTS; ++i)
             counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
