@@ -180,7 +180,7 @@ TREE_INLINE int tree_terms(const tree_params *p, double x)
  * the compiler branch around the whole computation and not vectorise loops of it),
  * within about 2 ulps: x log2(e) rounded to an integer n by the 1.5 * 2^52 shift, the reduced
  * argument r = -x - n log(2) (|r| <= 0.35) in two steps (n log2_hi is exact), exp(r) by its
- * Taylor polynomial of degree 13 (remainder below 5e-18) in Horner's form, times 2^n built
+ * Taylor polynomial of degree 13 (remainder below 5e-18) by Estrin's scheme, times 2^n built
  * from n's bits. Plain IEEE operations and integer ones, no table and no call: a loop of
  * these is vectorised by the compiler, and every instance computes the same value.
  */
@@ -195,20 +195,17 @@ TREE_INLINE double tree_exp_neg_raw(double x)
     memcpy(&bits, &kd, sizeof(bits));
     kd -= shift;
     const double r = (y - kd * ln2_hi) - kd * ln2_lo;
-    double e = 1.0 / 6227020800.0; /* 1 / 13! */
-    e = e * r + 1.0 / 479001600.0;
-    e = e * r + 1.0 / 39916800.0;
-    e = e * r + 1.0 / 3628800.0;
-    e = e * r + 1.0 / 362880.0;
-    e = e * r + 1.0 / 40320.0;
-    e = e * r + 1.0 / 5040.0;
-    e = e * r + 1.0 / 720.0;
-    e = e * r + 1.0 / 120.0;
-    e = e * r + 1.0 / 24.0;
-    e = e * r + 1.0 / 6.0;
-    e = e * r + 0.5;
-    e = e * r + 1.0;
-    e = e * r + 1.0;
+    /* 1 + (r + r^2 Q(r)), Q(r) = sum_{2 <= n <= 13} r^(n - 2) / n! by Estrin's scheme (pairs,
+     * then the powers r^2, r^4, r^8: a dependency chain of 4 steps instead of Horner's 12) */
+    const double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    const double q01 = 0.5 + r * (1.0 / 6.0), q23 = 1.0 / 24.0 + r * (1.0 / 120.0);
+    const double q45 = 1.0 / 720.0 + r * (1.0 / 5040.0);
+    const double q67 = 1.0 / 40320.0 + r * (1.0 / 362880.0);
+    const double q89 = 1.0 / 3628800.0 + r * (1.0 / 39916800.0);
+    const double q1011 = 1.0 / 479001600.0 + r * (1.0 / 6227020800.0);
+    const double q03 = q01 + r2 * q23, q47 = q45 + r2 * q67, q811 = q89 + r2 * q1011;
+    const double q07 = q03 + r4 * q47;
+    const double e = 1.0 + (r + r2 * (q07 + r8 * q811));
     const uint64_t scale_bits = (bits + 1023) << 52; /* 2^n, n = bits - the shift's bits */
     double scale;
     memcpy(&scale, &scale_bits, sizeof(scale));
@@ -459,6 +456,30 @@ TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, 
      * two short dependency chains instead of Horner's one long one */
     const double x = t * r, x2 = x * x;
     const int terms = tree_terms(p, x);
+#if TREE_VECTOR_EXT
+    if (cols == 4) { /* the four columns as one vector */
+        tree_v4 ev = {0.0, 0.0, 0.0, 0.0}, od = {0.0, 0.0, 0.0, 0.0}, me, mo, a;
+        double pe = 1.0;
+        int n = 0;
+        for (; n + 1 < terms; n += 2) {
+            const double po = pe * x;
+            memcpy(&me, mom + n * 4, sizeof(me));
+            memcpy(&mo, mom + (n + 1) * 4, sizeof(mo));
+            ev += pe * me;
+            od += po * mo;
+            pe *= x2;
+        }
+        if (n < terms) {
+            memcpy(&me, mom + n * 4, sizeof(me));
+            ev += pe * me;
+        }
+        const double scale = tree_exp_neg(p, t * c);
+        memcpy(&a, acc, sizeof(a));
+        a += scale * (ev - od);
+        memcpy(acc, &a, sizeof(a));
+        return;
+    }
+#endif
     double even[TREE_MAX_COLS] = {0}, odd[TREE_MAX_COLS] = {0};
     double pe = 1.0;
     int n = 0;
@@ -665,6 +686,20 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
                     shift[m] = f;
                     f *= delta / (m + 1);
                 }
+#if TREE_VECTOR_EXT
+                if (cols == 4) { /* the four columns as one vector */
+                    for (int n = 0; n < order; ++n) {
+                        tree_v4 sum, term;
+                        memcpy(&sum, mp + n * 4, sizeof(sum));
+                        for (int m = 0; m <= n; ++m) {
+                            memcpy(&term, scaled + m * 4, sizeof(term));
+                            sum += term * shift[n - m];
+                        }
+                        memcpy(mp + n * 4, &sum, sizeof(sum));
+                    }
+                    continue;
+                }
+#endif
                 for (int n = 0; n < order; ++n)
                     for (int m = 0; m <= n; ++m)
                         for (int col = 0; col < cols; ++col)
