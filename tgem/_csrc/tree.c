@@ -2,16 +2,29 @@
  * tree.c -- the tree code of T-GEM's rank-one attention in C (backend "tree_native").
  *
  * The same algorithm as tgem/_kernels/_tree.py (read its module docstring: the reduction, the
- * tree, RHO, LEAF, the tolerance rule); that module also does the elementwise parts of the
- * forward and backward passes around these sums for both implementations. This file computes
- * only the exponential sums, in double precision, on the raw buffers of contiguous (n, g)
- * float64 arrays (n = batch x heads, g = genes). Per row, with kmax, kmin the row's key range:
+ * tree, RHO, LEAF, the tolerance rule, the formulas of tree_forward and tree_backward). All
+ * arithmetic is in double precision; (n, g) arrays are contiguous (n = batch x heads,
+ * g = genes). What runs here:
  *
- *   tgem_tree_row_sums:    out[i, :] = sum_j w[j, :] exp(-t_i d_j),  t_i = |q_i|,
- *                          d_j = kmax - k_j and w = w_plus for the queries with q_i >= 0,
- *                          d_j = k_j - kmin and w = w_minus for the others;
- *   tgem_tree_column_sums: out[j, :] = sum_{i: q_i >= 0} c[i, :] exp(-t_i (kmax - k_j))
- *                                    + sum_{i: q_i < 0}  c[i, :] exp(-t_i (k_j - kmin)).
+ *   tgem_tree_forward:  the whole forward pass of the attention, per row: the inputs q, k, v
+ *                       read in their dtype (float32 or float64) and checked finite
+ *                       (TREE_ENONFINITE otherwise; Python then raises the pure tree's
+ *                       error), the rank-1 reduction (t = |q|, kmin, kmax, the two sides),
+ *                       the row sums with the weight columns (1, v, v k, k) built in the task,
+ *                       the diagonal e_ii = exp(-t_i d_own,i) (exponent clamped at EXP_FLOOR),
+ *                       out = (N - e_ii v) / Z rounded to the input dtype (results below the
+ *                       smallest normal number flushed to zero), and for a backward pass the
+ *                       float64 out, Z, r = sum e v k, kk = sum e k;
+ *   tgem_tree_backward: from those and the upstream gradient, per row: dq, the coefficients
+ *                       c1 = grad / Z, c2 = c1 q, c2 out, the column sums, dk and dv, rounded
+ *                       to the input dtype;
+ *   tgem_tree_row_sums / tgem_tree_column_sums: the sums alone on float64 rows (the entropy
+ *                       uses them, its elementwise parts in _tree.py):
+ *     row sums:    out[i, :] = sum_j w[j, :] exp(-t_i d_j),  t_i = |q_i|,
+ *                  d_j = kmax - k_j and w = w_plus for the queries with q_i >= 0,
+ *                  d_j = k_j - kmin and w = w_minus for the others;
+ *     column sums: out[j, :] = sum_{i: q_i >= 0} c[i, :] exp(-t_i (kmax - k_j))
+ *                            + sum_{i: q_i < 0}  c[i, :] exp(-t_i (k_j - kmin)).
  *
  * Each one-dimensional sum S(t) = sum_s w_s exp(-t p_s) over source points p_s >= 0 is
  * evaluated at the targets t as follows (the parameters come from tree_parameters() in
@@ -19,30 +32,33 @@
  * LEAF and tol):
  *
  *   - cheap case: when (largest target) x (half the points' range) <= RHO, one Taylor
- *     expansion about the centre of the points: no sort, no tree;
+ *     expansion about the centre of the points: no sort, no tree. Every target uses the term
+ *     count of the largest (as _tree.py does per row), evaluated by Horner's rule over blocks
+ *     of targets in loops the compiler vectorises;
  *   - otherwise the points are sorted and cut into a count-balanced binary tree (node i of
  *     level l holds the sorted points [floor(i s / 2^l), floor((i + 1) s / 2^l)), leaves of at
  *     most LEAF points); the tree stops at the first level where every node is expanded for
  *     the largest target. Node moments M_n = sum w ((p - c) / r)^n / n! (normalised by the
  *     node's radius r) are computed at the last level from the points and translated up.
  *     Each target walks the tree depth first: skip a node when t dmin > CUT, expand it when
- *     t r <= RHO (exp(-t c) sum_n (-t r)^n M_n, Horner's rule), sum its points directly at the
- *     last level, descend otherwise.
- *
- * An expansion evaluated at x = t r uses the fewest terms p <= P whose remainder bound
- * exp(2x) x^p / p! is at most tol (the rule _tree.py applies to whole rows in the cheap case;
- * here per target and node), so the bound of _tree.py's docstring holds term by term.
+ *     t r <= RHO (exp(-t c) sum_n (-t r)^n M_n), sum its points directly at the last level,
+ *     descend otherwise. There an expansion at x = t r uses the fewest terms p <= P whose
+ *     remainder bound exp(2x) x^p / p! is at most tol, so the bound of _tree.py's docstring
+ *     holds term by term.
  *
  * Threads: one task per row, run by tgem_parallel of tgem_kernels.c (the dense kernel's
- * POSIX threads, flush-to-zero inside them, the caller's floating-point state restored).
- * Each row is summed by one task in a fixed order, so the results are bitwise independent of
- * the thread count.
+ * POSIX threads, flush-to-zero inside them, the caller's floating-point state restored);
+ * each thread allocates its workspace once per call. Each row is computed by one task in a
+ * fixed order, so the results are bitwise independent of the thread count.
  *
- * Dispatch: the sums are compiled for each column count the attention uses (2, 3, 4, and any)
- * for the baseline architecture and with AVX2+FMA (the loops over the columns vectorised by
- * the compiler), chosen per call from the dense kernel's instruction-set code (AVX-512 runs
- * the AVX2 code). Multiply-adds are not contracted and no loop is reassociated, so all
- * instances give bitwise the same results. The exponentials are libm's exp().
+ * Dispatch: the sums are compiled for each column count the attention uses (2, 3, 4, and any;
+ * the fused passes use 2 or 4) for the baseline architecture and with AVX2+FMA, chosen per
+ * call from the dense kernel's instruction-set code (AVX-512 runs the AVX2 code). Four columns
+ * are one vector (GCC/Clang vector extensions), other loops are vectorised by the compiler.
+ * Multiply-adds are not contracted (setup.py: -ffp-contract=off) and no sum is reassociated
+ * by the compiler (where this file splits one into lanes, the lanes are in the code), so all
+ * instances give bitwise the same results. The exponentials are tree_exp_neg_raw (below:
+ * within 1 ulp, plain arithmetic, vectorisable), not libm's exp().
  */
 #include <math.h>
 #include <stdatomic.h>

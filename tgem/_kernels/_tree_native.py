@@ -1,22 +1,29 @@
-"""The tree code's exponential sums in C: backend ``"tree_native"``.
+"""The tree code in C: backend ``"tree_native"``.
 
 Two implementations, one algorithm: :mod:`tgem._kernels._tree` is the tree code in pure
-PyTorch (backend ``"tree"``, any device), and this module runs the same algorithm's sums in
-the native extension (``tgem/_csrc/tree.c``, in the library ``tgem._tgem_kernels`` that
-:mod:`tgem._kernels._native` loads). Both share everything around the sums, which lives in
-``_tree``: the rank-1 reduction, the parameters from the tolerance (``RHO``, ``LEAF``, the
-order ``P``, ``CUT``), the diagonal, the elementwise parts of the gradients and the rounding
-to the input dtype. The C code computes the row sums (forward, the query gradient, the
-entropy) and the column sums (key and value gradients) of every (batch x head) row in
-float64, one row per task on the dense kernel's threads (``torch.get_num_threads()``), so
-the results are bitwise independent of the thread count and the caller's floating-point
-state is restored. Its code is compiled for the baseline architecture and for AVX2 (vectors
-over the 2-4 weight columns), chosen at run time with the dense kernel's instruction set
+PyTorch (backend ``"tree"``, any device), and this module runs the same algorithm in the
+native extension (``tgem/_csrc/tree.c``, in the library ``tgem._tgem_kernels`` that
+:mod:`tgem._kernels._native` loads). The parameters come from ``_tree`` (``RHO``, ``LEAF``,
+the order ``P``, ``CUT`` from the tolerance, ``EXP_FLOOR``), and so do the formulas: the
+attention's forward and backward passes are each one C call (``tgem_tree_forward``,
+``tgem_tree_backward``) that does per (batch x head) row what
+:func:`tgem._kernels._tree.tree_forward` and ``tree_backward`` do with PyTorch operations: the
+rank-1 reduction, the row sums (forward, the query gradient's) and column sums (key and value
+gradients), the diagonal, the elementwise parts of the gradients and the rounding to the input
+dtype (subnormal results flushed to zero). It reads float32 or float64 inputs as they are (no
+float64 copies), checks them finite (a non-finite input raises the pure tree's
+``ValueError``, word for word) and keeps four float64 (N, G) arrays for the backward. The
+entropy (:func:`tree_native_entropy_rows`) runs its row sums in C
+(``tgem_tree_row_sums``, through :class:`_NativeSides`) and its elementwise parts in
+``_tree``. All sums are float64, one row per task on the dense kernel's threads
+(``torch.get_num_threads()``), so the results are bitwise independent of the thread count and
+the caller's floating-point state is restored. The code is compiled for the baseline
+architecture and for AVX2, chosen at run time with the dense kernel's instruction set
 (``TGEM_NATIVE_ISA``, :func:`tgem._kernels._native.set_isa`; AVX-512 runs the AVX2 code);
-multiply-adds are not contracted, so both give bitwise the same results. Its expansions use
-the fewest Taylor terms that meet the tolerance at each node and target (the pure-PyTorch
-code does so per row for its cheap case and uses ``P`` inside the tree), so the two agree
-within the tolerance, not bitwise.
+multiply-adds are not contracted, so both give bitwise the same results. Its exponentials are
+its own (within 1 ulp) and its tree expansions use the fewest Taylor terms that meet the
+tolerance at each node and target (the pure-PyTorch code uses ``P`` inside the tree), so the
+two implementations agree within the tolerance, not bitwise.
 
 Which runs when: ``attention_backend="tree"`` always runs the pure-PyTorch code,
 ``"tree_native"`` always the C code (CPU tensors, float32 or float64, the extension built and
