@@ -603,14 +603,20 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
      * the same value */
     double lane[4] = {-1.0, -1.0, -1.0, -1.0};
     int64_t m4 = 0;
-    if (valid) {
+    if (valid) { /* an invalid target counts as 0 (targets are finite), so none valid is
+                    told apart by the count */
+        int64_t count = 0;
+        for (int64_t m = 0; m < ntargets; ++m)
+            count += valid[m];
+        if (count == 0)
+            return;
         for (; m4 + 4 <= ntargets; m4 += 4)
             for (int l = 0; l < 4; ++l) {
-                const double x = valid[m4 + l] ? targets[m4 + l] : -1.0;
+                const double x = targets[m4 + l] * (double)valid[m4 + l];
                 lane[l] = x > lane[l] ? x : lane[l];
             }
         for (; m4 < ntargets; ++m4) {
-            const double x = valid[m4] ? targets[m4] : -1.0;
+            const double x = targets[m4] * (double)valid[m4];
             lane[0] = x > lane[0] ? x : lane[0];
         }
     } else {
