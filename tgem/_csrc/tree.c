@@ -434,7 +434,28 @@ TREE_INLINE void tree_moments(const tree_params *p, int cols, int order, const d
     if (cols == 4) { /* the four columns as one vector (the compiler does not find it) */
         tree_v4 accv[TREE_MAX_ORDER];
         memset(accv, 0, (size_t)order * sizeof(tree_v4));
-        for (int64_t j = lo; j < hi; ++j) {
+        int64_t j = lo;
+        /* four points per pass over the moments (each moment loaded and stored once for
+         * them), added in the order of the points: the same sums as one point at a time */
+        for (; j + 4 <= hi; j += 4) {
+            double u[4], pw[4] = {1.0, 1.0, 1.0, 1.0};
+            tree_v4 wv[4];
+            for (int l = 0; l < 4; ++l) {
+                u[l] = r > 0.0 ? (pts[j + l] - c) / r : 0.0;
+                memcpy(&wv[l], w + (j + l) * 4, sizeof(tree_v4));
+            }
+            for (int n = 0; n < order; ++n) {
+                tree_v4 a = accv[n];
+                a += pw[0] * wv[0];
+                a += pw[1] * wv[1];
+                a += pw[2] * wv[2];
+                a += pw[3] * wv[3];
+                accv[n] = a;
+                for (int l = 0; l < 4; ++l)
+                    pw[l] *= u[l] * p->inv[n];
+            }
+        }
+        for (; j < hi; ++j) {
             const double u = r > 0.0 ? (pts[j] - c) / r : 0.0;
             tree_v4 wv;
             memcpy(&wv, w + j * 4, sizeof(wv));
