@@ -44,7 +44,7 @@
  *     t r <= RHO (exp(-t c) sum_n (-t r)^n M_n), sum its points directly at the last level,
  *     descend otherwise. There an expansion at x = t r uses the fewest terms p <= P whose
  *     remainder bound exp(2x) x^p / p! is at most tol, so the bound of _tree.py's docstring
- *     holds term by term.
+ *     holds term by term; a target's factors exp(-t c) are computed a few dozen at a time.
  *
  * Threads: one task per row, run by tgem_parallel of tgem_kernels.c (the dense kernel's
  * POSIX threads, flush-to-zero inside them, the caller's floating-point state restored);
@@ -244,10 +244,6 @@ TREE_INLINE double tree_select_sign(double x, double a, double b)
     return r;
 }
 
-TREE_INLINE double tree_exp_neg(const tree_params *p, double x)
-{
-    return tree_exp_neg_raw(x < p->clamp ? x : p->clamp);
-}
 
 /* --------------------------------------------------------------------------- workspace */
 typedef struct {
@@ -485,17 +481,17 @@ TREE_INLINE void tree_moments(const tree_params *p, int cols, int order, const d
     memcpy(mom, acc, (size_t)order * cols * sizeof(double));
 }
 
-/* acc += exp(-t c) sum_{n < terms} (-x)^n M_n, x = t r */
-TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, double t,
-                             double c, double r, double *acc)
+/* poly = sum_{n < terms} (-x)^n M_n, x = t r: the expansion without its factor exp(-t c) */
+TREE_INLINE void tree_poly(const tree_params *p, int cols, const double *mom, double x,
+                           double *poly)
 {
     /* even and odd terms summed apart (sum_n x^n M_n with the signs applied at the end):
      * two short dependency chains instead of Horner's one long one */
-    const double x = t * r, x2 = x * x;
+    const double x2 = x * x;
     const int terms = tree_terms(p, x);
 #if TREE_VECTOR_EXT
     if (cols == 4) { /* the four columns as one vector */
-        tree_v4 ev = {0.0, 0.0, 0.0, 0.0}, od = {0.0, 0.0, 0.0, 0.0}, me, mo, a;
+        tree_v4 ev = {0.0, 0.0, 0.0, 0.0}, od = {0.0, 0.0, 0.0, 0.0}, me, mo;
         double pe = 1.0;
         int n = 0;
         for (; n + 1 < terms; n += 2) {
@@ -510,10 +506,8 @@ TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, 
             memcpy(&me, mom + n * 4, sizeof(me));
             ev += pe * me;
         }
-        const double scale = tree_exp_neg(p, t * c);
-        memcpy(&a, acc, sizeof(a));
-        a += scale * (ev - od);
-        memcpy(acc, &a, sizeof(a));
+        ev -= od;
+        memcpy(poly, &ev, sizeof(ev));
         return;
     }
 #endif
@@ -531,9 +525,29 @@ TREE_INLINE void tree_expand(const tree_params *p, int cols, const double *mom, 
     if (n < terms)
         for (int col = 0; col < cols; ++col)
             even[col] += pe * mom[n * cols + col];
-    const double scale = tree_exp_neg(p, t * c);
     for (int col = 0; col < cols; ++col)
-        acc[col] += scale * (even[col] - odd[col]);
+        poly[col] = even[col] - odd[col];
+}
+
+/* expansions of one target whose factors exp(-t c) are computed together (a vectorised loop,
+ * instead of one exponential's latency per expansion), then added to acc in their order */
+#define TREE_DEFER 32
+typedef struct {
+    int count;
+    double arg[TREE_DEFER];                  /* t c */
+    double poly[TREE_DEFER * TREE_MAX_COLS]; /* tree_poly */
+} tree_deferred;
+
+TREE_INLINE void tree_flush(const tree_params *p, int cols, tree_deferred *d, double *acc)
+{
+    const double clamp = p->clamp;
+    double scale[TREE_DEFER];
+    for (int k = 0; k < d->count; ++k) /* vectorised */
+        scale[k] = tree_exp_neg_raw(d->arg[k] < clamp ? d->arg[k] : clamp);
+    for (int k = 0; k < d->count; ++k)
+        for (int col = 0; col < cols; ++col)
+            acc[col] += scale[k] * d->poly[k * cols + col];
+    d->count = 0;
 }
 
 /*
@@ -757,6 +771,8 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
             continue;
         const double t = targets[m];
         double acc[TREE_MAX_COLS] = {0};
+        tree_deferred deferred;
+        deferred.count = 0;
         int64_t stack_l[TREE_MAX_DEPTH + 2], stack_i[TREE_MAX_DEPTH + 2];
         int sp = 0;
         stack_l[sp] = 0;
@@ -770,7 +786,12 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
                 continue; /* every term below exp(-CUT) |w| */
             const double c = ws->geom[2 * node], r = ws->geom[2 * node + 1];
             if (t * r <= p->rho) {
-                tree_expand(p, cols, ws->mom + node * stride, t, c, r, acc);
+                if (deferred.count == TREE_DEFER)
+                    tree_flush(p, cols, &deferred, acc);
+                deferred.arg[deferred.count] = t * c;
+                tree_poly(p, cols, ws->mom + node * stride, t * r,
+                          deferred.poly + deferred.count * cols);
+                ++deferred.count;
                 ++counts[2];
             } else if (level == last) { /* a leaf: direct sum */
                 const int64_t hi = tree_lo(npts, level, i + 1);
@@ -793,6 +814,7 @@ TREE_INLINE void tree_exp_sums(const tree_params *p, tree_ws *ws, int64_t npts,
                 stack_i[sp++] = 2 * i;
             }
         }
+        tree_flush(p, cols, &deferred, acc);
         for (int col = 0; col < cols; ++col)
             out[m * cols + col] += acc[col];
     }
