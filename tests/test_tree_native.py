@@ -350,6 +350,74 @@ def test_non_finite_inputs_raise():
         tree_native_attention(q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_error_is_the_pure_trees(dtype, name, bad):
+    """The fused C forward checks finiteness per row; its error is the pure tree's, word for
+    word (the input named, the count of bad values), in any row, with or without gradients."""
+    inputs = dict(zip("qkv", _qkv(3, 2, 40, 5.0, dtype=dtype)[:3]))
+    inputs[name][2, 1, 7] = bad
+    inputs[name][0, 0, 0] = bad
+    with pytest.raises(ValueError) as want:
+        tree_attention(*inputs.values())
+    assert "2 non-finite" in str(want.value)
+    for grad in (False, True):
+        leaves = [x.clone().requires_grad_(grad) for x in inputs.values()]
+        with pytest.raises(ValueError) as got:
+            tree_native_attention(*leaves)
+        assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("g", [1, 2, 3])
+@pytest.mark.parametrize("scale", [0.01, 30.0])
+def test_fused_path_on_tiny_gene_counts_and_zero_keys(g, scale):
+    _assert_float64_close(*_qkv(2, 3, g, scale, seed=g))
+    q, k, v, grad = _qkv(2, 3, g, scale, seed=g)
+    _assert_float64_close(q, torch.zeros_like(k), v, grad)  # every key zero
+
+
+def test_runs_the_fused_c_forward_and_backward(monkeypatch, counts):
+    """Attention and gradients come from the fused C entry points, not from the row and
+    column sums (which only the entropy uses now)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the separate C sums ran")
+
+    monkeypatch.setattr(_tree_native._NativeSides, "row_sums", refuse)
+    monkeypatch.setattr(_tree_native._NativeSides, "column_sums", refuse)
+    q, k, v, grad = _qkv(2, 2, 300, 0.01)
+    _assert_float64_close(q, k, v, grad)
+    # forward and backward, one cheap sum per row and sign of q
+    assert counts[0] == 2 * 2 * 2 * 2 and counts[1] == 0
+
+
+@pytest.mark.parametrize("scale", [0.3, 30.0])
+def test_float32_inputs_read_directly_give_the_float64_path_rounded(scale):
+    """The C code reads float32 rows itself: the same sums as float64 inputs of the same values
+    (at the same tolerance), each result rounded once to float32."""
+    q, k, v, grad = _qkv(2, 3, 500, scale, seed=5, dtype=torch.float32)
+    fn = lambda *x: tree_native_attention(*x, tol=1e-9)  # noqa: E731
+    got = attention_and_grads(fn, q, k, v, grad)
+    wide = attention_and_grads(fn, *(x.double() for x in (q, k, v, grad)))
+    for a, b in zip(got, wide):
+        assert a.dtype == torch.float32
+        assert torch.equal(a, T._to_output(b, torch.float32))
+
+
+def test_zero_queries_of_either_sign_agree():
+    """q = -0.0 and q = +0.0 give the same results (the diagonal picks its side by sign bit)."""
+    q, k, v, grad = _qkv(1, 2, 60, 3.0, seed=2)
+    q[..., ::3] = 0.0
+    neg = q.clone()
+    neg[..., ::3] = -0.0
+    for a, b in zip(
+        attention_and_grads(tree_native_attention, q, k, v, grad),
+        attention_and_grads(tree_native_attention, neg, k, v, grad),
+    ):
+        assert torch.equal(a, b)
+
+
 def test_half_precision_and_mismatched_inputs_raise_as_the_pure_tree():
     q = torch.ones(1, 1, 4, dtype=torch.float16)
     for fn in (tree_attention, tree_native_attention):

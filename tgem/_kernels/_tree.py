@@ -74,17 +74,19 @@ nearly independent of ``G``.
 Two implementations, one algorithm
 ----------------------------------
 This module holds the algorithm and its pure-PyTorch sums (backend ``"tree"``: any device
-with float64, CUDA included; what a machine without a C compiler runs). The same sums in C
-(``tgem/_csrc/tree.c``, backend ``"tree_native"``, :mod:`tgem._kernels._tree_native`) plug
-in through :func:`tree_function` and :func:`entropy_rows`: a subclass of :class:`_Sides`
-that overrides ``row_sums`` and ``column_sums``. Everything else (the reduction, the
-parameters, the diagonal, the gradients' elementwise parts, the rounding) is shared. The C
-sums walk the tree depth first per target and use, at each expansion, the fewest terms that
-meet ``tol`` there (this module uses ``P`` inside the tree), so the two agree within ``tol``,
-not bitwise. Which runs when: ``"tree"`` is always this module; ``"tree_native"`` always the
-C code, and is unavailable (saying why) off CPU, without the built extension or under
-``TGEM_DISABLE_NATIVE=1``. ``"auto"`` never picks ``"tree"``; it runs ``"tree_native"``
-instead of the dense native kernel where that is faster
+with float64, CUDA included; what a machine without a C compiler runs). The same algorithm in
+C (``tgem/_csrc/tree.c``, backend ``"tree_native"``, :mod:`tgem._kernels._tree_native`) does
+the whole forward and backward pass of each row in one C call, with the formulas of
+:func:`tree_forward` and :func:`tree_backward`; its entropy plugs its C row sums in through
+:func:`entropy_rows` (a subclass of :class:`_Sides` that overrides ``row_sums`` and
+``column_sums``; :func:`tree_function` takes such a subclass too). The parameters
+(:func:`tree_parameters`, ``EXP_FLOOR``, ``EXP_MARGIN``) are shared. The C code walks the tree
+depth first per target and uses, at each expansion, the fewest terms that meet ``tol`` there
+(this module uses ``P`` inside the tree), and computes its own exponentials, so the two agree
+within ``tol``, not bitwise. Which runs when: ``"tree"`` is always this module;
+``"tree_native"`` always the C code, and is unavailable (saying why) off CPU, without the
+built extension or under ``TGEM_DISABLE_NATIVE=1``. ``"auto"`` never picks ``"tree"``; it
+runs ``"tree_native"`` instead of the dense native kernel where that is faster
 (:func:`tgem._kernels._tree_native.auto_reach`).
 """
 
@@ -429,7 +431,10 @@ def _tree_sums(points, weights, targets, valid, params: TreeParameters) -> torch
 
 
 # ------------------------------------------------------------------------ the attention
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, finite: bool = True
+) -> None:
+    """Types, dtypes, shapes and (with ``finite``) finiteness of the inputs; ``ValueError``."""
     tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
@@ -448,6 +453,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = Non
         raise ValueError(
             f"q, k and v need a last (genes) axis of length >= 1, got {tuple(q.shape)}"
         )
+    if not finite:
+        return
     for name, x in tensors.items():
         bad = int((~torch.isfinite(x)).sum())
         if bad:

@@ -1,22 +1,29 @@
-"""The tree code's exponential sums in C: backend ``"tree_native"``.
+"""The tree code in C: backend ``"tree_native"``.
 
 Two implementations, one algorithm: :mod:`tgem._kernels._tree` is the tree code in pure
-PyTorch (backend ``"tree"``, any device), and this module runs the same algorithm's sums in
-the native extension (``tgem/_csrc/tree.c``, in the library ``tgem._tgem_kernels`` that
-:mod:`tgem._kernels._native` loads). Both share everything around the sums, which lives in
-``_tree``: the rank-1 reduction, the parameters from the tolerance (``RHO``, ``LEAF``, the
-order ``P``, ``CUT``), the diagonal, the elementwise parts of the gradients and the rounding
-to the input dtype. The C code computes the row sums (forward, the query gradient, the
-entropy) and the column sums (key and value gradients) of every (batch x head) row in
-float64, one row per task on the dense kernel's threads (``torch.get_num_threads()``), so
-the results are bitwise independent of the thread count and the caller's floating-point
-state is restored. Its code is compiled for the baseline architecture and for AVX2 (vectors
-over the 2-4 weight columns), chosen at run time with the dense kernel's instruction set
+PyTorch (backend ``"tree"``, any device), and this module runs the same algorithm in the
+native extension (``tgem/_csrc/tree.c``, in the library ``tgem._tgem_kernels`` that
+:mod:`tgem._kernels._native` loads). The parameters come from ``_tree`` (``RHO``, ``LEAF``,
+the order ``P``, ``CUT`` from the tolerance, ``EXP_FLOOR``), and so do the formulas: the
+attention's forward and backward passes are each one C call (``tgem_tree_forward``,
+``tgem_tree_backward``) that does per (batch x head) row what
+:func:`tgem._kernels._tree.tree_forward` and ``tree_backward`` do with PyTorch operations: the
+rank-1 reduction, the row sums (forward, the query gradient's) and column sums (key and value
+gradients), the diagonal, the elementwise parts of the gradients and the rounding to the input
+dtype (subnormal results flushed to zero). It reads float32 or float64 inputs as they are (no
+float64 copies), checks them finite (a non-finite input raises the pure tree's
+``ValueError``, word for word) and keeps four float64 (N, G) arrays for the backward. The
+entropy (:func:`tree_native_entropy_rows`) runs its row sums in C
+(``tgem_tree_row_sums``, through :class:`_NativeSides`) and its elementwise parts in
+``_tree``. All sums are float64, one row per task on the dense kernel's threads
+(``torch.get_num_threads()``), so the results are bitwise independent of the thread count and
+the caller's floating-point state is restored. The code is compiled for the baseline
+architecture and for AVX2, chosen at run time with the dense kernel's instruction set
 (``TGEM_NATIVE_ISA``, :func:`tgem._kernels._native.set_isa`; AVX-512 runs the AVX2 code);
-multiply-adds are not contracted, so both give bitwise the same results. Its expansions use
-the fewest Taylor terms that meet the tolerance at each node and target (the pure-PyTorch
-code does so per row for its cheap case and uses ``P`` inside the tree), so the two agree
-within the tolerance, not bitwise.
+multiply-adds are not contracted, so both give bitwise the same results. Its exponentials are
+its own (within 1 ulp) and its tree expansions use the fewest Taylor terms that meet the
+tolerance at each node and target (the pure-PyTorch code uses ``P`` inside the tree), so the
+two implementations agree within the tolerance, not bitwise.
 
 Which runs when: ``attention_backend="tree"`` always runs the pure-PyTorch code,
 ``"tree_native"`` always the C code (CPU tensors, float32 or float64, the extension built and
@@ -35,10 +42,11 @@ import torch
 
 from tgem._kernels import _native
 from tgem._kernels import _tree as tree
-from tgem._kernels._registry import Backend, register_backend
+from tgem._kernels._registry import Backend, check_once_differentiable, register_backend
 
-_ABI_VERSION = 1
-_ERRORS = {-1: "invalid arguments", -3: "out of memory"}
+_ABI_VERSION = 2
+_ERRORS = {-1: "invalid arguments", -3: "out of memory", -4: "non-finite input"}
+_NON_FINITE = -4
 
 
 def _declare(lib) -> str | None:
@@ -65,6 +73,17 @@ def _declare(lib) -> str | None:
         [ptr] * 3 + [i64, i64, cint] + params + [ptr, ptr] + [cint] * 2
     )
     lib.tgem_tree_column_sums.restype = cint
+    # forward: q, k, v, f32, n, g, with_grad, params, exp_floor, y, out, z, r, kk, counts, isa,
+    # threads; backward: q, k, v, grad, f32, out, z, r, kk, n, g, params, exp_floor, dq, dk,
+    # dv, counts, isa, threads
+    lib.tgem_tree_forward.argtypes = (
+        [ptr] * 3 + [cint, i64, i64, cint] + params + [dbl] + [ptr] * 6 + [cint, cint]
+    )
+    lib.tgem_tree_forward.restype = cint
+    lib.tgem_tree_backward.argtypes = (
+        [ptr] * 4 + [cint] + [ptr] * 4 + [i64, i64] + params + [dbl] + [ptr] * 4 + [cint, cint]
+    )
+    lib.tgem_tree_backward.restype = cint
     return None
 
 
@@ -141,7 +160,69 @@ class _NativeSides(tree._Sides):
         return out
 
 
-_TreeNativeAttention = tree.tree_function("tree_native", _NativeSides)
+def _fused_forward(q, k, v, params: tree.TreeParameters, with_grad: bool):
+    """The fused forward in C on (N, G) contiguous float32 or float64 rows: the output in
+    their dtype and, with ``with_grad``, the backward's float64 ``out, z, r, kk``."""
+    _ready()
+    n, g = q.shape
+    y = torch.empty_like(q)
+    saved = [torch.empty(n, g, dtype=torch.float64) for _ in range(4)] if with_grad else []
+    ptrs = [x.data_ptr() for x in saved] if with_grad else [None] * 4
+    counts = torch.zeros(4, dtype=torch.int64)
+    code = _native._LIB.tgem_tree_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), q.dtype == torch.float32, n, g, with_grad,
+        *_params(params), tree.EXP_FLOOR, y.data_ptr(), *ptrs, counts.data_ptr(),
+        _native._isa_code(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code == _NON_FINITE:
+        tree._check_inputs(q, k, v)  # raises the pure tree's error, naming the input
+    _raise_on(code, "forward")
+    _add_counts(counts)
+    return y, saved
+
+
+def _fused_backward(q, k, v, grad, saved, params: tree.TreeParameters):
+    """The fused backward in C: ``dq, dk, dv`` in the inputs' dtype."""
+    _ready()
+    n, g = q.shape
+    grads = [torch.empty_like(q) for _ in range(3)]
+    counts = torch.zeros(4, dtype=torch.int64)
+    code = _native._LIB.tgem_tree_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), q.dtype == torch.float32,
+        *(x.data_ptr() for x in saved), n, g, *_params(params), tree.EXP_FLOOR,
+        *(x.data_ptr() for x in grads), counts.data_ptr(), _native._isa_code(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _raise_on(code, "backward")
+    _add_counts(counts)
+    return grads
+
+
+class _TreeNativeAttention(torch.autograd.Function):
+    """The tree code's attention with the forward and the backward each one C call (the
+    formulas of :func:`tgem._kernels._tree.tree_forward` and ``tree_backward``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tol):
+        shape, dtype = q.shape, q.dtype
+        genes = shape[-1]
+        params = tree.tree_parameters(dtype, genes, tol)
+        q2, k2, v2 = (x.detach().reshape(-1, genes).contiguous() for x in (q, k, v))
+        need = any(ctx.needs_input_grad[:3])
+        y, saved = _fused_forward(q2, k2, v2, params, need)
+        if need:
+            ctx.save_for_backward(q2, k2, v2, *saved)
+            ctx.params = params
+        ctx.shape = shape
+        return y.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        check_once_differentiable("tree_native")
+        q, k, v, *saved = ctx.saved_tensors
+        g = grad.reshape(q.shape).to(q.dtype).contiguous()
+        grads = _fused_backward(q, k, v, g, saved, ctx.params)
+        return (*(x.reshape(ctx.shape) for x in grads), None)
 
 
 def _check_cpu(q: torch.Tensor) -> None:
@@ -180,7 +261,7 @@ def tree_native_attention(
     >>> bool(torch.allclose(fn(q, k, v), reference_attention(q, k, v)))
     True
     """
-    tree._check_inputs(q, k, v)
+    tree._check_inputs(q, k, v, finite=False)  # the C forward checks finiteness per row
     _check_cpu(q)
     if tol is not None:
         tree.check_tol(tol)
