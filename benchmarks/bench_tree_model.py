@@ -16,7 +16,9 @@ float32) and measures, after a warm-up call:
 Backends: ``native`` (the dense native kernel, subnormal-free), ``tree_native`` (the tree
 code, sums in C), ``auto`` (what ``attention_backend="auto"`` runs: its backend name is
 recorded, e.g. ``native+tree_native`` where it picks per call) and ``tree`` (the tree code in
-pure PyTorch, the fallback of machines without a C compiler). Kinds of weights:
+pure PyTorch, the fallback of machines without a C compiler), and for context the plain
+formulation ``reference`` (gene x gene matrices; only up to 1,708 genes, with the initialised
+weights, and Integrated Gradients only at 765). Kinds of weights:
 
 * ``init``: as initialised (Xavier-normal per-gene WQ/WK/WV, seed 0);
 * ``trained``: the per-gene WQ, WK and WV of a PBMC model fitted with ``TGEMClassifier()``'s
@@ -75,7 +77,7 @@ RESULTS = HERE / "results"
 CACHE = RESULTS / "cache" / "tree_model"
 PBMC_MODEL = CACHE / "pbmc_default.tgem"
 KINDS = ("init", "trained", "x30", "x300")
-BACKENDS = ("native", "tree_native", "auto", "tree")
+BACKENDS = ("native", "tree_native", "auto", "tree", "reference")
 MODES = ("train", "infer", "ig")
 CLASSES = 34
 
@@ -337,6 +339,11 @@ def plan(args) -> list[tuple[int, str, str, list[str]]]:
                     modes = [m for m in modes if m != "ig"]
                 if backend == "tree" and genes > args.tree_sharp_max and kind in ("x30", "x300"):
                     continue
+                if backend == "reference":  # gene x gene matrices: 6 GB per step at 1,708
+                    if genes > 1708 or kind != "init":
+                        continue
+                    if genes > 765:
+                        modes = [m for m in modes if m != "ig"]
                 if modes:
                     rows.append((genes, kind, backend, modes))
     return rows

@@ -13,9 +13,11 @@ import tgem._kernels._tree as T
 from tgem import TGEMClassifier
 from tgem._kernels import _tree_native, resolve_backend, score_reach
 from tgem._kernels._tree_native import (
-    AUTO_GENES_ONE_EXPANSION,
+    AUTO_GENES_MIN,
     AUTO_GENES_REACH_BASE,
     AUTO_GENES_TREE,
+    AUTO_REACH_AT_BASE,
+    AUTO_REACH_POWER,
     auto_reach,
 )
 from tgem._model import TGEMNet
@@ -34,7 +36,7 @@ def native():
 
 
 needs_native = pytest.mark.usefixtures("native")
-LIMIT = 2 * T.RHO  # the largest reach of calls whose rows are one expansion each
+LIMIT = AUTO_REACH_AT_BASE  # the reach limit at AUTO_GENES_REACH_BASE genes
 
 
 def _qkv(genes, reach, batch=2, heads=2, seed=0, dtype=torch.float32):
@@ -61,13 +63,14 @@ def _assert_same(a, b):
 
 
 # ------------------------------------------------------------------------ the rule
-def test_rule_is_dense_then_nearly_uniform_calls_then_every_call():
-    assert auto_reach(1) == auto_reach(AUTO_GENES_ONE_EXPANSION - 1) == -math.inf
-    assert auto_reach(AUTO_GENES_ONE_EXPANSION) == auto_reach(AUTO_GENES_REACH_BASE) == LIMIT
-    assert auto_reach(2 * AUTO_GENES_REACH_BASE) == 4 * LIMIT  # growing as genes squared
+def test_rule_is_dense_then_calls_below_a_growing_reach_then_every_call():
+    assert auto_reach(1) == auto_reach(AUTO_GENES_MIN - 1) == -math.inf
+    assert 0 < auto_reach(AUTO_GENES_MIN) < auto_reach(AUTO_GENES_REACH_BASE) == LIMIT
+    assert LIMIT == 2 * T.RHO  # at the base: the calls whose rows are one expansion each
+    assert auto_reach(2 * AUTO_GENES_REACH_BASE) == pytest.approx(LIMIT * 2**AUTO_REACH_POWER)
     assert LIMIT < auto_reach(AUTO_GENES_TREE - 1) < math.inf
     assert auto_reach(AUTO_GENES_TREE) == auto_reach(60000) == math.inf
-    assert AUTO_GENES_ONE_EXPANSION < 1708 < AUTO_GENES_TREE <= 5000  # the measured rows
+    assert AUTO_GENES_MIN < 765 < 1708 < AUTO_GENES_TREE <= 5000  # the measured rows
 
 
 def test_score_reach_is_the_largest_rows_max_q_times_range_k():
@@ -81,7 +84,8 @@ def test_score_reach_is_the_largest_rows_max_q_times_range_k():
 def test_auto_is_dense_at_small_genes_per_call_in_between_and_tree_at_large(dtype):
     dense = resolve_backend("auto", "cpu", dtype).name  # without a gene count: the dense choice
     assert dense in ("native", "compiled", "exact")
-    assert resolve_backend("auto", "cpu", dtype, genes=765).name == dense
+    assert resolve_backend("auto", "cpu", dtype, genes=200).name == dense
+    assert resolve_backend("auto", "cpu", dtype, genes=765).name == f"{dense}+tree_native"
     assert resolve_backend("auto", "cpu", dtype, genes=1708).name == f"{dense}+tree_native"
     assert resolve_backend("auto", "cpu", dtype, genes=5000).name == "tree_native"
     assert resolve_backend("auto", "cpu", dtype, genes=22283).name == "tree_native"
@@ -109,7 +113,7 @@ def test_auto_never_runs_the_tree_off_the_cpu():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_per_call_choice_switches_at_the_limit_and_equals_the_chosen_backend(dtype):
-    genes = AUTO_GENES_ONE_EXPANSION
+    genes = AUTO_GENES_REACH_BASE
     auto = resolve_backend("auto", "cpu", dtype, genes=genes)
     dense = resolve_backend("auto", "cpu", dtype)
     tree = resolve_backend("tree_native", "cpu", dtype)
@@ -173,7 +177,7 @@ def test_auto_passes_the_networks_tolerance_to_the_tree(monkeypatch):
 @needs_native
 def test_fit_records_the_per_call_choice_and_stays_repeatable():
     rng = np.random.default_rng(0)
-    X = rng.random((24, AUTO_GENES_ONE_EXPANSION + 100)).astype(np.float32) * 4
+    X = rng.random((24, AUTO_GENES_MIN + 100)).astype(np.float32) * 4
     y = np.arange(24) % 2
     kw = dict(n_layers=1, n_heads=2, max_epochs=1, batch_size=8, random_state=0)
     first = TGEMClassifier(**kw).fit(X, y)

@@ -392,6 +392,25 @@ def test_runs_the_fused_c_forward_and_backward(monkeypatch, counts):
     assert counts[0] == 2 * 2 * 2 * 2 and counts[1] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.01, 30.0])
+def test_backward_that_recomputes_the_sums_gives_the_same_gradients(monkeypatch, dtype, scale):
+    """Past SAVE_LIMIT_BYTES the forward keeps nothing but q, k, v and the backward repeats the
+    forward's sums: bitwise the same attention and gradients as when they are kept."""
+    q, k, v, grad = _qkv(2, 3, 400, scale, seed=7, dtype=dtype)
+    kept = attention_and_grads(tree_native_attention, q, k, v, grad)
+    monkeypatch.setattr(_tree_native, "SAVE_LIMIT_BYTES", 0)
+    calls = []
+    forward = _tree_native._fused_forward
+    monkeypatch.setattr(
+        _tree_native, "_fused_forward", lambda *a: calls.append(a[-1]) or forward(*a)
+    )
+    again = attention_and_grads(tree_native_attention, q, k, v, grad)
+    assert calls == [False, True]  # the forward keeps nothing; the backward recomputes
+    for a, b in zip(kept, again, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("scale", [0.3, 30.0])
 def test_float32_inputs_read_directly_give_the_float64_path_rounded(scale):
     """The C code reads float32 rows itself: the same sums as float64 inputs of the same values

@@ -166,7 +166,7 @@ class TGEMClassifier(ClassifierMixin, BaseEstimator):
         (its sums in C, CPU) are the O(genes log genes) tree code for very many genes. On
         the CPU, ``"auto"`` runs ``"tree_native"`` instead of the dense native kernel on the
         attention calls where it is faster, by a fixed rule of the gene count and the call's
-        score range (from 1,000 genes while attention is nearly uniform, from 4,700 always;
+        score range (from 256 genes while attention is nearly uniform, from 3,000 always;
         see the attention backends page of the user guide); ``attention_backend_`` then
         reads ``"native+tree_native"`` (or ``"tree_native"`` where every call runs it).
     tree_tolerance : float or None, default=None

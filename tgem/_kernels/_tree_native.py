@@ -198,9 +198,17 @@ def _fused_backward(q, k, v, grad, saved, params: tree.TreeParameters):
     return grads
 
 
+#: Largest size of the four float64 (N, G) arrays (``out, z, r, kk``) that a forward keeps for
+#: its backward. Above it (e.g. batch 16 x 5 heads from 52,429 genes) the backward recomputes
+#: them from q, k and v with the same forward call, bitwise the same numbers, for one more
+#: pass of row sums: a training step at 60,000 genes then stays within about 1 GB.
+SAVE_LIMIT_BYTES = 128 * 2**20
+
+
 class _TreeNativeAttention(torch.autograd.Function):
     """The tree code's attention with the forward and the backward each one C call (the
-    formulas of :func:`tgem._kernels._tree.tree_forward` and ``tree_backward``)."""
+    formulas of :func:`tgem._kernels._tree.tree_forward` and ``tree_backward``); past
+    :data:`SAVE_LIMIT_BYTES` the backward first repeats the forward's sums."""
 
     @staticmethod
     def forward(ctx, q, k, v, tol):
@@ -209,7 +217,8 @@ class _TreeNativeAttention(torch.autograd.Function):
         params = tree.tree_parameters(dtype, genes, tol)
         q2, k2, v2 = (x.detach().reshape(-1, genes).contiguous() for x in (q, k, v))
         need = any(ctx.needs_input_grad[:3])
-        y, saved = _fused_forward(q2, k2, v2, params, need)
+        keep = need and 4 * q2.numel() * 8 <= SAVE_LIMIT_BYTES
+        y, saved = _fused_forward(q2, k2, v2, params, keep)
         if need:
             ctx.save_for_backward(q2, k2, v2, *saved)
             ctx.params = params
@@ -220,6 +229,8 @@ class _TreeNativeAttention(torch.autograd.Function):
     def backward(ctx, grad):
         check_once_differentiable("tree_native")
         q, k, v, *saved = ctx.saved_tensors
+        if not saved:  # too large to keep: the forward's sums again
+            saved = _fused_forward(q, k, v, ctx.params, True)[1]
         g = grad.reshape(q.shape).to(q.dtype).contiguous()
         grads = _fused_backward(q, k, v, g, saved, ctx.params)
         return (*(x.reshape(ctx.shape) for x in grads), None)
@@ -336,63 +347,70 @@ def tree_native_status() -> str:
 
 
 # ------------------------------------------------------------------------ auto's rule
-# Where the numbers come from: benchmarks/results/tree_cpu.json (bench_tree.py --threads 2;
-# one attention call, forward and backward, batch 16 x 5 heads, float32, default tolerance, on
-# a quiet machine), the ratio of the dense native kernel's time to this backend's:
+# Where the numbers come from: bench_tree.py --threads 2 --backends tree_native native --genes
+# 64 128 200 300 400 600 765 1000 1300 1708 2500 3500 4700 --scales 0.5 1 2 4 10 30 100
+# (benchmarks/results/tree_auto_rule.json; one attention call, forward and backward, batch
+# 16 x 5 heads, float32, default tolerance, a quiet 2-core machine, after the fused C passes
+# of this backend), the ratio of the dense native kernel's time to this backend's at each
+# call's score reach (max|q| * range(k), in brackets):
 #
-#   genes               765          1,708          5,000          22,283
-#   reach <= 8          0.83 (0.71)  1.57 (0.43)    3.77 (0.18)    16.78 (0.04)
-#   reach > 8           0.18, 0.27   0.38, 0.43     1.07, 1.03     5.99, 4.31
-#                       (641, 64099) (390, 38983)   (160, 16005)   (36, 3578)
+#   genes    nearly uniform calls           sharper calls
+#   200      1.04 (0.6), 1.03 (2.4)         0.74 (9.7), 0.33 (39)
+#   300      1.31 (0.4), 1.24 (1.8)         0.99 (7.1), 0.42 (28)
+#   400      1.40 (1.8)                     0.58 (28), 0.27 (178)
+#   600      2.06 (0.9)                     1.01 (14), 0.49 (88)
+#   765      2.21 (0.7), 1.19 (11)          0.48 (71), 0.46 (641)
+#   1,000    2.59 (0.6), 1.84 (10)          0.57 (64), 0.48 (572)
+#   1,300    3.47 (0.5), 2.55 (8.6)         0.75 (54), 0.56 (484)
+#   1,708    4.63 (0.4), 3.55 (6.9)         1.01 (43), 0.71 (390), 0.70 (4331)
+#   2,500    6.22 (0.3), 5.21 (4.8)         1.71 (30), 0.95 (271), 0.96 (3006)
+#   3,500    9.14 (0.2), 7.42 (3.4)         2.87 (21), 1.31 (192), 1.27 (2135)
+#   4,700    12.6 (0.2), 10.6 (3.1)         4.29 (20), 1.65 (176), 1.67 (1952)
 #
-# (in brackets the calls' score reach, max|q| * range(k); weights as initialised, and the
-# query and key weights x30 and x300). With reach <= 2 RHO = 8 every row is one expansion
-# about its centre, no sort (the cheap case, whose time grows as genes against the dense
-# genes^2): the ratio grows about linearly in genes and reaches 1 at 920 genes (from the
-# 765-gene row) to 1,090 (from the 1,708-gene row); at 1,000 genes either estimate puts the
-# slower choice within 10 % of the faster. Sharper calls run through the tree: the ratio grows
-# as about genes^0.9 from 1,708 to 5,000 genes and reaches 1 at about 4,700 (0.9 at 4,200, 1.1
-# at 5,250).
-#
-# A second run near the thresholds (benchmarks/results/tree_auto_rule.json: bench_tree.py
-# --backends tree_native native auto --genes 900 1000 1100 1708 3000 4200 4700 5200 --scales
-# 1 4 10 30) moved them: at 1,000 genes the dense kernel was 1.26x faster at reach 0.64 (1.02x
-# slower at 1,100), and the break-even reach grows with the genes, as the dense cost (genes^2)
-# outgrows the tree's (about genes times the terms per query): dense over tree 1.13 at reach
-# 6.9 and 0.48 at 43 (1,708 genes), 1.09 at 26 and 0.68 at 237 (3,000), 1.82 at 22 and 0.87
-# at 202 (4,200). Hence a limit of 2 RHO up to 1,708 genes, growing as genes^2 beyond it
-# (25 at 3,000, 48 at 4,200), and every call from 4,700 genes; on all 32 rows of that run the
-# rule's choice is within 10 % of the faster backend by the two backends' own times (the
-# closest, 3,000 genes at reach 26: dense chosen, 1.06-1.09x the tree's time in two runs).
-#: From this many genes, ``"auto"`` runs the tree code on calls of score reach at most 2 RHO.
-AUTO_GENES_ONE_EXPANSION = 1200
-#: Above this many genes the reach limit grows as ``2 RHO * (genes / AUTO_GENES_REACH_BASE)^2``.
-AUTO_GENES_REACH_BASE = 1708
+# The break-even reach grows with the genes, as the dense cost (genes^2) outgrows the tree's
+# (genes times the terms per query, which grow with the reach): about 8 at 400 genes, 14 at
+# 600, 45 at 1,708, a few hundred at 2,500; from 3,000 genes the tree is faster at every
+# reach measured. Hence the rule: from 256 genes, calls of reach at most
+# 8 (genes / 400)^1.3 (4.5 at 256, 19 at 765, 53 at 1,708, 110 at 3,000 genes), and every
+# call from 3,000 genes. On every row above, the rule's choice is within 5 % of the faster
+# backend by the two backends' own times (the closest: 200 genes, dense, 1.04x; 600 genes at
+# reach 14, dense, 1.01x; 2,500 genes at reach 271, dense, 0.95x of the tree's time).
+#: From this many genes, ``"auto"`` may run the tree code (below, the calls take a
+#: millisecond either way and the dense kernel is as fast).
+AUTO_GENES_MIN = 256
+#: The reach limit is ``AUTO_REACH_AT_BASE * (genes / AUTO_GENES_REACH_BASE) ** AUTO_REACH_POWER``.
+AUTO_GENES_REACH_BASE = 400
+#: The reach limit at :data:`AUTO_GENES_REACH_BASE` genes (two expansion radii, ``2 RHO``).
+AUTO_REACH_AT_BASE = 8.0
+#: How fast the reach limit grows with the genes.
+AUTO_REACH_POWER = 1.3
 #: From this many genes, ``"auto"`` runs the tree code on every call.
-AUTO_GENES_TREE = 4700
+AUTO_GENES_TREE = 3000
 
 
 def auto_reach(genes: int) -> float:
     """``"auto"``'s rule: the largest score reach at which this backend runs at ``genes``.
 
-    ``-inf`` (never: the dense native kernel is faster) below
-    :data:`AUTO_GENES_ONE_EXPANSION` genes, ``2 RHO`` (the calls whose rows are each one
-    expansion) up to :data:`AUTO_GENES_REACH_BASE`, growing as the genes squared beyond it,
-    and ``inf`` (every call) from :data:`AUTO_GENES_TREE`. A call's score
-    reach is :func:`tgem._kernels.score_reach` of its queries and keys (the largest
-    ``max|q| * range(k)`` of its batch x head rows). Measured against the dense native kernel
-    in float32 at the default tolerance (see the comment above); float64, where the dense
-    choice is a slower pure-PyTorch path, follows the same rule.
+    ``-inf`` (never: the dense native kernel is as fast) below :data:`AUTO_GENES_MIN`
+    genes, ``8 (genes / 400)^1.3`` from there (:data:`AUTO_REACH_AT_BASE`,
+    :data:`AUTO_GENES_REACH_BASE`, :data:`AUTO_REACH_POWER`) and ``inf`` (every call) from
+    :data:`AUTO_GENES_TREE`. A call's score reach is :func:`tgem._kernels.score_reach` of its
+    queries and keys (the largest ``max|q| * range(k)`` of its batch x head rows). Measured
+    against the dense native kernel in float32 at the default tolerance (see the comment
+    above); float64, where the dense choice is a slower pure-PyTorch path, follows the same
+    rule.
 
     Examples
     --------
-    >>> auto_reach(765), auto_reach(1708), round(auto_reach(3000), 1), auto_reach(22283)
-    (-inf, 8.0, 24.7, inf)
+    >>> auto_reach(200), round(auto_reach(765), 1), round(auto_reach(1708), 1)
+    (-inf, 18.6, 52.8)
+    >>> auto_reach(3000), auto_reach(22283)
+    (inf, inf)
     """
     if genes >= AUTO_GENES_TREE:
         return math.inf
-    if genes >= AUTO_GENES_ONE_EXPANSION:
-        return 2 * tree.RHO * max(1.0, genes / AUTO_GENES_REACH_BASE) ** 2
+    if genes >= AUTO_GENES_MIN:
+        return AUTO_REACH_AT_BASE * (genes / AUTO_GENES_REACH_BASE) ** AUTO_REACH_POWER
     return -math.inf
 
 
