@@ -12,6 +12,7 @@ import torch
 import tgem._kernels._tree as T
 from tgem import TGEMClassifier
 from tgem._kernels import _tree_native, resolve_backend, score_reach
+from tgem._kernels._registry import _layer_reach
 from tgem._kernels._tree_native import (
     AUTO_GENES_MIN,
     AUTO_GENES_REACH_BASE,
@@ -184,3 +185,16 @@ def test_fit_records_the_per_call_choice_and_stays_repeatable():
     assert first.attention_backend_ == "native+tree_native"
     again = TGEMClassifier(**kw).fit(X, y)
     assert np.array_equal(first.predict_proba(X), again.predict_proba(X))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_reach_equals_the_score_reach_of_the_layers_queries_and_keys(dtype):
+    """The per-layer choice computes the reach from x and the weights (in numpy on the CPU):
+    exactly score_reach of q = x * WQ and k = x * WK, so it picks what the per-call rule does."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, generator=gen, dtype=dtype)
+    wq, wk = (torch.randn(3, 50, 1, generator=gen, dtype=dtype) * 7 for _ in range(2))
+    xb = x.unsqueeze(1)
+    want = score_reach(xb * wq[..., 0], xb * wk[..., 0])
+    assert _layer_reach(x, wq, wk) == want > 0
+    assert _layer_reach(x[:0], wq, wk) == 0.0

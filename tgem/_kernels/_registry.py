@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,13 @@ def score_reach(q: torch.Tensor, k: torch.Tensor) -> float:
     if q.numel() == 0:
         return 0.0
     with torch.no_grad():
-        spread = k.amax(-1) - k.amin(-1)
-        return float((q.abs().amax(-1) * spread).max())
+        return _reach(*torch.aminmax(q, dim=-1), *torch.aminmax(k, dim=-1))
+
+
+def _reach(q_min, q_max, k_min, k_max) -> float:
+    """:func:`score_reach` from the rows' extremes of q and k (two passes over the big
+    tensors instead of four: on the CPU each pass wakes the thread pool)."""
+    return float((torch.maximum(q_max.abs(), q_min.abs()) * (k_max - k_min)).max())
 
 
 def check_once_differentiable(name: str) -> None:
@@ -256,6 +262,25 @@ def _with_tol(backend: Backend, tol: float | None) -> Backend:
     return replace(backend, fn=partial(backend.fn, tol=check_tolerance(tol)))
 
 
+def _layer_reach(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> float:
+    """:func:`score_reach` of a layer's queries ``x * wq`` and keys ``x * wk`` ((batch,
+    genes) input, (heads, genes, 1) weights), the same products and so the same value. On the
+    CPU in numpy: one thread, where torch's passes would each wake its thread pool, which costs
+    more than the passes themselves at a few thousand genes."""
+    if x.numel() == 0:
+        return 0.0
+    with torch.no_grad():
+        x, wq, wk = x.detach(), wq.detach()[..., 0], wk.detach()[..., 0]
+        if x.device.type == "cpu":  # the same operations as _reach, in the same dtype
+            products = x.numpy()[:, None, None, :] * np.stack([wq.numpy(), wk.numpy()])
+            lo, hi = products.min(-1), products.max(-1)
+            q_top = np.maximum(np.abs(hi[:, 0]), np.abs(lo[:, 0]))
+            return float((q_top * (hi[:, 1] - lo[:, 1])).max())
+        else:
+            lo, hi = torch.aminmax(x[:, None, None, :] * torch.stack([wq, wk]), dim=-1)
+        return _reach(lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1])
+
+
 def _per_call(dense: Backend, other: Backend, limit: float) -> Backend:
     """``auto``'s backend that runs ``other`` on calls whose score reach is at most ``limit``
     and ``dense`` on the others (both exact, so the choice never changes what is computed
@@ -268,10 +293,10 @@ def _per_call(dense: Backend, other: Backend, limit: float) -> Backend:
         return pick(q, k).fn(q, k, v)
 
     def layer_fn(x, wq, wk, wv, w0):
-        # the layer's queries and keys, (batch, heads, genes); the Backend contract's formula
+        # the layer's queries and keys, (batch, heads, genes), by the Backend contract's
+        # formula, as one (batch, 2, heads, genes) product: the same values as q and k
         with torch.no_grad():
-            xb = x.detach().unsqueeze(1)
-            chosen = pick(xb * wq.detach()[..., 0], xb * wk.detach()[..., 0])
+            chosen = other if _layer_reach(x, wq, wk) <= limit else dense
         if chosen.layer_fn is not None:
             return chosen.layer_fn(x, wq, wk, wv, w0)
         xb = x.unsqueeze(1)
