@@ -354,27 +354,28 @@ def tree_native_status() -> str:
 # of this backend), the ratio of the dense native kernel's time to this backend's at each
 # call's score reach (max|q| * range(k), in brackets):
 #
-#   genes    nearly uniform calls           sharper calls
-#   200      1.04 (0.6), 1.03 (2.4)         0.74 (9.7), 0.33 (39)
-#   300      1.31 (0.4), 1.24 (1.8)         0.99 (7.1), 0.42 (28)
-#   400      1.40 (1.8)                     0.58 (28), 0.27 (178)
-#   600      2.06 (0.9)                     1.01 (14), 0.49 (88)
-#   765      2.21 (0.7), 1.19 (11)          0.48 (71), 0.46 (641)
-#   1,000    2.59 (0.6), 1.84 (10)          0.57 (64), 0.48 (572)
-#   1,300    3.47 (0.5), 2.55 (8.6)         0.75 (54), 0.56 (484)
-#   1,708    4.63 (0.4), 3.55 (6.9)         1.01 (43), 0.71 (390), 0.70 (4331)
-#   2,500    6.22 (0.3), 5.21 (4.8)         1.71 (30), 0.95 (271), 0.96 (3006)
-#   3,500    9.14 (0.2), 7.42 (3.4)         2.87 (21), 1.31 (192), 1.27 (2135)
-#   4,700    12.6 (0.2), 10.6 (3.1)         4.29 (20), 1.65 (176), 1.67 (1952)
+#   genes   calls the rule runs as the tree     calls it runs dense
+#   200     -                                   1.17 (0.6), 1.07 (2.4), 0.78 (9.7), 0.34 (39)
+#   300     1.38 (0.4), 1.27 (1.8)              1.05 (7.1), 0.41 (28), 0.23 (177)
+#   400     1.63 (0.4), 1.56 (1.8), 1.23 (7.1)  0.58 (28), 0.26 (178)
+#   600     1.64 (0.2) ... 1.62 (3.5)           0.99 (14), 0.39 (88), 0.44 (8,770)
+#   765     2.28 (0.2) ... 1.19 (11)            0.46 (71), 0.42 (641), 0.44 (7,122)
+#   1,000   2.88 (0.2) ... 1.84 (10)            0.58 (64), 0.47 (572), 0.39 (6,359)
+#   1,300   3.74 (0.1) ... 2.63 (8.6)           0.69 (54), 0.56 (484), 0.56 (5,381)
+#   1,708   4.98 (0.1) ... 3.55 (6.9), 1.02 (43) 0.71 (390), 0.70 (4,331)
+#   2,500   7.58 (0.1) ... 1.75 (30)            0.95 (271), 0.96 (3,006)
+#   3,500   11.07 (0.1) ... 1.34 (192), 1.28 (2,135): every call
+#   4,700   14.08 (0.1) ... 1.64 (176), 1.65 (1,952): every call
 #
 # The break-even reach grows with the genes, as the dense cost (genes^2) outgrows the tree's
 # (genes times the terms per query, which grow with the reach): about 8 at 400 genes, 14 at
 # 600, 45 at 1,708, a few hundred at 2,500; from 3,000 genes the tree is faster at every
 # reach measured. Hence the rule: from 256 genes, calls of reach at most
 # 8 (genes / 400)^1.3 (4.5 at 256, 19 at 765, 53 at 1,708, 110 at 3,000 genes), and every
-# call from 3,000 genes. On every row above, the rule's choice is within 5 % of the faster
-# backend by the two backends' own times (the closest: 200 genes, dense, 1.04x; 600 genes at
-# reach 14, dense, 1.01x; 2,500 genes at reach 271, dense, 0.95x of the tree's time).
+# call from 3,000 genes. From 256 genes the rule's choice is at most 1.05x slower than the
+# faster backend on every row above, by the two backends' own times (300 genes at reach 7.1,
+# dense); below, at 200 genes, the dense kernel it keeps is 1.07-1.17x slower on the nearly
+# uniform calls (about 1 ms each; 1.03-1.04x in an earlier run), and faster on the others.
 #: From this many genes, ``"auto"`` may run the tree code (below, the calls take a
 #: millisecond either way and the dense kernel is as fast).
 AUTO_GENES_MIN = 256
