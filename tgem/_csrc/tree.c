@@ -1158,21 +1158,31 @@ static void tree_bwd_task(const void *vctx, int64_t row)
     tree_slot_give(slot);
 }
 
+/* Run task(ctx, 0 .. n - 1) on up to nthreads threads with fresh workspace slots, error
+ * code and work counters (the fields of either context kind, passed by address); counts
+ * (TREE_NCOUNTS entries, may be NULL) receive the work done. */
+static int tree_run_tasks(tree_slot **slots, atomic_int *error, atomic_llong *acc,
+                          tgem_task_fn task, const void *ctx, int64_t n, int64_t *counts,
+                          int nthreads)
+{
+    atomic_init(error, TREE_OK);
+    for (int i = 0; i < TREE_NCOUNTS; ++i)
+        atomic_init(&acc[i], 0);
+    *slots = tree_slots_new();
+    if (!*slots)
+        return TREE_ENOMEM;
+    tgem_parallel(nthreads, n, task, ctx);
+    tree_slots_free(*slots);
+    if (counts)
+        for (int i = 0; i < TREE_NCOUNTS; ++i)
+            counts[i] = (int64_t)atomic_load(&acc[i]);
+    return atomic_load(error);
+}
+
 static int tree_fused_run(tree_fused_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts,
                           int nthreads)
 {
-    atomic_init(&ctx->error, TREE_OK);
-    for (int i = 0; i < TREE_NCOUNTS; ++i)
-        atomic_init(&ctx->counts[i], 0);
-    ctx->slots = tree_slots_new();
-    if (!ctx->slots)
-        return TREE_ENOMEM;
-    tgem_parallel(nthreads, n, task, ctx);
-    tree_slots_free(ctx->slots);
-    if (counts)
-        for (int i = 0; i < TREE_NCOUNTS; ++i)
-            counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
-    return atomic_load(&ctx->error);
+    return tree_run_tasks(&ctx->slots, &ctx->error, ctx->counts, task, ctx, n, counts, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------- API */
@@ -1181,18 +1191,7 @@ TREE_API int tgem_tree_abi_version(void) { return TREE_ABI_VERSION; }
 /* one task per row; counts (TREE_NCOUNTS entries, may be NULL) receive the work done */
 static int tree_run(tree_ctx *ctx, tgem_task_fn task, int64_t n, int64_t *counts, int nthreads)
 {
-    atomic_init(&ctx->error, TREE_OK);
-    for (int i = 0; i < TREE_NCOUNTS; ++i)
-        atomic_init(&ctx->counts[i], 0);
-    ctx->slots = tree_slots_new();
-    if (!ctx->slots)
-        return TREE_ENOMEM;
-    tgem_parallel(nthreads, n, task, ctx);
-    tree_slots_free(ctx->slots);
-    if (counts)
-        for (int i = 0; i < TREE_NCOUNTS; ++i)
-            counts[i] = (int64_t)atomic_load(&ctx->counts[i]);
-    return atomic_load(&ctx->error);
+    return tree_run_tasks(&ctx->slots, &ctx->error, ctx->counts, task, ctx, n, counts, nthreads);
 }
 
 /* row sums (see the top of this file); arrays contiguous, out (n x g x cols) written,
