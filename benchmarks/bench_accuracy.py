@@ -760,13 +760,12 @@ def epoch_timing(
     """
     import torch
 
+    from tgem._kernels import resolve_backend
     from tgem._model import TGEMNet
 
     rows = []
     for g in genes:
-        backend = (
-            TGEMNet(n_genes=g, n_classes=2, n_layers=1, n_heads=1).backend(torch.empty(0)).name
-        )
+        backend = resolve_backend("auto", "cpu", genes=g).name
         b = batch_size
         if "tree" not in backend:  # dense: quadratic in the genes
             b = int(max(1, min(batch_size, max_pairs_per_step // (g * g))))

@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_accuracy import machine  # noqa: E402
 from bench_annotate import save_outputs  # noqa: E402
-from bench_h5ad_memory import _status_kib, write_csr_h5ad  # noqa: E402
+from bench_h5ad_memory import _reset_peak, _status_kib, write_csr_h5ad  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 MB = 1e6
@@ -90,15 +90,6 @@ def fit_model(path: Path, epochs: int, seed: int) -> dict:
     clf.fit(X, y)
     clf.save(path)
     return {"epochs": epochs, "fit_seconds": time.perf_counter() - t0, "path": str(path)}
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def child(args) -> None:

@@ -34,6 +34,15 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def write_csr_h5ad(path: Path, indptr, var_names, obs, rows, block: int = 1 << 17) -> None:
     """Write a sparse CSR ``.h5ad`` block by block, never holding its matrix in memory.
 

@@ -66,7 +66,6 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_attention import cpu_model  # noqa: E402
+from bench_h5ad_memory import _reset_peak, _status_kib  # noqa: E402
+
 RESULTS = HERE / "results"
 CACHE = RESULTS / "cache" / "tree_model"
 PBMC_MODEL = CACHE / "pbmc_default.tgem"
@@ -85,13 +89,6 @@ MAX_REPEATS = 200
 
 
 # ------------------------------------------------------------------------------ memory
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _release() -> None:
     """Free what Python holds and hand glibc's free memory back to the system."""
     gc.collect()
@@ -101,15 +98,6 @@ def _release() -> None:
             ctypes.CDLL(name).malloc_trim(0)
         except (OSError, AttributeError):
             pass
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 class PeakMemory:
@@ -124,16 +112,6 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.mb = (_status_kib("VmHWM") - self.base) / 1024
         return False
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------ weights
@@ -490,8 +468,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.genes, args.repeats, args.fits = [64, 300], 1, []
         args.batch = args.infer_batch = 4
-        if not Path(args.model).exists():
-            args.kinds = [k for k in args.kinds if k != "trained"]
+        args.kinds = ["init", "x30"] + (["trained"] if Path(args.model).exists() else [])
 
     import torch
 
