@@ -147,7 +147,7 @@ def _float32_rms_errors(genes, backends, seeds, batch=16):
     }
 
 
-@pytest.mark.parametrize("genes,seeds", [(17, 6), (200, 2)])
+@pytest.mark.parametrize("genes,seeds", [(17, 6), (200, 8)])
 @pytest.mark.parametrize("backend", ["exact", "auto"])
 def test_model_float32_error_within_twice_the_reference_error(genes, seeds, backend):
     """Standards: each path's float32 error against float64 is at most twice the plain
@@ -155,7 +155,9 @@ def test_model_float32_error_within_twice_the_reference_error(genes, seeds, back
 
     The error of a tensor is its relative RMS error over several random models (a maximum
     over a handful of numbers, as for the 5 head-mixing weights at 17 genes, is decided by
-    one lucky rounding of the reference and is not a stable yardstick).
+    one lucky rounding of the reference and is not a stable yardstick). Eight models at 200
+    genes: over two, the worst ratio of "auto" was 2.17 with torch's and the kernel's AVX2
+    code (1.55 with AVX-512), over eight 1.32 (1.38), over twelve 1.28 (1.20).
     """
     errors = _float32_rms_errors(genes, [backend], seeds)[backend]
     for name, (err, ref_err) in errors.items():
