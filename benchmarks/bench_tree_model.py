@@ -38,6 +38,13 @@ the training step and inference (its speed does not depend on the weights:
 ``bench_subnormal.py``), and the pure-PyTorch tree only with the initialised and trained
 weights above ``--tree-sharp-max`` genes.
 
+``--paired`` times instead all backends of one (genes, kind) in one process, calling them in
+turns (the order rotating each round) until each has its repeats and seconds: a slower or
+faster spell of the machine then falls on every backend alike, and the ratios of a row (such
+as ``auto`` over the faster backend, where one backend runs whichever way it is picked) are
+not blurred by differences between processes (up to 14 % between two processes running the
+same backend in the separate-process matrix). It measures no memory.
+
 The ``--fits`` section runs, each in a fresh process with ``attention_backend="auto"``:
 
 * ``pbmc``: ``TGEMClassifier(random_state=0)`` fitted on all 700 bundled PBMC cells (the
@@ -55,6 +62,9 @@ Example::
 
     PYTHONPATH=. python benchmarks/bench_tree_model.py --threads 2 \\
         --out benchmarks/results/tree_model_cpu.json
+    PYTHONPATH=. python benchmarks/bench_tree_model.py --threads 2 --genes 765 1708 5000 \\
+        --backends native tree_native auto --paired --repeats 5 --min-seconds 2 \\
+        --out benchmarks/results/tree_model_paired_cpu.json
     PYTHONPATH=. python benchmarks/bench_tree_model.py --quick   # a smoke run (seconds)
 """
 
@@ -143,16 +153,14 @@ def set_weights(net, kind: str, genes: int, model_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- worker
-def worker(args) -> dict:
-    """One (genes, kind, backend) configuration in this process: its three measures."""
-    # what `import tgem` sets when it comes first (docs/install.rst), here before torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def _measures(args, backend: str):
+    """The published architecture with ``args.kind``'s weights on ``backend``: the name of
+    what it runs and its three measures as functions (see the module docstring)."""
     import torch
 
     from tgem._model import TGEMNet
     from tgem._training import make_optimizer
 
-    torch.set_num_threads(args.threads)
     genes, kind = args.genes[0], args.kind
     gen = torch.Generator().manual_seed(0)
     net = TGEMNet(
@@ -161,7 +169,7 @@ def worker(args) -> dict:
         n_layers=3,
         n_heads=5,
         dropout=0.3,
-        attention_backend=args.backend,
+        attention_backend=backend,
         generator=gen,
     )
     set_weights(net, kind, genes, Path(args.model))
@@ -188,8 +196,25 @@ def worker(args) -> dict:
         (grad,) = torch.autograd.grad(net(xi)[:, 0].sum(), xi)
         return grad
 
-    fns = {"train": train_step, "infer": infer, "ig": ig_sample}
-    res = {"genes": genes, "kind": kind, "backend": args.backend, "runs": backend_name}
+    return backend_name, {"train": train_step, "infer": infer, "ig": ig_sample}
+
+
+def _enough(times: list[float], args) -> bool:
+    return len(times) >= MAX_REPEATS or (
+        len(times) >= args.repeats and sum(times) >= args.min_seconds
+    )
+
+
+def worker(args) -> dict:
+    """One (genes, kind, backend) configuration in this process: its three measures."""
+    # what `import tgem` sets when it comes first (docs/install.rst), here before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    backend_name, fns = _measures(args, args.backend)
+    res = {"genes": args.genes[0], "kind": args.kind, "backend": args.backend}
+    res["runs"] = backend_name
     for mode in args.modes:
         fn = fns[mode]
         with PeakMemory() as mem:
@@ -199,9 +224,7 @@ def worker(args) -> dict:
             times = [first]
             if first <= args.single:  # fast enough to repeat: the warm-up is not counted
                 times = []
-                while len(times) < args.repeats or (
-                    sum(times) < args.min_seconds and len(times) < MAX_REPEATS
-                ):
+                while not _enough(times, args):
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
@@ -213,6 +236,42 @@ def worker(args) -> dict:
         if mode == "infer":
             res["infer_sps"] = args.infer_batch / t
     return res
+
+
+def paired_worker(args) -> list[dict]:
+    """``--paired``: every backend of ``args.backends`` at one (genes, kind) in this process,
+    each measure timed in rounds that call the backends in turn (the order rotating), so
+    that a slower or faster spell of the machine falls on all of them alike: the ratios of
+    one row compare like with like. Times only (memory needs a process per backend)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    built = {b: _measures(args, b) for b in args.backends}
+    rows = {b: {"genes": args.genes[0], "kind": args.kind, "backend": b, "runs": built[b][0]}
+            for b in args.backends}  # fmt: skip
+    for mode in args.modes:
+        for _, fns in built.values():
+            fns[mode]()  # warm-up
+        times = {b: [] for b in args.backends}
+        turn = 0
+        while not all(_enough(t, args) for t in times.values()):
+            order = (
+                args.backends[turn % len(args.backends) :]
+                + args.backends[: turn % len(args.backends)]
+            )
+            for b in order:
+                t0 = time.perf_counter()
+                built[b][1][mode]()
+                times[b].append(time.perf_counter() - t0)
+            turn += 1
+        for b, t in times.items():
+            rows[b][f"{mode}_s"] = statistics.median(t)
+            rows[b][f"{mode}_repeats"] = len(t)
+            rows[b]["paired"] = True
+            if mode == "infer":
+                rows[b]["infer_sps"] = args.infer_batch / rows[b][f"{mode}_s"]
+    return list(rows.values())
 
 
 # --------------------------------------------------------------------------------- fits
@@ -278,7 +337,7 @@ def fit_worker(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-def _child(args, extra: list[str]) -> dict:
+def _child(args, extra: list[str]) -> dict | list[dict]:
     cmd = [
         sys.executable,
         __file__,
@@ -333,6 +392,21 @@ def plan(args) -> list[tuple[int, str, str, list[str]]]:
                 if modes:
                     rows.append((genes, kind, backend, modes))
     return rows
+
+
+def _jobs(args) -> list[tuple[int, str, list[str], list[str]]]:
+    """(genes, kind, backends, modes) of every child process: one per row of :func:`plan`,
+    or with ``--paired`` one per (genes, kind), its backends timed together on the modes
+    they share."""
+    rows = plan(args)
+    if not args.paired:
+        return [(g, k, [b], m) for g, k, b, m in rows]
+    jobs: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
+    for genes, kind, backend, modes in rows:
+        backends, shared = jobs.setdefault((genes, kind), ([], list(modes)))
+        backends.append(backend)
+        shared[:] = [m for m in shared if m in modes]
+    return [(g, k, b, m) for (g, k), (b, m) in jobs.items() if m]
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -454,6 +528,11 @@ def main(argv=None) -> int:
     p.add_argument("--fit-epochs", type=int, default=3)
     p.add_argument("--model", default=str(PBMC_MODEL), help="the cached PBMC model")
     p.add_argument("--timeout-s", type=float, default=1800.0)
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="time the backends of each (genes, weights) in one process, in turns (no memory)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, no fits")
     p.add_argument("--out", default=None, help="JSON path (default results/tree_model_cpu.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -462,7 +541,10 @@ def main(argv=None) -> int:
     p.add_argument("--fit", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        out = fit_worker(args) if args.fit else worker(args)
+        if args.fit:
+            out = fit_worker(args)
+        else:
+            out = paired_worker(args) if args.paired else worker(args)
         sys.stdout.write(json.dumps(out) + "\n")
         return 0
     if args.quick:
@@ -500,21 +582,21 @@ def main(argv=None) -> int:
         save(True)
     if "trained" in args.kinds and not Path(args.model).exists():
         raise SystemExit(f"{args.model} does not exist: run with --fits pbmc first")
-    for genes, kind, backend, modes in plan(args):
-        extra = [
-            "--worker",
-            "--genes",
-            str(genes),
-            "--kind",
-            kind,
-            "--backend",
-            backend,
-            "--modes",
-            *modes,
-        ]
-        res = {"genes": genes, "kind": kind, "backend": backend, **_child(args, extra)}
-        report["matrix"].append(res)
-        sys.stdout.write(json.dumps(res) + "\n")
+    for genes, kind, backends, modes in _jobs(args):
+        where = ["--worker", "--genes", str(genes), "--kind", kind, "--modes", *modes]
+        if args.paired:
+            got = _child(args, [*where, "--paired", "--backends", *backends])
+            results = (
+                got
+                if isinstance(got, list)
+                else [{"genes": genes, "kind": kind, "backend": b, **got} for b in backends]
+            )
+        else:
+            res = _child(args, [*where, "--backend", backends[0]])
+            results = [{"genes": genes, "kind": kind, "backend": backends[0], **res}]
+        for res in results:
+            report["matrix"].append(res)
+            sys.stdout.write(json.dumps(res) + "\n")
         sys.stdout.flush()
         save(True)
     add_ratios(report["matrix"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import tgem._kernels._tree as T
 from tgem import TGEMClassifier
-from tgem._kernels import _tree_native, resolve_backend, score_reach
+from tgem._kernels import _registry, _tree_native, resolve_backend, score_reach
 from tgem._kernels._registry import _layer_reach
 from tgem._kernels._tree_native import (
     AUTO_GENES_MIN,
@@ -187,14 +188,67 @@ def test_fit_records_the_per_call_choice_and_stays_repeatable():
     assert np.array_equal(first.predict_proba(X), again.predict_proba(X))
 
 
+LAYER_REACHES = {"numpy": _layer_reach, "native": _tree_native.layer_reach}
+
+
+@pytest.mark.parametrize("how", sorted(LAYER_REACHES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_layer_reach_equals_the_score_reach_of_the_layers_queries_and_keys(dtype):
-    """The per-layer choice computes the reach from x and the weights (in numpy on the CPU):
-    exactly score_reach of q = x * WQ and k = x * WK, so it picks what the per-call rule does."""
+def test_layer_reach_equals_the_score_reach_of_the_layers_queries_and_keys(how, dtype, request):
+    """The per-layer choice computes the reach from x and the weights (in C, or numpy on the
+    CPU): exactly score_reach of q = x * WQ and k = x * WK, so it picks what the per-call rule
+    does. Gene counts around the C code's vector blocks (16 float32, 8 float64), signs mixed,
+    non-finite values propagated as torch's extremes do."""
+    if how == "native":
+        request.getfixturevalue("native")
+    reach = LAYER_REACHES[how]
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 50, generator=gen, dtype=dtype)
-    wq, wk = (torch.randn(3, 50, 1, generator=gen, dtype=dtype) * 7 for _ in range(2))
-    xb = x.unsqueeze(1)
-    want = score_reach(xb * wq[..., 0], xb * wk[..., 0])
-    assert _layer_reach(x, wq, wk) == want > 0
-    assert _layer_reach(x[:0], wq, wk) == 0.0
+    for genes in (1, 7, 8, 15, 16, 17, 50, 765):
+        x = torch.randn(4, genes, generator=gen, dtype=dtype)
+        wq, wk = (torch.randn(3, genes, 1, generator=gen, dtype=dtype) * 7 for _ in range(2))
+        for case in ("plain", "nan", "inf", "zero", "negative"):
+            xc = x.clone()
+            if case == "nan":
+                xc[2, genes // 2] = math.nan
+            elif case == "inf":
+                xc[1, -1] = math.inf
+            elif case == "zero":
+                xc[:] = 0.0
+            elif case == "negative":
+                xc = -xc.abs()
+            xb = xc.unsqueeze(1)
+            want = score_reach(xb * wq[..., 0], xb * wk[..., 0])
+            got = reach(xc, wq, wk)
+            assert got == want or (math.isnan(got) and math.isnan(want)), (genes, case)
+            if case == "plain" and genes > 1:
+                assert got > 0
+    assert reach(x[:0], wq, wk) == 0.0
+
+
+@needs_native
+def test_native_layer_reach_falls_back_where_it_cannot_run():
+    """Other dtypes and non-contiguous inputs: the same value, by numpy or by the copy."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    wq, wk = (torch.randn(2, 40, 1, generator=gen, dtype=torch.float64) for _ in range(2))
+    want = _layer_reach(x, wq, wk)
+    assert _tree_native.layer_reach(x.T.contiguous().T, wq, wk) == want  # not contiguous
+    assert _tree_native.layer_reach(x[::2], wq, wk) == _layer_reach(x[::2], wq, wk)
+    half = [t.to(torch.float16) for t in (x, wq, wk)]
+    assert _tree_native.layer_reach(*half) == _layer_reach(*half)
+
+
+@needs_native
+def test_auto_takes_the_tree_backends_layer_reach(monkeypatch):
+    """auto's per-layer choice calls the backend's layer_reach (C), not numpy's."""
+    calls = []
+    real = _tree_native.layer_reach
+    registered = _registry._BACKENDS["tree_native"]
+    monkeypatch.setitem(
+        _registry._BACKENDS,
+        "tree_native",
+        replace(registered, layer_reach=lambda *a: calls.append(1) or real(*a)),
+    )
+    net = TGEMNet(AUTO_GENES_REACH_BASE, 2, n_layers=2, n_heads=2, attention_backend="auto")
+    with torch.no_grad():
+        net(torch.randn(3, AUTO_GENES_REACH_BASE))
+    assert len(calls) == 2  # once per layer

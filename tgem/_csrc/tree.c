@@ -24,7 +24,9 @@
  *                  d_j = kmax - k_j and w = w_plus for the queries with q_i >= 0,
  *                  d_j = k_j - kmin and w = w_minus for the others;
  *     column sums: out[j, :] = sum_{i: q_i >= 0} c[i, :] exp(-t_i (kmax - k_j))
- *                            + sum_{i: q_i < 0}  c[i, :] exp(-t_i (k_j - kmin)).
+ *                            + sum_{i: q_i < 0}  c[i, :] exp(-t_i (k_j - kmin));
+ *   tgem_layer_reach:   "auto"'s per-layer choice: the score reach of a layer's queries
+ *                       x * wq and keys x * wk (at the end of this file).
  *
  * Each one-dimensional sum S(t) = sum_s w_s exp(-t p_s) over source points p_s >= 0 is
  * evaluated at the targets t as follows (the parameters come from tree_parameters() in
@@ -90,7 +92,7 @@ typedef double tree_v4 __attribute__((vector_size(32), aligned(8)));
 #define TREE_X86 0
 #endif
 
-#define TREE_ABI_VERSION 2
+#define TREE_ABI_VERSION 3
 #define TREE_MAX_ORDER 128 /* tol >= 1e-30 needs at most about 60 terms at RHO = 4 */
 #define TREE_MAX_COLS 8
 #define TREE_MAX_DEPTH 60
@@ -1294,4 +1296,99 @@ TREE_API int tgem_tree_backward(const void *q, const void *k, const void *v, con
                           .r = (double *)r, .kk = (double *)kk, .dq = dq, .dk = dk, .dv = dv,
                           .g = g, .p = &p};
     return tree_fused_run(&ctx, tree_bwd_task, n, counts, nthreads);
+}
+
+/* ------------------------------------------------------------------ auto's per-layer reach */
+/* The score reach of one layer: the largest max_i |q_i| * (max_j k_j - min_j k_j) over the
+ * (batch x heads) rows of q = x * wq and k = x * wk, computed in T (float or double) as
+ * tgem._kernels._registry._layer_reach does, so the same value: the products and extremes are
+ * exact operations whatever their order. NaN anywhere makes the result NaN (numpy's min and
+ * max propagate it). One thread: a few hundred thousand products, where waking a thread pool
+ * costs more than the pass. The genes go by vectors of 32 bytes (compare and select on bit
+ * masks: the same extremes as a scalar loop), the rest one by one. */
+typedef float tree_reach_f32v __attribute__((vector_size(16), aligned(4)));
+typedef int32_t tree_reach_f32m __attribute__((vector_size(16)));
+typedef double tree_reach_f64v __attribute__((vector_size(16), aligned(8)));
+typedef int64_t tree_reach_f64m __attribute__((vector_size(16)));
+
+#define TREE_REACH_SELECT(M, V, C, A, B) ((V)(((C) & (M)(A)) | (~(C) & (M)(B))))
+#define TREE_REACH_GROUPS 4 /* independent accumulators: the selects' latency overlaps */
+#define TREE_REACH_ROW(T, V, M, NAME)                                                          \
+    static T NAME(const T *x, const T *wq, const T *wk, int64_t g, int *bad)                   \
+    {                                                                                          \
+        enum { L = sizeof(V) / sizeof(T), U = TREE_REACH_GROUPS };                             \
+        const V zero = {0};                                                                    \
+        V qlo[U], qhi[U], klo[U], khi[U];                                                      \
+        M nan[U];                                                                              \
+        for (int u = 0; u < U; ++u) {                                                          \
+            qlo[u] = klo[u] = zero + (T)INFINITY;                                              \
+            qhi[u] = khi[u] = zero - (T)INFINITY;                                              \
+            nan[u] = (M){0};                                                                   \
+        }                                                                                      \
+        int64_t i = 0;                                                                         \
+        for (; i + U * L <= g; i += U * L)                                                     \
+            for (int u = 0; u < U; ++u) {                                                      \
+                V xv, qv, kv;                                                                  \
+                memcpy(&xv, x + i + u * L, sizeof xv);                                         \
+                memcpy(&qv, wq + i + u * L, sizeof qv);                                        \
+                memcpy(&kv, wk + i + u * L, sizeof kv);                                        \
+                const V a = xv * qv, c = xv * kv;                                              \
+                qlo[u] = TREE_REACH_SELECT(M, V, a < qlo[u], a, qlo[u]);                       \
+                qhi[u] = TREE_REACH_SELECT(M, V, a > qhi[u], a, qhi[u]);                       \
+                klo[u] = TREE_REACH_SELECT(M, V, c < klo[u], c, klo[u]);                       \
+                khi[u] = TREE_REACH_SELECT(M, V, c > khi[u], c, khi[u]);                       \
+                nan[u] |= (a != a) | (c != c);                                                 \
+            }                                                                                  \
+        T lo = (T)INFINITY, hi = -(T)INFINITY, kl = (T)INFINITY, kh = -(T)INFINITY;            \
+        int bad_row = 0;                                                                       \
+        for (int u = 0; u < U; ++u)                                                            \
+            for (int j = 0; j < L; ++j) {                                                      \
+                lo = qlo[u][j] < lo ? qlo[u][j] : lo;                                          \
+                hi = qhi[u][j] > hi ? qhi[u][j] : hi;                                          \
+                kl = klo[u][j] < kl ? klo[u][j] : kl;                                          \
+                kh = khi[u][j] > kh ? khi[u][j] : kh;                                          \
+                bad_row |= nan[u][j] != 0;                                                     \
+            }                                                                                  \
+        for (; i < g; ++i) {                                                                   \
+            const T a = x[i] * wq[i], c = x[i] * wk[i];                                        \
+            lo = a < lo ? a : lo;                                                              \
+            hi = a > hi ? a : hi;                                                              \
+            kl = c < kl ? c : kl;                                                              \
+            kh = c > kh ? c : kh;                                                              \
+            bad_row |= (a != a) | (c != c);                                                    \
+        }                                                                                      \
+        *bad |= bad_row;                                                                       \
+        const T top = -lo > hi ? -lo : hi; /* max(|hi|, |lo|) */                               \
+        return top * (kh - kl);                                                                \
+    }
+TREE_REACH_ROW(float, tree_reach_f32v, tree_reach_f32m, tree_reach_row_f32)
+TREE_REACH_ROW(double, tree_reach_f64v, tree_reach_f64m, tree_reach_row_f64)
+
+/* x (batch x g), wq and wk (heads x g), contiguous, float32 when f32 else float64; *reach
+ * receives the layer's reach (0 when batch, heads or g is 0). */
+TREE_API int tgem_layer_reach(const void *x, const void *wq, const void *wk, int f32,
+                              int64_t batch, int64_t heads, int64_t g, double *reach)
+{
+    if (batch < 0 || heads < 0 || g < 0 || !reach ||
+        (batch > 0 && heads > 0 && g > 0 && (!x || !wq || !wk)))
+        return TREE_EARGS;
+    double best = 0.0;
+    int bad = 0;
+    if (batch > 0 && heads > 0 && g > 0) {
+        best = -INFINITY;
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t h = 0; h < heads; ++h) {
+                const double r =
+                    f32 ? (double)tree_reach_row_f32((const float *)x + b * g,
+                                                     (const float *)wq + h * g,
+                                                     (const float *)wk + h * g, g, &bad)
+                        : tree_reach_row_f64((const double *)x + b * g,
+                                             (const double *)wq + h * g,
+                                             (const double *)wk + h * g, g, &bad);
+                bad |= r != r;
+                best = r > best ? r : best;
+            }
+    }
+    *reach = bad ? NAN : best;
+    return TREE_OK;
 }

@@ -110,7 +110,10 @@ class Backend:
     binds the caller's. ``auto_reach(genes)``, when given, is ``"auto"``'s rule for this
     backend: at ``genes`` genes, ``auto`` runs it instead of its dense choice on the calls
     whose :func:`score_reach` is at most ``auto_reach(genes)`` (``-inf``: never, ``inf``:
-    always). Only exact backends take part.
+    always). Only exact backends take part. ``layer_reach(x, WQ, WK)``, when given, is that
+    score reach for a whole layer's queries ``x WQ`` and keys ``x WK`` (the same value as
+    :func:`score_reach` of the products, computed faster); ``auto`` uses it for its
+    per-layer choice, numpy or torch otherwise.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Backend:
     describe: Callable[[], str] | None = None
     takes_tol: bool = False
     auto_reach: Callable[[int], float] | None = None
+    layer_reach: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -292,11 +296,13 @@ def _per_call(dense: Backend, other: Backend, limit: float) -> Backend:
     def fn(q, k, v):
         return pick(q, k).fn(q, k, v)
 
+    reach = other.layer_reach or _layer_reach
+
     def layer_fn(x, wq, wk, wv, w0):
-        # the layer's queries and keys, (batch, heads, genes), by the Backend contract's
-        # formula, as one (batch, 2, heads, genes) product: the same values as q and k
+        # the reach of the layer's queries and keys, (batch, heads, genes), by the Backend
+        # contract's formula: the same values as q and k
         with torch.no_grad():
-            chosen = other if _layer_reach(x, wq, wk) <= limit else dense
+            chosen = other if reach(x, wq, wk) <= limit else dense
         if chosen.layer_fn is not None:
             return chosen.layer_fn(x, wq, wk, wv, w0)
         xb = x.unsqueeze(1)

@@ -42,9 +42,14 @@ import torch
 
 from tgem._kernels import _native
 from tgem._kernels import _tree as tree
-from tgem._kernels._registry import Backend, check_once_differentiable, register_backend
+from tgem._kernels._registry import (
+    Backend,
+    _layer_reach,
+    check_once_differentiable,
+    register_backend,
+)
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {-1: "invalid arguments", -3: "out of memory", -4: "non-finite input"}
 _NON_FINITE = -4
 
@@ -84,6 +89,9 @@ def _declare(lib) -> str | None:
         [ptr] * 4 + [cint] + [ptr] * 4 + [i64, i64] + params + [dbl] + [ptr] * 4 + [cint, cint]
     )
     lib.tgem_tree_backward.restype = cint
+    # x, wq, wk, f32, batch, heads, genes, reach (out)
+    lib.tgem_layer_reach.argtypes = [ptr] * 3 + [cint, i64, i64, i64, ptr]
+    lib.tgem_layer_reach.restype = cint
     return None
 
 
@@ -389,6 +397,41 @@ AUTO_REACH_POWER = 1.3
 AUTO_GENES_TREE = 3000
 
 
+def layer_reach(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> float:
+    """The score reach of a layer's queries ``x * wq`` and keys ``x * wk`` ((batch, genes)
+    input, (heads, genes, 1) weights): ``"auto"``'s per-layer choice.
+
+    One pass in C on one thread for CPU float32 and float64 tensors (at 765 genes, batch 16
+    and 5 heads about 30 us, where numpy takes about 300 us a layer); the same value as
+    :func:`tgem._kernels.score_reach` of the products, NaN included. Elsewhere (other
+    devices or dtypes, no native code) numpy or torch computes it.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, 2.0, -1.0]]); w = torch.tensor([[[1.0], [0.5], [2.0]]])
+    >>> layer_reach(x, w, w)  # q = k = (1, 1, -2): max|q| = 2, range(k) = 3
+    6.0
+    """
+    if (
+        _LOAD_ERROR is not None
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or not (x.dtype == wq.dtype == wk.dtype)
+        or x.dim() != 2
+        or wq.shape != wk.shape
+        or wq.shape[1:] != (x.shape[1], 1)
+    ):
+        return _layer_reach(x, wq, wk)
+    x, wq, wk = (t.detach().contiguous() for t in (x, wq, wk))
+    out = ctypes.c_double()
+    code = _native._LIB.tgem_layer_reach(
+        x.data_ptr(), wq.data_ptr(), wk.data_ptr(), int(x.dtype == torch.float32),
+        x.shape[0], wq.shape[0], x.shape[1], ctypes.byref(out),
+    )  # fmt: skip
+    _raise_on(code, "reach")
+    return out.value
+
+
 def auto_reach(genes: int) -> float:
     """``"auto"``'s rule: the largest score reach at which this backend runs at ``genes``.
 
@@ -424,5 +467,6 @@ register_backend(
         describe=tree_native_status,
         takes_tol=True,
         auto_reach=auto_reach,
+        layer_reach=layer_reach,
     )
 )
